@@ -1,0 +1,768 @@
+//! RunAgent 0.1.49's local-server protocol, served exactly (`spec/runagent-compat.md` §5):
+//! the same routes with the agent id in the path, the same envelopes and status codes,
+//! FastAPI-shaped 422s, and the double-encoded `{type, payload}` strings. RunAgent's SDKs work
+//! against these routes unchanged. Where RunAgent blocks or leaks we do not: sync generators
+//! run in their worker, and the WebSocket is closed with 1000 after the terminal frame.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::Instant;
+
+use agentry_runner::{CallError, Payload};
+use agentry_store::Invocation;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::pyjson::{push_json_str, python_json_error, structured};
+use crate::{Agent, AppState};
+
+type S = Arc<AppState>;
+
+/// Routes whose paths carry one agent's id literally, as RunAgent's do. Any other id falls
+/// through to the 404 (HTTP) or the 403 (WebSocket) RunAgent gives.
+pub fn agent_routes(agent: &Arc<Agent>) -> Router<S> {
+    let id = &agent.config.agent_id;
+    let a = Arc::clone(agent);
+    let run = post(
+        move |State(s): State<S>, body: Result<Bytes, BytesRejection>| {
+            let a = Arc::clone(&a);
+            async move { run(s, a, body).await }
+        },
+    )
+    .fallback(|| async { method_not_allowed("POST") });
+    let a = Arc::clone(agent);
+    let stream = get(move |State(s): State<S>, ws: WebSocketUpgrade| {
+        let a = Arc::clone(&a);
+        async move {
+            ws.max_message_size(s.settings.max_body_bytes)
+                .on_upgrade(move |socket| stream_session(socket, s, a))
+        }
+    });
+    let a = Arc::clone(agent);
+    let architecture = get(move || {
+        let a = Arc::clone(&a);
+        async move { architecture(&a) }
+    });
+    let a = Arc::clone(agent);
+    let invocations = get(move |State(s): State<S>, q: Query<Vec<(String, String)>>| {
+        let a = Arc::clone(&a);
+        async move { invocations(s, a, q.0).await }
+    });
+    let a = Arc::clone(agent);
+    let stats = get(move |State(s): State<S>| {
+        let a = Arc::clone(&a);
+        async move { invocation_stats(s, a).await }
+    });
+    Router::new()
+        .route(&format!("/api/v1/agents/{id}/run"), run)
+        .route(&format!("/api/v1/agents/{id}/run-stream"), stream)
+        .route(&format!("/api/v1/agents/{id}/architecture"), architecture)
+        .route(&format!("/api/v1/agents/{id}/invocations"), invocations)
+        .route(&format!("/api/v1/agents/{id}/invocations/stats"), stats)
+}
+
+/// Agent-less RunAgent routes.
+pub fn routes() -> Router<S> {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1", get(info))
+        .route("/api/v1/invocations/{invocation_id}", get(invocation))
+        // A WebSocket to an agent id we do not serve: RunAgent refuses the handshake with 403.
+        .route(
+            "/api/v1/agents/{agent_id}/run-stream",
+            get(|| async { StatusCode::FORBIDDEN }),
+        )
+}
+
+/// Starlette's 404.
+pub async fn not_found() -> Response {
+    detail(StatusCode::NOT_FOUND, "Not Found")
+}
+
+fn method_not_allowed(allow: &'static str) -> Response {
+    let mut r = detail(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed");
+    r.headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+fn detail(status: StatusCode, text: &str) -> Response {
+    json_response(status, json!({ "detail": text }).to_string())
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// `AgentRunResponseMinimal` with `success: false`.
+fn error_envelope(status: StatusCode, code: &str, message: &str) -> Response {
+    let mut body = String::with_capacity(message.len() + 200);
+    body.push_str("{\"success\":false,\"data\":null,\"message\":null,\"error\":{\"code\":");
+    push_json_str(&mut body, code);
+    body.push_str(",\"message\":");
+    push_json_str(&mut body, message);
+    body.push_str(",\"details\":null,\"field\":null},");
+    push_stamp(&mut body);
+    json_response(status, body)
+}
+
+/// `"timestamp": …, "request_id": …}` closing every RunAgent envelope.
+fn push_stamp(body: &mut String) {
+    body.push_str("\"timestamp\":\"");
+    body.push_str(&agentry_core::time::python_now_isoformat());
+    body.push_str("\",\"request_id\":\"");
+    body.push_str(
+        uuid::Uuid::new_v4()
+            .hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
+    body.push_str("\"}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /api/v1/agents/{agent_id}/run
+// ---------------------------------------------------------------------------------------------
+
+/// The fields of `AgentRunRequest` we read, borrowed from the body. SDKs send more
+/// (`timeout_seconds`, `async_execution`, `user_id`, …); only `timeout_seconds` is honoured.
+#[derive(Deserialize)]
+struct RawRunRequest<'a> {
+    #[serde(borrow)]
+    entrypoint_tag: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input_args: Option<&'a RawValue>,
+    #[serde(borrow)]
+    input_kwargs: Option<&'a RawValue>,
+    #[serde(borrow)]
+    timeout_seconds: Option<&'a RawValue>,
+}
+
+/// A validated run request: the tag, and the arguments as JSON text to pass through.
+pub(crate) struct RunRequest<'a> {
+    pub tag: Cow<'a, str>,
+    pub args: Cow<'a, str>,
+    pub kwargs: Cow<'a, str>,
+    pub timeout_s: Option<f64>,
+}
+
+fn starts_with(raw: &RawValue, c: u8) -> bool {
+    raw.get().as_bytes().first() == Some(&c)
+}
+
+/// Parses and validates the body as FastAPI + pydantic v2 would, producing FastAPI's 422 body
+/// (`{"detail": [{type, loc, msg, input}]}`) on failure.
+fn parse_run_request(body: &[u8]) -> Result<RunRequest<'_>, Response> {
+    if body.is_empty() {
+        return Err(fastapi_422(vec![
+            json!({"type": "missing", "loc": ["body"], "msg": "Field required", "input": null}),
+        ]));
+    }
+    match serde_json::from_slice::<RawRunRequest<'_>>(body) {
+        Ok(raw) => {
+            if let (Some(tag), args, kwargs) =
+                (raw.entrypoint_tag, raw.input_args, raw.input_kwargs)
+                && starts_with(tag, b'"')
+                && args.is_none_or(|a| starts_with(a, b'['))
+                && kwargs.is_none_or(|k| starts_with(k, b'{'))
+                && let Ok(tag) = serde_json::from_str::<Cow<'_, str>>(tag.get())
+            {
+                return Ok(RunRequest {
+                    tag,
+                    args: Cow::Borrowed(args.map_or("[]", |a| a.get())),
+                    kwargs: Cow::Borrowed(kwargs.map_or("{}", |k| k.get())),
+                    timeout_s: raw
+                        .timeout_seconds
+                        .and_then(|t| t.get().parse::<f64>().ok()),
+                });
+            }
+            // Some field has the wrong type or is missing: describe it from the parsed value.
+            validate_value(serde_json::from_slice::<Value>(body).unwrap_or(Value::Null))
+        }
+        Err(e) if e.is_data() => match serde_json::from_slice::<Value>(body) {
+            Ok(value) => validate_value(value),
+            Err(e) => Err(json_invalid(body, &e)),
+        },
+        Err(e) => Err(json_invalid(body, &e)),
+    }
+}
+
+fn json_invalid(body: &[u8], e: &serde_json::Error) -> Response {
+    let text = String::from_utf8_lossy(body);
+    let err = python_json_error(&text, e);
+    fastapi_422(vec![json!({
+        "type": "json_invalid", "loc": ["body", err.pos], "msg": "JSON decode error",
+        "input": {}, "ctx": {"error": err.msg},
+    })])
+}
+
+/// The slow path: pydantic's checks on a parsed body, in field order.
+fn validate_value(value: Value) -> Result<RunRequest<'static>, Response> {
+    let Value::Object(obj) = &value else {
+        return Err(fastapi_422(vec![json!({
+            "type": "model_attributes_type", "loc": ["body"],
+            "msg": "Input should be a valid dictionary or object to extract fields from", "input": value,
+        })]));
+    };
+    let mut errors = Vec::new();
+    let tag = match obj.get("entrypoint_tag") {
+        None => {
+            errors.push(json!({"type": "missing", "loc": ["body", "entrypoint_tag"], "msg": "Field required", "input": value}));
+            None
+        }
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(other) => {
+            errors.push(json!({"type": "string_type", "loc": ["body", "entrypoint_tag"], "msg": "Input should be a valid string", "input": other}));
+            None
+        }
+    };
+    let args = match obj.get("input_args") {
+        None => Some("[]".to_string()),
+        Some(v @ Value::Array(_)) => Some(v.to_string()),
+        Some(other) => {
+            errors.push(json!({"type": "list_type", "loc": ["body", "input_args"], "msg": "Input should be a valid list", "input": other}));
+            None
+        }
+    };
+    let kwargs = match obj.get("input_kwargs") {
+        None => Some("{}".to_string()),
+        Some(v @ Value::Object(_)) => Some(v.to_string()),
+        Some(other) => {
+            errors.push(json!({"type": "dict_type", "loc": ["body", "input_kwargs"], "msg": "Input should be a valid dictionary", "input": other}));
+            None
+        }
+    };
+    match (tag, args, kwargs) {
+        (Some(tag), Some(args), Some(kwargs)) if errors.is_empty() => Ok(RunRequest {
+            tag: Cow::Owned(tag),
+            args: Cow::Owned(args),
+            kwargs: Cow::Owned(kwargs),
+            timeout_s: obj.get("timeout_seconds").and_then(Value::as_f64),
+        }),
+        _ => Err(fastapi_422(errors)),
+    }
+}
+
+fn fastapi_422(errors: Vec<Value>) -> Response {
+    json_response(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        json!({ "detail": errors }).to_string(),
+    )
+}
+
+fn body_rejection(rejection: BytesRejection, limit: usize) -> Response {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        detail(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("Request body is larger than the limit of {limit} bytes"),
+        )
+    } else {
+        detail(rejection.status(), &rejection.body_text())
+    }
+}
+
+async fn run(state: S, agent: Arc<Agent>, body: Result<Bytes, BytesRejection>) -> Response {
+    let body = match body {
+        Ok(b) => b,
+        Err(rejection) => return body_rejection(rejection, state.settings.max_body_bytes),
+    };
+    let req = match parse_run_request(&body) {
+        Ok(r) => r,
+        Err(response) => return response,
+    };
+    let Some(entrypoint) = agent.config.entrypoint(&req.tag) else {
+        return error_envelope(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("Entrypoint {} not found", req.tag),
+        );
+    };
+    if entrypoint.is_streaming() {
+        return error_envelope(
+            StatusCode::BAD_REQUEST,
+            "VALIDATION_ERROR",
+            &format!(
+                "Can't use Streaming Entrypoint `{}` through non-streaming endpoint.",
+                req.tag
+            ),
+        );
+    }
+    let timeout = state
+        .settings
+        .call_timeout(req.timeout_s, entrypoint.timeout_s);
+    let started = Instant::now();
+    let request_ts = chrono::Utc::now().naive_utc();
+    let result = agent
+        .pool
+        .call(&req.tag, &req.args, &req.kwargs, timeout)
+        .await;
+    let response = match &result {
+        Ok(payload) => {
+            let data = structured(payload.ty.as_str(), payload.as_str());
+            let mut body = String::with_capacity(data.len() + data.len() / 4 + 160);
+            body.push_str("{\"success\":true,\"data\":");
+            push_json_str(&mut body, &data);
+            body.push_str(
+                ",\"message\":\"Agent execution completed successfully\",\"error\":null,",
+            );
+            push_stamp(&mut body);
+            json_response(StatusCode::OK, body)
+        }
+        Err(e) => {
+            let (code, prefix) = envelope_code(e);
+            let message = format!(
+                "Agent execution failed: Server error running agent {}: {prefix}{}",
+                agent.config.agent_id,
+                e.runagent_text()
+            );
+            error_envelope(StatusCode::OK, code, &message)
+        }
+    };
+    if let Some(log) = &state.history {
+        let host = state
+            .bound
+            .get()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        let port = state.bound.get().map(|a| a.port()).unwrap_or_default();
+        let client_info = json!({
+            "server_host": host, "server_port": port,
+            "agent_name": agent.config.agent_name, "agent_framework": agent.config.framework,
+        });
+        log.record(invocation_record(
+            &agent,
+            &req,
+            request_ts,
+            started,
+            &result,
+            "local_server",
+            client_info,
+        ));
+    }
+    response
+}
+
+/// The envelope code for a failure: RunAgent only knows agent exceptions (`INTERNAL_ERROR`);
+/// our deadlines, crashes and overload get codes of their own in the same envelope.
+fn envelope_code(e: &CallError) -> (&'static str, &'static str) {
+    match e {
+        CallError::Agent { .. } => ("INTERNAL_ERROR", ""),
+        CallError::Timeout(_) => ("TIMEOUT", ""),
+        CallError::Crashed(_) => ("AGENT_CRASHED", ""),
+        CallError::Unavailable(_) => ("SERVICE_UNAVAILABLE", ""),
+        CallError::Cancelled => ("CANCELLED", ""),
+        CallError::NoSuchEntrypoint(_) => ("NOT_FOUND", ""),
+    }
+}
+
+fn invocation_record(
+    agent: &Agent,
+    req: &RunRequest<'_>,
+    request_ts: chrono::NaiveDateTime,
+    started: Instant,
+    result: &Result<Payload, CallError>,
+    sdk_type: &'static str,
+    client_info: Value,
+) -> Invocation {
+    let elapsed = started.elapsed();
+    let (status, output, error) = match result {
+        Ok(p) => ("completed", Some(p.as_str().to_string()), None),
+        Err(e) => (
+            "failed",
+            None,
+            Some(format!(
+                "Server error running agent {}: {}",
+                agent.config.agent_id,
+                e.runagent_text()
+            )),
+        ),
+    };
+    Invocation {
+        invocation_id: uuid::Uuid::new_v4().to_string(),
+        agent_id: agent.config.agent_id.clone(),
+        input_data: format!(
+            "{{\"input_args\": {}, \"input_kwargs\": {}}}",
+            req.args, req.kwargs
+        ),
+        output_data: output,
+        error_detail: error,
+        request_timestamp: request_ts,
+        response_timestamp: request_ts + chrono::Duration::from_std(elapsed).unwrap_or_default(),
+        execution_time_ms: elapsed.as_secs_f64() * 1000.0,
+        status,
+        entrypoint_tag: req.tag.to_string(),
+        sdk_type,
+        client_info: client_info.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WS /api/v1/agents/{agent_id}/run-stream
+// ---------------------------------------------------------------------------------------------
+
+/// Python's `str()` of a JSON value, for RunAgent's "Entrypoint {tag} not found" message.
+fn python_str(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "None".into(),
+        Value::Bool(true) => "True".into(),
+        Value::Bool(false) => "False".into(),
+        other => other.to_string(),
+    }
+}
+
+async fn close_with(sender: &mut futures_util::stream::SplitSink<WebSocket, Message>, code: u16) {
+    let _ = sender
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: "".into(),
+        })))
+        .await;
+}
+
+/// Sends the pre-start error frame (compact JSON, key `detail`) and closes with 1003.
+async fn refuse(sender: &mut futures_util::stream::SplitSink<WebSocket, Message>, text: &str) {
+    let frame = json!({"type": "error", "detail": text}).to_string();
+    let _ = sender.send(Message::Text(frame.into())).await;
+    close_with(sender, 1003).await;
+}
+
+async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
+    let (mut sender, mut receiver) = socket.split();
+    let first = tokio::time::timeout(state.settings.ws_start_timeout, receiver.next()).await;
+    let text = match first {
+        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+        Ok(Some(Ok(Message::Binary(b)))) => String::from_utf8_lossy(&b).into_owned(),
+        Err(_) => {
+            refuse(&mut sender, "No start message received in time").await;
+            return;
+        }
+        _ => return, // closed before starting
+    };
+    let value: Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(e) => {
+            let err = python_json_error(&text, &e);
+            refuse(&mut sender, &format!("Invalid JSON format: {err}")).await;
+            return;
+        }
+    };
+    for field in ["entrypoint_tag", "input_args", "input_kwargs"] {
+        if value.get(field).is_none() {
+            refuse(&mut sender, &format!("Missing required field: {field}")).await;
+            return;
+        }
+    }
+    let tag = python_str(&value["entrypoint_tag"]);
+    let Some(entrypoint) = agent.config.entrypoint(&tag) else {
+        refuse(&mut sender, &format!("Entrypoint {tag} not found")).await;
+        return;
+    };
+    if !entrypoint.is_streaming() {
+        refuse(
+            &mut sender,
+            &format!("Entrypoint `{tag}` is not a streaming entrypoint. Use a streaming entrypoint (ending with '_stream')."),
+        )
+        .await;
+        return;
+    }
+    let req = RunRequest {
+        tag: Cow::Owned(tag),
+        args: Cow::Owned(value["input_args"].to_string()),
+        kwargs: Cow::Owned(value["input_kwargs"].to_string()),
+        timeout_s: value.get("timeout_seconds").and_then(Value::as_f64),
+    };
+    let timeout = state
+        .settings
+        .call_timeout(req.timeout_s, entrypoint.timeout_s);
+    let invocation_id = uuid::Uuid::new_v4().to_string();
+    let started = Instant::now();
+    let request_ts = chrono::Utc::now().naive_utc();
+    let hello = format!(
+        "{{\"type\":\"status\",\"status\":\"stream_started\",\"invocation_id\":\"{invocation_id}\"}}"
+    );
+    if sender.send(Message::Text(hello.into())).await.is_err() {
+        return;
+    }
+    let outcome = pump_stream(&state, &agent, &req, timeout, &mut sender, &mut receiver).await;
+    let result: Result<Payload, CallError> = match outcome {
+        StreamOutcome::Completed(count) => {
+            let done = format!(
+                "{{\"type\":\"status\",\"status\":\"stream_completed\",\"total_chunks\":{count},\"execution_time\":{},\"invocation_id\":\"{invocation_id}\"}}",
+                started.elapsed().as_secs_f64()
+            );
+            let _ = sender.send(Message::Text(done.into())).await;
+            close_with(&mut sender, 1000).await;
+            Ok(Payload {
+                ty: agentry_runner::ValueType::Object,
+                json: Bytes::from(format!("{{\"total_chunks\": {count}}}")),
+            })
+        }
+        StreamOutcome::Failed(e) => {
+            // RunAgent writes this one frame with json.dumps' default spacing and key `error`.
+            let mut frame = String::from("{\"type\": \"error\", \"error\": ");
+            push_json_str(
+                &mut frame,
+                &format!("Streaming error: {}", e.runagent_text()),
+            );
+            frame.push('}');
+            let _ = sender.send(Message::Text(frame.into())).await;
+            close_with(&mut sender, 1000).await;
+            Err(e)
+        }
+        StreamOutcome::ClientGone => Err(CallError::Cancelled),
+    };
+    if let Some(log) = &state.history {
+        let client_info = json!({"connection_type": "websocket", "stream_mode": true});
+        let mut record = invocation_record(
+            &agent,
+            &req,
+            request_ts,
+            started,
+            &result,
+            "websocket_stream",
+            client_info,
+        );
+        record.invocation_id = invocation_id;
+        log.record(record);
+    }
+}
+
+enum StreamOutcome {
+    Completed(u32),
+    Failed(CallError),
+    ClientGone,
+}
+
+/// Forwards chunks to the client while watching the client: if it goes away, the stream is
+/// dropped, which cancels the generator in its worker.
+async fn pump_stream(
+    state: &S,
+    agent: &Agent,
+    req: &RunRequest<'_>,
+    timeout: std::time::Duration,
+    sender: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    receiver: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> StreamOutcome {
+    let _ = state;
+    let mut stream = match agent
+        .pool
+        .stream(&req.tag, &req.args, &req.kwargs, timeout)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return StreamOutcome::Failed(e),
+    };
+    let mut count: u32 = 0;
+    loop {
+        tokio::select! {
+            item = stream.next() => match item {
+                Some(Ok(payload)) => {
+                    count += 1;
+                    let data = structured(payload.ty.as_str(), payload.as_str());
+                    let mut frame = String::with_capacity(data.len() + data.len() / 4 + 32);
+                    frame.push_str("{\"type\":\"data\",\"content\":");
+                    push_json_str(&mut frame, &data);
+                    frame.push('}');
+                    if sender.send(Message::Text(frame.into())).await.is_err() {
+                        return StreamOutcome::ClientGone;
+                    }
+                }
+                Some(Err(e)) => return StreamOutcome::Failed(e),
+                None => return StreamOutcome::Completed(stream.total().unwrap_or(count)),
+            },
+            msg = receiver.next() => match msg {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return StreamOutcome::ClientGone,
+                Some(Ok(_)) => {} // RunAgent reads nothing after the start frame
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health, info, architecture, invocation history
+// ---------------------------------------------------------------------------------------------
+
+async fn health(State(state): State<S>) -> Response {
+    let agent = state.primary();
+    let mut body = String::with_capacity(300);
+    body.push_str(
+        "{\"status\":\"healthy\",\"server\":\"RunAgent FastAPI Local Server\",\"timestamp\":\"",
+    );
+    body.push_str(&agentry_core::time::python_now_isoformat());
+    body.push_str("\",\"uptime_seconds\":");
+    body.push_str(&state.started.elapsed().as_secs_f64().to_string());
+    body.push_str(",\"version\":\"1.0.0\",\"agent_id\":");
+    push_json_str(&mut body, &agent.config.agent_id);
+    body.push_str(",\"agent_name\":");
+    push_json_str(&mut body, &agent.config.agent_name);
+    body.push_str(",\"framework\":");
+    push_json_str(&mut body, &agent.config.framework);
+    body.push('}');
+    json_response(StatusCode::OK, body)
+}
+
+async fn info(State(state): State<S>) -> Response {
+    let agent = state.primary();
+    let c = &agent.config;
+    let bound = state.bound.get();
+    let body = json!({
+        "message": format!("RunAgent API - {}({})", c.agent_name, c.agent_id),
+        "version": c.version,
+        "host": bound.map(|a| a.ip().to_string()),
+        "port": bound.map(|a| a.port()),
+        "config": c.info_json(),
+        "endpoints": {
+            "GET /": "Agent info",
+            "GET /health": "Health check",
+            "POST /api/v1/agents/{agent_id}/execute/{entrypoint}": "Execute agent",
+            "GET /api/v1/agents/{agent_id}/invocations": "Get invocation history",
+            "GET /api/v1/agents/{agent_id}/invocations/stats": "Get invocation stats",
+        },
+    });
+    json_response(StatusCode::OK, body.to_string())
+}
+
+fn architecture(agent: &Agent) -> Response {
+    let entrypoints = agent.config.info_json()["agent_architecture"]["entrypoints"].clone();
+    let data = json!({"agent_id": agent.config.agent_id, "entrypoints": entrypoints});
+    let mut body = String::from("{\"success\":true,\"data\":");
+    body.push_str(&data.to_string());
+    body.push_str(",\"message\":\"Agent architecture retrieved successfully\",\"error\":null,");
+    push_stamp(&mut body);
+    json_response(StatusCode::OK, body)
+}
+
+async fn history_db(state: &S) -> Result<&agentry_store::RunAgentDb, Response> {
+    let Some(db) = &state.runagent_db else {
+        return Err(error_envelope(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "Invocation history is not kept by this server (started with --no-runagent-db)",
+        ));
+    };
+    if let Some(log) = &state.history {
+        let _ = log.flush().await;
+    }
+    Ok(db)
+}
+
+async fn invocations(state: S, agent: Arc<Agent>, query: Vec<(String, String)>) -> Response {
+    let mut limit: i64 = 50;
+    let mut status: Option<String> = None;
+    for (k, v) in query {
+        match k.as_str() {
+            "limit" => match v.trim().parse::<i64>() {
+                Ok(n) => limit = n,
+                Err(_) => {
+                    return fastapi_422(vec![json!({
+                        "type": "int_parsing", "loc": ["query", "limit"],
+                        "msg": "Input should be a valid integer, unable to parse string as an integer", "input": v,
+                    })]);
+                }
+            },
+            "status" => status = Some(v),
+            _ => {}
+        }
+    }
+    let db = match history_db(&state).await {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
+    match db
+        .list_invocations(&agent.config.agent_id, status.as_deref(), limit)
+        .await
+    {
+        Ok(list) => {
+            let n = list.len();
+            json_response(
+                StatusCode::OK,
+                json!({"agent_id": agent.config.agent_id, "invocations": list, "total_count": n})
+                    .to_string(),
+            )
+        }
+        Err(e) => error_envelope(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            &format!("Failed to get invocations: {e}"),
+        ),
+    }
+}
+
+async fn invocation_stats(state: S, agent: Arc<Agent>) -> Response {
+    let db = match history_db(&state).await {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
+    match db.invocation_stats(&agent.config.agent_id).await {
+        Ok(stats) => json_response(
+            StatusCode::OK,
+            json!({"agent_id": agent.config.agent_id, "stats": stats}).to_string(),
+        ),
+        Err(e) => error_envelope(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            &format!("Failed to get invocation stats: {e}"),
+        ),
+    }
+}
+
+async fn invocation(State(state): State<S>, Path(invocation_id): Path<String>) -> Response {
+    let db = match history_db(&state).await {
+        Ok(db) => db,
+        Err(r) => return r,
+    };
+    match db.invocation(&invocation_id).await {
+        Ok(Some(inv)) => json_response(StatusCode::OK, inv.to_string()),
+        Ok(None) => error_envelope(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            &format!("Invocation {invocation_id} not found"),
+        ),
+        Err(e) => error_envelope(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            &format!("Failed to get invocation: {e}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_path_borrows_arguments() {
+        let body = br#"{"entrypoint_tag":"echo","input_args":[],"input_kwargs":{"message":"hi"},"timeout_seconds":300}"#;
+        let Ok(r) = parse_run_request(body) else {
+            panic!("rejected")
+        };
+        assert_eq!(r.tag, "echo");
+        assert!(matches!(r.kwargs, Cow::Borrowed("{\"message\":\"hi\"}")));
+        assert_eq!(r.timeout_s, Some(300.0));
+    }
+
+    #[test]
+    fn python_str_matches_pythons() {
+        assert_eq!(python_str(&json!(5)), "5");
+        assert_eq!(python_str(&json!(null)), "None");
+        assert_eq!(python_str(&json!("x")), "x");
+    }
+}

@@ -1,0 +1,115 @@
+//! The HTTP transport: RunAgent's local-server protocol (`compat`), the native `/v1` API
+//! (`native`), and the operations probes. Handlers are thin: they parse, call the agent's
+//! worker pool, and format. The invoke path touches no database; invocation history is queued
+//! to a batching writer.
+
+pub mod compat;
+pub mod error;
+pub mod native;
+pub mod pyjson;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use agentry_core::{AgentConfig, ServeSettings};
+use agentry_runner::{AgentPool, ResolvedPython};
+use agentry_store::{InvocationLog, RunAgentDb};
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+
+/// One served agent: its configuration, its workers and its interpreter.
+pub struct Agent {
+    pub config: AgentConfig,
+    pub pool: AgentPool,
+    pub python: ResolvedPython,
+}
+
+/// What every handler shares.
+pub struct AppState {
+    pub agents: Vec<Arc<Agent>>,
+    pub settings: ServeSettings,
+    pub started: Instant,
+    /// RunAgent's database, when kept (discovery and invocation history).
+    pub runagent_db: Option<RunAgentDb>,
+    pub history: Option<InvocationLog>,
+    /// The address actually bound (RunAgent's info route reports it).
+    pub bound: OnceLock<SocketAddr>,
+    /// Set when shutdown starts: readiness fails so load balancers drain us.
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    /// The agent with this id or name.
+    pub fn agent(&self, key: &str) -> Option<&Arc<Agent>> {
+        self.agents
+            .iter()
+            .find(|a| a.config.agent_id == key)
+            .or_else(|| self.agents.iter().find(|a| a.config.agent_name == key))
+    }
+
+    /// The first agent: RunAgent's server serves one agent, and its agent-less routes
+    /// (`/api/v1/health`, `/api/v1`) describe that one.
+    pub fn primary(&self) -> &Arc<Agent> {
+        &self.agents[0]
+    }
+}
+
+/// The whole HTTP surface.
+pub fn router(state: Arc<AppState>) -> Router {
+    let body_limit = state.settings.max_body_bytes;
+    let mut router = Router::new();
+    for agent in &state.agents {
+        router = router.merge(compat::agent_routes(agent));
+    }
+    router
+        .merge(compat::routes())
+        .merge(native::routes())
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(compat::not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Ready when every agent has at least one warm worker and the server is not draining.
+async fn readyz(
+    axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+) -> impl IntoResponse {
+    let agents: serde_json::Map<String, serde_json::Value> = state
+        .agents
+        .iter()
+        .map(|a| {
+            (
+                a.config.agent_name.clone(),
+                serde_json::json!({"live_workers": a.pool.live_workers(), "crash_loop": a.pool.crash_loop()}),
+            )
+        })
+        .collect();
+    let draining = state.draining.load(Ordering::SeqCst);
+    let ready = !draining && state.agents.iter().all(|a| a.pool.live_workers() > 0);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = if ready {
+        "ready"
+    } else if draining {
+        "draining"
+    } else {
+        "not_ready"
+    };
+    (
+        status,
+        axum::Json(serde_json::json!({"status": word, "agents": agents})),
+    )
+}

@@ -1,0 +1,430 @@
+//! The native API (`docs/api.md`): agents and their entrypoints with schemas and docs, and
+//! invoke / stream (SSE) / WebSocket calls. JSON in, JSON out; every error is the one envelope
+//! of `crate::error`. An agent is named by its id or its name.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentry_core::ErrorCode;
+use agentry_runner::CallStream;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::{Agent, AppState};
+
+type S = Arc<AppState>;
+
+pub fn routes() -> Router<S> {
+    Router::new()
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{agent}", get(get_agent))
+        .route("/v1/agents/{agent}/entrypoints/{tag}/invoke", post(invoke))
+        .route("/v1/agents/{agent}/entrypoints/{tag}/stream", post(stream))
+        .route("/v1/agents/{agent}/entrypoints/{tag}/ws", get(ws))
+        .route(
+            "/v1/{*rest}",
+            axum::routing::any(|| async {
+                ApiError::new(
+                    ErrorCode::AgentNotFound,
+                    "no such route in the native API; see GET /v1/agents",
+                )
+                .with_details(json!({"hint": "routes are listed in docs/api.md"}))
+            }),
+        )
+}
+
+fn agent_json(agent: &Agent) -> Value {
+    let c = &agent.config;
+    let entrypoints: Vec<Value> = c
+        .entrypoints
+        .iter()
+        .map(|e| {
+            let report = agent.pool.entrypoint(&e.tag);
+            json!({
+                "tag": e.tag,
+                "streaming": e.is_streaming(),
+                "kind": report.map(|r| r.kind.as_str()),
+                "doc": report.and_then(|r| r.doc.clone()),
+                "input_schema": report.map(|r| r.schema.clone()),
+                "accepts_args": report.map(|r| r.var_args || !r.positional_only.is_empty()),
+                "timeout_s": e.timeout_s,
+            })
+        })
+        .collect();
+    json!({
+        "id": c.agent_id,
+        "name": c.agent_name,
+        "description": c.description,
+        "framework": c.framework,
+        "version": c.version,
+        "python": {"executable": agent.python.executable, "version": agent.python.version, "chosen_because": agent.python.reason},
+        "workers": {"live": agent.pool.live_workers(), "crash_loop": agent.pool.crash_loop()},
+        "entrypoints": entrypoints,
+    })
+}
+
+async fn list_agents(State(state): State<S>) -> Json<Value> {
+    Json(json!({"agents": state.agents.iter().map(|a| agent_json(a)).collect::<Vec<_>>()}))
+}
+
+fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, ApiError> {
+    state.agent(key).ok_or_else(|| {
+        ApiError::new(
+            ErrorCode::AgentNotFound,
+            format!("no agent with id or name `{key}` is served here"),
+        )
+    })
+}
+
+async fn get_agent(
+    State(state): State<S>,
+    Path(key): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    Ok(Json(agent_json(find_agent(&state, &key)?)))
+}
+
+/// The body of invoke, stream and the WebSocket start frame.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallBody<'a> {
+    /// Keyword arguments.
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    /// Positional arguments.
+    #[serde(borrow, default)]
+    args: Option<&'a RawValue>,
+    /// Deadline for this call, in seconds (capped by the server's maximum).
+    #[serde(default)]
+    timeout_s: Option<f64>,
+}
+
+struct Call {
+    agent: Arc<Agent>,
+    tag: String,
+    args: String,
+    kwargs: String,
+    timeout: Duration,
+}
+
+fn prepare(
+    state: &S,
+    key: &str,
+    tag: &str,
+    body: &[u8],
+    want_stream: Option<bool>,
+) -> Result<Call, ApiError> {
+    let agent = find_agent(state, key)?;
+    let Some(entrypoint) = agent.config.entrypoint(tag) else {
+        return Err(ApiError::new(
+            ErrorCode::EntrypointNotFound,
+            format!(
+                "agent `{}` has no entrypoint `{tag}`",
+                agent.config.agent_name
+            ),
+        ));
+    };
+    match want_stream {
+        Some(true) if !entrypoint.is_streaming() => {
+            return Err(ApiError::new(
+                ErrorCode::WrongEntrypointKind,
+                format!(
+                    "entrypoint `{tag}` is not streaming (its tag does not end in `_stream`); use .../invoke"
+                ),
+            ));
+        }
+        Some(false) if entrypoint.is_streaming() => {
+            return Err(ApiError::new(
+                ErrorCode::WrongEntrypointKind,
+                format!("entrypoint `{tag}` is streaming; use .../stream (SSE) or .../ws"),
+            ));
+        }
+        _ => {}
+    }
+    let parsed: CallBody<'_> = if body.iter().all(u8::is_ascii_whitespace) {
+        CallBody {
+            input: None,
+            args: None,
+            timeout_s: None,
+        }
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            ApiError::new(
+                ErrorCode::ValidationError,
+                format!("invalid request body: {e}"),
+            )
+            .with_details(json!({"line": e.line(), "column": e.column()}))
+        })?
+    };
+    let kwargs = match parsed.input {
+        None => "{}".to_string(),
+        Some(raw) if raw.get().starts_with('{') => raw.get().to_string(),
+        Some(raw) if raw.get() == "null" => "{}".to_string(),
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorCode::ValidationError,
+                "`input` must be an object of keyword arguments",
+            )
+            .with_details(json!({"errors": [{"path": "input", "expected": "object"}]})));
+        }
+    };
+    let args = match parsed.args {
+        None => "[]".to_string(),
+        Some(raw) if raw.get().starts_with('[') => raw.get().to_string(),
+        Some(raw) if raw.get() == "null" => "[]".to_string(),
+        Some(_) => {
+            return Err(ApiError::new(
+                ErrorCode::ValidationError,
+                "`args` must be a list of positional arguments",
+            )
+            .with_details(json!({"errors": [{"path": "args", "expected": "array"}]})));
+        }
+    };
+    if let Some(t) = parsed.timeout_s
+        && !(t.is_finite() && t > 0.0)
+    {
+        return Err(ApiError::new(
+            ErrorCode::ValidationError,
+            "`timeout_s` must be a positive number of seconds",
+        )
+        .with_details(json!({"errors": [{"path": "timeout_s", "expected": "positive number"}]})));
+    }
+    Ok(Call {
+        agent: Arc::clone(agent),
+        tag: tag.to_string(),
+        args,
+        kwargs,
+        timeout: state
+            .settings
+            .call_timeout(parsed.timeout_s, entrypoint.timeout_s),
+    })
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is larger than the limit of {limit} bytes"),
+            )
+        } else {
+            ApiError::new(ErrorCode::ValidationError, rejection.body_text())
+        }
+    })
+}
+
+async fn invoke(
+    State(state): State<S>,
+    Path((key, tag)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_or_error(body, state.settings.max_body_bytes)?;
+    let call = prepare(&state, &key, &tag, &body, Some(false))?;
+    let payload = call
+        .agent
+        .pool
+        .call(&call.tag, &call.args, &call.kwargs, call.timeout)
+        .await
+        .map_err(|e| ApiError::from_call(e, state.settings.expose_tracebacks))?;
+    let mut out = String::with_capacity(payload.json.len() + 12);
+    out.push_str("{\"output\":");
+    out.push_str(payload.as_str());
+    out.push('}');
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        out,
+    )
+        .into_response())
+}
+
+async fn stream(
+    State(state): State<S>,
+    Path((key, tag)): Path<(String, String)>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_or_error(body, state.settings.max_body_bytes)?;
+    let call = prepare(&state, &key, &tag, &body, Some(true))?;
+    let expose = state.settings.expose_tracebacks;
+    // Errors before the first byte (no worker, deadline while queued) are plain HTTP errors.
+    let calls = call
+        .agent
+        .pool
+        .stream(&call.tag, &call.args, &call.kwargs, call.timeout)
+        .await
+        .map_err(|e| ApiError::from_call(e, expose))?;
+    let events = futures_util::stream::unfold(Some((calls, 0u64)), move |st| async move {
+        let (mut calls, n) = st?;
+        match calls.next().await {
+            Some(Ok(payload)) => {
+                let event = Event::default()
+                    .event("chunk")
+                    .id(n.to_string())
+                    .data(payload.as_str());
+                Some((Ok::<_, Infallible>(event), Some((calls, n + 1))))
+            }
+            Some(Err(e)) => {
+                let body = ApiError::from_call(e, expose).body();
+                Some((
+                    Ok(Event::default().event("error").data(body.to_string())),
+                    None,
+                ))
+            }
+            None => {
+                let total = calls.total().map_or(n, u64::from);
+                Some((
+                    Ok(Event::default()
+                        .event("done")
+                        .data(json!({"chunks": total}).to_string())),
+                    None,
+                ))
+            }
+        }
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn ws(
+    State(state): State<S>,
+    Path((key, tag)): Path<(String, String)>,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    // Unknown agents and tags are refused before the upgrade, with a normal HTTP error.
+    let agent = Arc::clone(find_agent(&state, &key)?);
+    if agent.config.entrypoint(&tag).is_none() {
+        return Err(ApiError::new(
+            ErrorCode::EntrypointNotFound,
+            format!(
+                "agent `{}` has no entrypoint `{tag}`",
+                agent.config.agent_name
+            ),
+        ));
+    }
+    let limit = state.settings.max_body_bytes;
+    Ok(upgrade
+        .max_message_size(limit)
+        .on_upgrade(move |socket| ws_session(socket, state, key, tag)))
+}
+
+async fn ws_session(socket: WebSocket, state: S, key: String, tag: String) {
+    let (mut sender, mut receiver) = socket.split();
+    let expose = state.settings.expose_tracebacks;
+    let start = match tokio::time::timeout(state.settings.ws_start_timeout, receiver.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => Bytes::from(t.as_str().to_owned()),
+        Ok(Some(Ok(Message::Binary(b)))) => b,
+        Err(_) => {
+            let err = ApiError::new(
+                ErrorCode::ValidationError,
+                "no start frame received in time",
+            );
+            finish(&mut sender, ws_error(&err), 1008).await;
+            return;
+        }
+        _ => return,
+    };
+    let call = match prepare(&state, &key, &tag, &start, None) {
+        Ok(c) => c,
+        Err(e) => {
+            finish(&mut sender, ws_error(&e), 1008).await;
+            return;
+        }
+    };
+    if !call
+        .agent
+        .config
+        .entrypoint(&tag)
+        .is_some_and(|e| e.is_streaming())
+    {
+        let result = tokio::select! {
+            r = call.agent.pool.call(&call.tag, &call.args, &call.kwargs, call.timeout) => r,
+            _ = wait_closed(&mut receiver) => return,
+        };
+        let frame = match result {
+            Ok(p) => format!("{{\"type\":\"result\",\"output\":{}}}", p.as_str()),
+            Err(e) => ws_error(&ApiError::from_call(e, expose)),
+        };
+        finish(&mut sender, frame, 1000).await;
+        return;
+    }
+    let mut calls: CallStream = match call
+        .agent
+        .pool
+        .stream(&call.tag, &call.args, &call.kwargs, call.timeout)
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            finish(&mut sender, ws_error(&ApiError::from_call(e, expose)), 1000).await;
+            return;
+        }
+    };
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            item = calls.next() => match item {
+                Some(Ok(p)) => {
+                    n += 1;
+                    let frame = format!("{{\"type\":\"chunk\",\"data\":{}}}", p.as_str());
+                    if sender.send(Message::Text(frame.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Err(e)) => {
+                    finish(&mut sender, ws_error(&ApiError::from_call(e, expose)), 1000).await;
+                    return;
+                }
+                None => {
+                    let total = calls.total().map_or(n, u64::from);
+                    finish(&mut sender, json!({"type": "done", "chunks": total}).to_string(), 1000).await;
+                    return;
+                }
+            },
+            _ = wait_closed(&mut receiver) => return, // dropping `calls` cancels the generator
+        }
+    }
+}
+
+async fn wait_closed(receiver: &mut futures_util::stream::SplitStream<WebSocket>) {
+    loop {
+        match receiver.next().await {
+            None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+fn ws_error(err: &ApiError) -> String {
+    let mut body = err.body();
+    body["type"] = Value::String("error".into());
+    body.to_string()
+}
+
+async fn finish(
+    sender: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    frame: String,
+    code: u16,
+) {
+    let _ = sender.send(Message::Text(frame.into())).await;
+    let _ = sender
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: "".into(),
+        })))
+        .await;
+}

@@ -1,0 +1,164 @@
+//! `agentry`: serve RunAgent-style agent folders as a fast, safe service, and talk to a server.
+//!
+//! Data goes to stdout (pipeable); diagnostics go to stderr.
+
+mod client;
+mod init;
+mod serve;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "agentry",
+    version,
+    about = "A self-hostable runtime for AI agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve one or more agent folders over REST, WebSocket and SSE.
+    Serve(ServeArgs),
+    /// Check agent folders (config, interpreter, imports, signatures) without serving.
+    Validate(ValidateArgs),
+    /// Call an entrypoint on a running server and print the result (or chunks as they arrive).
+    Run(client::RunArgs),
+    /// Create a working example agent folder (offline).
+    Init {
+        /// The folder to create.
+        path: PathBuf,
+    },
+}
+
+/// Options shared by `serve` and `validate`.
+#[derive(Args, Clone)]
+struct AgentArgs {
+    /// Agent folders (each with a runagent.config.json/.yaml/.yml).
+    #[arg(required = true)]
+    paths: Vec<PathBuf>,
+    /// Python interpreter for every agent (else: the agent's `agentry.python`, its `.venv`,
+    /// `VIRTUAL_ENV`, `python3` on PATH).
+    #[arg(long, env = "AGENTRY_PYTHON")]
+    python: Option<PathBuf>,
+    /// Where Agentry keeps its state.
+    #[arg(long, env = "AGENTRY_STATE_DIR", default_value = ".agentry")]
+    state_dir: PathBuf,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    agents: AgentArgs,
+    /// Address to bind. Anything but loopback needs --insecure-no-auth until API keys exist.
+    #[arg(long, env = "AGENTRY_HOST", default_value = "127.0.0.1")]
+    host: IpAddr,
+    /// Port to bind; 0 picks a free one. Default: RunAgent's policy (8450 upward).
+    #[arg(long, env = "AGENTRY_PORT")]
+    port: Option<u16>,
+    /// Warm workers per agent. Default: the number of cores.
+    #[arg(long, env = "AGENTRY_WORKERS")]
+    workers: Option<usize>,
+    /// Async calls that may share one worker.
+    #[arg(long, env = "AGENTRY_MAX_ASYNC_PER_WORKER", default_value_t = 64)]
+    max_async_per_worker: usize,
+    /// Default call deadline in seconds.
+    #[arg(long, env = "AGENTRY_TIMEOUT_S", default_value_t = 300.0)]
+    timeout_s: f64,
+    /// Largest deadline a request or entrypoint may ask for, in seconds.
+    #[arg(long, env = "AGENTRY_MAX_TIMEOUT_S", default_value_t = 3600.0)]
+    max_timeout_s: f64,
+    /// Seconds in-flight calls get to finish after SIGINT/SIGTERM.
+    #[arg(long, env = "AGENTRY_SHUTDOWN_GRACE_S", default_value_t = 30.0)]
+    shutdown_grace_s: f64,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, env = "AGENTRY_MAX_BODY_BYTES", default_value_t = 10 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Largest worker protocol frame (one result or chunk) in bytes.
+    #[arg(long, env = "AGENTRY_MAX_FRAME_BYTES", default_value_t = 16 * 1024 * 1024)]
+    max_frame_bytes: usize,
+    /// Address-space limit per worker process, in MiB.
+    #[arg(long, env = "AGENTRY_WORKER_MEMORY_MB")]
+    worker_memory_mb: Option<u64>,
+    /// Do not read or write RunAgent's database (no discovery row, no invocation history).
+    #[arg(long, env = "AGENTRY_NO_RUNAGENT_DB")]
+    no_runagent_db: bool,
+    /// RunAgent's database file (default: $RUNAGENT_CACHE_DIR/runagent_local.db).
+    #[arg(long, env = "AGENTRY_RUNAGENT_DB")]
+    runagent_db: Option<PathBuf>,
+    /// Include Python tracebacks in native API errors (development only).
+    #[arg(long, env = "AGENTRY_EXPOSE_TRACEBACKS")]
+    expose_tracebacks: bool,
+    /// Serve a non-loopback address without authentication (there are no API keys yet).
+    #[arg(long)]
+    insecure_no_auth: bool,
+}
+
+#[derive(Args)]
+struct ValidateArgs {
+    #[command(flatten)]
+    agents: AgentArgs,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("AGENTRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => {
+                init_tracing();
+                serve::serve(args).await
+            }
+            Command::Validate(args) => serve::validate(args).await,
+            Command::Run(args) => client::run(args).await,
+            Command::Init { path } => init::init(&path),
+        }
+    });
+    // Workers and pending writes are finished by now; don't wait for idle blocking threads.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn verify_cli() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,475 @@
+//! `agentry serve` and `agentry validate`: load agents, resolve their interpreters, start their
+//! warm workers, bind, serve, and shut down gracefully.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use agentry_api::{Agent, AppState};
+use agentry_core::{AgentConfig, EntrypointKind, ServeSettings};
+use agentry_runner::{
+    AgentPool, PoolConfig, PythonResolver, ResolvedPython, StartError, WorkerSpec,
+};
+use agentry_store::RunAgentDb;
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+
+use crate::{AgentArgs, ServeArgs, ValidateArgs};
+
+/// First port of RunAgent's policy.
+const RUNAGENT_FIRST_PORT: u16 = 8450;
+
+fn secs(value: f64, name: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .with_context(|| format!("--{name} must be a positive number of seconds"))
+}
+
+fn settings_from(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
+    let defaults = ServeSettings::default();
+    Ok(ServeSettings {
+        host: args.host,
+        port: args.port,
+        state_dir: args.agents.state_dir.clone(),
+        python: args.agents.python.clone(),
+        workers: args.workers.unwrap_or(defaults.workers).max(1),
+        max_async_per_worker: args.max_async_per_worker.max(1),
+        default_timeout: secs(args.timeout_s, "timeout-s")?,
+        max_timeout: secs(args.max_timeout_s, "max-timeout-s")?,
+        shutdown_grace: Duration::try_from_secs_f64(args.shutdown_grace_s)
+            .context("--shutdown-grace-s must be >= 0")?,
+        max_body_bytes: args.max_body_bytes,
+        max_frame_bytes: args.max_frame_bytes.max(1024),
+        worker_memory_mb: args.worker_memory_mb,
+        runagent_db: !args.no_runagent_db,
+        runagent_db_path: args.runagent_db.clone(),
+        expose_tracebacks: args.expose_tracebacks,
+        ..defaults
+    })
+}
+
+/// Loads every agent folder, reporting every failure, not just the first.
+fn load_configs(paths: &[std::path::PathBuf]) -> anyhow::Result<Vec<AgentConfig>> {
+    let mut configs = Vec::new();
+    let mut problems = Vec::new();
+    for path in paths {
+        match AgentConfig::load(path) {
+            Ok(c) => {
+                if let Some(e) = c
+                    .entrypoints
+                    .iter()
+                    .find(|e| matches!(e.kind, EntrypointKind::Webhook { .. }))
+                {
+                    problems.push(format!(
+                        "agent {} ({}): entrypoint `{}` is a webhook (n8n) entrypoint; Agentry does not serve those yet",
+                        c.agent_name,
+                        c.file.display(),
+                        e.tag
+                    ));
+                    continue;
+                }
+                if let Some(other) = configs
+                    .iter()
+                    .find(|o: &&AgentConfig| o.agent_id == c.agent_id)
+                {
+                    problems.push(format!(
+                        "agents {} and {} share the agent_id {}; each served agent needs its own",
+                        other.dir.display(),
+                        c.dir.display(),
+                        c.agent_id
+                    ));
+                    continue;
+                }
+                configs.push(c);
+            }
+            Err(e) => problems.push(format!("configuration error: {e}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(configs)
+}
+
+fn resolve_python(
+    resolver: &PythonResolver,
+    explicit: Option<&std::path::Path>,
+    config: &AgentConfig,
+) -> anyhow::Result<ResolvedPython> {
+    let choice = match (explicit, &config.overrides.python) {
+        (Some(p), _) => Some((p.to_path_buf(), "--python / AGENTRY_PYTHON")),
+        (None, Some(p)) => Some((config.dir.join(p), "the agent's `agentry.python` setting")),
+        (None, None) => None,
+    };
+    resolver
+        .resolve(
+            choice.as_ref().map(|(p, why)| (p.as_path(), *why)),
+            &config.dir,
+        )
+        .with_context(|| format!("agent {} ({})", config.agent_name, config.dir.display()))
+}
+
+fn worker_spec(
+    settings: &ServeSettings,
+    config: &AgentConfig,
+    python: &ResolvedPython,
+    shim: &std::path::Path,
+) -> WorkerSpec {
+    WorkerSpec {
+        agent: config.agent_name.clone(),
+        python: python.executable.clone(),
+        shim: shim.to_path_buf(),
+        agent_dir: config.dir.clone(),
+        spec_json: agentry_runner::shim_spec(config),
+        env: config.env_vars.clone(),
+        memory_limit_bytes: settings.worker_memory_mb.map(|mb| mb * 1024 * 1024),
+        max_frame: settings.max_frame_bytes,
+        start_timeout: settings.worker_start_timeout,
+    }
+}
+
+fn describe_start_error(config: &AgentConfig, err: StartError) -> String {
+    match err {
+        StartError::Import(failures) => failures
+            .iter()
+            .map(|f| {
+                let (file, module) = f.r#where.split_once(':').unwrap_or((&f.r#where, ""));
+                let tb = f.traceback.trim_end();
+                format!(
+                    "agent {}: entrypoint `{}` (file {}, module {module}) cannot be loaded: {}: {}\n{}",
+                    config.agent_name,
+                    f.tag,
+                    config.dir.join(file).display(),
+                    f.r#type,
+                    f.message,
+                    indent(tb)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        StartError::Spawn(e) => format!("agent {}: cannot start a worker: {e}", config.agent_name),
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Checks that each `_stream` entrypoint can stream: a generator, or something returning an
+/// iterable (only known at call time for plain functions, which RunAgent also accepts).
+fn check_stream_kinds(config: &AgentConfig, pool: &AgentPool) -> Vec<String> {
+    config
+        .entrypoints
+        .iter()
+        .filter_map(|e| {
+            let report = pool.entrypoint(&e.tag)?;
+            (!e.is_streaming() && (report.kind == "generator" || report.kind == "asyncgen")).then(|| {
+                format!(
+                    "agent {}: entrypoint `{}` is a generator but its tag does not end in `_stream`, so RunAgent clients would receive the generator's repr instead of its chunks; rename the tag to `{}_stream`",
+                    config.agent_name, e.tag, e.tag
+                )
+            })
+        })
+        .collect()
+}
+
+struct Started {
+    agents: Vec<Arc<Agent>>,
+    warnings: Vec<String>,
+}
+
+/// Loads, resolves and starts every agent's pool, concurrently.
+async fn start_agents(
+    settings: &ServeSettings,
+    agent_args: &AgentArgs,
+    workers: Option<usize>,
+) -> anyhow::Result<Started> {
+    let configs = load_configs(&agent_args.paths)?;
+    let shim =
+        agentry_runner::install_shim(&settings.state_dir.join("python")).with_context(|| {
+            format!(
+                "cannot write the worker shim into {}",
+                settings.state_dir.display()
+            )
+        })?;
+    let resolver = PythonResolver::default();
+    let mut pending = Vec::new();
+    for config in configs {
+        let python = resolve_python(&resolver, settings.python.as_deref(), &config)?;
+        tracing::info!(
+            agent.name = %config.agent_name,
+            python = %python.executable.display(),
+            "agent {} uses Python {} at {} ({})",
+            config.agent_name,
+            python.version,
+            python.executable.display(),
+            python.reason
+        );
+        let pool_config = PoolConfig {
+            workers: workers
+                .or(config.overrides.workers)
+                .unwrap_or(settings.workers)
+                .max(1),
+            max_async_per_worker: settings.max_async_per_worker,
+            stream_window: settings.stream_window,
+            ..PoolConfig::default()
+        };
+        let spec = worker_spec(settings, &config, &python, &shim);
+        pending.push(async move {
+            let pool = AgentPool::start(spec, pool_config).await;
+            (config, python, pool)
+        });
+    }
+    let mut agents = Vec::new();
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    for (config, python, pool) in futures_util::future::join_all(pending).await {
+        match pool {
+            Ok(pool) => {
+                warnings.extend(check_stream_kinds(&config, &pool));
+                agents.push(Arc::new(Agent {
+                    config,
+                    pool,
+                    python,
+                }));
+            }
+            Err(e) => problems.push(describe_start_error(&config, e)),
+        }
+    }
+    if !problems.is_empty() {
+        for a in &agents {
+            a.pool.shutdown(Duration::ZERO).await;
+        }
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(Started { agents, warnings })
+}
+
+async fn bind(settings: &ServeSettings, db: Option<&RunAgentDb>) -> anyhow::Result<TcpListener> {
+    if let Some(port) = settings.port {
+        let addr = SocketAddr::new(settings.host, port);
+        return TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"));
+    }
+    // RunAgent's policy: the first free port from 8450 that no agent row has recorded.
+    let recorded = match db {
+        Some(db) => db.recorded_ports().await.unwrap_or_default(),
+        None => Default::default(),
+    };
+    for port in RUNAGENT_FIRST_PORT..=u16::MAX {
+        if recorded.contains(&port) {
+            continue;
+        }
+        if let Ok(listener) = TcpListener::bind(SocketAddr::new(settings.host, port)).await {
+            return Ok(listener);
+        }
+    }
+    bail!(
+        "no free port from {RUNAGENT_FIRST_PORT} upward on {}",
+        settings.host
+    )
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let settings = settings_from(&args)?;
+    if !is_loopback(settings.host) && !args.insecure_no_auth {
+        bail!(
+            "refusing to serve {} without authentication: Agentry has no API keys yet, so anyone who can reach this address could run your agents. Bind 127.0.0.1 (the default), or pass --insecure-no-auth if a trusted proxy guards it",
+            settings.host
+        );
+    }
+    let t0 = Instant::now();
+    let db_path = settings
+        .runagent_db_path
+        .clone()
+        .unwrap_or_else(RunAgentDb::default_path);
+    let db_open = async {
+        if settings.runagent_db {
+            Some(RunAgentDb::open(&db_path).await)
+        } else {
+            None
+        }
+    };
+    let (started, db) = tokio::join!(start_agents(&settings, &args.agents, args.workers), db_open);
+    let Started { agents, warnings } = started?;
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    let db = match db {
+        Some(Ok(db)) => Some(db),
+        Some(Err(e)) => {
+            tracing::warn!(
+                "RunAgent's database {} is unavailable ({e}); serving without discovery and invocation history",
+                db_path.display()
+            );
+            None
+        }
+        None => None,
+    };
+    let listener = bind(&settings, db.as_ref()).await?;
+    let addr = listener.local_addr()?;
+    if let Some(db) = &db {
+        for a in &agents {
+            if let Err(e) = db
+                .register_serving(&a.config, &addr.ip().to_string(), addr.port())
+                .await
+            {
+                tracing::warn!(
+                    "cannot record agent {} in RunAgent's database: {e}",
+                    a.config.agent_id
+                );
+            }
+        }
+    }
+    let history = db.as_ref().map(|db| db.start_invocation_log(65_536));
+    let bound = OnceLock::new();
+    let _ = bound.set(addr);
+    let state = Arc::new(AppState {
+        agents,
+        settings,
+        started: Instant::now(),
+        runagent_db: db,
+        history: history.clone(),
+        bound,
+        draining: Default::default(),
+    });
+    let app = agentry_api::router(Arc::clone(&state));
+    for a in &state.agents {
+        tracing::info!(
+            "serving agent {} ({}) with {} warm worker(s): http://{addr}/v1/agents/{}  (RunAgent: http://{addr}/api/v1/agents/{}/run)",
+            a.config.agent_name,
+            a.config.agent_id,
+            a.pool.live_workers(),
+            a.config.agent_name,
+            a.config.agent_id
+        );
+    }
+    tracing::info!(
+        "ready on http://{addr} in {} ms (authentication is off: loopback only)",
+        t0.elapsed().as_millis()
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = axum::serve(listener, app).with_graceful_shutdown({
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    });
+    let server = tokio::spawn(async move { server.await });
+    shutdown_signal().await;
+    tracing::info!(
+        "shutting down: no new connections; in-flight calls get {:?}",
+        state.settings.shutdown_grace
+    );
+    state.draining.store(true, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    let grace = state.settings.shutdown_grace;
+    futures_util::future::join_all(state.agents.iter().map(|a| a.pool.shutdown(grace))).await;
+    // Workers are gone, so every request still open ends promptly; don't wait on idle sockets.
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    if let Some(h) = &history {
+        let _ = tokio::time::timeout(Duration::from_secs(2), h.flush()).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term.recv() => {},
+    }
+}
+
+pub async fn validate(args: ValidateArgs) -> anyhow::Result<()> {
+    let settings = ServeSettings {
+        state_dir: args.agents.state_dir.clone(),
+        python: args.agents.python.clone(),
+        ..ServeSettings::default()
+    };
+    let Started { agents, warnings } = start_agents(&settings, &args.agents, Some(1)).await?;
+    let mut report = Vec::new();
+    for a in &agents {
+        let c = &a.config;
+        let entrypoints: Vec<serde_json::Value> = c
+            .entrypoints
+            .iter()
+            .map(|e| {
+                let r = a.pool.entrypoint(&e.tag);
+                serde_json::json!({
+                    "tag": e.tag, "streaming": e.is_streaming(), "kind": r.map(|r| r.kind.clone()),
+                    "input_schema": r.map(|r| r.schema.clone()), "doc": r.and_then(|r| r.doc.clone()),
+                })
+            })
+            .collect();
+        report.push(serde_json::json!({
+            "agent_id": c.agent_id, "agent_name": c.agent_name, "dir": c.dir, "config_file": c.file,
+            "python": {"executable": a.python.executable, "version": a.python.version, "chosen_because": a.python.reason},
+            "entrypoints": entrypoints,
+        }));
+        a.pool.shutdown(Duration::ZERO).await;
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"agents": report, "warnings": warnings})
+            )?
+        );
+        return Ok(());
+    }
+    for (a, r) in agents.iter().zip(&report) {
+        println!(
+            "agent {} ({}) — {}",
+            a.config.agent_name,
+            a.config.agent_id,
+            a.config.file.display()
+        );
+        println!(
+            "  python {} at {} ({})",
+            a.python.version,
+            a.python.executable.display(),
+            a.python.reason
+        );
+        for e in r["entrypoints"].as_array().into_iter().flatten() {
+            let params = e["input_schema"]["properties"]
+                .as_object()
+                .map(|p| p.keys().cloned().collect::<Vec<_>>().join(", "))
+                .unwrap_or_default();
+            println!(
+                "  ok  {:<24} {:<10} {}({params})",
+                e["tag"].as_str().unwrap_or_default(),
+                e["kind"].as_str().unwrap_or_default(),
+                if e["streaming"].as_bool() == Some(true) {
+                    "stream "
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    println!("{} agent(s) valid", agents.len());
+    Ok(())
+}

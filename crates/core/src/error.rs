@@ -1,0 +1,61 @@
+//! The error taxonomy: one stable, machine-readable code per kind of failure. The API crate maps
+//! each code to an HTTP status in one place; `docs/errors.md` lists them all.
+
+use serde::Serialize;
+
+/// A stable error code. The string form (`as_str`) is part of the public API: never rename one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request body or parameters are malformed or do not match the entrypoint's schema.
+    ValidationError,
+    /// No agent with that id or name is served here.
+    AgentNotFound,
+    /// The agent has no entrypoint with that tag.
+    EntrypointNotFound,
+    /// A streaming entrypoint was called on a non-streaming route, or the reverse.
+    WrongEntrypointKind,
+    /// The request body is larger than the configured limit.
+    PayloadTooLarge,
+    /// The agent's code raised an exception.
+    AgentError,
+    /// The worker process running the call died (crash, `os._exit`, OOM kill, signal).
+    AgentCrashed,
+    /// The call ran past its deadline; its worker was killed and replaced.
+    TimeoutError,
+    /// The call was cancelled (client went away or asked).
+    Cancelled,
+    /// No worker could take the call: the agent's workers are all down (crash loop) or the
+    /// server is shutting down.
+    Unavailable,
+    /// The agent's configuration is invalid.
+    ConfigurationError,
+    /// An unexpected failure inside the server.
+    ServerError,
+}
+
+impl ErrorCode {
+    /// The code as it appears in error envelopes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ValidationError => "validation_error",
+            Self::AgentNotFound => "agent_not_found",
+            Self::EntrypointNotFound => "entrypoint_not_found",
+            Self::WrongEntrypointKind => "wrong_entrypoint_kind",
+            Self::PayloadTooLarge => "payload_too_large",
+            Self::AgentError => "agent_error",
+            Self::AgentCrashed => "agent_crashed",
+            Self::TimeoutError => "timeout_error",
+            Self::Cancelled => "cancelled",
+            Self::Unavailable => "unavailable",
+            Self::ConfigurationError => "configuration_error",
+            Self::ServerError => "server_error",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

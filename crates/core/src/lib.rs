@@ -1,0 +1,12 @@
+//! Agentry's domain: what an agent is (its RunAgent configuration and entrypoints), the error
+//! taxonomy every layer maps into, and the small value types shared by the runner, the API and
+//! the CLI. This crate does no networking and spawns nothing; it only reads configuration files.
+
+pub mod config;
+pub mod error;
+pub mod settings;
+pub mod time;
+
+pub use config::{AgentConfig, ConfigError, Entrypoint, EntrypointKind};
+pub use error::ErrorCode;
+pub use settings::ServeSettings;

@@ -1,0 +1,108 @@
+//! The server's settings: one struct, every field documented. The CLI fills it from flags and
+//! `AGENTRY_*` environment variables (`docs/configuration.md` lists both); everything else reads
+//! it from here.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of `agentry serve`.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    /// Address to bind. Default 127.0.0.1: serving beyond loopback is an explicit choice.
+    pub host: IpAddr,
+    /// Port to bind. `None`: RunAgent's policy, the first free port from 8450 up that no agent
+    /// in RunAgent's database has recorded. `Some(0)`: any free port.
+    pub port: Option<u16>,
+    /// Where Agentry keeps its state (the worker shim, later the run database).
+    pub state_dir: PathBuf,
+    /// Interpreter for every agent, overriding per-agent settings and discovery.
+    pub python: Option<PathBuf>,
+    /// Warm workers per agent (per-agent `agentry.workers` wins). Default: the number of cores.
+    pub workers: usize,
+    /// Async calls that may share one worker process.
+    pub max_async_per_worker: usize,
+    /// Default deadline of a call when neither the request nor the entrypoint sets one.
+    pub default_timeout: Duration,
+    /// Upper bound on any deadline a request or entrypoint asks for.
+    pub max_timeout: Duration,
+    /// How long in-flight calls may run after SIGINT/SIGTERM before workers are killed.
+    pub shutdown_grace: Duration,
+    /// Largest request body accepted (413 beyond it).
+    pub max_body_bytes: usize,
+    /// Largest frame on the worker protocol (a result or chunk bigger than this kills the call).
+    pub max_frame_bytes: usize,
+    /// Stream chunks a worker may produce ahead of a slow client (backpressure window).
+    pub stream_window: u32,
+    /// Address-space limit of each worker process, in MiB (`RLIMIT_AS`). `None`: no limit.
+    pub worker_memory_mb: Option<u64>,
+    /// How long a worker may take to import its agent and become ready.
+    pub worker_start_timeout: Duration,
+    /// How long a WebSocket client may take to send its start frame.
+    pub ws_start_timeout: Duration,
+    /// Keep RunAgent's database (discovery row, invocation history) up to date.
+    pub runagent_db: bool,
+    /// RunAgent's database file. Default `$RUNAGENT_CACHE_DIR/runagent_local.db`.
+    pub runagent_db_path: Option<PathBuf>,
+    /// Include Python tracebacks in native error responses (development only).
+    pub expose_tracebacks: bool,
+}
+
+impl Default for ServeSettings {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: None,
+            state_dir: PathBuf::from(".agentry"),
+            python: None,
+            workers: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
+            max_async_per_worker: 64,
+            default_timeout: Duration::from_secs(300),
+            max_timeout: Duration::from_secs(3600),
+            shutdown_grace: Duration::from_secs(30),
+            max_body_bytes: 10 * 1024 * 1024,
+            max_frame_bytes: 16 * 1024 * 1024,
+            stream_window: 64,
+            worker_memory_mb: None,
+            worker_start_timeout: Duration::from_secs(60),
+            ws_start_timeout: Duration::from_secs(60),
+            runagent_db: true,
+            runagent_db_path: None,
+            expose_tracebacks: false,
+        }
+    }
+}
+
+impl ServeSettings {
+    /// The deadline of one call: the request's, else the entrypoint's, else the default,
+    /// never more than the maximum. Non-positive or non-finite requests are ignored.
+    pub fn call_timeout(&self, requested_s: Option<f64>, entrypoint_s: Option<f64>) -> Duration {
+        let pick = requested_s
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .or(entrypoint_s)
+            .map(|s| Duration::try_from_secs_f64(s).unwrap_or(self.max_timeout))
+            .unwrap_or(self.default_timeout);
+        pick.min(self.max_timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn call_timeout_precedence_and_cap() {
+        let s = ServeSettings::default();
+        assert_eq!(s.call_timeout(None, None), Duration::from_secs(300));
+        assert_eq!(s.call_timeout(None, Some(2.0)), Duration::from_secs(2));
+        assert_eq!(s.call_timeout(Some(5.0), Some(2.0)), Duration::from_secs(5));
+        assert_eq!(s.call_timeout(Some(1e9), None), Duration::from_secs(3600));
+        assert_eq!(s.call_timeout(Some(-1.0), None), Duration::from_secs(300));
+        assert_eq!(
+            s.call_timeout(Some(f64::NAN), Some(7.0)),
+            Duration::from_secs(7)
+        );
+    }
+}

@@ -1,0 +1,759 @@
+"""Agentry worker shim: runs one agent's entrypoints inside a warm Python process.
+
+Stdlib only. The server writes this file out and starts `python agentry_worker.py`, with the
+protocol socket on file descriptor 3 (AGENTRY_FD), so that anything the agent prints on stdout or
+stderr can never corrupt the protocol: the server turns those streams into log lines.
+
+Frames: a 4-byte big-endian length, then a body of that many bytes. The body's first byte is the
+message kind. Every message after the hello names its call by a u32 request id.
+
+server -> worker
+  C id:u32 json{"e": tag, "a": [args], "k": {kwargs}, "w": window}   start a call
+  X id:u32                                                             cancel a call
+  W id:u32 n:u32                                                       grant n more stream chunks
+  Q 0:u32                                                              exit now (shutdown)
+worker -> server
+  H json{protocol, pid, python, entrypoints, errors}                   hello, once, first
+  R id:u32 type:u8 payload                                             result of a call
+  D id:u32 type:u8 payload                                             one stream chunk
+  E id:u32 count:u32                                                   end of a stream
+  F id:u32 json{type, message, traceback, cancelled}                   the call failed
+
+`payload` is the value as `json.dumps(value, ensure_ascii=False)` text, after RunAgent's own
+conversions (CoreSerializer), and `type` indexes TYPE_NAMES. A payload is built once here and the
+server reuses those bytes for every protocol it speaks.
+"""
+
+import asyncio
+import collections.abc
+import datetime as _dt
+import inspect
+import json
+import math
+import os
+import select
+import socket
+import struct
+import sys
+import traceback
+import typing
+from dataclasses import asdict
+from pathlib import Path
+
+PROTOCOL_VERSION = 1
+MAX_FRAME = int(os.environ.get("AGENTRY_MAX_FRAME", str(16 * 1024 * 1024)))
+TYPE_NAMES = ["null", "boolean", "integer", "number", "string", "array", "object"]
+TYPE_CODE = {name: i for i, name in enumerate(TYPE_NAMES)}
+
+_HDR = struct.Struct(">I")
+_ID = struct.Struct(">IcI")  # length, kind, id
+_ID_TYPE = struct.Struct(">IcIB")  # length, kind, id, type
+_END = struct.Struct(">IcII")
+
+
+# --------------------------------------------------------------------------------------------
+# RunAgent's CoreSerializer (runagent/utils/serializer.py, 0.1.49), kept behaviour for behaviour
+# so that `{type, payload}` strings are byte-identical to the original server's.
+# --------------------------------------------------------------------------------------------
+
+def _determine_type(obj):
+    if obj is None:
+        return "null"
+    if isinstance(obj, bool):
+        return "boolean"
+    if isinstance(obj, int):
+        return "integer"
+    if isinstance(obj, float):
+        return "number"
+    if isinstance(obj, str):
+        return "string"
+    if isinstance(obj, (list, tuple, set)):
+        return "array"
+    if isinstance(obj, dict):
+        return "object"
+    if hasattr(obj, "to_dict") or hasattr(obj, "model_dump") or hasattr(obj, "dict") or hasattr(obj, "__dict__"):
+        return "object"
+    return "string"
+
+
+def _prepare(obj):
+    if obj is None:
+        return None
+    if isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isnan(obj):
+            return None
+        if math.isinf(obj):
+            return str(obj)
+        return obj
+    if isinstance(obj, (_dt.datetime, _dt.date, _dt.time)):
+        return obj.isoformat()
+    if isinstance(obj, set):
+        return list(obj)
+    if isinstance(obj, (bytes, bytearray)):
+        return obj.hex()
+    if hasattr(obj, "to_dict") and callable(getattr(obj, "to_dict")):
+        try:
+            return obj.to_dict()
+        except Exception:
+            pass
+    if hasattr(obj, "model_dump"):
+        try:
+            return obj.model_dump()
+        except Exception:
+            pass
+    if hasattr(obj, "dict"):
+        try:
+            return obj.dict()
+        except Exception:
+            pass
+    if isinstance(obj, (list, tuple)):
+        return [_prepare(item) for item in obj]
+    if isinstance(obj, dict):
+        return {k: _prepare(v) for k, v in obj.items()}
+    return obj
+
+
+def _fallback(obj):
+    try:
+        if hasattr(obj, "__dataclass_fields__"):
+            return asdict(obj)
+        if hasattr(obj, "model_dump"):
+            return obj.model_dump()
+        if hasattr(obj, "dict"):
+            return obj.dict()
+        if hasattr(obj, "__dict__"):
+            return obj.__dict__
+        return str(obj)
+    except Exception:
+        return f"<Unserializable {type(obj).__name__}>"
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, default=_fallback).encode
+
+
+def encode_value(obj):
+    """Returns (type code, payload bytes), exactly as RunAgent's serialize_object_to_structured."""
+    # Fast path for the plain JSON values most agents return.
+    cls = type(obj)
+    if cls is dict or cls is list or cls is str or cls is int:
+        try:
+            return TYPE_CODE[_determine_type(obj)], _dumps(_prepare(obj)).encode("utf-8", "surrogatepass")
+        except (ValueError, TypeError):
+            pass  # fall through to the general path, which reports the error like RunAgent
+    try:
+        data_type = _determine_type(obj)
+        payload = _dumps(_prepare(obj))
+        return TYPE_CODE[data_type], payload.encode("utf-8", "surrogatepass")
+    except Exception as e:  # RunAgent turns serialisation failures into an error object
+        payload = json.dumps({"error": f"Serialization Error: {str(e)}", "original_type": str(type(obj))})
+        return TYPE_CODE["object"], payload.encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Extractor: RunAgent applies `{out_key: JSONPath}` (jsonpath_ng) to results and stream chunks.
+# We support the JSONPath subset agents use: $, .name, ['name'], [index] (negative too), [*], ..name
+# --------------------------------------------------------------------------------------------
+
+def _jsonpath_tokens(path):
+    tokens, i, n = [], 0, len(path)
+    if path.startswith("$"):
+        i = 1
+    while i < n:
+        c = path[i]
+        if path.startswith("..", i):
+            i += 2
+            j = i
+            while j < n and path[j] not in ".[":
+                j += 1
+            tokens.append(("deep", path[i:j]))
+            i = j
+        elif c == ".":
+            i += 1
+            j = i
+            while j < n and path[j] not in ".[":
+                j += 1
+            name = path[i:j]
+            tokens.append(("all", None) if name == "*" else ("key", name))
+            i = j
+        elif c == "[":
+            j = path.index("]", i)
+            inner = path[i + 1:j].strip()
+            if inner == "*":
+                tokens.append(("all", None))
+            elif inner[:1] in "'\"":
+                tokens.append(("key", inner[1:-1]))
+            else:
+                tokens.append(("index", int(inner)))
+            i = j + 1
+        else:
+            j = i
+            while j < n and path[j] not in ".[":
+                j += 1
+            tokens.append(("key", path[i:j]))
+            i = j
+    return tokens
+
+
+def _walk_deep(value, name, out):
+    if isinstance(value, dict):
+        if name in value:
+            out.append(value[name])
+        for v in value.values():
+            _walk_deep(v, name, out)
+    elif isinstance(value, list):
+        for v in value:
+            _walk_deep(v, name, out)
+
+
+def jsonpath_first(value, path):
+    """First match of `path` in `value`, or None when nothing matches (RunAgent's rule)."""
+    try:
+        current = [value]
+        for kind, arg in _jsonpath_tokens(path):
+            nxt = []
+            for v in current:
+                if kind == "key" and isinstance(v, dict) and arg in v:
+                    nxt.append(v[arg])
+                elif kind == "index" and isinstance(v, list) and -len(v) <= arg < len(v):
+                    nxt.append(v[arg])
+                elif kind == "all":
+                    nxt.extend(v.values() if isinstance(v, dict) else v if isinstance(v, list) else [])
+                elif kind == "deep":
+                    _walk_deep(v, arg, nxt)
+            current = nxt
+        return current[0] if current else None
+    except Exception:
+        return None
+
+
+def apply_extractor(extractor, value):
+    if not extractor:
+        return value
+    data = _prepare(value)
+    if not isinstance(data, (dict, list)):
+        try:
+            data = json.loads(_dumps(data))
+        except Exception:
+            pass
+    return {key: jsonpath_first(data, path) for key, path in extractor.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Importing entrypoints with RunAgent's semantics (runagent/utils/imports.py, PackageImporter)
+# --------------------------------------------------------------------------------------------
+
+PROJECT_INDICATORS = ["__init__.py", "setup.py", "pyproject.toml", "requirements.txt", ".git", "Pipfile", "poetry.lock"]
+_loaded_files = {}
+
+
+def find_project_root(entry_path):
+    current = entry_path.parent
+    for _ in range(5):
+        if any((current / marker).exists() for marker in PROJECT_INDICATORS):
+            return current
+        if current.parent == current:
+            break
+        current = current.parent
+    return entry_path.parent
+
+
+def load_entry_file(entry_path):
+    import importlib.util
+
+    key = str(entry_path)
+    if key in _loaded_files:
+        return _loaded_files[key]
+    if not entry_path.exists():
+        raise FileNotFoundError(f"Entry point file not found: {entry_path}")
+    if entry_path.suffix != ".py":
+        raise ValueError(f"Entry point must be a Python file: {entry_path}")
+    root = find_project_root(entry_path)
+    for p in (str(root.parent), str(root), str(entry_path.parent)):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    try:
+        rel = entry_path.relative_to(root.parent)
+        module_name = ".".join(list(rel.parts[:-1]) + [rel.stem])
+    except ValueError:
+        module_name = f"entrypoint_{entry_path.stem}"
+    if "." in module_name:  # so that relative imports inside the entry file resolve
+        try:
+            import importlib
+            importlib.import_module(module_name.rsplit(".", 1)[0])
+        except Exception:
+            pass
+    spec = importlib.util.spec_from_file_location(module_name, str(entry_path))
+    if not spec or not spec.loader:
+        raise ImportError(f"Could not create spec for {entry_path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    _loaded_files[key] = module
+    return module
+
+
+def resolve_target(module, dotted):
+    first, *rest = dotted.split(".")
+    if not hasattr(module, first):
+        available = [n for n in dir(module) if not n.startswith("_")]
+        raise AttributeError(f"Object '{first}' not found in {module.__file__}. Available objects: {available}")
+    target = getattr(module, first)
+    for part in rest:
+        target = getattr(target, part)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter schemas from signatures and type hints
+# --------------------------------------------------------------------------------------------
+
+_SIMPLE = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array",
+           type(None): "null", bytes: "string"}
+
+
+def hint_schema(hint):
+    if hint is inspect.Parameter.empty or hint is typing.Any:
+        return {}
+    if hint in _SIMPLE:
+        return {"type": _SIMPLE[hint]}
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
+        non_null = [a for a in args if a is not type(None)]
+        parts = [hint_schema(a) for a in non_null]
+        if len(args) != len(non_null):
+            parts.append({"type": "null"})
+        return {"anyOf": parts} if len(parts) > 1 else (parts[0] if parts else {})
+    if origin in (list, tuple, set, frozenset, collections.abc.Sequence, collections.abc.Set):
+        schema = {"type": "array"}
+        if args and args[0] is not Ellipsis:
+            item = hint_schema(args[0])
+            if item:
+                schema["items"] = item
+        return schema
+    if origin in (dict, collections.abc.Mapping):
+        schema = {"type": "object"}
+        if len(args) == 2:
+            value = hint_schema(args[1])
+            if value:
+                schema["additionalProperties"] = value
+        return schema
+    if origin is typing.Literal:
+        return {"enum": list(args)}
+    if isinstance(hint, type) and issubclass(hint, str):
+        return {"type": "string"}
+    return {}
+
+
+def _json_default(value):
+    try:
+        json.dumps(value, allow_nan=False)
+        return True, value
+    except Exception:
+        return False, None
+
+
+def describe(target):
+    """JSON Schema of the call's keyword arguments, plus what the docs need."""
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return {"type": "object", "additionalProperties": True}, [], True, True
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:
+        hints = getattr(target, "__annotations__", {}) or {}
+    props, required, order = {}, [], []
+    var_args = var_kwargs = False
+    for name, p in sig.parameters.items():
+        if p.kind == p.VAR_POSITIONAL:
+            var_args = True
+            continue
+        if p.kind == p.VAR_KEYWORD:
+            var_kwargs = True
+            continue
+        if p.kind == p.POSITIONAL_ONLY:
+            order.append(name)
+            continue
+        schema = dict(hint_schema(hints.get(name, p.annotation)))
+        if p.default is p.empty:
+            required.append(name)
+        else:
+            ok, value = _json_default(p.default)
+            if ok:
+                schema["default"] = value
+        props[name] = schema
+        order.append(name)
+    schema = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = required
+    schema["additionalProperties"] = bool(var_kwargs)
+    return schema, order, var_args, var_kwargs
+
+
+def function_kind(target):
+    fn = target
+    if not (inspect.isfunction(fn) or inspect.ismethod(fn)) and callable(fn):
+        call = getattr(type(fn), "__call__", None)
+        if call is not None and (inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)):
+            fn = call
+    if inspect.isasyncgenfunction(fn):
+        return "asyncgen"
+    if inspect.iscoroutinefunction(fn):
+        return "coroutine"
+    if inspect.isgeneratorfunction(fn):
+        return "generator"
+    return "function"
+
+
+class Entrypoint:
+    __slots__ = ("tag", "target", "kind", "stream", "extractor")
+
+    def __init__(self, tag, target, kind, stream, extractor):
+        self.tag, self.target, self.kind, self.stream, self.extractor = tag, target, kind, stream, extractor
+
+
+def load_entrypoints(spec):
+    """Imports every entrypoint; returns (entrypoints by tag, reports for the hello, errors)."""
+    agent_dir = Path(spec["agent_dir"])
+    entrypoints, reports, errors = {}, [], []
+    for ep in spec["entrypoints"]:
+        tag = ep["tag"]
+        where = f"{ep['file']}:{ep['module']}"
+        try:
+            module = load_entry_file((agent_dir / ep["file"]).resolve())
+            target = resolve_target(module, ep["module"])
+            if not callable(target):
+                raise TypeError(f"'{ep['module']}' in {ep['file']} is {type(target).__name__}, not callable")
+            kind = function_kind(target)
+            stream = tag.endswith("_stream")
+            schema, positional, var_args, var_kwargs = describe(target)
+            doc = inspect.getdoc(target)
+            entrypoints[tag] = Entrypoint(tag, target, kind, stream, ep.get("extractor") or {})
+            reports.append({"tag": tag, "kind": kind, "stream": stream, "schema": schema, "doc": doc,
+                            "positional_only": positional, "var_args": var_args, "var_kwargs": var_kwargs})
+        except BaseException as e:  # noqa: BLE001 - import errors of user code are reported, not raised
+            if isinstance(e, (KeyboardInterrupt,)):
+                raise
+            errors.append({"tag": tag, "where": where, "type": type(e).__name__, "message": str(e),
+                           "traceback": traceback.format_exc(limit=-8)})
+    return entrypoints, reports, errors
+
+
+# --------------------------------------------------------------------------------------------
+# The protocol loop
+# --------------------------------------------------------------------------------------------
+
+class Worker:
+    def __init__(self, sock, entrypoints):
+        self.sock = sock
+        self.entrypoints = entrypoints
+        self.rbuf = bytearray()
+        self.out = []
+        self.loop = None
+        self.streams = {}  # id -> StreamState (credits, cancelled, event)
+        self.tasks = {}  # id -> asyncio task
+        self.pending_sync = []  # frames read while a sync stream was iterating
+        self.closed = False
+
+    # -- writing ---------------------------------------------------------------------------
+    def send_now(self, data):
+        """Blocking send, used while a sync call holds the loop."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = self.sock.send(view)
+                view = view[n:]
+            except BlockingIOError:
+                select.select([], [self.sock], [])
+            except (BrokenPipeError, ConnectionResetError):
+                self.shutdown()
+
+    def flush(self):
+        if self.out:
+            data = b"".join(self.out)
+            self.out.clear()
+            self.send_now(data)
+
+    def result(self, rid, value, ep):
+        if ep.extractor:
+            value = apply_extractor(ep.extractor, value)
+        code, payload = encode_value(value)
+        self.out.append(_ID_TYPE.pack(len(payload) + 6, b"R", rid, code) + payload)
+
+    def failure(self, rid, exc, cancelled=False):
+        body = json.dumps({"type": type(exc).__name__, "message": str(exc),
+                           "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                           "cancelled": cancelled}, ensure_ascii=False).encode("utf-8", "surrogatepass")
+        self.out.append(_ID.pack(len(body) + 5, b"F", rid) + body)
+
+    def chunk_frame(self, rid, value, ep):
+        if ep.extractor:
+            value = apply_extractor(ep.extractor, value)
+        code, payload = encode_value(value)
+        return _ID_TYPE.pack(len(payload) + 6, b"D", rid, code) + payload
+
+    def end(self, rid, count):
+        self.out.append(_END.pack(9, b"E", rid, count))
+
+    # -- reading ---------------------------------------------------------------------------
+    def read_frames(self, block):
+        """Reads what is available; returns complete frame bodies."""
+        try:
+            if not block:
+                data = self.sock.recv(262144)
+            else:
+                while True:
+                    try:
+                        data = self.sock.recv(262144)
+                        break
+                    except BlockingIOError:
+                        select.select([self.sock], [], [])
+        except BlockingIOError:
+            return []
+        except (ConnectionResetError, OSError):
+            data = b""
+        if not data:
+            self.shutdown()
+        self.rbuf += data
+        frames = []
+        buf = self.rbuf
+        pos = 0
+        while len(buf) - pos >= 4:
+            (n,) = _HDR.unpack_from(buf, pos)
+            if n > MAX_FRAME or n == 0:
+                sys.stderr.write(f"agentry worker: bad frame length {n}, exiting\n")
+                self.shutdown()
+            if len(buf) - pos - 4 < n:
+                break
+            frames.append(bytes(buf[pos + 4:pos + 4 + n]))
+            pos += 4 + n
+        del buf[:pos]
+        return frames
+
+    def shutdown(self):
+        # The server closed the socket (or died): nothing is left to do for anyone.
+        os._exit(0)
+
+    def on_readable(self):
+        for frame in self.read_frames(block=False):
+            self.handle(frame)
+        while self.pending_sync:
+            frames, self.pending_sync = self.pending_sync, []
+            for frame in frames:
+                self.handle(frame)
+        self.flush()
+
+    def handle(self, frame):
+        kind = frame[0:1]
+        (rid,) = struct.unpack_from(">I", frame, 1)
+        if kind == b"C":
+            self.start_call(rid, json.loads(frame[5:]))
+        elif kind == b"X":
+            state = self.streams.get(rid)
+            if state is not None:
+                state.cancel()
+            task = self.tasks.get(rid)
+            if task is not None:
+                task.cancel()
+        elif kind == b"Q":
+            os._exit(0)
+        elif kind == b"W":
+            (n,) = struct.unpack_from(">I", frame, 5)
+            state = self.streams.get(rid)
+            if state is not None:
+                state.grant(n)
+
+    def start_call(self, rid, call):
+        ep = self.entrypoints.get(call["e"])
+        args = call.get("a") or []
+        kwargs = call.get("k") or {}
+        if ep is None:
+            self.failure(rid, LookupError(f"Entrypoint {call['e']} not found"))
+            return
+        if not ep.stream:
+            if ep.kind == "coroutine":
+                self.tasks[rid] = self.loop.create_task(self.run_coroutine(rid, ep, args, kwargs))
+                return
+            try:
+                value = ep.target(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - the agent's exception goes back to the caller
+                if isinstance(e, SystemExit):
+                    self.flush_and_exit(rid, e)
+                self.failure(rid, e)
+                return
+            self.result(rid, value, ep)
+            return
+        state = StreamState(call.get("w") or 64)
+        self.streams[rid] = state
+        if ep.kind in ("asyncgen", "coroutine"):
+            self.tasks[rid] = self.loop.create_task(self.run_async_stream(rid, ep, args, kwargs, state))
+        else:
+            self.run_sync_stream(rid, ep, args, kwargs, state)
+
+    def flush_and_exit(self, rid, exc):
+        self.failure(rid, exc)
+        self.flush()
+        os._exit(exc.code if isinstance(exc.code, int) else 1)
+
+    async def run_coroutine(self, rid, ep, args, kwargs):
+        try:
+            value = await ep.target(*args, **kwargs)
+            self.result(rid, value, ep)
+        except asyncio.CancelledError as e:
+            self.failure(rid, e, cancelled=True)
+        except BaseException as e:  # noqa: BLE001
+            self.failure(rid, e)
+        finally:
+            self.tasks.pop(rid, None)
+            self.flush()
+
+    # -- streams ---------------------------------------------------------------------------
+    def run_sync_stream(self, rid, ep, args, kwargs, state):
+        """Iterates a sync generator (or a function returning an iterable) on this thread.
+
+        The worker runs only this call meanwhile, so blocking here blocks nobody else. Between
+        chunks it reads the socket without waiting, to see cancel frames and credit grants, and it
+        waits for credit when the server's window is used up (backpressure).
+        """
+        count = 0
+        iterator = None
+        try:
+            iterator = iter(ep.target(*args, **kwargs))
+            for value in iterator:
+                frame = self.chunk_frame(rid, value, ep)
+                count += 1
+                self.out.append(frame)
+                self.flush()
+                state.credits -= 1
+                self.poll_control(state, block=False)
+                while state.credits <= 0 and not state.cancelled:
+                    self.poll_control(state, block=True)
+                if state.cancelled:
+                    raise asyncio.CancelledError()
+            self.end(rid, count)
+        except asyncio.CancelledError as e:
+            self.failure(rid, e, cancelled=True)
+        except BaseException as e:  # noqa: BLE001
+            if isinstance(e, SystemExit):
+                self.flush_and_exit(rid, e)
+            self.failure(rid, e)
+        finally:
+            if iterator is not None and hasattr(iterator, "close"):
+                try:
+                    iterator.close()
+                except BaseException:  # noqa: BLE001
+                    pass
+            self.streams.pop(rid, None)
+            self.flush()
+
+    def poll_control(self, state, block):
+        frames = self.read_frames(block=block)
+        for frame in frames:
+            kind = frame[0:1]
+            if kind in (b"X", b"W", b"Q"):
+                self.handle(frame)
+            else:
+                self.pending_sync.append(frame)
+
+    async def run_async_stream(self, rid, ep, args, kwargs, state):
+        count = 0
+        agen = None
+        try:
+            result = ep.target(*args, **kwargs)
+            if inspect.isawaitable(result) and not hasattr(result, "__aiter__"):
+                result = await result
+            if hasattr(result, "__aiter__"):
+                agen = result
+                async for value in result:
+                    self.out.append(self.chunk_frame(rid, value, ep))
+                    count += 1
+                    self.flush()
+                    state.credits -= 1
+                    while state.credits <= 0 and not state.cancelled:
+                        await state.wait()
+                    if state.cancelled:
+                        raise asyncio.CancelledError()
+                    await asyncio.sleep(0)
+            else:
+                for value in result:
+                    self.out.append(self.chunk_frame(rid, value, ep))
+                    count += 1
+                    self.flush()
+                    state.credits -= 1
+                    while state.credits <= 0 and not state.cancelled:
+                        await state.wait()
+                    if state.cancelled:
+                        raise asyncio.CancelledError()
+            self.end(rid, count)
+        except asyncio.CancelledError as e:
+            self.failure(rid, e, cancelled=True)
+        except BaseException as e:  # noqa: BLE001
+            self.failure(rid, e)
+        finally:
+            if agen is not None and hasattr(agen, "aclose"):
+                try:
+                    await agen.aclose()
+                except BaseException:  # noqa: BLE001
+                    pass
+            self.streams.pop(rid, None)
+            self.tasks.pop(rid, None)
+            self.flush()
+
+
+class StreamState:
+    __slots__ = ("credits", "cancelled", "event")
+
+    def __init__(self, window):
+        self.credits = window
+        self.cancelled = False
+        self.event = None
+
+    def grant(self, n):
+        self.credits += n
+        if self.event is not None:
+            self.event.set()
+
+    def cancel(self):
+        self.cancelled = True
+        if self.event is not None:
+            self.event.set()
+
+    async def wait(self):
+        if self.event is None:
+            self.event = asyncio.Event()
+        self.event.clear()
+        await self.event.wait()
+
+
+def main():
+    fd = int(os.environ.get("AGENTRY_FD", "3"))
+    sock = socket.socket(fileno=fd)
+    spec = json.loads(os.environ["AGENTRY_SPEC"])
+    os.environ.pop("AGENTRY_SPEC", None)
+    entrypoints, reports, errors = load_entrypoints(spec)
+    hello = json.dumps({"protocol": PROTOCOL_VERSION, "pid": os.getpid(), "python": sys.version.split()[0],
+                        "executable": sys.executable, "entrypoints": reports, "errors": errors},
+                       ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+    sock.sendall(_HDR.pack(len(hello) + 1) + b"H" + hello)
+    if errors:
+        # The server reports the errors and decides; a worker with broken entrypoints never serves.
+        sock.close()
+        return
+    sock.setblocking(False)
+    worker = Worker(sock, entrypoints)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    worker.loop = loop
+    loop.add_reader(sock.fileno(), worker.on_readable)
+    loop.run_forever()
+
+
+if __name__ == "__main__":
+    main()

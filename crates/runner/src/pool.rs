@@ -1,0 +1,701 @@
+//! The warm worker pool of one agent.
+//!
+//! A sync call, a sync generator or a plain function needs a worker to itself (Python runs it on
+//! the worker's only thread); async entrypoints share a worker up to `max_async_per_worker`.
+//! Callers that find no free worker wait in FIFO order. Every call has a deadline: past it, a
+//! worker running the call alone is killed (its whole process group) and replaced; a shared
+//! worker is asked to cancel the call, and killed if it does not within the grace period.
+//! Dead workers are respawned with exponential backoff; a worker that keeps dying young puts the
+//! agent in a reported crash loop instead of a spin.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::error::CallError;
+use crate::protocol::{EntrypointReport, ImportFailure, Payload};
+use crate::worker::{SpawnError, StreamItem, Worker, WorkerSpec};
+
+/// Tuning of a pool.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Warm workers kept for the agent.
+    pub workers: usize,
+    /// Async calls that may share one worker.
+    pub max_async_per_worker: usize,
+    /// Stream chunks a worker may send ahead of the consumer (backpressure window).
+    pub stream_window: u32,
+    /// How long a cancelled call may take to stop before its worker is killed.
+    pub cancel_grace: Duration,
+    /// Consecutive early deaths after which the agent is reported as crash-looping.
+    pub crash_loop_after: u32,
+    /// Longest wait between two respawns.
+    pub max_respawn_backoff: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            workers: 2,
+            max_async_per_worker: 64,
+            stream_window: 64,
+            cancel_grace: Duration::from_secs(2),
+            crash_loop_after: 5,
+            max_respawn_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a pool could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Spawn(#[from] SpawnError),
+    #[error("{} entrypoint(s) failed to import", .0.len())]
+    Import(Vec<ImportFailure>),
+}
+
+/// A worker that lived less than this counts as an early death for crash-loop detection.
+const EARLY_DEATH: Duration = Duration::from_secs(5);
+
+struct Slot {
+    worker: Option<Arc<Worker>>,
+    exclusive: bool,
+    shared: usize,
+}
+
+struct Waiter {
+    exclusive: bool,
+    tx: oneshot::Sender<Lease>,
+}
+
+struct PoolState {
+    slots: Vec<Slot>,
+    waiters: VecDeque<Waiter>,
+    closing: bool,
+    crash_loop: Option<String>,
+}
+
+struct PoolInner {
+    spec: WorkerSpec,
+    config: PoolConfig,
+    entrypoints: HashMap<String, EntrypointReport>,
+    state: Mutex<PoolState>,
+    /// Signalled whenever a worker becomes idle (for graceful shutdown).
+    idle: Notify,
+}
+
+/// The pool of one agent. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentPool {
+    inner: Arc<PoolInner>,
+}
+
+/// The right to run one call on one worker; released on drop.
+struct Lease {
+    pool: Arc<PoolInner>,
+    slot: usize,
+    worker: Arc<Worker>,
+    exclusive: bool,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.release(self.slot, &self.worker, self.exclusive);
+    }
+}
+
+impl AgentPool {
+    /// Starts `config.workers` workers and waits until all are warm. Import errors of the agent
+    /// fail the start with every failing entrypoint named.
+    pub async fn start(spec: WorkerSpec, config: PoolConfig) -> Result<Self, StartError> {
+        let n = config.workers.max(1);
+        let spawns = (0..n).map(|_| Worker::spawn(&spec));
+        let results = futures_util::future::join_all(spawns).await;
+        let mut workers = Vec::with_capacity(n);
+        let mut first_err = None;
+        for r in results {
+            match r {
+                Ok(w) => workers.push(w),
+                Err(e) => first_err = first_err.or(Some(e)),
+            }
+        }
+        if let Some(w) = workers.iter().find(|w| !w.hello.errors.is_empty()) {
+            let errors = w.hello.errors.clone();
+            for w in &workers {
+                w.kill("start-up failed");
+            }
+            return Err(StartError::Import(errors));
+        }
+        if let Some(e) = first_err {
+            for w in &workers {
+                w.kill("start-up failed");
+            }
+            return Err(StartError::Spawn(e));
+        }
+        let entrypoints = workers[0]
+            .hello
+            .entrypoints
+            .iter()
+            .map(|e| (e.tag.clone(), e.clone()))
+            .collect();
+        let slots = workers
+            .iter()
+            .map(|w| Slot {
+                worker: Some(Arc::clone(w)),
+                exclusive: false,
+                shared: 0,
+            })
+            .collect();
+        let inner = Arc::new(PoolInner {
+            spec,
+            config,
+            entrypoints,
+            state: Mutex::new(PoolState {
+                slots,
+                waiters: VecDeque::new(),
+                closing: false,
+                crash_loop: None,
+            }),
+            idle: Notify::new(),
+        });
+        for (slot, worker) in workers.into_iter().enumerate() {
+            tokio::spawn(supervise(Arc::clone(&inner), slot, worker));
+        }
+        Ok(Self { inner })
+    }
+
+    /// What the workers reported about each entrypoint (kind, schema, docs).
+    pub fn entrypoint(&self, tag: &str) -> Option<&EntrypointReport> {
+        self.inner.entrypoints.get(tag)
+    }
+
+    /// The interpreter version and executable the workers run.
+    pub fn spec(&self) -> &WorkerSpec {
+        &self.inner.spec
+    }
+
+    /// Live (warm) workers right now.
+    pub fn live_workers(&self) -> usize {
+        let state = self.inner.state.lock();
+        state
+            .slots
+            .iter()
+            .filter(|s| s.worker.as_ref().is_some_and(|w| !w.is_dead()))
+            .count()
+    }
+
+    /// PIDs of the live workers (for operators and tests).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        let state = self.inner.state.lock();
+        state
+            .slots
+            .iter()
+            .filter_map(|s| s.worker.as_ref().map(|w| w.pid))
+            .collect()
+    }
+
+    /// Set while the agent's workers keep dying young.
+    pub fn crash_loop(&self) -> Option<String> {
+        self.inner.state.lock().crash_loop.clone()
+    }
+
+    /// Runs a unary call and returns its result.
+    pub async fn call(
+        &self,
+        tag: &str,
+        args: &str,
+        kwargs: &str,
+        timeout: Duration,
+    ) -> Result<Payload, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let exclusive = self.exclusive(tag)?;
+        let lease = self.inner.acquire(exclusive, deadline, timeout).await?;
+        let (id, rx) = lease.worker.start_unary(tag, args, kwargs)?;
+        let mut pending = PendingUnary {
+            lease: Some(lease),
+            id,
+            rx: Some(rx),
+            deadline,
+            timeout,
+        };
+        pending.wait().await
+    }
+
+    /// Starts a streaming call; chunks arrive through the returned stream.
+    pub async fn stream(
+        &self,
+        tag: &str,
+        args: &str,
+        kwargs: &str,
+        timeout: Duration,
+    ) -> Result<CallStream, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let exclusive = self.exclusive(tag)?;
+        let lease = self.inner.acquire(exclusive, deadline, timeout).await?;
+        let window = self.inner.config.stream_window.max(2);
+        let (id, rx) = lease.worker.start_stream(tag, args, kwargs, window)?;
+        Ok(CallStream {
+            lease: Some(lease),
+            id,
+            rx,
+            deadline,
+            timeout,
+            window,
+            consumed: 0,
+            finished: false,
+            total: None,
+            grace: self.inner.config.cancel_grace,
+        })
+    }
+
+    fn exclusive(&self, tag: &str) -> Result<bool, CallError> {
+        self.inner
+            .entrypoints
+            .get(tag)
+            .map(|e| !e.is_async())
+            .ok_or_else(|| CallError::NoSuchEntrypoint(tag.to_string()))
+    }
+
+    /// Stops taking calls, lets in-flight calls finish within `grace`, then stops every worker.
+    pub async fn shutdown(&self, grace: Duration) {
+        let waiters: Vec<Waiter> = {
+            let mut state = self.inner.state.lock();
+            state.closing = true;
+            state.waiters.drain(..).collect()
+        };
+        drop(waiters); // their callers see the channel close and answer "shutting down"
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let idle = self.inner.idle.notified();
+            let busy = {
+                let state = self.inner.state.lock();
+                state.slots.iter().any(|s| {
+                    s.worker.as_ref().is_some_and(|w| !w.is_dead()) && (s.exclusive || s.shared > 0)
+                })
+            };
+            if !busy || tokio::time::timeout_at(deadline, idle).await.is_err() {
+                break;
+            }
+        }
+        let workers: Vec<Arc<Worker>> = {
+            let state = self.inner.state.lock();
+            state
+                .slots
+                .iter()
+                .filter_map(|s| s.worker.clone())
+                .collect()
+        };
+        for w in &workers {
+            w.close();
+        }
+        // A worker stuck in a sync call never reads the quit frame: the group kill ends it.
+        let stop_by = tokio::time::Instant::now() + Duration::from_millis(300);
+        for w in &workers {
+            let _ = tokio::time::timeout_at(stop_by, w.wait_dead()).await;
+            w.kill("the server is shutting down");
+        }
+        for w in &workers {
+            let _ = tokio::time::timeout(Duration::from_secs(2), w.wait_dead()).await;
+        }
+    }
+}
+
+impl PoolInner {
+    async fn acquire(
+        self: &Arc<Self>,
+        exclusive: bool,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<Lease, CallError> {
+        let rx = {
+            let mut state = self.state.lock();
+            if state.closing {
+                return Err(CallError::Unavailable("the server is shutting down".into()));
+            }
+            if state.waiters.is_empty()
+                && let Some(lease) = self.try_assign(&mut state, exclusive)
+            {
+                return Ok(lease);
+            }
+            let any_live = state
+                .slots
+                .iter()
+                .any(|s| s.worker.as_ref().is_some_and(|w| !w.is_dead()));
+            if !any_live && let Some(why) = &state.crash_loop {
+                return Err(CallError::Unavailable(format!(
+                    "agent {} has no live worker: {why}",
+                    self.spec.agent
+                )));
+            }
+            let (tx, rx) = oneshot::channel();
+            state.waiters.push_back(Waiter { exclusive, tx });
+            rx
+        };
+        match tokio::time::timeout_at(deadline, rx).await {
+            Ok(Ok(lease)) => Ok(lease),
+            Ok(Err(_)) => Err(CallError::Unavailable("the server is shutting down".into())),
+            Err(_) => Err(CallError::Timeout(timeout)),
+        }
+    }
+
+    fn try_assign(self: &Arc<Self>, state: &mut PoolState, exclusive: bool) -> Option<Lease> {
+        let max_shared = self.config.max_async_per_worker.max(1);
+        let pick = if exclusive {
+            state.slots.iter().position(|s| {
+                s.worker.as_ref().is_some_and(|w| !w.is_dead()) && !s.exclusive && s.shared == 0
+            })
+        } else {
+            // Prefer the least-loaded worker that is not running a sync call.
+            state
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| {
+                    s.worker.as_ref().is_some_and(|w| !w.is_dead())
+                        && !s.exclusive
+                        && s.shared < max_shared
+                })
+                .min_by_key(|(_, s)| s.shared)
+                .map(|(i, _)| i)
+        }?;
+        let slot = &mut state.slots[pick];
+        if exclusive {
+            slot.exclusive = true;
+        } else {
+            slot.shared += 1;
+        }
+        Some(Lease {
+            pool: Arc::clone(self),
+            slot: pick,
+            worker: Arc::clone(slot.worker.as_ref()?),
+            exclusive,
+        })
+    }
+
+    fn release(self: &Arc<Self>, slot: usize, worker: &Arc<Worker>, exclusive: bool) {
+        let handoffs = {
+            let mut state = self.state.lock();
+            let Some(s) = state.slots.get_mut(slot) else {
+                return;
+            };
+            if s.worker.as_ref().is_some_and(|w| Arc::ptr_eq(w, worker)) {
+                if exclusive {
+                    s.exclusive = false;
+                } else {
+                    s.shared = s.shared.saturating_sub(1);
+                }
+            }
+            self.hand_to_waiters(&mut state)
+        };
+        self.idle.notify_waiters();
+        deliver(handoffs);
+    }
+
+    /// Pairs waiting callers with free workers, in arrival order. A waiter that cannot be served
+    /// yet keeps its place (and so do those behind it that want the same kind of worker).
+    fn hand_to_waiters(
+        self: &Arc<Self>,
+        state: &mut PoolState,
+    ) -> Vec<(oneshot::Sender<Lease>, Lease)> {
+        let mut out = Vec::new();
+        let mut blocked_exclusive = false;
+        let mut blocked_shared = false;
+        let mut i = 0;
+        while i < state.waiters.len() {
+            let exclusive = state.waiters[i].exclusive;
+            if state.waiters[i].tx.is_closed() {
+                state.waiters.remove(i);
+                continue;
+            }
+            let blocked = if exclusive {
+                blocked_exclusive
+            } else {
+                blocked_shared
+            };
+            if !blocked && let Some(lease) = self.try_assign(state, exclusive) {
+                if let Some(w) = state.waiters.remove(i) {
+                    out.push((w.tx, lease));
+                }
+                continue;
+            }
+            if exclusive {
+                blocked_exclusive = true;
+            } else {
+                blocked_shared = true;
+            }
+            if blocked_exclusive && blocked_shared {
+                break;
+            }
+            i += 1;
+        }
+        out
+    }
+}
+
+fn deliver(handoffs: Vec<(oneshot::Sender<Lease>, Lease)>) {
+    for (tx, lease) in handoffs {
+        // A caller that gave up in the meantime hands the lease straight back (via its drop).
+        let _ = tx.send(lease);
+    }
+}
+
+/// Keeps one slot staffed: waits for its worker to die, then respawns with backoff.
+async fn supervise(pool: Arc<PoolInner>, slot: usize, mut worker: Arc<Worker>) {
+    let mut early_deaths: u32 = 0;
+    loop {
+        let reason = worker.wait_dead().await;
+        let lived = worker.started_at.elapsed();
+        {
+            let mut state = pool.state.lock();
+            if let Some(s) = state.slots.get_mut(slot) {
+                s.worker = None;
+                s.exclusive = false;
+                s.shared = 0;
+            }
+            if state.closing {
+                return;
+            }
+        }
+        pool.idle.notify_waiters();
+        tracing::warn!(agent.name = %pool.spec.agent, worker.pid = worker.pid, "worker died: {reason}; respawning");
+        early_deaths = if lived < EARLY_DEATH {
+            early_deaths + 1
+        } else {
+            0
+        };
+        let mut last_error = reason;
+        loop {
+            if early_deaths >= pool.config.crash_loop_after {
+                let mut state = pool.state.lock();
+                if state.crash_loop.is_none() {
+                    tracing::error!(
+                        agent.name = %pool.spec.agent,
+                        "agent is crash-looping: {early_deaths} workers in a row died within {EARLY_DEATH:?} (last: {last_error}); still retrying with backoff"
+                    );
+                }
+                state.crash_loop = Some(format!(
+                    "{early_deaths} workers in a row died young (last: {last_error})"
+                ));
+            }
+            let backoff = Duration::from_millis(100)
+                .saturating_mul(1u32 << early_deaths.min(16))
+                .min(pool.config.max_respawn_backoff);
+            if early_deaths > 0 {
+                tokio::time::sleep(backoff).await;
+            }
+            if pool.state.lock().closing {
+                return;
+            }
+            match Worker::spawn(&pool.spec).await {
+                Ok(w) if w.hello.errors.is_empty() => {
+                    worker = w;
+                    break;
+                }
+                Ok(w) => {
+                    let e = &w.hello.errors[0];
+                    last_error = format!(
+                        "entrypoint {} ({}) failed to import: {}: {}",
+                        e.tag, e.r#where, e.r#type, e.message
+                    );
+                }
+                Err(e) => last_error = e.to_string(),
+            }
+            tracing::warn!(agent.name = %pool.spec.agent, "worker respawn failed: {last_error}");
+            early_deaths += 1;
+        }
+        let handoffs = {
+            let mut state = pool.state.lock();
+            if state.closing {
+                worker.kill("the server is shutting down");
+                return;
+            }
+            if let Some(s) = state.slots.get_mut(slot) {
+                s.worker = Some(Arc::clone(&worker));
+            }
+            if state.crash_loop.take().is_some() {
+                tracing::info!(agent.name = %pool.spec.agent, "a worker started again after a crash loop");
+            }
+            pool.hand_to_waiters(&mut state)
+        };
+        deliver(handoffs);
+    }
+}
+
+/// Deals with a call that ran past its deadline.
+fn expire(lease: Lease, id: u32, timeout: Duration, grace: Duration) {
+    if lease.exclusive {
+        lease.worker.forget(id);
+        lease
+            .worker
+            .kill(format!("a call ran past its deadline of {timeout:?}"));
+    } else {
+        // Other calls share this worker: ask for a cancel, kill only if it does not happen.
+        lease.worker.cancel(id);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            let still_running = !lease.worker.is_dead() && lease.worker_has(id);
+            if still_running {
+                lease.worker.kill(format!(
+                    "a call ignored its cancellation after its deadline of {timeout:?}"
+                ));
+            }
+            drop(lease);
+        });
+    }
+}
+
+impl Lease {
+    fn worker_has(&self, id: u32) -> bool {
+        self.worker.has_call(id)
+    }
+}
+
+struct PendingUnary {
+    lease: Option<Lease>,
+    id: u32,
+    rx: Option<oneshot::Receiver<Result<Payload, CallError>>>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+}
+
+impl PendingUnary {
+    async fn wait(&mut self) -> Result<Payload, CallError> {
+        let Some(rx) = self.rx.as_mut() else {
+            return Err(CallError::Cancelled);
+        };
+        let outcome = tokio::time::timeout_at(self.deadline, rx).await;
+        self.rx = None;
+        let lease = self.lease.take();
+        match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(CallError::Crashed("the worker went away".into())),
+            Err(_) => {
+                if let Some(lease) = lease {
+                    expire(lease, self.id, self.timeout, Duration::from_secs(2));
+                }
+                Err(CallError::Timeout(self.timeout))
+            }
+        }
+    }
+}
+
+impl Drop for PendingUnary {
+    /// The caller went away (its HTTP client disconnected) while the call runs. The worker stays
+    /// leased until the call ends, so that no other call is queued behind it; async calls are
+    /// cancelled, sync ones run to completion or to their deadline.
+    fn drop(&mut self) {
+        let (Some(rx), Some(lease)) = (self.rx.take(), self.lease.take()) else {
+            return;
+        };
+        let (id, deadline, timeout) = (self.id, self.deadline, self.timeout);
+        if !lease.exclusive {
+            lease.worker.cancel(id);
+        }
+        tokio::spawn(async move {
+            if tokio::time::timeout_at(deadline, rx).await.is_err() {
+                expire(lease, id, timeout, Duration::from_secs(2));
+            }
+        });
+    }
+}
+
+/// A streaming call in progress. Dropping it before the end cancels the call in the worker.
+pub struct CallStream {
+    lease: Option<Lease>,
+    id: u32,
+    rx: mpsc::Receiver<StreamItem>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    window: u32,
+    consumed: u32,
+    finished: bool,
+    total: Option<u32>,
+    grace: Duration,
+}
+
+impl CallStream {
+    /// The next chunk; `None` once the stream ended normally.
+    pub async fn next(&mut self) -> Option<Result<Payload, CallError>> {
+        if self.finished {
+            return None;
+        }
+        let item = tokio::time::timeout_at(self.deadline, self.rx.recv()).await;
+        match item {
+            Ok(Some(StreamItem::Chunk(payload))) => {
+                self.consumed += 1;
+                if self.consumed >= self.window / 2
+                    && let Some(lease) = &self.lease
+                {
+                    lease.worker.grant(self.id, self.consumed);
+                    self.consumed = 0;
+                }
+                Some(Ok(payload))
+            }
+            Ok(Some(StreamItem::End(count))) => {
+                self.finish();
+                self.total = Some(count);
+                None
+            }
+            Ok(Some(StreamItem::Failed(e))) => {
+                self.finish();
+                Some(Err(e))
+            }
+            Ok(None) => {
+                self.finish();
+                Some(Err(CallError::Crashed("the worker went away".into())))
+            }
+            Err(_) => {
+                self.finished = true;
+                if let Some(lease) = self.lease.take() {
+                    expire(lease, self.id, self.timeout, self.grace);
+                }
+                Some(Err(CallError::Timeout(self.timeout)))
+            }
+        }
+    }
+
+    /// Chunks the worker reported, once the stream has ended.
+    pub fn total(&self) -> Option<u32> {
+        self.total
+    }
+
+    fn finish(&mut self) {
+        self.finished = true;
+        self.lease = None;
+    }
+}
+
+impl Drop for CallStream {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let id = self.id;
+        let grace = self.grace;
+        lease.worker.cancel(id);
+        let mut rx = std::mem::replace(&mut self.rx, mpsc::channel(1).1);
+        tokio::spawn(async move {
+            let stopped = tokio::time::timeout(grace, async {
+                while let Some(item) = rx.recv().await {
+                    if !matches!(item, StreamItem::Chunk(_)) {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if stopped.is_err() {
+                lease
+                    .worker
+                    .kill("a cancelled stream did not stop within its grace period".to_string());
+            }
+            drop(lease);
+        });
+    }
+}

@@ -1,0 +1,518 @@
+//! One Python worker process: spawned in its own process group with the protocol socket on fd 3,
+//! killed with its whole group, and watched so that its death fails its in-flight calls at once.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use command_fds::{CommandFdExt, FdMapping};
+use futures_util::StreamExt;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use parking_lot::Mutex;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
+
+use crate::error::CallError;
+use crate::protocol::{self, Hello, Payload, PyFailure, WorkerMessage};
+
+/// Everything needed to start a worker for one agent.
+#[derive(Debug, Clone)]
+pub struct WorkerSpec {
+    /// The agent's name, for logs.
+    pub agent: String,
+    pub python: PathBuf,
+    pub shim: PathBuf,
+    pub agent_dir: PathBuf,
+    /// JSON handed to the shim: the agent folder and its entrypoints.
+    pub spec_json: String,
+    /// Environment added to the server's own (the agent's `env_vars` and `.env`).
+    pub env: Vec<(String, String)>,
+    /// `RLIMIT_AS` for the worker, if any.
+    pub memory_limit_bytes: Option<u64>,
+    pub max_frame: usize,
+    /// How long a worker may take to import the agent and say hello.
+    pub start_timeout: Duration,
+}
+
+/// What a stream call receives, in order: chunks, then exactly one `End` or `Failed`.
+#[derive(Debug)]
+pub enum StreamItem {
+    Chunk(Payload),
+    End(u32),
+    Failed(CallError),
+}
+
+enum Sink {
+    Unary(oneshot::Sender<Result<Payload, CallError>>),
+    Stream(mpsc::Sender<StreamItem>),
+}
+
+/// Why a worker could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("cannot start {python}: {source}")]
+    Spawn {
+        python: String,
+        source: std::io::Error,
+    },
+    #[error("the worker exited before it was ready: {0}")]
+    EarlyExit(String),
+    #[error("the worker did not become ready within {0:?}")]
+    StartTimeout(Duration),
+    #[error("the worker speaks protocol {0}, this server speaks {1}")]
+    Protocol(u32, u32),
+    #[error("the worker broke the protocol: {0}")]
+    BadHello(String),
+}
+
+/// A running worker.
+pub struct Worker {
+    pub pid: i32,
+    pub hello: Hello,
+    tx: mpsc::UnboundedSender<Bytes>,
+    calls: Mutex<HashMap<u32, Sink>>,
+    next_id: AtomicU32,
+    dead: AtomicBool,
+    /// Set once the worker is gone, with a sentence saying why.
+    death: watch::Receiver<Option<String>>,
+    /// Why we killed it, if we did (shown to the calls that die with it).
+    kill_reason: Mutex<Option<String>>,
+    pub started_at: Instant,
+}
+
+impl Worker {
+    /// Starts a worker and waits for its hello. Import errors in the agent come back in
+    /// `hello.errors`; the process has exited by then.
+    pub async fn spawn(spec: &WorkerSpec) -> Result<Arc<Worker>, SpawnError> {
+        let (ours, theirs) =
+            std::os::unix::net::UnixStream::pair().map_err(|source| SpawnError::Spawn {
+                python: spec.python.display().to_string(),
+                source,
+            })?;
+        ours.set_nonblocking(true)
+            .map_err(|source| SpawnError::Spawn {
+                python: spec.python.display().to_string(),
+                source,
+            })?;
+        let mut cmd = tokio::process::Command::new(&spec.python);
+        cmd.arg(&spec.shim)
+            .current_dir(&spec.agent_dir)
+            .env("AGENTRY_FD", "3")
+            .env("AGENTRY_SPEC", &spec.spec_json)
+            .env("AGENTRY_MAX_FRAME", spec.max_frame.to_string())
+            .env("PYTHONUNBUFFERED", "1")
+            .env("PYTHONDONTWRITEBYTECODE", "1")
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        cmd.fd_mappings(vec![FdMapping {
+            parent_fd: OwnedFd::from(theirs),
+            child_fd: 3,
+        }])
+        .map_err(|e| SpawnError::Spawn {
+            python: spec.python.display().to_string(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        crate::sys::set_child_limits(&mut cmd, spec.memory_limit_bytes);
+        let spawned = cmd.spawn();
+        // Dropping the command closes our copy of the worker's socket end, so that the worker's
+        // death shows up as end-of-file on ours.
+        drop(cmd);
+        let mut child = spawned.map_err(|source| SpawnError::Spawn {
+            python: spec.python.display().to_string(),
+            source,
+        })?;
+        let pid = child.id().map(|p| p as i32).unwrap_or_default();
+        let log_target = spec.agent.clone();
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_lines(out, log_target.clone(), pid, "stdout"));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_lines(err, log_target.clone(), pid, "stderr"));
+        }
+        let (exit_tx, exit_rx) = watch::channel::<Option<String>>(None);
+        tokio::spawn(async move {
+            let status = match child.wait().await {
+                Ok(s) => describe_exit(s),
+                Err(e) => format!("could not be waited for: {e}"),
+            };
+            let _ = exit_tx.send(Some(status));
+        });
+
+        let stream = UnixStream::from_std(ours).map_err(|source| SpawnError::Spawn {
+            python: spec.python.display().to_string(),
+            source,
+        })?;
+        let (read_half, write_half) = stream.into_split();
+        let codec = LengthDelimitedCodec::builder()
+            .max_frame_length(spec.max_frame)
+            .new_codec();
+        let mut frames = FramedRead::with_capacity(read_half, codec, 64 * 1024);
+
+        let first = tokio::time::timeout(spec.start_timeout, frames.next()).await;
+        let hello = match first {
+            Err(_) => {
+                kill_group(pid);
+                return Err(SpawnError::StartTimeout(spec.start_timeout));
+            }
+            Ok(None) | Ok(Some(Err(_))) => {
+                kill_group(pid);
+                let why = wait_exit(exit_rx.clone(), Duration::from_secs(2)).await;
+                return Err(SpawnError::EarlyExit(why));
+            }
+            Ok(Some(Ok(frame))) => match protocol::decode(frame.freeze()) {
+                Ok(WorkerMessage::Hello(h)) => *h,
+                Ok(other) => {
+                    kill_group(pid);
+                    return Err(SpawnError::BadHello(format!(
+                        "expected hello, got {other:?}"
+                    )));
+                }
+                Err(e) => {
+                    kill_group(pid);
+                    return Err(SpawnError::BadHello(e.to_string()));
+                }
+            },
+        };
+        if hello.protocol != protocol::PROTOCOL_VERSION {
+            kill_group(pid);
+            return Err(SpawnError::Protocol(
+                hello.protocol,
+                protocol::PROTOCOL_VERSION,
+            ));
+        }
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (death_tx, death_rx) = watch::channel(None);
+        let worker = Arc::new(Worker {
+            pid,
+            hello,
+            tx,
+            calls: Mutex::new(HashMap::new()),
+            next_id: AtomicU32::new(1),
+            dead: AtomicBool::new(false),
+            death: death_rx,
+            kill_reason: Mutex::new(None),
+            started_at: Instant::now(),
+        });
+        if !worker.hello.errors.is_empty() {
+            // The shim closes the socket after reporting import errors; nothing to run.
+            worker.dead.store(true, Ordering::SeqCst);
+            return Ok(worker);
+        }
+        tokio::spawn(write_frames(write_half, rx));
+        tokio::spawn(read_frames(Arc::clone(&worker), frames, exit_rx, death_tx));
+        Ok(worker)
+    }
+
+    /// Whether the worker is gone (or never ran because its imports failed).
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the worker is gone, with the reason.
+    pub async fn wait_dead(&self) -> String {
+        let mut rx = self.death.clone();
+        loop {
+            if let Some(reason) = rx.borrow().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                return "the worker's supervisor stopped".into();
+            }
+        }
+    }
+
+    /// Sends a unary call; the receiver resolves with its result.
+    pub fn start_unary(
+        &self,
+        tag: &str,
+        args: &str,
+        kwargs: &str,
+    ) -> Result<(u32, oneshot::Receiver<Result<Payload, CallError>>), CallError> {
+        let (tx, rx) = oneshot::channel();
+        let id = self.register(Sink::Unary(tx))?;
+        self.send(protocol::encode_call(id, tag, args, kwargs, 0), id)?;
+        Ok((id, rx))
+    }
+
+    /// Sends a streaming call with a window of `window` unacknowledged chunks.
+    pub fn start_stream(
+        &self,
+        tag: &str,
+        args: &str,
+        kwargs: &str,
+        window: u32,
+    ) -> Result<(u32, mpsc::Receiver<StreamItem>), CallError> {
+        // Room for the window plus the terminal item: the worker never exceeds it.
+        let (tx, rx) = mpsc::channel(window as usize + 2);
+        let id = self.register(Sink::Stream(tx))?;
+        self.send(protocol::encode_call(id, tag, args, kwargs, window), id)?;
+        Ok((id, rx))
+    }
+
+    fn register(&self, sink: Sink) -> Result<u32, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut calls = self.calls.lock();
+        if self.is_dead() {
+            return Err(CallError::Crashed(self.death_reason()));
+        }
+        calls.insert(id, sink);
+        Ok(id)
+    }
+
+    fn send(&self, frame: Bytes, id: u32) -> Result<(), CallError> {
+        if self.tx.send(frame).is_err() {
+            self.calls.lock().remove(&id);
+            return Err(CallError::Crashed(self.death_reason()));
+        }
+        Ok(())
+    }
+
+    /// Grants a stream `n` more chunks.
+    pub fn grant(&self, id: u32, n: u32) {
+        let _ = self.tx.send(protocol::encode_credit(id, n));
+    }
+
+    /// Asks the worker to stop a call. The call's sink stays registered: its answer (a
+    /// cancelled failure, or the result if it raced) still arrives.
+    pub fn cancel(&self, id: u32) {
+        let _ = self.tx.send(protocol::encode_cancel(id));
+    }
+
+    /// Whether the call is still running in the worker.
+    pub fn has_call(&self, id: u32) -> bool {
+        self.calls.lock().contains_key(&id)
+    }
+
+    /// Forgets a call whose caller no longer waits (its answer, if any, is dropped).
+    pub fn forget(&self, id: u32) {
+        self.calls.lock().remove(&id);
+    }
+
+    /// Kills the worker's whole process group. In-flight calls fail with `reason`.
+    pub fn kill(&self, reason: impl Into<String>) {
+        self.kill_reason.lock().get_or_insert_with(|| reason.into());
+        kill_group(self.pid);
+    }
+
+    /// Closes the protocol socket: an idle worker exits on its own when it sees end-of-file.
+    pub fn close(&self) {
+        let _ = self.tx.send(protocol::encode_quit());
+    }
+
+    fn death_reason(&self) -> String {
+        self.death
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| "the worker is shutting down".into())
+    }
+
+    fn dispatch(&self, msg: WorkerMessage) -> Result<(), String> {
+        match msg {
+            WorkerMessage::Result { id, payload } => {
+                if let Some(Sink::Unary(tx)) = self.calls.lock().remove(&id) {
+                    let _ = tx.send(Ok(payload));
+                }
+            }
+            WorkerMessage::Failure { id, failure } => {
+                let err = failure_to_error(failure);
+                match self.calls.lock().remove(&id) {
+                    Some(Sink::Unary(tx)) => {
+                        let _ = tx.send(Err(err));
+                    }
+                    Some(Sink::Stream(tx)) => {
+                        let _ = tx.try_send(StreamItem::Failed(err));
+                    }
+                    None => {}
+                }
+            }
+            WorkerMessage::Chunk { id, payload } => {
+                let calls = self.calls.lock();
+                if let Some(Sink::Stream(tx)) = calls.get(&id)
+                    && let Err(mpsc::error::TrySendError::Full(_)) =
+                        tx.try_send(StreamItem::Chunk(payload))
+                {
+                    return Err(format!("call {id} sent more chunks than its window allows"));
+                }
+            }
+            WorkerMessage::End { id, count } => {
+                if let Some(Sink::Stream(tx)) = self.calls.lock().remove(&id) {
+                    let _ = tx.try_send(StreamItem::End(count));
+                }
+            }
+            WorkerMessage::Hello(_) => return Err("a second hello".into()),
+        }
+        Ok(())
+    }
+
+    fn fail_all(&self, reason: &str) {
+        let calls: Vec<Sink> = {
+            let mut map = self.calls.lock();
+            self.dead.store(true, Ordering::SeqCst);
+            map.drain().map(|(_, s)| s).collect()
+        };
+        for sink in calls {
+            let err = CallError::Crashed(reason.to_string());
+            match sink {
+                Sink::Unary(tx) => {
+                    let _ = tx.send(Err(err));
+                }
+                Sink::Stream(tx) => {
+                    let _ = tx.try_send(StreamItem::Failed(err));
+                }
+            }
+        }
+    }
+}
+
+fn failure_to_error(f: PyFailure) -> CallError {
+    if f.cancelled {
+        CallError::Cancelled
+    } else {
+        CallError::Agent {
+            exc_type: f.r#type,
+            message: f.message,
+            traceback: f.traceback,
+        }
+    }
+}
+
+async fn write_frames(
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+) {
+    let mut batch = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        // Under load many calls queue up at once: one write carries them all.
+        let result = match rx.try_recv() {
+            Err(_) => w.write_all(&first).await,
+            Ok(second) => {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                batch.extend_from_slice(&second);
+                while batch.len() < 256 * 1024 {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                w.write_all(&batch).await
+            }
+        };
+        if result.is_err() {
+            return;
+        }
+    }
+}
+
+async fn read_frames(
+    worker: Arc<Worker>,
+    mut frames: FramedRead<tokio::net::unix::OwnedReadHalf, LengthDelimitedCodec>,
+    exit: watch::Receiver<Option<String>>,
+    death: watch::Sender<Option<String>>,
+) {
+    let broke = loop {
+        match frames.next().await {
+            Some(Ok(frame)) => match protocol::decode(frame.freeze()) {
+                Ok(msg) => {
+                    if let Err(why) = worker.dispatch(msg) {
+                        break Some(why);
+                    }
+                }
+                Err(e) => break Some(e.to_string()),
+            },
+            Some(Err(e)) => break Some(format!("unreadable frame: {e}")),
+            None => break None,
+        }
+    };
+    if let Some(why) = &broke {
+        tracing::error!(
+            worker.pid = worker.pid,
+            "worker broke the protocol ({why}); killing it"
+        );
+        worker.kill(format!("the worker broke the protocol: {why}"));
+    }
+    // The socket is closed: the process is gone or going. Say how it ended.
+    let exit_status = wait_exit(exit, Duration::from_secs(2)).await;
+    let reason = match worker.kill_reason.lock().clone() {
+        Some(kill) => kill,
+        None => format!("the worker process {exit_status}"),
+    };
+    kill_group(worker.pid); // grandchildren the agent left behind go with it
+    worker.fail_all(&reason);
+    let _ = death.send(Some(reason));
+}
+
+async fn wait_exit(mut rx: watch::Receiver<Option<String>>, limit: Duration) -> String {
+    let waited = tokio::time::timeout(limit, async {
+        loop {
+            if let Some(s) = rx.borrow().clone() {
+                return s;
+            }
+            if rx.changed().await.is_err() {
+                return "ended".to_string();
+            }
+        }
+    })
+    .await;
+    waited.unwrap_or_else(|_| "closed its protocol socket".to_string())
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(sig) = status.signal() {
+        let name = Signal::try_from(sig)
+            .map(|s| s.as_str())
+            .unwrap_or("unknown signal");
+        let hint = match sig {
+            9 => " (killed: out of memory, a deadline, or an operator)",
+            11 => " (segmentation fault)",
+            6 => " (aborted)",
+            _ => "",
+        };
+        format!("was killed by signal {sig} ({name}){hint}")
+    } else {
+        format!("exited with code {}", status.code().unwrap_or(-1))
+    }
+}
+
+/// SIGKILLs a process group. Workers lead their own group, so this reaches what they spawned.
+pub(crate) fn kill_group(pid: i32) {
+    if pid > 0 {
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+async fn forward_lines(
+    stream: impl tokio::io::AsyncRead + Unpin,
+    agent: String,
+    pid: i32,
+    which: &'static str,
+) {
+    let mut lines = BufReader::new(stream);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        match lines.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                // Cap what one line can put in the log; a binary blob is shown lossily.
+                let line = String::from_utf8_lossy(&buf[..buf.len().min(16 * 1024)]);
+                let line = line.trim_end_matches(['\n', '\r']);
+                tracing::info!(target: "agentry::agent", agent = %agent, pid, output = which, "{line}");
+            }
+        }
+    }
+}

@@ -1,0 +1,386 @@
+//! RunAgent's local database (`$RUNAGENT_CACHE_DIR/runagent_local.db`, default
+//! `~/.runagent/runagent_local.db`): the `agents` discovery row and the invocation history.
+//!
+//! Nothing here is on the request path. Invocations are queued to one writer task that commits
+//! whatever has accumulated in a single transaction (WAL, `synchronous=NORMAL`), so under load
+//! one commit carries hundreds of rows, and a full queue drops history rather than slowing calls.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use agentry_core::AgentConfig;
+use chrono::{NaiveDateTime, Utc};
+use serde_json::{Value, json};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, SqliteConnection};
+use tokio::sync::{mpsc, oneshot};
+
+const SCHEMA: &str = include_str!("schema.sql");
+const TIMESTAMP: &str = "%Y-%m-%d %H:%M:%S%.6f";
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create {0}: {1}")]
+    CreateDir(PathBuf, std::io::Error),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("the invocation log writer has stopped")]
+    WriterGone,
+}
+
+/// One finished invocation, as RunAgent records it.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub invocation_id: String,
+    pub agent_id: String,
+    /// `{"input_args": …, "input_kwargs": …}` as JSON text.
+    pub input_data: String,
+    /// The result's JSON text (success only).
+    pub output_data: Option<String>,
+    pub error_detail: Option<String>,
+    pub request_timestamp: NaiveDateTime,
+    pub response_timestamp: NaiveDateTime,
+    pub execution_time_ms: f64,
+    /// `completed` or `failed`.
+    pub status: &'static str,
+    pub entrypoint_tag: String,
+    /// `local_server` (REST) or `websocket_stream`.
+    pub sdk_type: &'static str,
+    pub client_info: String,
+}
+
+/// The RunAgent database.
+#[derive(Clone)]
+pub struct RunAgentDb {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+impl RunAgentDb {
+    /// Where RunAgent keeps it: `$RUNAGENT_CACHE_DIR`, else `~/.runagent`.
+    pub fn default_path() -> PathBuf {
+        let dir = std::env::var_os("RUNAGENT_CACHE_DIR")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".runagent")))
+            .unwrap_or_else(|| PathBuf::from(".runagent"));
+        dir.join("runagent_local.db")
+    }
+
+    /// Opens (creating if needed) the database and its tables.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::CreateDir(dir.to_path_buf(), e))?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .min_connections(0)
+            .connect_with(options)
+            .await?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        Ok(Self {
+            pool,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Ports recorded for any agent (RunAgent never reuses one without `--port`).
+    pub async fn recorded_ports(&self) -> Result<HashSet<u16>, StoreError> {
+        let rows = sqlx::query("SELECT port FROM agents")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.try_get::<i64, _>(0).ok())
+            .filter_map(|p| u16::try_from(p).ok())
+            .collect())
+    }
+
+    /// Records that `agent` is being served at `host:port` (creating its row if RunAgent never
+    /// registered it), exactly the fields RunAgent's `serve` updates.
+    pub async fn register_serving(
+        &self,
+        agent: &AgentConfig,
+        host: &str,
+        port: u16,
+    ) -> Result<(), StoreError> {
+        let now = Utc::now().naive_utc().format(TIMESTAMP).to_string();
+        sqlx::query(
+            "INSERT INTO agents (agent_id, agent_path, host, port, framework, status, remote_status, is_local,
+                deployed_at, run_count, success_count, error_count, created_at, updated_at, agent_name,
+                description, template, version, initialized_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'serving', 'initialized', 1, ?6, 0, 0, 0, ?6, ?6, ?7, ?8, ?9, ?10, ?6)
+             ON CONFLICT (agent_id) DO UPDATE SET host = excluded.host, port = excluded.port,
+                framework = excluded.framework, status = 'serving', agent_path = excluded.agent_path,
+                deployed_at = excluded.deployed_at, updated_at = excluded.updated_at",
+        )
+        .bind(&agent.agent_id)
+        .bind(agent.dir.display().to_string())
+        .bind(host)
+        .bind(i64::from(port))
+        .bind(&agent.framework)
+        .bind(&now)
+        .bind(&agent.agent_name)
+        .bind(&agent.description)
+        .bind(&agent.template)
+        .bind(&agent.version)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// `GET /api/v1/agents/{id}/invocations`: newest first.
+    pub async fn list_invocations(
+        &self,
+        agent_id: &str,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Value>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT invocation_id, agent_id, input_data, output_data, error_detail, request_timestamp,
+                    response_timestamp, execution_time_ms, status, entrypoint_tag, sdk_type, client_info
+             FROM agent_invocations WHERE agent_id = ?1 AND (?2 IS NULL OR status = ?2)
+             ORDER BY request_timestamp DESC LIMIT ?3",
+        )
+        .bind(agent_id)
+        .bind(status)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(invocation_json).collect())
+    }
+
+    /// `GET /api/v1/invocations/{id}`.
+    pub async fn invocation(&self, invocation_id: &str) -> Result<Option<Value>, StoreError> {
+        let row = sqlx::query(
+            "SELECT invocation_id, agent_id, input_data, output_data, error_detail, request_timestamp,
+                    response_timestamp, execution_time_ms, status, entrypoint_tag, sdk_type, client_info
+             FROM agent_invocations WHERE invocation_id = ?1",
+        )
+        .bind(invocation_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(invocation_json))
+    }
+
+    /// `GET /api/v1/agents/{id}/invocations/stats`.
+    pub async fn invocation_stats(&self, agent_id: &str) -> Result<Value, StoreError> {
+        let row = sqlx::query(
+            "SELECT COUNT(*),
+                    COALESCE(SUM(status = 'completed'), 0),
+                    COALESCE(SUM(status = 'failed'), 0),
+                    COALESCE(SUM(status = 'pending'), 0),
+                    AVG(CASE WHEN status = 'completed' THEN execution_time_ms END)
+             FROM agent_invocations WHERE agent_id = ?1",
+        )
+        .bind(agent_id)
+        .fetch_one(&self.pool)
+        .await?;
+        let total: i64 = row.try_get(0)?;
+        let completed: i64 = row.try_get(1)?;
+        let failed: i64 = row.try_get(2)?;
+        let pending: i64 = row.try_get(3)?;
+        let avg: Option<f64> = row.try_get(4)?;
+        let success_rate = if total > 0 {
+            (completed as f64 / total as f64 * 100.0 * 100.0).round() / 100.0
+        } else {
+            0.0
+        };
+        Ok(json!({
+            "total_invocations": total,
+            "completed_invocations": completed,
+            "failed_invocations": failed,
+            "pending_invocations": pending,
+            "success_rate": if total > 0 { json!(success_rate) } else { json!(0) },
+            "avg_execution_time_ms": avg.filter(|_| completed > 0).map(|a| (a * 100.0).round() / 100.0),
+            "agent_id": agent_id,
+        }))
+    }
+
+    /// Starts the batching writer; record invocations through the returned handle.
+    pub fn start_invocation_log(&self, capacity: usize) -> InvocationLog {
+        let (tx, rx) = mpsc::channel(capacity.max(16));
+        tokio::spawn(write_invocations(self.pool.clone(), rx));
+        InvocationLog { tx }
+    }
+}
+
+fn invocation_json(row: &sqlx::sqlite::SqliteRow) -> Value {
+    let text = |i: usize| row.try_get::<Option<String>, _>(i).ok().flatten();
+    let parsed =
+        |i: usize| text(i).map(|t| serde_json::from_str::<Value>(&t).unwrap_or(Value::String(t)));
+    let iso = |i: usize| {
+        text(i).map(|t| {
+            NaiveDateTime::parse_from_str(&t, "%Y-%m-%d %H:%M:%S%.f")
+                .map(agentry_core::time::python_isoformat)
+                .unwrap_or(t)
+        })
+    };
+    json!({
+        "invocation_id": text(0),
+        "agent_id": text(1),
+        "input_data": parsed(2),
+        "output_data": parsed(3),
+        "error_detail": text(4),
+        "request_timestamp": iso(5),
+        "response_timestamp": iso(6),
+        "execution_time_ms": row.try_get::<Option<f64>, _>(7).ok().flatten(),
+        "status": text(8),
+        "entrypoint_tag": text(9),
+        "sdk_type": text(10),
+        "client_info": parsed(11),
+    })
+}
+
+enum LogCommand {
+    Record(Box<Invocation>),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Queues invocations for the batching writer. Cheap to clone.
+#[derive(Clone)]
+pub struct InvocationLog {
+    tx: mpsc::Sender<LogCommand>,
+}
+
+impl InvocationLog {
+    /// Queues a record without waiting. Returns false (and the record is dropped) when the
+    /// queue is full: history is best-effort, calls are not.
+    pub fn record(&self, invocation: Invocation) -> bool {
+        self.tx
+            .try_send(LogCommand::Record(Box::new(invocation)))
+            .is_ok()
+    }
+
+    /// Waits until everything queued so far is committed (reads call this first, so that the
+    /// history endpoints see every finished call).
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(LogCommand::Flush(tx))
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)
+    }
+}
+
+async fn write_invocations(pool: SqlitePool, mut rx: mpsc::Receiver<LogCommand>) {
+    let mut batch: Vec<Invocation> = Vec::new();
+    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(cmd) = next.take() {
+            match cmd {
+                LogCommand::Record(inv) => batch.push(*inv),
+                LogCommand::Flush(tx) => flushes.push(tx),
+            }
+            if batch.len() < 4096 {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !batch.is_empty() {
+            let result = async {
+                let mut tx = pool.begin().await?;
+                insert_batch(&mut tx, &batch).await?;
+                tx.commit().await
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(
+                    rows = batch.len(),
+                    "could not record invocation history: {e}"
+                );
+            }
+            batch.clear();
+        }
+        for f in flushes.drain(..) {
+            let _ = f.send(());
+        }
+    }
+}
+
+async fn insert_batch(
+    conn: &mut SqliteConnection,
+    batch: &[Invocation],
+) -> Result<(), sqlx::Error> {
+    let mut counters: HashMap<&str, (i64, i64, i64, String)> = HashMap::new();
+    for inv in batch {
+        let request = inv.request_timestamp.format(TIMESTAMP).to_string();
+        let response = inv.response_timestamp.format(TIMESTAMP).to_string();
+        sqlx::query(
+            "INSERT OR REPLACE INTO agent_invocations (invocation_id, agent_id, input_data, output_data, error_detail,
+                request_timestamp, response_timestamp, execution_time_ms, status, entrypoint_tag, sdk_type, client_info)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+        )
+        .bind(&inv.invocation_id)
+        .bind(&inv.agent_id)
+        .bind(&inv.input_data)
+        .bind(&inv.output_data)
+        .bind(&inv.error_detail)
+        .bind(&request)
+        .bind(&response)
+        .bind(inv.execution_time_ms)
+        .bind(inv.status)
+        .bind(&inv.entrypoint_tag)
+        .bind(inv.sdk_type)
+        .bind(&inv.client_info)
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO agent_runs (agent_id, input_data, output_data, success, error_message, execution_time,
+                started_at, completed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .bind(&inv.agent_id)
+        .bind(&inv.input_data)
+        .bind(&inv.output_data)
+        .bind(inv.status == "completed")
+        .bind(&inv.error_detail)
+        .bind(inv.execution_time_ms / 1000.0)
+        .bind(&request)
+        .bind(&response)
+        .execute(&mut *conn)
+        .await?;
+        let c = counters
+            .entry(&inv.agent_id)
+            .or_insert((0, 0, 0, String::new()));
+        c.0 += 1;
+        if inv.status == "completed" {
+            c.1 += 1;
+        } else {
+            c.2 += 1;
+        }
+        if response > c.3 {
+            c.3 = response;
+        }
+    }
+    for (agent_id, (runs, ok, failed, last)) in counters {
+        sqlx::query(
+            "UPDATE agents SET run_count = COALESCE(run_count, 0) + ?2, success_count = COALESCE(success_count, 0) + ?3,
+                error_count = COALESCE(error_count, 0) + ?4, last_run = ?5 WHERE agent_id = ?1",
+        )
+        .bind(agent_id)
+        .bind(runs)
+        .bind(ok)
+        .bind(failed)
+        .bind(last)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
