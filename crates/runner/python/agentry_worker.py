@@ -139,13 +139,13 @@ def encode_value(obj):
     cls = type(obj)
     if cls is dict or cls is list or cls is str or cls is int:
         try:
-            return TYPE_CODE[_determine_type(obj)], _dumps(_prepare(obj)).encode("utf-8", "surrogatepass")
+            return TYPE_CODE[_determine_type(obj)], _dumps(_prepare(obj)).encode("utf-8", "backslashreplace")
         except (ValueError, TypeError):
             pass  # fall through to the general path, which reports the error like RunAgent
     try:
         data_type = _determine_type(obj)
         payload = _dumps(_prepare(obj))
-        return TYPE_CODE[data_type], payload.encode("utf-8", "surrogatepass")
+        return TYPE_CODE[data_type], payload.encode("utf-8", "backslashreplace")
     except Exception as e:  # RunAgent turns serialisation failures into an error object
         payload = json.dumps({"error": f"Serialization Error: {str(e)}", "original_type": str(type(obj))})
         return TYPE_CODE["object"], payload.encode("utf-8")
@@ -412,6 +412,34 @@ def function_kind(target):
     return "function"
 
 
+_NOT_ITERABLE = (int, float, bool, type(None), complex)
+
+
+def check_streamable(target, kind, name):
+    """A `_stream` entrypoint must be a generator or return an iterable. Plain functions are only
+    known at call time, unless their return annotation says they cannot stream."""
+    if kind in ("generator", "asyncgen"):
+        return
+    try:
+        ret = typing.get_type_hints(target).get("return", inspect.Signature.empty)
+    except Exception:
+        ret = inspect.signature(target).return_annotation if callable(target) else inspect.Signature.empty
+    if ret is None:
+        ret = type(None)
+    if isinstance(ret, type) and issubclass(ret, _NOT_ITERABLE):
+        raise TypeError(f"'{name}' is a {kind} returning {ret.__name__}, so it cannot stream: an entrypoint whose "
+                        f"tag ends in `_stream` must be a generator or return an iterable")
+
+
+def user_traceback(exc):
+    """The traceback without the shim's and importlib's own frames: users debug their code."""
+    tb = exc.__traceback__
+    while tb is not None and (tb.tb_frame.f_code.co_filename in (__file__, "<frozen importlib._bootstrap>",
+                                                                   "<frozen importlib._bootstrap_external>")):
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
 class Entrypoint:
     __slots__ = ("tag", "target", "kind", "stream", "extractor")
 
@@ -433,6 +461,8 @@ def load_entrypoints(spec):
                 raise TypeError(f"'{ep['module']}' in {ep['file']} is {type(target).__name__}, not callable")
             kind = function_kind(target)
             stream = tag.endswith("_stream")
+            if stream:
+                check_streamable(target, kind, ep["module"])
             schema, positional, var_args, var_kwargs = describe(target)
             doc = inspect.getdoc(target)
             entrypoints[tag] = Entrypoint(tag, target, kind, stream, ep.get("extractor") or {})
@@ -442,7 +472,7 @@ def load_entrypoints(spec):
             if isinstance(e, (KeyboardInterrupt,)):
                 raise
             errors.append({"tag": tag, "where": where, "type": type(e).__name__, "message": str(e),
-                           "traceback": traceback.format_exc(limit=-8)})
+                           "traceback": user_traceback(e)})
     return entrypoints, reports, errors
 
 
@@ -489,8 +519,8 @@ class Worker:
 
     def failure(self, rid, exc, cancelled=False):
         body = json.dumps({"type": type(exc).__name__, "message": str(exc),
-                           "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                           "cancelled": cancelled}, ensure_ascii=False).encode("utf-8", "surrogatepass")
+                           "traceback": user_traceback(exc),
+                           "cancelled": cancelled}, ensure_ascii=False).encode("utf-8", "backslashreplace")
         self.out.append(_ID.pack(len(body) + 5, b"F", rid) + body)
 
     def chunk_frame(self, rid, value, ep):
@@ -740,7 +770,7 @@ def main():
     entrypoints, reports, errors = load_entrypoints(spec)
     hello = json.dumps({"protocol": PROTOCOL_VERSION, "pid": os.getpid(), "python": sys.version.split()[0],
                         "executable": sys.executable, "entrypoints": reports, "errors": errors},
-                       ensure_ascii=False, default=str).encode("utf-8", "surrogatepass")
+                       ensure_ascii=False, default=str).encode("utf-8", "backslashreplace")
     sock.sendall(_HDR.pack(len(hello) + 1) + b"H" + hello)
     if errors:
         # The server reports the errors and decides; a worker with broken entrypoints never serves.
