@@ -1,0 +1,165 @@
+//! RunAgent's own Python SDK (runagent==0.1.49, unmodified) against `agentry serve`, by host and
+//! port and by `agent_id` discovery alone, compared with the same SDK against RunAgent's server.
+//!
+//! Needs a virtualenv with runagent==0.1.49 in AGENTRY_TEST_RUNAGENT_VENV (`.ci/run` makes one).
+//! Under CI a missing venv fails the test; elsewhere the test says it was skipped.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn venv() -> Option<PathBuf> {
+    match std::env::var_os("AGENTRY_TEST_RUNAGENT_VENV") {
+        Some(v) => Some(PathBuf::from(v)),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("AGENTRY_TEST_RUNAGENT_VENV must be set in CI")
+        }
+        None => {
+            eprintln!("SKIPPED: set AGENTRY_TEST_RUNAGENT_VENV to a venv with runagent==0.1.49");
+            None
+        }
+    }
+}
+
+fn sdk_check(venv: &Path, cache: &Path, out: &Path, args: &[String]) -> serde_json::Value {
+    let status = Command::new(venv.join("bin/python"))
+        .arg(repo_root().join("tests/compat/sdk_check.py"))
+        .arg(out)
+        .args(args)
+        .env("RUNAGENT_CACHE_DIR", cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("python");
+    assert!(status.success(), "sdk_check.py failed");
+    let text = std::fs::read_to_string(out).expect("results");
+    let redacted = regex::Regex::new(r"at 0x[0-9a-f]+")
+        .expect("re")
+        .replace_all(&text, "at 0xADDR")
+        .into_owned();
+    json(&redacted)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// RunAgent's own server on the same fixture, registered in its own cache.
+struct RunAgentServer(std::process::Child);
+
+impl Drop for RunAgentServer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_runagent(venv: &Path, cache: &Path, agent: &Path, port: u16) -> RunAgentServer {
+    let status = Command::new(venv.join("bin/runagent"))
+        .args(["config", "--register-agent"])
+        .arg(agent)
+        .env("RUNAGENT_CACHE_DIR", cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("runagent config");
+    assert!(status.success(), "runagent config --register-agent failed");
+    let child = Command::new(venv.join("bin/runagent"))
+        .args([
+            "serve",
+            "--no-animation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .arg(agent)
+        .env("RUNAGENT_CACHE_DIR", cache)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("runagent serve");
+    let server = RunAgentServer(child);
+    let end = Instant::now() + Duration::from_secs(60);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "RunAgent's server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir").flatten() {
+        if e.path().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+        }
+    }
+}
+
+#[test]
+fn runagent_python_sdk_gets_the_same_results_and_errors_from_us_as_from_runagent() {
+    let Some(venv) = venv() else { return };
+    let work = tempfile::tempdir().expect("work");
+
+    // RunAgent itself.
+    let ra_cache = work.path().join("ra-cache");
+    let ra_agent = work.path().join("ra-agent/compat");
+    copy_dir(&fixture("compat"), &ra_agent);
+    let ra_port = free_port();
+    let ra = start_runagent(&venv, &ra_cache, &ra_agent, ra_port);
+    let theirs = sdk_check(
+        &venv,
+        &ra_cache,
+        &work.path().join("theirs.json"),
+        &[COMPAT_ID.into(), "127.0.0.1".into(), ra_port.to_string()],
+    );
+    drop(ra);
+
+    // Agentry, by host and port, then by agent_id alone through RunAgent's database.
+    let cache = work.path().join("our-cache");
+    let srv = server(fixture("compat")).cache_dir(&cache).start();
+    let ours = sdk_check(
+        &venv,
+        &cache,
+        &work.path().join("ours.json"),
+        &[COMPAT_ID.into(), "127.0.0.1".into(), srv.port.to_string()],
+    );
+    let discovered = sdk_check(
+        &venv,
+        &cache,
+        &work.path().join("discovered.json"),
+        &[COMPAT_ID.into()],
+    );
+
+    assert_eq!(
+        ours["echo"]["ok"],
+        serde_json::json!({"message": "hi"}),
+        "{ours}"
+    );
+    assert_eq!(
+        ours["stream"]["ok"].as_array().map(Vec::len),
+        Some(3),
+        "{ours}"
+    );
+    let keys: Vec<&String> = theirs.as_object().expect("object").keys().collect();
+    for key in keys {
+        assert_eq!(
+            ours[key], theirs[key],
+            "case {key}: Agentry {} vs RunAgent {}",
+            ours[key], theirs[key]
+        );
+        assert_eq!(
+            discovered[key], theirs[key],
+            "case {key} (discovery): Agentry {} vs RunAgent {}",
+            discovered[key], theirs[key]
+        );
+    }
+}
