@@ -36,6 +36,7 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
         python: args.agents.python.clone(),
         workers: args.workers.unwrap_or(defaults.workers).max(1),
         max_async_per_worker: args.max_async_per_worker.max(1),
+        pipeline_depth: args.pipeline_depth.max(1),
         default_timeout: secs(args.timeout_s, "timeout-s")?,
         max_timeout: secs(args.max_timeout_s, "max-timeout-s")?,
         shutdown_grace: Duration::try_from_secs_f64(args.shutdown_grace_s)
@@ -216,6 +217,7 @@ async fn start_agents(
                 .unwrap_or(settings.workers)
                 .max(1),
             max_async_per_worker: settings.max_async_per_worker,
+            pipeline_depth: settings.pipeline_depth,
             stream_window: settings.stream_window,
             ..PoolConfig::default()
         };

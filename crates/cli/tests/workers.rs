@@ -254,6 +254,32 @@ async fn async_entrypoints_share_a_worker() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn short_calls_never_queue_behind_a_slow_one() {
+    let srv = server(fixture("faulty"))
+        .args(["--workers", "2", "--pipeline-depth", "8"])
+        .start();
+    // Teach the pool that `ok` is short (it only pipelines entrypoints known to be short).
+    for _ in 0..20 {
+        assert_ok_after(&srv).await;
+    }
+    let slow_url = invoke_url(&srv, "sleepy");
+    let slow = tokio::spawn(async move { post(&slow_url, r#"{"input":{"seconds":3}}"#).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One worker sleeps for 3 s; 64 short calls must all go through the other one meanwhile.
+    let t = Instant::now();
+    let calls = (0..64).map(|_| post_owned(invoke_url(&srv, "ok"), "{}"));
+    for (status, body) in futures_util::future::join_all(calls).await {
+        assert_eq!((status, body.as_str()), (200, r#"{"output":"ok"}"#));
+    }
+    assert!(
+        t.elapsed() < Duration::from_millis(2000),
+        "short calls waited behind the slow one: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(slow.await.expect("slow call").0, 200);
+}
+
 async fn post_owned(url: String, body: &'static str) -> (u16, String) {
     post(&url, body).await
 }

@@ -22,6 +22,9 @@ pub struct ServeSettings {
     pub workers: usize,
     /// Async calls that may share one worker process.
     pub max_async_per_worker: usize,
+    /// Sync calls to short entrypoints (averaging under 5 ms) that may queue on one busy
+    /// worker, so that it answers them in batches. 1 turns pipelining off.
+    pub pipeline_depth: usize,
     /// Default deadline of a call when neither the request nor the entrypoint sets one.
     pub default_timeout: Duration,
     /// Upper bound on any deadline a request or entrypoint asks for.
@@ -59,6 +62,7 @@ impl Default for ServeSettings {
                 .map(|n| n.get())
                 .unwrap_or(2),
             max_async_per_worker: 64,
+            pipeline_depth: 8,
             default_timeout: Duration::from_secs(300),
             max_timeout: Duration::from_secs(3600),
             shutdown_grace: Duration::from_secs(30),

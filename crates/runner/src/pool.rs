@@ -1,8 +1,11 @@
 //! The warm worker pool of one agent.
 //!
-//! A sync call, a sync generator or a plain function needs a worker to itself (Python runs it on
-//! the worker's only thread); async entrypoints share a worker up to `max_async_per_worker`.
-//! Callers that find no free worker wait in FIFO order. Every call has a deadline: past it, a
+//! Python runs sync code on the worker's only thread, so a sync call occupies its worker. When
+//! every worker is busy, calls to entrypoints that are known to be short (their average is under
+//! `pipeline_below`) may queue on a busy worker, up to `pipeline_depth`: the worker then answers a
+//! batch of calls per wakeup, which is where most of the throughput comes from. Slow entrypoints
+//! and streams never queue behind anything and nothing queues behind them. Async entrypoints
+//! share a worker up to `max_async_per_worker`. Callers that find no worker wait in FIFO order. Every call has a deadline: past it, a
 //! worker running the call alone is killed (its whole process group) and replaced; a shared
 //! worker is asked to cancel the call, and killed if it does not within the grace period.
 //! Dead workers are respawned with exponential backoff; a worker that keeps dying young puts the
@@ -10,6 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -26,6 +30,11 @@ pub struct PoolConfig {
     pub workers: usize,
     /// Async calls that may share one worker.
     pub max_async_per_worker: usize,
+    /// Sync calls that may queue on one busy worker (1 disables pipelining).
+    pub pipeline_depth: usize,
+    /// Only entrypoints whose calls average less than this are pipelined, so that a short call
+    /// never waits behind a long one.
+    pub pipeline_below: Duration,
     /// Stream chunks a worker may send ahead of the consumer (backpressure window).
     pub stream_window: u32,
     /// How long a cancelled call may take to stop before its worker is killed.
@@ -41,6 +50,8 @@ impl Default for PoolConfig {
         Self {
             workers: 2,
             max_async_per_worker: 64,
+            pipeline_depth: 8,
+            pipeline_below: Duration::from_millis(5),
             stream_window: 64,
             cancel_grace: Duration::from_secs(2),
             crash_loop_after: 5,
@@ -61,14 +72,46 @@ pub enum StartError {
 /// A worker that lived less than this counts as an early death for crash-loop detection.
 const EARLY_DEATH: Duration = Duration::from_secs(5);
 
+/// How a call uses its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A sync unary call; `pipelined` ones may queue behind other short sync calls.
+    Sync { pipelined: bool },
+    /// A sync stream: the worker is its alone until it ends.
+    Exclusive,
+    /// An async call: shares the worker with other async calls.
+    Shared,
+}
+
 struct Slot {
     worker: Option<Arc<Worker>>,
+    /// Sync unary calls sent to the worker and not answered yet (run one after another).
+    sync: usize,
+    /// The worker runs a sync call not known to be short: nothing may queue behind it.
+    pinned: bool,
     exclusive: bool,
     shared: usize,
 }
 
+impl Slot {
+    fn live(&self) -> bool {
+        self.worker.as_ref().is_some_and(|w| !w.is_dead())
+    }
+
+    fn busy(&self) -> bool {
+        self.exclusive || self.sync > 0 || self.shared > 0
+    }
+
+    fn reset(&mut self) {
+        self.sync = 0;
+        self.pinned = false;
+        self.exclusive = false;
+        self.shared = 0;
+    }
+}
+
 struct Waiter {
-    exclusive: bool,
+    mode: Mode,
     tx: oneshot::Sender<Lease>,
 }
 
@@ -83,6 +126,8 @@ struct PoolInner {
     spec: WorkerSpec,
     config: PoolConfig,
     entrypoints: HashMap<String, EntrypointReport>,
+    /// Average duration of each entrypoint's unary calls, in microseconds (u64::MAX: unknown).
+    averages: HashMap<String, AtomicU64>,
     state: Mutex<PoolState>,
     /// Signalled whenever a worker becomes idle (for graceful shutdown).
     idle: Notify,
@@ -99,12 +144,12 @@ struct Lease {
     pool: Arc<PoolInner>,
     slot: usize,
     worker: Arc<Worker>,
-    exclusive: bool,
+    mode: Mode,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.pool.release(self.slot, &self.worker, self.exclusive);
+        self.pool.release(self.slot, &self.worker, self.mode);
     }
 }
 
@@ -146,14 +191,23 @@ impl AgentPool {
             .iter()
             .map(|w| Slot {
                 worker: Some(Arc::clone(w)),
+                sync: 0,
+                pinned: false,
                 exclusive: false,
                 shared: 0,
             })
+            .collect();
+        let averages = workers[0]
+            .hello
+            .entrypoints
+            .iter()
+            .map(|e| (e.tag.clone(), AtomicU64::new(u64::MAX)))
             .collect();
         let inner = Arc::new(PoolInner {
             spec,
             config,
             entrypoints,
+            averages,
             state: Mutex::new(PoolState {
                 slots,
                 waiters: VecDeque::new(),
@@ -212,9 +266,17 @@ impl AgentPool {
         timeout: Duration,
     ) -> Result<Payload, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let exclusive = self.exclusive(tag)?;
-        let lease = self.inner.acquire(exclusive, deadline, timeout).await?;
-        let (id, rx) = lease.worker.start_unary(tag, args, kwargs)?;
+        let mode = match self.report(tag)?.is_async() {
+            true => Mode::Shared,
+            false => Mode::Sync {
+                pipelined: self.inner.is_short(tag),
+            },
+        };
+        let lease = self.inner.acquire(mode, deadline, timeout).await?;
+        let sent = std::time::Instant::now();
+        let (id, rx) = lease
+            .worker
+            .start_unary(tag, args, kwargs, mode != Mode::Shared)?;
         let mut pending = PendingUnary {
             lease: Some(lease),
             id,
@@ -222,7 +284,11 @@ impl AgentPool {
             deadline,
             timeout,
         };
-        pending.wait().await
+        let result = pending.wait().await;
+        if !matches!(result, Err(CallError::Timeout(_) | CallError::Crashed(_))) {
+            self.inner.observe(tag, sent.elapsed());
+        }
+        result
     }
 
     /// Starts a streaming call; chunks arrive through the returned stream.
@@ -234,8 +300,11 @@ impl AgentPool {
         timeout: Duration,
     ) -> Result<CallStream, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let exclusive = self.exclusive(tag)?;
-        let lease = self.inner.acquire(exclusive, deadline, timeout).await?;
+        let mode = match self.report(tag)?.is_async() {
+            true => Mode::Shared,
+            false => Mode::Exclusive,
+        };
+        let lease = self.inner.acquire(mode, deadline, timeout).await?;
         let window = self.inner.config.stream_window.max(2);
         let (id, rx) = lease.worker.start_stream(tag, args, kwargs, window)?;
         Ok(CallStream {
@@ -252,11 +321,10 @@ impl AgentPool {
         })
     }
 
-    fn exclusive(&self, tag: &str) -> Result<bool, CallError> {
+    fn report(&self, tag: &str) -> Result<&EntrypointReport, CallError> {
         self.inner
             .entrypoints
             .get(tag)
-            .map(|e| !e.is_async())
             .ok_or_else(|| CallError::NoSuchEntrypoint(tag.to_string()))
     }
 
@@ -273,9 +341,7 @@ impl AgentPool {
             let idle = self.inner.idle.notified();
             let busy = {
                 let state = self.inner.state.lock();
-                state.slots.iter().any(|s| {
-                    s.worker.as_ref().is_some_and(|w| !w.is_dead()) && (s.exclusive || s.shared > 0)
-                })
+                state.slots.iter().any(|s| s.live() && s.busy())
             };
             if !busy || tokio::time::timeout_at(deadline, idle).await.is_err() {
                 break;
@@ -305,9 +371,31 @@ impl AgentPool {
 }
 
 impl PoolInner {
+    /// Whether calls to `tag` are known to be short enough to queue behind each other.
+    fn is_short(&self, tag: &str) -> bool {
+        self.config.pipeline_depth > 1
+            && self.averages.get(tag).is_some_and(|a| {
+                a.load(Ordering::Relaxed) < self.config.pipeline_below.as_micros() as u64
+            })
+    }
+
+    /// Folds one call's duration into its entrypoint's moving average.
+    fn observe(&self, tag: &str, took: Duration) {
+        if let Some(avg) = self.averages.get(tag) {
+            let sample = took.as_micros().min(u128::from(u32::MAX)) as u64;
+            let old = avg.load(Ordering::Relaxed);
+            let new = if old == u64::MAX {
+                sample
+            } else {
+                (old * 7 + sample) / 8
+            };
+            avg.store(new, Ordering::Relaxed);
+        }
+    }
+
     async fn acquire(
         self: &Arc<Self>,
-        exclusive: bool,
+        mode: Mode,
         deadline: tokio::time::Instant,
         timeout: Duration,
     ) -> Result<Lease, CallError> {
@@ -317,14 +405,11 @@ impl PoolInner {
                 return Err(CallError::Unavailable("the server is shutting down".into()));
             }
             if state.waiters.is_empty()
-                && let Some(lease) = self.try_assign(&mut state, exclusive)
+                && let Some(lease) = self.try_assign(&mut state, mode)
             {
                 return Ok(lease);
             }
-            let any_live = state
-                .slots
-                .iter()
-                .any(|s| s.worker.as_ref().is_some_and(|w| !w.is_dead()));
+            let any_live = state.slots.iter().any(Slot::live);
             if !any_live && let Some(why) = &state.crash_loop {
                 return Err(CallError::Unavailable(format!(
                     "agent {} has no live worker: {why}",
@@ -332,7 +417,7 @@ impl PoolInner {
                 )));
             }
             let (tx, rx) = oneshot::channel();
-            state.waiters.push_back(Waiter { exclusive, tx });
+            state.waiters.push_back(Waiter { mode, tx });
             rx
         };
         match tokio::time::timeout_at(deadline, rx).await {
@@ -342,92 +427,106 @@ impl PoolInner {
         }
     }
 
-    fn try_assign(self: &Arc<Self>, state: &mut PoolState, exclusive: bool) -> Option<Lease> {
+    fn try_assign(self: &Arc<Self>, state: &mut PoolState, mode: Mode) -> Option<Lease> {
         let max_shared = self.config.max_async_per_worker.max(1);
-        let pick = if exclusive {
-            state.slots.iter().position(|s| {
-                s.worker.as_ref().is_some_and(|w| !w.is_dead()) && !s.exclusive && s.shared == 0
-            })
-        } else {
-            // Prefer the least-loaded worker that is not running a sync call.
-            state
-                .slots
-                .iter()
-                .enumerate()
+        let depth = self.config.pipeline_depth.max(1);
+        let candidates = state
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live() && !s.exclusive);
+        let pick = match mode {
+            // An idle worker first; else, for short calls, the least-loaded pipeline.
+            Mode::Sync { pipelined } => candidates
                 .filter(|(_, s)| {
-                    s.worker.as_ref().is_some_and(|w| !w.is_dead())
-                        && !s.exclusive
-                        && s.shared < max_shared
+                    s.shared == 0 && (s.sync == 0 || (pipelined && !s.pinned && s.sync < depth))
                 })
-                .min_by_key(|(_, s)| s.shared)
+                .min_by_key(|(_, s)| s.sync)
+                .map(|(i, _)| i),
+            Mode::Exclusive => candidates
+                .filter(|(_, s)| s.shared == 0 && s.sync == 0)
                 .map(|(i, _)| i)
+                .next(),
+            Mode::Shared => candidates
+                .filter(|(_, s)| s.sync == 0 && s.shared < max_shared)
+                .min_by_key(|(_, s)| s.shared)
+                .map(|(i, _)| i),
         }?;
         let slot = &mut state.slots[pick];
-        if exclusive {
-            slot.exclusive = true;
-        } else {
-            slot.shared += 1;
+        match mode {
+            Mode::Sync { pipelined } => {
+                slot.sync += 1;
+                slot.pinned |= !pipelined;
+            }
+            Mode::Exclusive => slot.exclusive = true,
+            Mode::Shared => slot.shared += 1,
         }
         Some(Lease {
             pool: Arc::clone(self),
             slot: pick,
             worker: Arc::clone(slot.worker.as_ref()?),
-            exclusive,
+            mode,
         })
     }
 
-    fn release(self: &Arc<Self>, slot: usize, worker: &Arc<Worker>, exclusive: bool) {
-        let handoffs = {
+    fn release(self: &Arc<Self>, slot: usize, worker: &Arc<Worker>, mode: Mode) {
+        let (handoffs, closing) = {
             let mut state = self.state.lock();
             let Some(s) = state.slots.get_mut(slot) else {
                 return;
             };
             if s.worker.as_ref().is_some_and(|w| Arc::ptr_eq(w, worker)) {
-                if exclusive {
-                    s.exclusive = false;
-                } else {
-                    s.shared = s.shared.saturating_sub(1);
+                match mode {
+                    Mode::Sync { pipelined } => {
+                        s.sync = s.sync.saturating_sub(1);
+                        if !pipelined {
+                            s.pinned = false;
+                        }
+                    }
+                    Mode::Exclusive => s.exclusive = false,
+                    Mode::Shared => s.shared = s.shared.saturating_sub(1),
                 }
             }
-            self.hand_to_waiters(&mut state)
+            let handoffs = if state.waiters.is_empty() {
+                Vec::new()
+            } else {
+                self.hand_to_waiters(&mut state)
+            };
+            (handoffs, state.closing)
         };
-        self.idle.notify_waiters();
+        if closing {
+            self.idle.notify_waiters();
+        }
         deliver(handoffs);
     }
 
     /// Pairs waiting callers with free workers, in arrival order. A waiter that cannot be served
-    /// yet keeps its place (and so do those behind it that want the same kind of worker).
+    /// yet keeps its place, and so do those behind it that want the same kind of worker.
     fn hand_to_waiters(
         self: &Arc<Self>,
         state: &mut PoolState,
     ) -> Vec<(oneshot::Sender<Lease>, Lease)> {
         let mut out = Vec::new();
-        let mut blocked_exclusive = false;
-        let mut blocked_shared = false;
+        let mut blocked: Vec<Mode> = Vec::new();
         let mut i = 0;
         while i < state.waiters.len() {
-            let exclusive = state.waiters[i].exclusive;
             if state.waiters[i].tx.is_closed() {
                 state.waiters.remove(i);
                 continue;
             }
-            let blocked = if exclusive {
-                blocked_exclusive
-            } else {
-                blocked_shared
-            };
-            if !blocked && let Some(lease) = self.try_assign(state, exclusive) {
+            let mode = state.waiters[i].mode;
+            if !blocked.contains(&mode)
+                && let Some(lease) = self.try_assign(state, mode)
+            {
                 if let Some(w) = state.waiters.remove(i) {
                     out.push((w.tx, lease));
                 }
                 continue;
             }
-            if exclusive {
-                blocked_exclusive = true;
-            } else {
-                blocked_shared = true;
+            if !blocked.contains(&mode) {
+                blocked.push(mode);
             }
-            if blocked_exclusive && blocked_shared {
+            if blocked.len() >= 4 {
                 break;
             }
             i += 1;
@@ -453,8 +552,7 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, mut worker: Arc<Worker>) {
             let mut state = pool.state.lock();
             if let Some(s) = state.slots.get_mut(slot) {
                 s.worker = None;
-                s.exclusive = false;
-                s.shared = 0;
+                s.reset();
             }
             if state.closing {
                 return;
@@ -515,6 +613,7 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, mut worker: Arc<Worker>) {
             }
             if let Some(s) = state.slots.get_mut(slot) {
                 s.worker = Some(Arc::clone(&worker));
+                s.reset();
             }
             if state.crash_loop.take().is_some() {
                 tracing::info!(agent.name = %pool.spec.agent, "a worker started again after a crash loop");
@@ -527,11 +626,21 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, mut worker: Arc<Worker>) {
 
 /// Deals with a call that ran past its deadline.
 fn expire(lease: Lease, id: u32, timeout: Duration, grace: Duration) {
-    if lease.exclusive {
+    let running = match lease.mode {
+        Mode::Exclusive => true,
+        // Sync calls run in the order sent: only the first unanswered one is running.
+        Mode::Sync { .. } => lease.worker.is_running_first(id),
+        Mode::Shared => false,
+    };
+    if running {
         lease.worker.forget(id);
         lease
             .worker
             .kill(format!("a call ran past its deadline of {timeout:?}"));
+    } else if matches!(lease.mode, Mode::Sync { .. }) {
+        // Still queued behind another call: answer the caller now; the worker skips it.
+        lease.worker.cancel(id);
+        lease.worker.forget(id);
     } else {
         // Other calls share this worker: ask for a cancel, kill only if it does not happen.
         lease.worker.cancel(id);
@@ -592,7 +701,7 @@ impl Drop for PendingUnary {
             return;
         };
         let (id, deadline, timeout) = (self.id, self.deadline, self.timeout);
-        if !lease.exclusive {
+        if lease.mode == Mode::Shared {
             lease.worker.cancel(id);
         }
         tokio::spawn(async move {

@@ -79,6 +79,8 @@ pub struct Worker {
     pub hello: Hello,
     tx: mpsc::UnboundedSender<Bytes>,
     calls: Mutex<HashMap<u32, Sink>>,
+    /// Sync calls in the order the worker runs them (it runs them one after another).
+    sync_order: Mutex<std::collections::VecDeque<u32>>,
     next_id: AtomicU32,
     dead: AtomicBool,
     /// Set once the worker is gone, with a sentence saying why.
@@ -200,6 +202,7 @@ impl Worker {
             hello,
             tx,
             calls: Mutex::new(HashMap::new()),
+            sync_order: Mutex::new(std::collections::VecDeque::new()),
             next_id: AtomicU32::new(1),
             dead: AtomicBool::new(false),
             death: death_rx,
@@ -240,9 +243,13 @@ impl Worker {
         tag: &str,
         args: &str,
         kwargs: &str,
+        sync: bool,
     ) -> Result<(u32, oneshot::Receiver<Result<Payload, CallError>>), CallError> {
         let (tx, rx) = oneshot::channel();
         let id = self.register(Sink::Unary(tx))?;
+        if sync {
+            self.sync_order.lock().push_back(id);
+        }
         self.send(protocol::encode_call(id, tag, args, kwargs, 0), id)?;
         Ok((id, rx))
     }
@@ -296,9 +303,22 @@ impl Worker {
         self.calls.lock().contains_key(&id)
     }
 
-    /// Forgets a call whose caller no longer waits (its answer, if any, is dropped).
+    /// Forgets a call whose caller no longer waits (its answer, if any, is dropped). A sync call
+    /// stays in the run order until the worker answers it: it may still be running.
     pub fn forget(&self, id: u32) {
         self.calls.lock().remove(&id);
+    }
+
+    /// Whether `id` is the sync call the worker is running now (the oldest unanswered one).
+    pub fn is_running_first(&self, id: u32) -> bool {
+        self.sync_order.lock().front() == Some(&id)
+    }
+
+    fn answered(&self, id: u32) {
+        let mut order = self.sync_order.lock();
+        if let Some(pos) = order.iter().position(|x| *x == id) {
+            order.remove(pos);
+        }
     }
 
     /// Kills the worker's whole process group. In-flight calls fail with `reason`.
@@ -322,11 +342,13 @@ impl Worker {
     fn dispatch(&self, msg: WorkerMessage) -> Result<(), String> {
         match msg {
             WorkerMessage::Result { id, payload } => {
+                self.answered(id);
                 if let Some(Sink::Unary(tx)) = self.calls.lock().remove(&id) {
                     let _ = tx.send(Ok(payload));
                 }
             }
             WorkerMessage::Failure { id, failure } => {
+                self.answered(id);
                 let err = failure_to_error(failure);
                 match self.calls.lock().remove(&id) {
                     Some(Sink::Unary(tx)) => {

@@ -1,6 +1,9 @@
 //! RunAgent's local database (`$RUNAGENT_CACHE_DIR/runagent_local.db`, default
 //! `~/.runagent/runagent_local.db`): the `agents` discovery row and the invocation history.
 //!
+//! RunAgent's legacy `agent_runs` table is created but not written: RunAgent writes it and
+//! nothing in RunAgent reads it, and skipping it halves the history's cost.
+//!
 //! Nothing here is on the request path. Invocations are queued to one writer task that commits
 //! whatever has accumulated in a single transaction (WAL, `synchronous=NORMAL`), so under load
 //! one commit carries hundreds of rows, and a full queue drops history rather than slowing calls.
@@ -315,58 +318,66 @@ async fn write_invocations(pool: SqlitePool, mut rx: mpsc::Receiver<LogCommand>)
     }
 }
 
+/// Rows per INSERT statement: one statement per chunk keeps the per-statement overhead off
+/// each row (12 columns × 64 rows stays far below SQLite's limit on bound parameters).
+const ROWS_PER_INSERT: usize = 64;
+
+/// `INSERT INTO {table} ({columns}) VALUES (?, …), (?, …)…` for `rows` rows. Only ever built from
+/// the constants below, never from input.
+fn multi_row_insert(head: &str, columns: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    format!("{head} VALUES {}", vec![row.as_str(); rows].join(", "))
+}
+
+const INSERT_INVOCATIONS: &str = "INSERT OR REPLACE INTO agent_invocations (invocation_id, agent_id, input_data, \
+    output_data, error_detail, request_timestamp, response_timestamp, execution_time_ms, status, entrypoint_tag, \
+    sdk_type, client_info)";
 async fn insert_batch(
     conn: &mut SqliteConnection,
     batch: &[Invocation],
 ) -> Result<(), sqlx::Error> {
     let mut counters: HashMap<&str, (i64, i64, i64, String)> = HashMap::new();
-    for inv in batch {
-        let request = inv.request_timestamp.format(TIMESTAMP).to_string();
-        let response = inv.response_timestamp.format(TIMESTAMP).to_string();
-        sqlx::query(
-            "INSERT OR REPLACE INTO agent_invocations (invocation_id, agent_id, input_data, output_data, error_detail,
-                request_timestamp, response_timestamp, execution_time_ms, status, entrypoint_tag, sdk_type, client_info)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-        )
-        .bind(&inv.invocation_id)
-        .bind(&inv.agent_id)
-        .bind(&inv.input_data)
-        .bind(&inv.output_data)
-        .bind(&inv.error_detail)
-        .bind(&request)
-        .bind(&response)
-        .bind(inv.execution_time_ms)
-        .bind(inv.status)
-        .bind(&inv.entrypoint_tag)
-        .bind(inv.sdk_type)
-        .bind(&inv.client_info)
-        .execute(&mut *conn)
-        .await?;
-        sqlx::query(
-            "INSERT INTO agent_runs (agent_id, input_data, output_data, success, error_message, execution_time,
-                started_at, completed_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )
-        .bind(&inv.agent_id)
-        .bind(&inv.input_data)
-        .bind(&inv.output_data)
-        .bind(inv.status == "completed")
-        .bind(&inv.error_detail)
-        .bind(inv.execution_time_ms / 1000.0)
-        .bind(&request)
-        .bind(&response)
-        .execute(&mut *conn)
-        .await?;
-        let c = counters
-            .entry(&inv.agent_id)
-            .or_insert((0, 0, 0, String::new()));
-        c.0 += 1;
-        if inv.status == "completed" {
-            c.1 += 1;
-        } else {
-            c.2 += 1;
+    for chunk in batch.chunks(ROWS_PER_INSERT) {
+        let stamps: Vec<(String, String)> = chunk
+            .iter()
+            .map(|inv| {
+                (
+                    inv.request_timestamp.format(TIMESTAMP).to_string(),
+                    inv.response_timestamp.format(TIMESTAMP).to_string(),
+                )
+            })
+            .collect();
+        let sql = multi_row_insert(INSERT_INVOCATIONS, 12, chunk.len());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (inv, (request, response)) in chunk.iter().zip(&stamps) {
+            query = query
+                .bind(&inv.invocation_id)
+                .bind(&inv.agent_id)
+                .bind(&inv.input_data)
+                .bind(&inv.output_data)
+                .bind(&inv.error_detail)
+                .bind(request)
+                .bind(response)
+                .bind(inv.execution_time_ms)
+                .bind(inv.status)
+                .bind(&inv.entrypoint_tag)
+                .bind(inv.sdk_type)
+                .bind(&inv.client_info);
         }
-        if response > c.3 {
-            c.3 = response;
+        query.execute(&mut *conn).await?;
+        for (inv, (_, response)) in chunk.iter().zip(stamps) {
+            let c = counters
+                .entry(&inv.agent_id)
+                .or_insert((0, 0, 0, String::new()));
+            c.0 += 1;
+            if inv.status == "completed" {
+                c.1 += 1;
+            } else {
+                c.2 += 1;
+            }
+            if response > c.3 {
+                c.3 = response;
+            }
         }
     }
     for (agent_id, (runs, ok, failed, last)) in counters {
