@@ -498,10 +498,18 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
     let hello = format!(
         "{{\"type\":\"status\",\"status\":\"stream_started\",\"invocation_id\":\"{invocation_id}\"}}"
     );
+    // Start the call first, so the worker begins while the status frame is on its way.
+    let stream = agent
+        .pool
+        .stream(&req.tag, &req.args, &req.kwargs, timeout)
+        .await;
     if sender.send(Message::Text(hello.into())).await.is_err() {
         return;
     }
-    let outcome = pump_stream(&state, &agent, &req, timeout, &mut sender, &mut receiver).await;
+    let outcome = match stream {
+        Ok(stream) => pump_stream(stream, &mut sender, &mut receiver).await,
+        Err(e) => StreamOutcome::Failed(e),
+    };
     let result: Result<Payload, CallError> = match outcome {
         StreamOutcome::Completed(count) => {
             let done = format!(
@@ -554,22 +562,10 @@ enum StreamOutcome {
 /// Forwards chunks to the client while watching the client: if it goes away, the stream is
 /// dropped, which cancels the generator in its worker.
 async fn pump_stream(
-    state: &S,
-    agent: &Agent,
-    req: &RunRequest<'_>,
-    timeout: std::time::Duration,
+    mut stream: agentry_runner::CallStream,
     sender: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     receiver: &mut futures_util::stream::SplitStream<WebSocket>,
 ) -> StreamOutcome {
-    let _ = state;
-    let mut stream = match agent
-        .pool
-        .stream(&req.tag, &req.args, &req.kwargs, timeout)
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => return StreamOutcome::Failed(e),
-    };
     let mut count: u32 = 0;
     loop {
         tokio::select! {

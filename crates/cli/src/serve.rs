@@ -198,7 +198,8 @@ async fn start_agents(
                 settings.state_dir.display()
             )
         })?;
-    let resolver = PythonResolver::default();
+    let resolver =
+        PythonResolver::with_cache_file(settings.state_dir.join("python-interpreters.json"));
     let mut pending = Vec::new();
     for config in configs {
         let python = resolve_python(&resolver, settings.python.as_deref(), &config)?;
@@ -362,6 +363,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Responses are written whole; don't let Nagle hold one back waiting for an ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown({
         let mut rx = stop_rx.clone();
         async move {

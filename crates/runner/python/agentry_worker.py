@@ -24,7 +24,6 @@ conversions (CoreSerializer), and `type` indexes TYPE_NAMES. A payload is built 
 server reuses those bytes for every protocol it speaks.
 """
 
-import asyncio
 import collections
 import collections.abc
 import datetime as _dt
@@ -38,14 +37,14 @@ import struct
 import sys
 import traceback
 import typing
-from dataclasses import asdict
-from pathlib import Path
 from time import perf_counter as _clock
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = int(os.environ.get("AGENTRY_MAX_FRAME", str(16 * 1024 * 1024)))
 TYPE_NAMES = ["null", "boolean", "integer", "number", "string", "array", "object"]
 TYPE_CODE = {name: i for i, name in enumerate(TYPE_NAMES)}
+
+asyncio = None  # imported by main() when the agent has async entrypoints
 
 _HDR = struct.Struct(">I")
 _ID = struct.Struct(">IcI")  # length, kind, id
@@ -132,6 +131,7 @@ def _prepare_general(obj):
 def _fallback(obj):
     try:
         if hasattr(obj, "__dataclass_fields__"):
+            from dataclasses import asdict
             return asdict(obj)
         if hasattr(obj, "model_dump"):
             return obj.model_dump()
@@ -256,35 +256,36 @@ _loaded_files = {}
 
 
 def find_project_root(entry_path):
-    current = entry_path.parent
+    current = os.path.dirname(entry_path)
     for _ in range(5):
-        if any((current / marker).exists() for marker in PROJECT_INDICATORS):
+        if any(os.path.exists(os.path.join(current, marker)) for marker in PROJECT_INDICATORS):
             return current
-        if current.parent == current:
+        parent = os.path.dirname(current)
+        if parent == current:
             break
-        current = current.parent
-    return entry_path.parent
+        current = parent
+    return os.path.dirname(entry_path)
 
 
 def load_entry_file(entry_path):
     import importlib.util
 
-    key = str(entry_path)
-    if key in _loaded_files:
-        return _loaded_files[key]
-    if not entry_path.exists():
+    if entry_path in _loaded_files:
+        return _loaded_files[entry_path]
+    if not os.path.exists(entry_path):
         raise FileNotFoundError(f"Entry point file not found: {entry_path}")
-    if entry_path.suffix != ".py":
+    if not entry_path.endswith(".py"):
         raise ValueError(f"Entry point must be a Python file: {entry_path}")
     root = find_project_root(entry_path)
-    for p in (str(root.parent), str(root), str(entry_path.parent)):
+    root_parent = os.path.dirname(root)
+    for p in (root_parent, root, os.path.dirname(entry_path)):
         if p not in sys.path:
             sys.path.insert(0, p)
-    try:
-        rel = entry_path.relative_to(root.parent)
-        module_name = ".".join(list(rel.parts[:-1]) + [rel.stem])
-    except ValueError:
-        module_name = f"entrypoint_{entry_path.stem}"
+    rel = os.path.relpath(entry_path, root_parent)
+    if rel.startswith(".."):
+        module_name = f"entrypoint_{os.path.basename(entry_path)[:-3]}"
+    else:
+        module_name = rel[:-3].replace(os.sep, ".")
     if "." in module_name:  # so that relative imports inside the entry file resolve
         try:
             import importlib
@@ -301,7 +302,7 @@ def load_entry_file(entry_path):
     except BaseException:
         sys.modules.pop(module_name, None)
         raise
-    _loaded_files[key] = module
+    _loaded_files[entry_path] = module
     return module
 
 
@@ -447,6 +448,10 @@ def user_traceback(exc):
     return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
+class CancelledError(Exception):
+    """The server cancelled the call (its client went away, or its deadline passed)."""
+
+
 class Entrypoint:
     __slots__ = ("tag", "target", "kind", "stream", "extractor")
 
@@ -456,13 +461,13 @@ class Entrypoint:
 
 def load_entrypoints(spec):
     """Imports every entrypoint; returns (entrypoints by tag, reports for the hello, errors)."""
-    agent_dir = Path(spec["agent_dir"])
+    agent_dir = spec["agent_dir"]
     entrypoints, reports, errors = {}, [], []
     for ep in spec["entrypoints"]:
         tag = ep["tag"]
         where = f"{ep['file']}:{ep['module']}"
         try:
-            module = load_entry_file((agent_dir / ep["file"]).resolve())
+            module = load_entry_file(os.path.realpath(os.path.join(agent_dir, ep["file"])))
             target = resolve_target(module, ep["module"])
             if not callable(target):
                 raise TypeError(f"'{ep['module']}' in {ep['file']} is {type(target).__name__}, not callable")
@@ -625,7 +630,7 @@ class Worker:
     def start_call(self, rid, call):
         if rid in self.cancelled:  # its deadline passed while it waited behind another call
             self.cancelled.discard(rid)
-            self.failure(rid, asyncio.CancelledError(), cancelled=True)
+            self.failure(rid, CancelledError(), cancelled=True)
             return
         ep = self.entrypoints.get(call["e"])
         args = call.get("a", [])
@@ -692,14 +697,16 @@ class Worker:
                 count += 1
                 self.out.append(frame)
                 self.flush()
+                if count == 1:
+                    os.sched_yield()
                 state.credits -= 1
                 self.poll_control(block=False)
                 while state.credits <= 0 and not state.cancelled:
                     self.poll_control(block=True)
                 if state.cancelled:
-                    raise asyncio.CancelledError()
+                    raise CancelledError()
             self.end(rid, count)
-        except asyncio.CancelledError as e:
+        except CancelledError as e:
             self.failure(rid, e, cancelled=True)
         except BaseException as e:  # noqa: BLE001
             if isinstance(e, SystemExit):
@@ -739,7 +746,7 @@ class Worker:
                     while state.credits <= 0 and not state.cancelled:
                         await state.wait()
                     if state.cancelled:
-                        raise asyncio.CancelledError()
+                        raise CancelledError()
                     await asyncio.sleep(0)
             else:
                 for value in result:
@@ -750,9 +757,9 @@ class Worker:
                     while state.credits <= 0 and not state.cancelled:
                         await state.wait()
                     if state.cancelled:
-                        raise asyncio.CancelledError()
+                        raise CancelledError()
             self.end(rid, count)
-        except asyncio.CancelledError as e:
+        except (CancelledError, asyncio.CancelledError) as e:
             self.failure(rid, e, cancelled=True)
         except BaseException as e:  # noqa: BLE001
             self.failure(rid, e)
@@ -806,10 +813,14 @@ def main():
         sock.close()
         return
     worker = Worker(sock, entrypoints)
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    worker.loop = loop
-    worker.idle = asyncio.Event()
+    if any(ep.kind in ("coroutine", "asyncgen") for ep in entrypoints.values()):
+        # Only agents with async entrypoints pay for importing asyncio (tens of milliseconds).
+        global asyncio
+        import asyncio
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        worker.loop = loop
+        worker.idle = asyncio.Event()
     worker.serve()
 
 

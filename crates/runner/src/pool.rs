@@ -69,6 +69,9 @@ pub enum StartError {
     Import(Vec<ImportFailure>),
 }
 
+/// Chunks a stream may run ahead of its consumer at first; the window doubles from there.
+const INITIAL_STREAM_CREDIT: u32 = 4;
+
 /// A worker that lived less than this counts as an early death for crash-loop detection.
 const EARLY_DEATH: Duration = Duration::from_secs(5);
 
@@ -305,8 +308,11 @@ impl AgentPool {
             false => Mode::Exclusive,
         };
         let lease = self.inner.acquire(mode, deadline, timeout).await?;
-        let window = self.inner.config.stream_window.max(2);
-        let (id, rx) = lease.worker.start_stream(tag, args, kwargs, window)?;
+        let max_window = self.inner.config.stream_window.max(2);
+        let window = INITIAL_STREAM_CREDIT.min(max_window);
+        let (id, rx) = lease
+            .worker
+            .start_stream(tag, args, kwargs, window, max_window)?;
         Ok(CallStream {
             lease: Some(lease),
             id,
@@ -314,6 +320,7 @@ impl AgentPool {
             deadline,
             timeout,
             window,
+            max_window,
             consumed: 0,
             finished: false,
             total: None,
@@ -719,7 +726,9 @@ pub struct CallStream {
     rx: mpsc::Receiver<StreamItem>,
     deadline: tokio::time::Instant,
     timeout: Duration,
+    /// Chunks the worker may currently run ahead (starts small, grows to `max_window`).
     window: u32,
+    max_window: u32,
     consumed: u32,
     finished: bool,
     total: Option<u32>,
@@ -736,10 +745,15 @@ impl CallStream {
         match item {
             Ok(Some(StreamItem::Chunk(payload))) => {
                 self.consumed += 1;
-                if self.consumed >= self.window / 2
+                if self.consumed >= self.window.div_ceil(2)
                     && let Some(lease) = &self.lease
                 {
-                    lease.worker.grant(self.id, self.consumed);
+                    // Give back what was consumed, and while the consumer keeps up, double the
+                    // window (slow start): a generator cannot flood a slow client, and a fast
+                    // one does not hog the CPU the first chunk needs to reach the client.
+                    let growth = self.window.min(self.max_window - self.window);
+                    self.window += growth;
+                    lease.worker.grant(self.id, self.consumed + growth);
                     self.consumed = 0;
                 }
                 Some(Ok(payload))

@@ -15,7 +15,7 @@ use futures_util::StreamExt;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use parking_lot::Mutex;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
@@ -74,10 +74,83 @@ pub enum SpawnError {
 }
 
 /// A running worker.
+/// Writes frames to the worker. A frame goes straight to the socket when nothing is queued (the
+/// common case: no task hop, one syscall); when the socket is full, frames queue and one task
+/// drains them, so callers never wait.
+struct FrameWriter {
+    socket: tokio::net::unix::OwnedWriteHalf,
+    state: Mutex<WriteState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct WriteState {
+    /// Bytes waiting for the drain task; while non-empty, only that task writes.
+    backlog: BytesMut,
+    closed: bool,
+}
+
+impl FrameWriter {
+    fn send(&self, frame: &[u8]) -> Result<(), ()> {
+        let mut state = self.state.lock();
+        if state.closed {
+            return Err(());
+        }
+        if state.backlog.is_empty() {
+            match self.socket.try_write(frame) {
+                Ok(n) if n == frame.len() => return Ok(()),
+                Ok(n) => state.backlog.extend_from_slice(&frame[n..]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    state.backlog.extend_from_slice(frame)
+                }
+                Err(_) => {
+                    state.closed = true;
+                    return Err(());
+                }
+            }
+            drop(state);
+            self.wake.notify_one();
+        } else {
+            state.backlog.extend_from_slice(frame);
+        }
+        Ok(())
+    }
+
+    /// Drains the backlog whenever the socket was full.
+    async fn drain(self: Arc<Self>) {
+        loop {
+            self.wake.notified().await;
+            loop {
+                if self.socket.writable().await.is_err() {
+                    self.state.lock().closed = true;
+                    return;
+                }
+                let mut state = self.state.lock();
+                if state.closed {
+                    return;
+                }
+                match self.socket.try_write(&state.backlog) {
+                    Ok(n) => {
+                        let _ = state.backlog.split_to(n);
+                        if state.backlog.is_empty() {
+                            break;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        state.closed = true;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub struct Worker {
     pub pid: i32,
     pub hello: Hello,
-    tx: mpsc::UnboundedSender<Bytes>,
+    writer: Arc<FrameWriter>,
     calls: Mutex<HashMap<u32, Sink>>,
     /// Sync calls in the order the worker runs them (it runs them one after another).
     sync_order: Mutex<std::collections::VecDeque<u32>>,
@@ -195,12 +268,16 @@ impl Worker {
             ));
         }
 
-        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = Arc::new(FrameWriter {
+            socket: write_half,
+            state: Mutex::new(WriteState::default()),
+            wake: tokio::sync::Notify::new(),
+        });
         let (death_tx, death_rx) = watch::channel(None);
         let worker = Arc::new(Worker {
             pid,
             hello,
-            tx,
+            writer: Arc::clone(&writer),
             calls: Mutex::new(HashMap::new()),
             sync_order: Mutex::new(std::collections::VecDeque::new()),
             next_id: AtomicU32::new(1),
@@ -214,7 +291,7 @@ impl Worker {
             worker.dead.store(true, Ordering::SeqCst);
             return Ok(worker);
         }
-        tokio::spawn(write_frames(write_half, rx));
+        tokio::spawn(writer.drain());
         tokio::spawn(read_frames(Arc::clone(&worker), frames, exit_rx, death_tx));
         Ok(worker)
     }
@@ -260,12 +337,16 @@ impl Worker {
         tag: &str,
         args: &str,
         kwargs: &str,
-        window: u32,
+        initial_credit: u32,
+        max_window: u32,
     ) -> Result<(u32, mpsc::Receiver<StreamItem>), CallError> {
-        // Room for the window plus the terminal item: the worker never exceeds it.
-        let (tx, rx) = mpsc::channel(window as usize + 2);
+        // Room for the largest window plus the terminal item: the worker never exceeds it.
+        let (tx, rx) = mpsc::channel(max_window as usize + 2);
         let id = self.register(Sink::Stream(tx))?;
-        self.send(protocol::encode_call(id, tag, args, kwargs, window), id)?;
+        self.send(
+            protocol::encode_call(id, tag, args, kwargs, initial_credit),
+            id,
+        )?;
         Ok((id, rx))
     }
 
@@ -280,7 +361,7 @@ impl Worker {
     }
 
     fn send(&self, frame: Bytes, id: u32) -> Result<(), CallError> {
-        if self.tx.send(frame).is_err() {
+        if self.writer.send(&frame).is_err() {
             self.calls.lock().remove(&id);
             return Err(CallError::Crashed(self.death_reason()));
         }
@@ -289,13 +370,13 @@ impl Worker {
 
     /// Grants a stream `n` more chunks.
     pub fn grant(&self, id: u32, n: u32) {
-        let _ = self.tx.send(protocol::encode_credit(id, n));
+        let _ = self.writer.send(&protocol::encode_credit(id, n));
     }
 
     /// Asks the worker to stop a call. The call's sink stays registered: its answer (a
     /// cancelled failure, or the result if it raced) still arrives.
     pub fn cancel(&self, id: u32) {
-        let _ = self.tx.send(protocol::encode_cancel(id));
+        let _ = self.writer.send(&protocol::encode_cancel(id));
     }
 
     /// Whether the call is still running in the worker.
@@ -329,7 +410,7 @@ impl Worker {
 
     /// Closes the protocol socket: an idle worker exits on its own when it sees end-of-file.
     pub fn close(&self) {
-        let _ = self.tx.send(protocol::encode_quit());
+        let _ = self.writer.send(&protocol::encode_quit());
     }
 
     fn death_reason(&self) -> String {
@@ -407,34 +488,6 @@ fn failure_to_error(f: PyFailure) -> CallError {
             exc_type: f.r#type,
             message: f.message,
             traceback: f.traceback,
-        }
-    }
-}
-
-async fn write_frames(
-    mut w: tokio::net::unix::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-) {
-    let mut batch = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        // Under load many calls queue up at once: one write carries them all.
-        let result = match rx.try_recv() {
-            Err(_) => w.write_all(&first).await,
-            Ok(second) => {
-                batch.clear();
-                batch.extend_from_slice(&first);
-                batch.extend_from_slice(&second);
-                while batch.len() < 256 * 1024 {
-                    match rx.try_recv() {
-                        Ok(more) => batch.extend_from_slice(&more),
-                        Err(_) => break,
-                    }
-                }
-                w.write_all(&batch).await
-            }
-        };
-        if result.is_err() {
-            return;
         }
     }
 }

@@ -5,8 +5,9 @@
 //! nothing in RunAgent reads it, and skipping it halves the history's cost.
 //!
 //! Nothing here is on the request path. Invocations are queued to one writer task that commits
-//! whatever has accumulated in a single transaction (WAL, `synchronous=NORMAL`), so under load
-//! one commit carries hundreds of rows, and a full queue drops history rather than slowing calls.
+//! at most every 200 ms, all rows in one statement of one transaction (WAL,
+//! `synchronous=NORMAL`); a full queue drops history rather than slowing calls, and reading the
+//! history first commits what is queued.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -283,18 +284,30 @@ impl InvocationLog {
     }
 }
 
+/// Longest a finished call waits before its history row is committed (reads flush at once).
+const COMMIT_EVERY: Duration = Duration::from_millis(200);
+const MAX_BATCH: usize = 8192;
+
 async fn write_invocations(pool: SqlitePool, mut rx: mpsc::Receiver<LogCommand>) {
     let mut batch: Vec<Invocation> = Vec::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
     while let Some(first) = rx.recv().await {
+        // Gather for up to COMMIT_EVERY, so that one commit carries many rows at any load;
+        // a flush request (someone reading the history) commits at once.
+        let deadline = tokio::time::Instant::now() + COMMIT_EVERY;
         let mut next = Some(first);
-        while let Some(cmd) = next.take() {
-            match cmd {
-                LogCommand::Record(inv) => batch.push(*inv),
-                LogCommand::Flush(tx) => flushes.push(tx),
+        loop {
+            match next.take() {
+                Some(LogCommand::Record(inv)) => batch.push(*inv),
+                Some(LogCommand::Flush(tx)) => flushes.push(tx),
+                None => {}
             }
-            if batch.len() < 4096 {
-                next = rx.try_recv().ok();
+            if !flushes.is_empty() || batch.len() >= MAX_BATCH {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(cmd)) => next = Some(cmd),
+                Ok(None) | Err(_) => break,
             }
         }
         if !batch.is_empty() {
@@ -318,68 +331,55 @@ async fn write_invocations(pool: SqlitePool, mut rx: mpsc::Receiver<LogCommand>)
     }
 }
 
-/// Rows per INSERT statement: one statement per chunk keeps the per-statement overhead off
-/// each row (12 columns × 64 rows stays far below SQLite's limit on bound parameters).
-const ROWS_PER_INSERT: usize = 64;
+/// One statement inserts a whole batch: the rows travel as one JSON array parameter that
+/// SQLite unpacks itself, so per-row cost stays inside SQLite instead of in per-value binding.
+const INSERT_INVOCATIONS: &str = "INSERT OR REPLACE INTO agent_invocations (invocation_id, agent_id, input_data,
+        output_data, error_detail, request_timestamp, response_timestamp, execution_time_ms, status, entrypoint_tag,
+        sdk_type, client_info)
+    SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7,
+        value ->> 8, value ->> 9, value ->> 10, value ->> 11
+    FROM json_each(?1)";
 
-/// `INSERT INTO {table} ({columns}) VALUES (?, …), (?, …)…` for `rows` rows. Only ever built from
-/// the constants below, never from input.
-fn multi_row_insert(head: &str, columns: usize, rows: usize) -> String {
-    let row = format!("({})", vec!["?"; columns].join(", "));
-    format!("{head} VALUES {}", vec![row.as_str(); rows].join(", "))
-}
-
-const INSERT_INVOCATIONS: &str = "INSERT OR REPLACE INTO agent_invocations (invocation_id, agent_id, input_data, \
-    output_data, error_detail, request_timestamp, response_timestamp, execution_time_ms, status, entrypoint_tag, \
-    sdk_type, client_info)";
 async fn insert_batch(
     conn: &mut SqliteConnection,
     batch: &[Invocation],
 ) -> Result<(), sqlx::Error> {
     let mut counters: HashMap<&str, (i64, i64, i64, String)> = HashMap::new();
-    for chunk in batch.chunks(ROWS_PER_INSERT) {
-        let stamps: Vec<(String, String)> = chunk
-            .iter()
-            .map(|inv| {
-                (
-                    inv.request_timestamp.format(TIMESTAMP).to_string(),
-                    inv.response_timestamp.format(TIMESTAMP).to_string(),
-                )
-            })
-            .collect();
-        let sql = multi_row_insert(INSERT_INVOCATIONS, 12, chunk.len());
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (inv, (request, response)) in chunk.iter().zip(&stamps) {
-            query = query
-                .bind(&inv.invocation_id)
-                .bind(&inv.agent_id)
-                .bind(&inv.input_data)
-                .bind(&inv.output_data)
-                .bind(&inv.error_detail)
-                .bind(request)
-                .bind(response)
-                .bind(inv.execution_time_ms)
-                .bind(inv.status)
-                .bind(&inv.entrypoint_tag)
-                .bind(inv.sdk_type)
-                .bind(&inv.client_info);
+    let mut rows = Vec::with_capacity(batch.len());
+    for inv in batch {
+        let request = inv.request_timestamp.format(TIMESTAMP).to_string();
+        let response = inv.response_timestamp.format(TIMESTAMP).to_string();
+        let c = counters
+            .entry(&inv.agent_id)
+            .or_insert((0, 0, 0, String::new()));
+        c.0 += 1;
+        if inv.status == "completed" {
+            c.1 += 1;
+        } else {
+            c.2 += 1;
         }
-        query.execute(&mut *conn).await?;
-        for (inv, (_, response)) in chunk.iter().zip(stamps) {
-            let c = counters
-                .entry(&inv.agent_id)
-                .or_insert((0, 0, 0, String::new()));
-            c.0 += 1;
-            if inv.status == "completed" {
-                c.1 += 1;
-            } else {
-                c.2 += 1;
-            }
-            if response > c.3 {
-                c.3 = response;
-            }
+        if response > c.3 {
+            c.3.clone_from(&response);
         }
+        rows.push(json!([
+            inv.invocation_id,
+            inv.agent_id,
+            inv.input_data,
+            inv.output_data,
+            inv.error_detail,
+            request,
+            response,
+            inv.execution_time_ms,
+            inv.status,
+            inv.entrypoint_tag,
+            inv.sdk_type,
+            inv.client_info,
+        ]));
     }
+    sqlx::query(INSERT_INVOCATIONS)
+        .bind(Value::Array(rows).to_string())
+        .execute(&mut *conn)
+        .await?;
     for (agent_id, (runs, ok, failed, last)) in counters {
         sqlx::query(
             "UPDATE agents SET run_count = COALESCE(run_count, 0) + ?2, success_count = COALESCE(success_count, 0) + ?3,
