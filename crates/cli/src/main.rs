@@ -132,7 +132,17 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The server's own work per request is small next to the Python workers'; on a small
+    // machine, fewer I/O threads leave the cores to the workers and avoid cross-thread wakeups.
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let io_threads = match &cli.command {
+        Command::Serve(args) => args.io_threads.unwrap_or((cores / 2).max(1)).max(1),
+        _ => 2,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(io_threads)
         .enable_all()
         .build()
     {

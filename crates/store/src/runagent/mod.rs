@@ -86,7 +86,10 @@ impl RunAgentDb {
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5));
+            .busy_timeout(Duration::from_secs(5))
+            // A batch of history rows touches many index pages; a page cache that holds them
+            // keeps SQLite from spilling dirty pages to the WAL before the commit.
+            .pragma("cache_size", "-32768");
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
             .min_connections(0)
