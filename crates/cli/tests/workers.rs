@@ -72,6 +72,8 @@ async fn a_hanging_agent_hits_its_deadline_and_its_worker_is_killed() {
         took >= Duration::from_millis(900) && took < Duration::from_secs(10),
         "took {took:?}"
     );
+    // The very next call must wait for the replacement, not land on the worker being killed.
+    assert_ok_after(&srv).await;
     // A request may ask for its own deadline.
     let (status, _) = post(
         &invoke_url(&srv, "async_sleep"),

@@ -405,6 +405,8 @@ impl Worker {
     /// Kills the worker's whole process group. In-flight calls fail with `reason`.
     pub fn kill(&self, reason: impl Into<String>) {
         self.kill_reason.lock().get_or_insert_with(|| reason.into());
+        // Dead from now on: the pool must not route another call to it while the process exits.
+        self.dead.store(true, Ordering::SeqCst);
         kill_group(self.pid);
     }
 
