@@ -395,7 +395,9 @@ fn invocation_record(
         ),
     };
     Invocation {
-        invocation_id: uuid::Uuid::new_v4().to_string(),
+        // Time-ordered ids: the history table's primary key grows at its end instead of at
+        // random pages (RunAgent's ids are UUIDv4; clients treat them as opaque UUIDs).
+        invocation_id: uuid::Uuid::now_v7().to_string(),
         agent_id: agent.config.agent_id.clone(),
         input_data: format!(
             "{{\"input_args\": {}, \"input_kwargs\": {}}}",
@@ -492,7 +494,7 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
     let timeout = state
         .settings
         .call_timeout(req.timeout_s, entrypoint.timeout_s);
-    let invocation_id = uuid::Uuid::new_v4().to_string();
+    let invocation_id = uuid::Uuid::now_v7().to_string();
     let started = Instant::now();
     let request_ts = chrono::Utc::now().naive_utc();
     let hello = format!(

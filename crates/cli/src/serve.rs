@@ -334,7 +334,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let history = db.as_ref().map(|db| db.start_invocation_log(65_536));
+    let history = db.as_ref().map(|db| db.start_invocation_log(16_384));
     let bound = OnceLock::new();
     let _ = bound.set(addr);
     let state = Arc::new(AppState {

@@ -89,7 +89,7 @@ impl RunAgentDb {
             .busy_timeout(Duration::from_secs(5))
             // A batch of history rows touches many index pages; a page cache that holds them
             // keeps SQLite from spilling dirty pages to the WAL before the commit.
-            .pragma("cache_size", "-32768");
+            .pragma("cache_size", "-16384");
         let pool = SqlitePoolOptions::new()
             .max_connections(2)
             .min_connections(0)
@@ -289,7 +289,7 @@ impl InvocationLog {
 
 /// Longest a finished call waits before its history row is committed (reads flush at once).
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
-const MAX_BATCH: usize = 8192;
+const MAX_BATCH: usize = 2048;
 
 async fn write_invocations(pool: SqlitePool, mut rx: mpsc::Receiver<LogCommand>) {
     let mut batch: Vec<Invocation> = Vec::new();
@@ -314,19 +314,25 @@ async fn write_invocations(pool: SqlitePool, mut rx: mpsc::Receiver<LogCommand>)
             }
         }
         if !batch.is_empty() {
-            let result = async {
-                let mut tx = pool.begin().await?;
-                insert_batch(&mut tx, &batch).await?;
-                tx.commit().await
-            }
-            .await;
+            let rows = batch.len();
+            // Encoding thousands of rows takes milliseconds: not on the threads serving requests.
+            let taken = std::mem::take(&mut batch);
+            let result = match tokio::task::spawn_blocking(move || encode_batch(taken)).await {
+                Ok(encoded) => {
+                    async {
+                        let mut tx = pool.begin().await?;
+                        insert_batch(&mut tx, &encoded).await?;
+                        tx.commit().await
+                    }
+                    .await
+                }
+                Err(e) => Err(sqlx::Error::Protocol(format!(
+                    "encoding the batch failed: {e}"
+                ))),
+            };
             if let Err(e) = result {
-                tracing::warn!(
-                    rows = batch.len(),
-                    "could not record invocation history: {e}"
-                );
+                tracing::warn!(rows, "could not record invocation history: {e}");
             }
-            batch.clear();
         }
         for f in flushes.drain(..) {
             let _ = f.send(());
@@ -343,17 +349,20 @@ const INSERT_INVOCATIONS: &str = "INSERT OR REPLACE INTO agent_invocations (invo
         value ->> 8, value ->> 9, value ->> 10, value ->> 11
     FROM json_each(?1)";
 
-async fn insert_batch(
-    conn: &mut SqliteConnection,
-    batch: &[Invocation],
-) -> Result<(), sqlx::Error> {
-    let mut counters: HashMap<&str, (i64, i64, i64, String)> = HashMap::new();
+/// A batch ready to write: its rows as one JSON array, and per-agent counters.
+struct EncodedBatch {
+    rows_json: String,
+    counters: HashMap<String, (i64, i64, i64, String)>,
+}
+
+fn encode_batch(batch: Vec<Invocation>) -> EncodedBatch {
+    let mut counters: HashMap<String, (i64, i64, i64, String)> = HashMap::new();
     let mut rows = Vec::with_capacity(batch.len());
     for inv in batch {
         let request = inv.request_timestamp.format(TIMESTAMP).to_string();
         let response = inv.response_timestamp.format(TIMESTAMP).to_string();
         let c = counters
-            .entry(&inv.agent_id)
+            .entry(inv.agent_id.clone())
             .or_insert((0, 0, 0, String::new()));
         c.0 += 1;
         if inv.status == "completed" {
@@ -379,11 +388,21 @@ async fn insert_batch(
             inv.client_info,
         ]));
     }
+    EncodedBatch {
+        rows_json: Value::Array(rows).to_string(),
+        counters,
+    }
+}
+
+async fn insert_batch(
+    conn: &mut SqliteConnection,
+    batch: &EncodedBatch,
+) -> Result<(), sqlx::Error> {
     sqlx::query(INSERT_INVOCATIONS)
-        .bind(Value::Array(rows).to_string())
+        .bind(batch.rows_json.as_str())
         .execute(&mut *conn)
         .await?;
-    for (agent_id, (runs, ok, failed, last)) in counters {
+    for (agent_id, (runs, ok, failed, last)) in &batch.counters {
         sqlx::query(
             "UPDATE agents SET run_count = COALESCE(run_count, 0) + ?2, success_count = COALESCE(success_count, 0) + ?3,
                 error_count = COALESCE(error_count, 0) + ?4, last_run = ?5 WHERE agent_id = ?1",
