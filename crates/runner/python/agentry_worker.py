@@ -729,6 +729,16 @@ class Worker:
             else:
                 self.pending.append(frame)
 
+    async def send_chunk(self, rid, value, ep, state):
+        """Sends one chunk, then waits while the stream has no credit left."""
+        self.out.append(self.chunk_frame(rid, value, ep))
+        self.flush()
+        state.credits -= 1
+        while state.credits <= 0 and not state.cancelled:
+            await state.wait()
+        if state.cancelled:
+            raise CancelledError()
+
     async def run_async_stream(self, rid, ep, args, kwargs, state):
         count = 0
         agen = None
@@ -739,25 +749,13 @@ class Worker:
             if hasattr(result, "__aiter__"):
                 agen = result
                 async for value in result:
-                    self.out.append(self.chunk_frame(rid, value, ep))
                     count += 1
-                    self.flush()
-                    state.credits -= 1
-                    while state.credits <= 0 and not state.cancelled:
-                        await state.wait()
-                    if state.cancelled:
-                        raise CancelledError()
-                    await asyncio.sleep(0)
+                    await self.send_chunk(rid, value, ep, state)
+                    await asyncio.sleep(0)  # let other calls on this worker run between chunks
             else:
                 for value in result:
-                    self.out.append(self.chunk_frame(rid, value, ep))
                     count += 1
-                    self.flush()
-                    state.credits -= 1
-                    while state.credits <= 0 and not state.cancelled:
-                        await state.wait()
-                    if state.cancelled:
-                        raise CancelledError()
+                    await self.send_chunk(rid, value, ep, state)
             self.end(rid, count)
         except (CancelledError, asyncio.CancelledError) as e:
             self.failure(rid, e, cancelled=True)

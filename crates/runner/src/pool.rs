@@ -269,12 +269,7 @@ impl AgentPool {
         timeout: Duration,
     ) -> Result<Payload, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mode = match self.report(tag)?.is_async() {
-            true => Mode::Shared,
-            false => Mode::Sync {
-                pipelined: self.inner.is_short(tag),
-            },
-        };
+        let mode = self.mode(tag, false)?;
         let lease = self.inner.acquire(mode, deadline, timeout).await?;
         let sent = std::time::Instant::now();
         let (id, rx) = lease
@@ -303,10 +298,7 @@ impl AgentPool {
         timeout: Duration,
     ) -> Result<CallStream, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mode = match self.report(tag)?.is_async() {
-            true => Mode::Shared,
-            false => Mode::Exclusive,
-        };
+        let mode = self.mode(tag, true)?;
         let lease = self.inner.acquire(mode, deadline, timeout).await?;
         let max_window = self.inner.config.stream_window.max(2);
         let window = INITIAL_STREAM_CREDIT.min(max_window);
@@ -328,11 +320,21 @@ impl AgentPool {
         })
     }
 
-    fn report(&self, tag: &str) -> Result<&EntrypointReport, CallError> {
-        self.inner
+    /// How a call to `tag` uses its worker: async calls share one; a sync stream has its worker
+    /// alone; a sync unary call may be pipelined when the entrypoint is known to be short.
+    fn mode(&self, tag: &str, stream: bool) -> Result<Mode, CallError> {
+        let report = self
+            .inner
             .entrypoints
             .get(tag)
-            .ok_or_else(|| CallError::NoSuchEntrypoint(tag.to_string()))
+            .ok_or_else(|| CallError::NoSuchEntrypoint(tag.to_string()))?;
+        Ok(match (report.is_async(), stream) {
+            (true, _) => Mode::Shared,
+            (false, true) => Mode::Exclusive,
+            (false, false) => Mode::Sync {
+                pipelined: self.inner.is_short(tag),
+            },
+        })
     }
 
     /// Stops taking calls, lets in-flight calls finish within `grace`, then stops every worker.
