@@ -354,3 +354,54 @@ async fn a_result_over_the_frame_limit_fails_cleanly() {
     assert_eq!(json(&body)["error"]["code"], "agent_crashed");
     assert_ok_after(&srv).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_loop_is_reported_not_spun() {
+    let srv = server(fixture("crashloop"))
+        .args(["--workers", "1"])
+        .start();
+    // Workers die 0.2 s after each start; after five early deaths the agent is in a crash loop,
+    // readiness fails and names it, and calls fail fast instead of waiting for a worker.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut seen = None;
+    while Instant::now() < deadline {
+        let (status, body) = get(&srv.url("/readyz")).await;
+        let v = json(&body);
+        if status == 503 && v["agents"]["crashloop"]["crash_loop"].is_string() {
+            seen = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let v = seen.unwrap_or_else(|| panic!("no crash loop reported:\n{}", srv.log_text()));
+    assert_eq!(v["status"], "not_ready");
+    assert_eq!(v["agents"]["crashloop"]["live_workers"], 0);
+    // (A respawned worker lives 0.2 s; a call that lands in that window gets 502 instead.)
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        let (status, body) =
+            post(&srv.url("/v1/agents/crashloop/entrypoints/ok/invoke"), "{}").await;
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "the call waited {:?}",
+            t.elapsed()
+        );
+        answers.push((status, json(&body)["error"]["code"].clone()));
+        if status == 503 {
+            break;
+        }
+    }
+    assert!(
+        answers.contains(&(503, serde_json::json!("unavailable"))),
+        "{answers:?}"
+    );
+    assert!(
+        srv.log_text().contains("crash-looping"),
+        "{}",
+        srv.log_text()
+    );
+    // Respawns back off: far fewer than one attempt per 0.2 s over the test's duration.
+    let respawns = srv.log_text().matches("worker died").count();
+    assert!(respawns < 12, "{respawns} respawns: it spins");
+}
