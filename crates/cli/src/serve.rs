@@ -191,15 +191,12 @@ async fn start_agents(
     workers: Option<usize>,
 ) -> anyhow::Result<Started> {
     let configs = load_configs(&agent_args.paths)?;
-    let shim =
-        agentry_runner::install_shim(&settings.state_dir.join("python")).with_context(|| {
-            format!(
-                "cannot write the worker shim into {}",
-                settings.state_dir.display()
-            )
-        })?;
-    let resolver =
-        PythonResolver::with_cache_file(settings.state_dir.join("python-interpreters.json"));
+    // Absolute, because workers run inside their agent folder, not where `serve` was started.
+    let state_dir = std::path::absolute(&settings.state_dir)
+        .with_context(|| format!("bad state directory {}", settings.state_dir.display()))?;
+    let shim = agentry_runner::install_shim(&state_dir.join("python"))
+        .with_context(|| format!("cannot write the worker shim into {}", state_dir.display()))?;
+    let resolver = PythonResolver::with_cache_file(state_dir.join("python-interpreters.json"));
     let mut pending = Vec::new();
     for config in configs {
         let python = resolve_python(&resolver, settings.python.as_deref(), &config)?;

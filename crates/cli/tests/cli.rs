@@ -136,3 +136,39 @@ fn the_examples_validate() {
         );
     }
 }
+
+#[test]
+fn the_default_relative_state_dir_works_from_any_directory() {
+    // As in the README: no --state-dir, so `.agentry` relative to wherever the command runs,
+    // while workers run inside the agent folder.
+    let cwd = tempfile::tempdir().expect("cwd");
+    let out = agentry()
+        .arg("validate")
+        .arg(example("echo"))
+        .current_dir(cwd.path())
+        .output()
+        .expect("validate");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        cwd.path()
+            .join(".agentry/python/agentry_worker.py")
+            .is_file()
+    );
+    let out = agentry()
+        .args(["validate", "examples/echo"])
+        .current_dir(repo_root())
+        .env("AGENTRY_STATE_DIR", "target/test-state")
+        .output()
+        .expect("validate");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
