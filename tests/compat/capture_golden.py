@@ -55,7 +55,7 @@ http_cases = [
 ]
 for kind in ["string", "integer", "big_integer", "number", "tenth", "large_float", "small_float", "nan", "inf",
              "neg_inf", "none", "true", "list", "tuple", "set", "dict", "nested_nan", "datetime", "date", "time",
-             "bytes", "object", "to_dict", "unicode", "int_keys", "empty_string", "empty_list"]:
+             "bytes", "object", "to_dict", "model_dump", "dict_method", "unicode", "int_keys", "empty_string", "empty_list"]:
     http_cases.append((f"type_{kind}", "POST", RUN, run_body("value_of", {"kind": kind})))
 
 ws_cases = [
