@@ -336,15 +336,15 @@ async fn run(state: S, agent: Arc<Agent>, body: Result<Bytes, BytesRejection>) -
         }
     };
     if let Some(log) = &state.history {
-        let host = state
-            .bound
-            .get()
-            .map(|a| a.ip().to_string())
-            .unwrap_or_default();
-        let port = state.bound.get().map(|a| a.port()).unwrap_or_default();
-        let client_info = json!({
-            "server_host": host, "server_port": port,
-            "agent_name": agent.config.agent_name, "agent_framework": agent.config.framework,
+        // Constant per agent and server: built on the first call, not on every one.
+        let client_info = agent.history_client_info.get_or_init(|| {
+            let bound = state.bound.get();
+            json!({
+                "server_host": bound.map(|a| a.ip().to_string()).unwrap_or_default(),
+                "server_port": bound.map(|a| a.port()).unwrap_or_default(),
+                "agent_name": agent.config.agent_name, "agent_framework": agent.config.framework,
+            })
+            .to_string()
         });
         log.record(invocation_record(
             &agent,
@@ -353,7 +353,7 @@ async fn run(state: S, agent: Arc<Agent>, body: Result<Bytes, BytesRejection>) -
             started,
             &result,
             "local_server",
-            client_info,
+            client_info.clone(),
         ));
     }
     response
@@ -379,7 +379,7 @@ fn invocation_record(
     started: Instant,
     result: &Result<Payload, CallError>,
     sdk_type: &'static str,
-    client_info: Value,
+    client_info: String,
 ) -> Invocation {
     let elapsed = started.elapsed();
     let (status, output, error) = match result {
@@ -411,7 +411,7 @@ fn invocation_record(
         status,
         entrypoint_tag: req.tag.to_string(),
         sdk_type,
-        client_info: client_info.to_string(),
+        client_info,
     }
 }
 
@@ -540,7 +540,7 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
         StreamOutcome::ClientGone => Err(CallError::Cancelled),
     };
     if let Some(log) = &state.history {
-        let client_info = json!({"connection_type": "websocket", "stream_mode": true});
+        let client_info = r#"{"connection_type": "websocket", "stream_mode": true}"#.to_string();
         let mut record = invocation_record(
             &agent,
             &req,

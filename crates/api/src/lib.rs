@@ -27,6 +27,8 @@ pub struct Agent {
     pub config: AgentConfig,
     pub pool: AgentPool,
     pub python: ResolvedPython,
+    /// `client_info` of this agent's RunAgent history rows (known once the port is bound).
+    pub history_client_info: OnceLock<String>,
 }
 
 /// What every handler shares.

@@ -236,6 +236,7 @@ async fn start_agents(
                     config,
                     pool,
                     python,
+                    history_client_info: OnceLock::new(),
                 }));
             }
             Err(e) => problems.push(describe_start_error(&config, e)),
