@@ -37,6 +37,7 @@ impl ApiError {
                 exc_type,
                 message,
                 traceback,
+                ..
             } => {
                 let mut details = json!({"exception_type": exc_type});
                 if expose_tracebacks {
@@ -45,6 +46,20 @@ impl ApiError {
                 Self::new(code, format!("{exc_type}: {message}")).with_details(details)
             }
             other => Self::new(code, other.to_string()),
+        }
+    }
+
+    /// A run-store failure: what a client may retry is 503, anything else 500 (logged here).
+    pub fn from_store(err: agentry_core::StoreError) -> Self {
+        match err {
+            agentry_core::StoreError::Unavailable(why) => Self::new(
+                ErrorCode::Unavailable,
+                format!("the run store cannot take this now: {why}; nothing was stored, retry later"),
+            ),
+            other => {
+                tracing::error!("run store failure: {other}");
+                Self::new(ErrorCode::ServerError, "the run store failed; see the server log")
+            }
         }
     }
 
@@ -63,7 +78,10 @@ impl ApiError {
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::ValidationError => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorCode::AgentNotFound | ErrorCode::EntrypointNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::AgentNotFound | ErrorCode::EntrypointNotFound | ErrorCode::RunNotFound => {
+            StatusCode::NOT_FOUND
+        }
+        ErrorCode::IdempotencyConflict => StatusCode::CONFLICT,
         ErrorCode::WrongEntrypointKind => StatusCode::BAD_REQUEST,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::AgentError | ErrorCode::ConfigurationError | ErrorCode::ServerError => {

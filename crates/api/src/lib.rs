@@ -7,6 +7,7 @@ pub mod compat;
 pub mod error;
 pub mod native;
 pub mod pyjson;
+pub mod runs;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -43,6 +44,8 @@ pub struct AppState {
     pub bound: OnceLock<SocketAddr>,
     /// Set when shutdown starts: readiness fails so load balancers drain us.
     pub draining: AtomicBool,
+    /// Durable runs.
+    pub engine: agentry_engine::Engine,
 }
 
 impl AppState {
@@ -70,6 +73,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     }
     router
         .merge(compat::routes())
+        .merge(runs::routes())
         .merge(native::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

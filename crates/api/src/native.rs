@@ -80,7 +80,7 @@ async fn list_agents(State(state): State<S>) -> Json<Value> {
     Json(json!({"agents": state.agents.iter().map(|a| agent_json(a)).collect::<Vec<_>>()}))
 }
 
-fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, ApiError> {
+pub(crate) fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, ApiError> {
     state.agent(key).ok_or_else(|| {
         ApiError::new(
             ErrorCode::AgentNotFound,
@@ -212,7 +212,7 @@ fn prepare(
     })
 }
 
-fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) fn body_or_error(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(

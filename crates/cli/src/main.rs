@@ -109,6 +109,40 @@ struct ServeArgs {
     /// Serve a non-loopback address without authentication (there are no API keys yet).
     #[arg(long)]
     insecure_no_auth: bool,
+    /// The run database file. Default: <state-dir>/agentry.db.
+    #[arg(long, env = "AGENTRY_RUNS_DB")]
+    runs_db: Option<PathBuf>,
+    /// Commit runs without fsync: they survive a crash of the server, not a power loss.
+    #[arg(long, env = "AGENTRY_RUNS_DB_NO_FSYNC")]
+    runs_db_no_fsync: bool,
+    /// Seconds a run-database write waits for another process's lock before answering 503.
+    #[arg(long, env = "AGENTRY_RUNS_DB_BUSY_TIMEOUT_S", default_value_t = 5.0)]
+    runs_db_busy_timeout_s: f64,
+    /// Largest run input in bytes (413 beyond).
+    #[arg(long, env = "AGENTRY_MAX_RUN_INPUT_BYTES", default_value_t = 1024 * 1024)]
+    max_run_input_bytes: usize,
+    /// Runs executing at once on this node.
+    #[arg(long, env = "AGENTRY_MAX_RUNNING_RUNS", default_value_t = 1024)]
+    max_running_runs: usize,
+    /// Runs of one agent executing at once (default: workers x pipeline depth, or x async calls
+    /// per worker for async agents).
+    #[arg(long, env = "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT")]
+    max_running_runs_per_agent: Option<usize>,
+    /// Seconds a run's lease lasts without renewal (renewed every third of it).
+    #[arg(long, env = "AGENTRY_LEASE_TTL_S", default_value_t = 30.0)]
+    lease_ttl_s: f64,
+    /// Least seconds between two run.heartbeat events of one run.
+    #[arg(long, env = "AGENTRY_HEARTBEAT_EVENT_S", default_value_t = 30.0)]
+    heartbeat_event_s: f64,
+    /// Seconds a cancelled running run gets to stop before its worker is killed.
+    #[arg(long, env = "AGENTRY_CANCEL_GRACE_S", default_value_t = 5.0)]
+    cancel_grace_s: f64,
+    /// Hours finished runs are kept (0: forever).
+    #[arg(long, env = "AGENTRY_RUN_RETENTION_H", default_value_t = 168.0)]
+    run_retention_h: f64,
+    /// This node's name in run leases (default: a random id kept in the state directory).
+    #[arg(long, env = "AGENTRY_NODE_NAME")]
+    node_name: Option<String>,
 }
 
 #[derive(Args)]

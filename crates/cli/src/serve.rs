@@ -11,7 +11,9 @@ use agentry_core::{AgentConfig, EntrypointKind, ServeSettings};
 use agentry_runner::{
     AgentPool, PoolConfig, PythonResolver, ResolvedPython, StartError, WorkerSpec,
 };
-use agentry_store::RunAgentDb;
+use agentry_engine::{Engine, EngineAgent, EngineSettings};
+use agentry_store::{Durability, RunAgentDb, SqliteOptions, SqliteStore};
+use std::collections::HashMap;
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
@@ -47,8 +49,99 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
         runagent_db: !args.no_runagent_db,
         runagent_db_path: args.runagent_db.clone(),
         expose_tracebacks: args.expose_tracebacks,
+        runs_db_path: args.runs_db.clone(),
+        runs_db_fsync: !args.runs_db_no_fsync,
+        runs_db_busy_timeout: secs(args.runs_db_busy_timeout_s, "runs-db-busy-timeout-s")?,
+        max_run_input_bytes: args.max_run_input_bytes,
+        max_running_runs: args.max_running_runs.max(1),
+        max_running_runs_per_agent: args.max_running_runs_per_agent.map(|n| n.max(1)),
+        lease_ttl: secs(args.lease_ttl_s, "lease-ttl-s")?,
+        heartbeat_event_every: secs(args.heartbeat_event_s, "heartbeat-event-s")?,
+        cancel_grace: secs(args.cancel_grace_s, "cancel-grace-s")?,
+        run_retention: if args.run_retention_h > 0.0 {
+            Some(secs(args.run_retention_h * 3600.0, "run-retention-h")?)
+        } else {
+            None
+        },
+        node_name: args.node_name.clone(),
         ..defaults
     })
+}
+
+/// This node's name: the flag, else a random id created once in the state directory, so that a
+/// restarted server recognises the runs its previous life held.
+fn node_name(settings: &ServeSettings, state_dir: &std::path::Path) -> anyhow::Result<String> {
+    if let Some(n) = &settings.node_name {
+        return Ok(n.clone());
+    }
+    let file = state_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&file)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_string());
+    }
+    let id = format!("node_{}", uuid::Uuid::new_v4().simple());
+    std::fs::create_dir_all(state_dir)
+        .and_then(|_| std::fs::write(&file, &id))
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(id)
+}
+
+/// Opens the run store and starts the engine over the served agents.
+async fn start_engine(settings: &ServeSettings, agents: &[Arc<Agent>]) -> anyhow::Result<Engine> {
+    let state_dir = std::path::absolute(&settings.state_dir)?;
+    let path = settings
+        .runs_db_path
+        .clone()
+        .unwrap_or_else(|| state_dir.join("agentry.db"));
+    let options = SqliteOptions {
+        durability: if settings.runs_db_fsync {
+            Durability::Full
+        } else {
+            Durability::Normal
+        },
+        busy_timeout: settings.runs_db_busy_timeout,
+        ..SqliteOptions::default()
+    };
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, options))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot open the run database: {e}"))?;
+    let mut engine_agents = HashMap::new();
+    for a in agents {
+        let has_async = a
+            .config
+            .entrypoints
+            .iter()
+            .filter_map(|e| a.pool.entrypoint(&e.tag))
+            .any(|r| r.is_async());
+        let per_worker = if has_async {
+            settings.max_async_per_worker
+        } else {
+            settings.pipeline_depth
+        };
+        let default_cap = a.pool.live_workers().max(1) * per_worker.max(1);
+        engine_agents.insert(
+            a.config.agent_id.clone(),
+            EngineAgent {
+                pool: a.pool.clone(),
+                max_running: settings.max_running_runs_per_agent.unwrap_or(default_cap),
+            },
+        );
+    }
+    let engine_settings = EngineSettings {
+        node: node_name(settings, &state_dir)?,
+        max_running: settings.max_running_runs,
+        lease_ttl: settings.lease_ttl,
+        heartbeat_every: settings.lease_ttl / 3,
+        heartbeat_event_every: settings.heartbeat_event_every,
+        reap_every: (settings.lease_ttl / 6).max(Duration::from_millis(200)),
+        cancel_grace: settings.cancel_grace,
+        retention: settings.run_retention,
+        ..EngineSettings::default()
+    };
+    Engine::start(Arc::new(store), engine_agents, engine_settings)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the run engine: {e}"))
 }
 
 /// Loads every agent folder, reporting every failure, not just the first.
@@ -317,6 +410,15 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let engine = match start_engine(&settings, &agents).await {
+        Ok(e) => e,
+        Err(e) => {
+            for a in &agents {
+                a.pool.shutdown(Duration::ZERO).await;
+            }
+            return Err(e);
+        }
+    };
     let listener = bind(&settings, db.as_ref()).await?;
     let addr = listener.local_addr()?;
     if let Some(db) = &db {
@@ -343,6 +445,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         history: history.clone(),
         bound,
         draining: Default::default(),
+        engine: engine.clone(),
     });
     let app = agentry_api::router(Arc::clone(&state));
     for a in &state.agents {
@@ -380,7 +483,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     state.draining.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     let grace = state.settings.shutdown_grace;
-    futures_util::future::join_all(state.agents.iter().map(|a| a.pool.shutdown(grace))).await;
+    // Runs still executing after the grace are left leased: the next start requeues them.
+    let runs = engine.shutdown(grace);
+    let calls =
+        futures_util::future::join_all(state.agents.iter().map(|a| a.pool.shutdown(grace)));
+    tokio::join!(runs, calls);
     // Workers are gone, so every request still open ends promptly; don't wait on idle sockets.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     if let Some(h) = &history {

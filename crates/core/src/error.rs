@@ -13,6 +13,10 @@ pub enum ErrorCode {
     AgentNotFound,
     /// The agent has no entrypoint with that tag.
     EntrypointNotFound,
+    /// No run with that id (never created, or deleted by retention).
+    RunNotFound,
+    /// The idempotency key was already used with a different request.
+    IdempotencyConflict,
     /// A streaming entrypoint was called on a non-streaming route, or the reverse.
     WrongEntrypointKind,
     /// The request body is larger than the configured limit.
@@ -25,8 +29,8 @@ pub enum ErrorCode {
     TimeoutError,
     /// The call was cancelled (client went away or asked).
     Cancelled,
-    /// No worker could take the call: the agent's workers are all down (crash loop) or the
-    /// server is shutting down.
+    /// No worker could take the call (the agent's workers are all down, or the server is
+    /// shutting down), or the run store cannot write (locked database, full disk).
     Unavailable,
     /// The agent's configuration is invalid.
     ConfigurationError,
@@ -41,6 +45,8 @@ impl ErrorCode {
             Self::ValidationError => "validation_error",
             Self::AgentNotFound => "agent_not_found",
             Self::EntrypointNotFound => "entrypoint_not_found",
+            Self::RunNotFound => "run_not_found",
+            Self::IdempotencyConflict => "idempotency_conflict",
             Self::WrongEntrypointKind => "wrong_entrypoint_kind",
             Self::PayloadTooLarge => "payload_too_large",
             Self::AgentError => "agent_error",

@@ -10,3 +10,8 @@ pub mod time;
 pub use config::{AgentConfig, ConfigError, Entrypoint, EntrypointKind};
 pub use error::ErrorCode;
 pub use settings::ServeSettings;
+pub mod runs;
+pub mod schema;
+pub mod store;
+
+pub use store::{RunStore, StoreError};

@@ -14,7 +14,7 @@ pub struct ServeSettings {
     /// Port to bind. `None`: RunAgent's policy, the first free port from 8450 up that no agent
     /// in RunAgent's database has recorded. `Some(0)`: any free port.
     pub port: Option<u16>,
-    /// Where Agentry keeps its state (the worker shim, later the run database).
+    /// Where Agentry keeps its state (the worker shim, the run database, the node id).
     pub state_dir: PathBuf,
     /// Interpreter for every agent, overriding per-agent settings and discovery.
     pub python: Option<PathBuf>,
@@ -49,6 +49,33 @@ pub struct ServeSettings {
     pub runagent_db_path: Option<PathBuf>,
     /// Include Python tracebacks in native error responses (development only).
     pub expose_tracebacks: bool,
+    /// The run database (SQLite). Default `<state_dir>/agentry.db`.
+    pub runs_db_path: Option<PathBuf>,
+    /// fsync every commit of the run database (`synchronous=FULL`): runs survive power loss.
+    /// Off: they survive a crash of the server, not of the machine.
+    pub runs_db_fsync: bool,
+    /// How long a write to the run database waits for a lock held by another process before
+    /// the request fails with 503.
+    pub runs_db_busy_timeout: Duration,
+    /// Largest run input (the `input` object's JSON) accepted, in bytes.
+    pub max_run_input_bytes: usize,
+    /// Runs executing at once on this node, all agents together.
+    pub max_running_runs: usize,
+    /// Runs of one agent executing at once. Default: its workers × the pipeline depth (or ×
+    /// the async calls per worker, for agents with async entrypoints).
+    pub max_running_runs_per_agent: Option<usize>,
+    /// How long a claim holds a run without renewal; a node silent for longer loses its runs
+    /// to the reaper. Leases are renewed every third of it.
+    pub lease_ttl: Duration,
+    /// Least time between two `run.heartbeat` events of one run.
+    pub heartbeat_event_every: Duration,
+    /// How long a running run may take to stop after a cancel before its worker is killed.
+    pub cancel_grace: Duration,
+    /// Finished runs (and their events and checkpoints) are deleted after this age.
+    /// `None`: kept forever.
+    pub run_retention: Option<Duration>,
+    /// This node's name in leases. Default: a random id kept in the state directory.
+    pub node_name: Option<String>,
 }
 
 impl Default for ServeSettings {
@@ -75,6 +102,17 @@ impl Default for ServeSettings {
             runagent_db: true,
             runagent_db_path: None,
             expose_tracebacks: false,
+            runs_db_path: None,
+            runs_db_fsync: true,
+            runs_db_busy_timeout: Duration::from_secs(5),
+            max_run_input_bytes: 1024 * 1024,
+            max_running_runs: 1024,
+            max_running_runs_per_agent: None,
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_event_every: Duration::from_secs(30),
+            cancel_grace: Duration::from_secs(5),
+            run_retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            node_name: None,
         }
     }
 }

@@ -12,12 +12,20 @@ server -> worker
   X id:u32                                                             cancel a call
   W id:u32 n:u32                                                       grant n more stream chunks
   Q 0:u32                                                              exit now (shutdown)
+  A id:u32 saved:u8                                                    a checkpoint was (not) saved
 worker -> server
   H json{protocol, pid, python, entrypoints, errors}                   hello, once, first
   R id:u32 type:u8 payload                                             result of a call
   D id:u32 type:u8 payload                                             one stream chunk
   E id:u32 count:u32                                                   end of a stream
-  F id:u32 json{type, message, traceback, cancelled}                   the call failed
+  F id:u32 json{type, message, traceback, cancelled, retriable}        the call failed
+  V id:u32 len:u16 kind payload                                        ctx.emit (durable runs)
+  L id:u32 level:u8 message                                            ctx.log (durable runs)
+  K id:u32 payload                                                     ctx.checkpoint; waits for A
+
+A call of a durable run carries "r": {"id", "attempt", "state"}; an entrypoint that declares a
+context parameter (named `ctx`, or annotated with a class named `RunContext`) receives a
+RunContext built from it (or an inert one for plain invocations).
 
 `payload` is the value as `json.dumps(value, ensure_ascii=False)` text, after RunAgent's own
 conversions (CoreSerializer), and `type` indexes TYPE_NAMES. A payload is built once here and the
@@ -50,6 +58,7 @@ _HDR = struct.Struct(">I")
 _ID = struct.Struct(">IcI")  # length, kind, id
 _ID_TYPE = struct.Struct(">IcIB")  # length, kind, id, type
 _END = struct.Struct(">IcII")
+_EMIT = struct.Struct(">IcIH")  # length, kind, id, event-kind length
 
 
 # --------------------------------------------------------------------------------------------
@@ -372,14 +381,18 @@ def describe(target):
     try:
         sig = inspect.signature(target)
     except (TypeError, ValueError):
-        return {"type": "object", "additionalProperties": True}, [], True, True
+        return {"type": "object", "additionalProperties": True}, [], True, True, None
     try:
         hints = typing.get_type_hints(target)
     except Exception:
         hints = getattr(target, "__annotations__", {}) or {}
     props, required, order = {}, [], []
     var_args = var_kwargs = False
+    context = None
     for name, p in sig.parameters.items():
+        if context is None and is_context_param(name, p, hints) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            context = name
+            continue
         if p.kind == p.VAR_POSITIONAL:
             var_args = True
             continue
@@ -402,7 +415,14 @@ def describe(target):
     if required:
         schema["required"] = required
     schema["additionalProperties"] = bool(var_kwargs)
-    return schema, order, var_args, var_kwargs
+    return schema, order, var_args, var_kwargs, context
+
+
+def is_context_param(name, p, hints):
+    """The run context goes to a parameter named `ctx`, or one annotated with `RunContext`."""
+    hint = hints.get(name, p.annotation)
+    hint_name = hint if isinstance(hint, str) else getattr(hint, "__name__", "")
+    return name == "ctx" or hint_name == "RunContext"
 
 
 def function_kind(target):
@@ -452,11 +472,107 @@ class CancelledError(Exception):
     """The server cancelled the call (its client went away, or its deadline passed)."""
 
 
-class Entrypoint:
-    __slots__ = ("tag", "target", "kind", "stream", "extractor")
+class NonRetriableError(Exception):
+    """Raised by an agent (as `ctx.NonRetriableError`), fails a durable run without retries. Any
+    exception with a `retriable = False` attribute does the same."""
 
-    def __init__(self, tag, target, kind, stream, extractor):
+    retriable = False
+
+
+class CheckpointNotSaved(Exception):
+    """The server could not save a checkpoint: the run lost its lease or is being cancelled."""
+
+
+class _RunLog:
+    __slots__ = ("ctx",)
+    _LEVELS = {"debug": b"d", "info": b"i", "warning": b"w", "error": b"e"}
+
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __call__(self, message, level="info"):
+        ctx = self.ctx
+        text = str(message)
+        if not ctx._durable:
+            sys.stderr.write(f"[{level}] {text}\n")
+            return
+        body = self._LEVELS.get(level, b"i") + text.encode("utf-8", "backslashreplace")
+        ctx._worker.send_frame(_ID.pack(len(body) + 5, b"L", ctx._rid) + body)
+
+    def debug(self, message):
+        self(message, "debug")
+
+    def info(self, message):
+        self(message, "info")
+
+    def warning(self, message):
+        self(message, "warning")
+
+    def error(self, message):
+        self(message, "error")
+
+
+class RunContext:
+    """What a durable run's entrypoint gets as `ctx`: its identity, its last checkpoint, and the
+    means to report progress. Outside a durable run (a plain invocation) it is inert: run_id is
+    None, emit and checkpoint do nothing durable, log goes to the server's log."""
+
+    NonRetriableError = NonRetriableError
+    CheckpointNotSaved = CheckpointNotSaved
+
+    def __init__(self, worker, rid, run):
+        self._worker = worker
+        self._rid = rid
+        self._durable = run is not None
+        run = run or {}
+        self.run_id = run.get("id")
+        self.attempt = run.get("attempt", 1)
+        self.state = run.get("state")
+        self._cancelled = False
+        self._ack = None
+        self.log = _RunLog(self)
+
+    @property
+    def cancelled(self):
+        """True once the run was asked to stop. Long sync loops should check it."""
+        if not self._cancelled and self._durable:
+            self._worker.poll_control(block=False)
+            self._worker.kick()
+        return self._cancelled
+
+    def emit(self, kind, data=None):
+        """Appends a custom event `kind` (not starting with "run.") to the run's log."""
+        if not isinstance(kind, str) or not kind or kind.startswith("run.") or len(kind) > 200:
+            raise ValueError("an event kind is a non-empty string of at most 200 characters, not starting with 'run.'")
+        if not self._durable:
+            return
+        _, payload = encode_value(data)
+        k = kind.encode("utf-8", "backslashreplace")
+        self._worker.send_frame(_EMIT.pack(len(payload) + len(k) + 7, b"V", self._rid, len(k)) + k + payload)
+
+    def checkpoint(self, state):
+        """Saves `state` (JSON-serialisable); a later attempt of this run starts with it as
+        `ctx.state`. Returns once it is committed."""
+        _, payload = encode_value(state)
+        self.state = state
+        if not self._durable:
+            return
+        worker = self._worker
+        self._ack = None
+        worker.send_frame(_ID.pack(len(payload) + 5, b"K", self._rid) + payload)
+        while self._ack is None:
+            worker.poll_control(block=True)
+        worker.kick()
+        if not self._ack:
+            raise CheckpointNotSaved("the checkpoint was not saved: the run lost its lease or is being cancelled")
+
+
+class Entrypoint:
+    __slots__ = ("tag", "target", "kind", "stream", "extractor", "context")
+
+    def __init__(self, tag, target, kind, stream, extractor, context):
         self.tag, self.target, self.kind, self.stream, self.extractor = tag, target, kind, stream, extractor
+        self.context = context
 
 
 def load_entrypoints(spec):
@@ -475,11 +591,12 @@ def load_entrypoints(spec):
             stream = tag.endswith("_stream")
             if stream:
                 check_streamable(target, kind, ep["module"])
-            schema, positional, var_args, var_kwargs = describe(target)
+            schema, positional, var_args, var_kwargs, context = describe(target)
             doc = inspect.getdoc(target)
-            entrypoints[tag] = Entrypoint(tag, target, kind, stream, ep.get("extractor") or {})
+            entrypoints[tag] = Entrypoint(tag, target, kind, stream, ep.get("extractor") or {}, context)
             reports.append({"tag": tag, "kind": kind, "stream": stream, "schema": schema, "doc": doc,
-                            "positional_only": positional, "var_args": var_args, "var_kwargs": var_kwargs})
+                            "positional_only": positional, "var_args": var_args, "var_kwargs": var_kwargs,
+                            "context": context})
         except BaseException as e:  # noqa: BLE001 - import errors of user code are reported, not raised
             if isinstance(e, (KeyboardInterrupt,)):
                 raise
@@ -505,6 +622,7 @@ class Worker:
         self.pending = collections.deque()  # calls read but not started yet
         self.idle = None  # asyncio.Event, set when the last async call ends
         self.cancelled = set()  # ids cancelled before they started
+        self.contexts = {}  # id -> RunContext of calls that take one
 
     # -- writing ---------------------------------------------------------------------------
     def send_now(self, data):
@@ -512,6 +630,16 @@ class Worker:
             self.sock.sendall(data)
         except OSError:
             self.shutdown()
+
+    def send_frame(self, frame):
+        """Sends a context frame now, after anything buffered (order matters to the run's log)."""
+        self.out.append(frame)
+        self.flush()
+
+    def kick(self):
+        """Frames read while an async call polled the socket wait in `pending`: run them soon."""
+        if self.pending and self.loop is not None and self.loop.is_running():
+            self.loop.call_soon(self.on_readable)
 
     def flush(self):
         if self.out:
@@ -523,12 +651,16 @@ class Worker:
         if ep.extractor:
             value = apply_extractor(ep.extractor, value)
         code, payload = encode_value(value)
+        self.contexts.pop(rid, None)
         self.out.append(_ID_TYPE.pack(len(payload) + 6, b"R", rid, code) + payload)
 
     def failure(self, rid, exc, cancelled=False):
+        self.contexts.pop(rid, None)
+        retriable = getattr(exc, "retriable", True) is not False
         body = json.dumps({"type": type(exc).__name__, "message": str(exc),
                            "traceback": user_traceback(exc),
-                           "cancelled": cancelled}, ensure_ascii=False).encode("utf-8", "backslashreplace")
+                           "cancelled": cancelled, "retriable": retriable},
+                          ensure_ascii=False).encode("utf-8", "backslashreplace")
         self.out.append(_ID.pack(len(body) + 5, b"F", rid) + body)
 
     def chunk_frame(self, rid, value, ep):
@@ -538,6 +670,7 @@ class Worker:
         return _ID_TYPE.pack(len(payload) + 6, b"D", rid, code) + payload
 
     def end(self, rid, count):
+        self.contexts.pop(rid, None)
         self.out.append(_END.pack(9, b"E", rid, count))
 
     # -- reading ---------------------------------------------------------------------------
@@ -613,12 +746,19 @@ class Worker:
         elif kind == b"X":
             state = self.streams.get(rid)
             task = self.tasks.get(rid)
+            ctx = self.contexts.get(rid)
+            if ctx is not None:
+                ctx._cancelled = True
             if state is not None:
                 state.cancel()
             if task is not None:
                 task.cancel()
-            if state is None and task is None:
+            if state is None and task is None and ctx is None:
                 self.cancelled.add(rid)
+        elif kind == b"A":
+            ctx = self.contexts.get(rid)
+            if ctx is not None:
+                ctx._ack = frame[5:6] == b"\x01"
         elif kind == b"Q":
             os._exit(0)
         elif kind == b"W":
@@ -638,6 +778,10 @@ class Worker:
         if ep is None:
             self.failure(rid, LookupError(f"Entrypoint {call['e']} not found"))
             return
+        if ep.context is not None:
+            ctx = RunContext(self, rid, call.get("r"))
+            self.contexts[rid] = ctx
+            kwargs[ep.context] = ctx
         if not ep.stream:
             if ep.kind == "coroutine":
                 self.tasks[rid] = self.loop.create_task(self.run_coroutine(rid, ep, args, kwargs))
@@ -724,7 +868,7 @@ class Worker:
     def poll_control(self, block):
         """Reads what has arrived: control frames act now, calls wait their turn."""
         for frame in self.read_frames(block=block):
-            if frame[0:1] in (b"X", b"W", b"Q"):
+            if frame[0:1] in (b"X", b"W", b"Q", b"A"):
                 self.handle(frame)
             else:
                 self.pending.append(frame)

@@ -14,6 +14,8 @@ pub enum CallError {
         exc_type: String,
         message: String,
         traceback: String,
+        /// False when the agent raised a non-retriable error: a durable run fails at once.
+        retriable: bool,
     },
     /// The worker died while running the call.
     #[error("the agent's worker crashed: {0}")]

@@ -14,10 +14,10 @@ pub mod worker;
 use std::path::{Path, PathBuf};
 
 pub use error::CallError;
-pub use pool::{AgentPool, CallStream, PoolConfig, StartError};
+pub use pool::{AgentPool, CallStream, PoolConfig, RunCall, StartError};
 pub use protocol::{EntrypointReport, ImportFailure, Payload, ValueType};
 pub use python::{PythonResolver, ResolvedPython};
-pub use worker::{SpawnError, WorkerSpec};
+pub use worker::{RunItem, SpawnError, WorkerSpec};
 
 /// The worker shim's source, embedded at build time.
 pub const SHIM_SOURCE: &str = include_str!("../python/agentry_worker.py");

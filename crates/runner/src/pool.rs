@@ -21,7 +21,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::error::CallError;
 use crate::protocol::{EntrypointReport, ImportFailure, Payload};
-use crate::worker::{SpawnError, StreamItem, Worker, WorkerSpec};
+use crate::worker::{RunItem, SpawnError, StreamItem, Worker, WorkerSpec};
 
 /// Tuning of a pool.
 #[derive(Debug, Clone)]
@@ -316,6 +316,48 @@ impl AgentPool {
             consumed: 0,
             finished: false,
             total: None,
+            grace: self.inner.config.cancel_grace,
+        })
+    }
+
+    /// Starts the call of a durable run: `kwargs` is the input object's JSON text and `context`
+    /// the run context's (`{"id", "attempt", "state"}`). The deadline starts once a worker took
+    /// the call; waiting for a worker is bounded by the same duration.
+    pub async fn run(
+        &self,
+        tag: &str,
+        kwargs: &str,
+        context: &str,
+        timeout: Duration,
+    ) -> Result<RunCall, CallError> {
+        let stream = self
+            .inner
+            .entrypoints
+            .get(tag)
+            .is_some_and(|e| e.stream);
+        let mode = self.mode(tag, stream)?;
+        let wait_until = tokio::time::Instant::now() + timeout;
+        let lease = self.inner.acquire(mode, wait_until, timeout).await?;
+        let window = if stream {
+            self.inner.config.stream_window.max(2)
+        } else {
+            0
+        };
+        let sync = matches!(mode, Mode::Sync { .. });
+        let (id, rx) = lease
+            .worker
+            .start_run(tag, "[]", kwargs, window, context, sync)?;
+        Ok(RunCall {
+            lease: Some(lease),
+            id,
+            rx,
+            deadline: tokio::time::Instant::now() + timeout,
+            timeout,
+            window,
+            consumed: 0,
+            finished: false,
+            sent: std::time::Instant::now(),
+            tag: tag.to_string(),
             grace: self.inner.config.cancel_grace,
         })
     }
@@ -821,6 +863,128 @@ impl Drop for CallStream {
                     .kill("a cancelled stream did not stop within its grace period".to_string());
             }
             drop(lease);
+        });
+    }
+}
+
+/// The call of a durable run in progress: chunks, context messages, then one terminal item.
+/// Dropping it before the end cancels the call.
+pub struct RunCall {
+    lease: Option<Lease>,
+    id: u32,
+    rx: mpsc::UnboundedReceiver<RunItem>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    window: u32,
+    consumed: u32,
+    finished: bool,
+    sent: std::time::Instant,
+    tag: String,
+    grace: Duration,
+}
+
+impl RunCall {
+    /// The next item; after a terminal one (`Result`, `End`, `Failed`), `None`. Past the
+    /// deadline the call's worker is stopped and the item is `Failed(Timeout)`.
+    pub async fn next(&mut self) -> Option<RunItem> {
+        if self.finished {
+            return None;
+        }
+        let item = match tokio::time::timeout_at(self.deadline, self.rx.recv()).await {
+            Ok(Some(item)) => item,
+            Ok(None) => RunItem::Failed(CallError::Crashed("the worker went away".into())),
+            Err(_) => {
+                self.finished = true;
+                if let Some(lease) = self.lease.take() {
+                    expire(lease, self.id, self.timeout, self.grace);
+                }
+                return Some(RunItem::Failed(CallError::Timeout(self.timeout)));
+            }
+        };
+        match &item {
+            RunItem::Chunk(_) => {
+                self.consumed += 1;
+                if self.consumed >= self.window.div_ceil(2)
+                    && let Some(lease) = &self.lease
+                {
+                    lease.worker.grant(self.id, self.consumed);
+                    self.consumed = 0;
+                }
+            }
+            RunItem::Result(_) | RunItem::End(_) | RunItem::Failed(_) => {
+                self.finished = true;
+                if let Some(lease) = self.lease.take() {
+                    if matches!(item, RunItem::Result(_)) {
+                        lease.pool.observe(&self.tag, self.sent.elapsed());
+                    }
+                }
+            }
+            _ => {}
+        }
+        Some(item)
+    }
+
+    /// Lets the agent go on after a checkpoint, telling it whether the checkpoint was saved.
+    pub fn ack(&self, saved: bool) {
+        if let Some(lease) = &self.lease {
+            lease.worker.ack(self.id, saved);
+        }
+    }
+
+    /// Asks the agent to stop (`ctx.cancelled` turns true; an async call is cancelled).
+    pub fn cancel(&self) {
+        if let Some(lease) = &self.lease {
+            lease.worker.cancel(self.id);
+        }
+    }
+
+    /// Stops the call now: a worker running it is killed (with its process group), a call still
+    /// queued behind another is skipped.
+    pub fn kill(&mut self, reason: &str) {
+        self.finished = true;
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let running = match lease.mode {
+            Mode::Sync { .. } => lease.worker.is_running_first(self.id),
+            Mode::Exclusive | Mode::Shared => lease.worker.has_call(self.id),
+        };
+        if running {
+            lease.worker.forget(self.id);
+            lease.worker.kill(reason.to_string());
+        } else {
+            lease.worker.cancel(self.id);
+            lease.worker.forget(self.id);
+        }
+    }
+}
+
+impl Drop for RunCall {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let (id, timeout, grace) = (self.id, self.timeout, self.grace);
+        lease.worker.cancel(id);
+        let mut rx = std::mem::replace(&mut self.rx, mpsc::unbounded_channel().1);
+        tokio::spawn(async move {
+            let stopped = tokio::time::timeout(grace, async {
+                while let Some(item) = rx.recv().await {
+                    match item {
+                        RunItem::Result(_) | RunItem::End(_) | RunItem::Failed(_) => return,
+                        // Nobody will save it; let the agent go on to its cancellation.
+                        RunItem::Checkpoint(_) => lease.worker.ack(id, false),
+                        _ => {}
+                    }
+                }
+            })
+            .await;
+            if stopped.is_err() {
+                expire(lease, id, timeout, grace);
+            }
         });
     }
 }

@@ -85,6 +85,9 @@ pub struct EntrypointReport {
     pub var_args: bool,
     #[serde(default)]
     pub var_kwargs: bool,
+    /// The parameter that receives the run context (`ctx`), if the entrypoint takes one.
+    #[serde(default)]
+    pub context: Option<String>,
 }
 
 impl EntrypointReport {
@@ -124,6 +127,13 @@ pub struct PyFailure {
     pub traceback: String,
     #[serde(default)]
     pub cancelled: bool,
+    /// False when the agent said a retry cannot help (`NonRetriableError`).
+    #[serde(default = "yes")]
+    pub retriable: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A message from the worker.
@@ -134,6 +144,12 @@ pub enum WorkerMessage {
     Chunk { id: u32, payload: Payload },
     End { id: u32, count: u32 },
     Failure { id: u32, failure: PyFailure },
+    /// `ctx.emit(kind, data)` of a durable run; `data` is JSON text.
+    Emit { id: u32, kind: String, data: Bytes },
+    /// `ctx.log(message, level)` of a durable run.
+    Log { id: u32, level: String, message: String },
+    /// `ctx.checkpoint(state)` of a durable run; the worker waits for an `A` frame.
+    Checkpoint { id: u32, state: Bytes },
 }
 
 /// A frame that breaks the protocol. The worker that sent it is killed.
@@ -193,6 +209,46 @@ pub fn decode(body: Bytes) -> Result<WorkerMessage, ProtocolError> {
             })?;
             Ok(WorkerMessage::Failure { id, failure })
         }
+        b'V' => {
+            let id = read_u32(&body, 1, "emit")?;
+            let len = body
+                .get(5..7)
+                .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
+                .ok_or(ProtocolError::Truncated("emit"))?;
+            let kind = body.get(7..7 + len).ok_or(ProtocolError::Truncated("emit"))?;
+            let kind = std::str::from_utf8(kind).map_err(|_| ProtocolError::NotUtf8)?;
+            let data = body.slice(7 + len..);
+            if std::str::from_utf8(&data).is_err() {
+                return Err(ProtocolError::NotUtf8);
+            }
+            Ok(WorkerMessage::Emit {
+                id,
+                kind: kind.to_string(),
+                data,
+            })
+        }
+        b'L' => {
+            let id = read_u32(&body, 1, "log")?;
+            let level = match body.get(5).ok_or(ProtocolError::Truncated("log"))? {
+                b'd' => "debug",
+                b'w' => "warning",
+                b'e' => "error",
+                _ => "info",
+            };
+            Ok(WorkerMessage::Log {
+                id,
+                level: level.to_string(),
+                message: String::from_utf8_lossy(&body[6..]).into_owned(),
+            })
+        }
+        b'K' => {
+            let id = read_u32(&body, 1, "checkpoint")?;
+            let state = body.slice(5..);
+            if std::str::from_utf8(&state).is_err() {
+                return Err(ProtocolError::NotUtf8);
+            }
+            Ok(WorkerMessage::Checkpoint { id, state })
+        }
         b'H' => serde_json::from_slice(&body[1..])
             .map(|h| WorkerMessage::Hello(Box::new(h)))
             .map_err(|e| ProtocolError::Json {
@@ -204,10 +260,19 @@ pub fn decode(body: Bytes) -> Result<WorkerMessage, ProtocolError> {
 }
 
 /// Encodes a call frame. `args` and `kwargs` are JSON texts of a list and an object, passed
-/// through as they came in (the API layer has already checked their shape).
-pub fn encode_call(id: u32, tag: &str, args: &str, kwargs: &str, window: u32) -> Bytes {
+/// through as they came in (the API layer has already checked their shape). `run` is the JSON
+/// text `{"id", "attempt", "state"}` of a durable run's context, if the call is one.
+pub fn encode_call(
+    id: u32,
+    tag: &str,
+    args: &str,
+    kwargs: &str,
+    window: u32,
+    run: Option<&str>,
+) -> Bytes {
     let tag_json = serde_json::to_string(tag).unwrap_or_else(|_| "\"\"".into());
-    let body_len = 1 + 4 + tag_json.len() + args.len() + kwargs.len() + 32;
+    let run_len = run.map_or(0, str::len);
+    let body_len = 1 + 4 + tag_json.len() + args.len() + kwargs.len() + run_len + 40;
     let mut buf = BytesMut::with_capacity(4 + body_len);
     buf.put_u32(0); // patched below
     buf.put_u8(b'C');
@@ -220,6 +285,10 @@ pub fn encode_call(id: u32, tag: &str, args: &str, kwargs: &str, window: u32) ->
     buf.put_slice(kwargs.as_bytes());
     buf.put_slice(b",\"w\":");
     buf.put_slice(window.to_string().as_bytes());
+    if let Some(run) = run {
+        buf.put_slice(b",\"r\":");
+        buf.put_slice(run.as_bytes());
+    }
     buf.put_u8(b'}');
     let len = (buf.len() - 4) as u32;
     buf[0..4].copy_from_slice(&len.to_be_bytes());
@@ -232,6 +301,16 @@ pub fn encode_cancel(id: u32) -> Bytes {
     buf.put_u32(5);
     buf.put_u8(b'X');
     buf.put_u32(id);
+    buf.freeze()
+}
+
+/// Encodes the answer to a checkpoint: whether it was saved.
+pub fn encode_ack(id: u32, saved: bool) -> Bytes {
+    let mut buf = BytesMut::with_capacity(10);
+    buf.put_u32(6);
+    buf.put_u8(b'A');
+    buf.put_u32(id);
+    buf.put_u8(u8::from(saved));
     buf.freeze()
 }
 
@@ -293,8 +372,30 @@ mod tests {
     }
 
     #[test]
+    fn decodes_run_context_frames() {
+        match decode(Bytes::from_static(b"V\0\0\0\x02\0\x04stepnull")).unwrap() {
+            WorkerMessage::Emit { id, kind, data } => {
+                assert_eq!((id, kind.as_str(), &data[..]), (2, "step", &b"null"[..]));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            decode(Bytes::from_static(b"V\0\0\0\x02\0\x09st")).unwrap_err(),
+            ProtocolError::Truncated("emit")
+        );
+        match decode(Bytes::from_static(b"K\0\0\0\x01{\"n\": 1}")).unwrap() {
+            WorkerMessage::Checkpoint { id, state } => assert_eq!((id, &state[..]), (1, &b"{\"n\": 1}"[..])),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode(Bytes::from_static(b"Lx")).unwrap_err(),
+            ProtocolError::Truncated("log")
+        ));
+    }
+
+    #[test]
     fn call_frame_is_length_prefixed_json() {
-        let f = encode_call(3, "echo", "[]", "{\"m\":1}", 64);
+        let f = encode_call(3, "echo", "[]", "{\"m\":1}", 64, None);
         let len = u32::from_be_bytes(f[0..4].try_into().unwrap()) as usize;
         assert_eq!(len, f.len() - 4);
         assert_eq!(f[4], b'C');
@@ -303,5 +404,8 @@ mod tests {
             v,
             serde_json::json!({"e": "echo", "a": [], "k": {"m": 1}, "w": 64})
         );
+        let f = encode_call(4, "t", "[]", "{}", 0, Some("{\"id\":\"run_1\",\"attempt\":2,\"state\":null}"));
+        let v: serde_json::Value = serde_json::from_slice(&f[9..]).unwrap();
+        assert_eq!(v["r"]["attempt"], 2);
     }
 }

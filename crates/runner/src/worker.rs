@@ -50,9 +50,24 @@ pub enum StreamItem {
     Failed(CallError),
 }
 
+/// What a durable run's call receives, in order: chunks and context messages, then exactly one
+/// `Result`, `End` or `Failed`.
+#[derive(Debug)]
+pub enum RunItem {
+    Chunk(Payload),
+    Event { kind: String, data: Bytes },
+    Log { level: String, message: String },
+    /// The worker waits for `Worker::ack` before the agent goes on.
+    Checkpoint(Bytes),
+    Result(Payload),
+    End(u32),
+    Failed(CallError),
+}
+
 enum Sink {
     Unary(oneshot::Sender<Result<Payload, CallError>>),
     Stream(mpsc::Sender<StreamItem>),
+    Run(mpsc::UnboundedSender<RunItem>),
 }
 
 /// Why a worker could not be started.
@@ -327,8 +342,36 @@ impl Worker {
         if sync {
             self.sync_order.lock().push_back(id);
         }
-        self.send(protocol::encode_call(id, tag, args, kwargs, 0), id)?;
+        self.send(protocol::encode_call(id, tag, args, kwargs, 0, None), id)?;
         Ok((id, rx))
+    }
+
+    /// Sends the call of a durable run. `run` is its context's JSON; `window` its stream
+    /// credit (streams only); `sync` whether it joins the worker's run order.
+    pub fn start_run(
+        &self,
+        tag: &str,
+        args: &str,
+        kwargs: &str,
+        window: u32,
+        run: &str,
+        sync: bool,
+    ) -> Result<(u32, mpsc::UnboundedReceiver<RunItem>), CallError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self.register(Sink::Run(tx))?;
+        if sync {
+            self.sync_order.lock().push_back(id);
+        }
+        self.send(
+            protocol::encode_call(id, tag, args, kwargs, window, Some(run)),
+            id,
+        )?;
+        Ok((id, rx))
+    }
+
+    /// Answers a checkpoint: the agent goes on (and learns whether it was saved).
+    pub fn ack(&self, id: u32, saved: bool) {
+        let _ = self.writer.send(&protocol::encode_ack(id, saved));
     }
 
     /// Sends a streaming call with a window of `window` unacknowledged chunks.
@@ -344,7 +387,7 @@ impl Worker {
         let (tx, rx) = mpsc::channel(max_window as usize + 2);
         let id = self.register(Sink::Stream(tx))?;
         self.send(
-            protocol::encode_call(id, tag, args, kwargs, initial_credit),
+            protocol::encode_call(id, tag, args, kwargs, initial_credit, None),
             id,
         )?;
         Ok((id, rx))
@@ -426,8 +469,14 @@ impl Worker {
         match msg {
             WorkerMessage::Result { id, payload } => {
                 self.answered(id);
-                if let Some(Sink::Unary(tx)) = self.calls.lock().remove(&id) {
-                    let _ = tx.send(Ok(payload));
+                match self.calls.lock().remove(&id) {
+                    Some(Sink::Unary(tx)) => {
+                        let _ = tx.send(Ok(payload));
+                    }
+                    Some(Sink::Run(tx)) => {
+                        let _ = tx.send(RunItem::Result(payload));
+                    }
+                    _ => {}
                 }
             }
             WorkerMessage::Failure { id, failure } => {
@@ -440,21 +489,57 @@ impl Worker {
                     Some(Sink::Stream(tx)) => {
                         let _ = tx.try_send(StreamItem::Failed(err));
                     }
+                    Some(Sink::Run(tx)) => {
+                        let _ = tx.send(RunItem::Failed(err));
+                    }
                     None => {}
                 }
             }
             WorkerMessage::Chunk { id, payload } => {
                 let calls = self.calls.lock();
-                if let Some(Sink::Stream(tx)) = calls.get(&id)
-                    && let Err(mpsc::error::TrySendError::Full(_)) =
-                        tx.try_send(StreamItem::Chunk(payload))
-                {
-                    return Err(format!("call {id} sent more chunks than its window allows"));
+                match calls.get(&id) {
+                    Some(Sink::Stream(tx)) => {
+                        if let Err(mpsc::error::TrySendError::Full(_)) =
+                            tx.try_send(StreamItem::Chunk(payload))
+                        {
+                            return Err(format!(
+                                "call {id} sent more chunks than its window allows"
+                            ));
+                        }
+                    }
+                    Some(Sink::Run(tx)) => {
+                        let _ = tx.send(RunItem::Chunk(payload));
+                    }
+                    _ => {}
                 }
             }
-            WorkerMessage::End { id, count } => {
-                if let Some(Sink::Stream(tx)) = self.calls.lock().remove(&id) {
+            WorkerMessage::End { id, count } => match self.calls.lock().remove(&id) {
+                Some(Sink::Stream(tx)) => {
                     let _ = tx.try_send(StreamItem::End(count));
+                }
+                Some(Sink::Run(tx)) => {
+                    let _ = tx.send(RunItem::End(count));
+                }
+                _ => {}
+            },
+            WorkerMessage::Emit { id, kind, data } => {
+                if let Some(Sink::Run(tx)) = self.calls.lock().get(&id) {
+                    let _ = tx.send(RunItem::Event { kind, data });
+                }
+            }
+            WorkerMessage::Log { id, level, message } => {
+                if let Some(Sink::Run(tx)) = self.calls.lock().get(&id) {
+                    let _ = tx.send(RunItem::Log { level, message });
+                }
+            }
+            WorkerMessage::Checkpoint { id, state } => {
+                let calls = self.calls.lock();
+                match calls.get(&id) {
+                    Some(Sink::Run(tx)) => {
+                        let _ = tx.send(RunItem::Checkpoint(state));
+                    }
+                    // Not a durable run (or no longer awaited): nothing to save, go on.
+                    _ => self.ack(id, false),
                 }
             }
             WorkerMessage::Hello(_) => return Err("a second hello".into()),
@@ -477,6 +562,9 @@ impl Worker {
                 Sink::Stream(tx) => {
                     let _ = tx.try_send(StreamItem::Failed(err));
                 }
+                Sink::Run(tx) => {
+                    let _ = tx.send(RunItem::Failed(err));
+                }
             }
         }
     }
@@ -490,6 +578,7 @@ fn failure_to_error(f: PyFailure) -> CallError {
             exc_type: f.r#type,
             message: f.message,
             traceback: f.traceback,
+            retriable: f.retriable,
         }
     }
 }

@@ -1,7 +1,10 @@
-//! Storage. For now: RunAgent's local database, which Agentry keeps up to date so that
-//! RunAgent's SDKs discover our servers by `agent_id` and its invocation-history endpoints work.
-//! The durable-run store (one `Store` trait, SQLite and PostgreSQL) will live beside it.
+//! Storage: the durable run store (the `RunStore` trait of `agentry-core`, implemented here for
+//! SQLite; PostgreSQL will sit beside it), and RunAgent's local database, which Agentry keeps up
+//! to date so that RunAgent's SDKs discover our servers by `agent_id` and its invocation-history
+//! endpoints work.
 
 pub mod runagent;
+pub mod sqlite;
 
-pub use runagent::{Invocation, InvocationLog, RunAgentDb, StoreError};
+pub use runagent::{Invocation, InvocationLog, RunAgentDb};
+pub use sqlite::{Durability, SqliteOptions, SqliteStore};

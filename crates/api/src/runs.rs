@@ -1,0 +1,563 @@
+//! Durable runs over HTTP (`docs/api.md#runs`): create (202 once committed), read, list with
+//! cursor paging, long-poll until terminal, cancel, and follow the event log over SSE or a
+//! WebSocket from any point (`Last-Event-ID`, `?after=`). Sync invocations are not runs: they
+//! never touch the database and do not appear here.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentry_core::ErrorCode;
+use agentry_core::runs::{Backoff, NewRun, Run, RunEvent, RunQuery, RunStatus, new_run_id, now_ms};
+use agentry_core::schema;
+use agentry_engine::{Engine, SubmitError};
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::native::{body_or_error, find_agent};
+
+type S = Arc<AppState>;
+
+/// Longest `wait` a client may ask for, in seconds.
+const MAX_WAIT_S: f64 = 600.0;
+/// Events read from the store per page while catching up.
+const EVENT_PAGE: usize = 500;
+
+pub fn routes() -> Router<S> {
+    Router::new()
+        .route("/v1/runs", post(create_run).get(list_runs))
+        .route("/v1/runs/wait", post(create_and_wait))
+        .route("/v1/runs/stream", post(create_and_stream))
+        .route("/v1/runs/{id}", get(get_run))
+        .route("/v1/runs/{id}/wait", get(wait_run))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/v1/runs/{id}/events", get(run_events))
+        .route("/v1/runs/{id}/events/ws", get(run_events_ws))
+}
+
+/// The body of `POST /v1/runs`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateBody<'a> {
+    agent: String,
+    entrypoint: String,
+    #[serde(borrow, default)]
+    input: Option<&'a RawValue>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    priority: i32,
+    #[serde(default)]
+    delay_s: Option<f64>,
+    /// RFC 3339.
+    #[serde(default)]
+    run_at: Option<String>,
+    #[serde(default)]
+    timeout_s: Option<f64>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    backoff: Option<Backoff>,
+    #[serde(default)]
+    concurrency_key: Option<String>,
+    #[serde(borrow, default)]
+    metadata: Option<&'a RawValue>,
+}
+
+fn invalid(path: &str, expected: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::ValidationError, message)
+        .with_details(json!({"errors": [{"path": path, "expected": expected}]}))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::new(ErrorCode::RunNotFound, format!("no run `{id}`"))
+}
+
+/// Parses and checks a create request; nothing is stored unless all of it is valid.
+fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
+    let b: CreateBody<'_> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(ErrorCode::ValidationError, format!("invalid request body: {e}"))
+            .with_details(json!({"line": e.line(), "column": e.column()}))
+    })?;
+    let agent = find_agent(state, &b.agent)?;
+    let Some(entrypoint) = agent.config.entrypoint(&b.entrypoint) else {
+        return Err(ApiError::new(
+            ErrorCode::EntrypointNotFound,
+            format!("agent `{}` has no entrypoint `{}`", agent.config.agent_name, b.entrypoint),
+        ));
+    };
+    let input_text = match b.input {
+        None => "{}",
+        Some(raw) if raw.get() == "null" => "{}",
+        Some(raw) => raw.get(),
+    };
+    if input_text.len() > state.settings.max_run_input_bytes {
+        return Err(ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the run's input is {} bytes, more than the limit of {} (--max-run-input-bytes)",
+                input_text.len(),
+                state.settings.max_run_input_bytes
+            ),
+        ));
+    }
+    let input: Value = serde_json::from_str(input_text)
+        .map_err(|e| invalid("input", "object", format!("invalid input: {e}")))?;
+    if !input.is_object() {
+        return Err(invalid("input", "object", "`input` must be an object of keyword arguments"));
+    }
+    if let Some(report) = agent.pool.entrypoint(&b.entrypoint) {
+        let violations = schema::validate(&input, &report.schema, "input");
+        if !violations.is_empty() {
+            let first = violations[0].message.clone();
+            let errors: Vec<Value> = violations
+                .iter()
+                .map(|v| json!({"path": v.path, "expected": v.expected, "message": v.message}))
+                .collect();
+            return Err(ApiError::new(
+                ErrorCode::ValidationError,
+                format!("the input does not match entrypoint `{}`: {first}", b.entrypoint),
+            )
+            .with_details(json!({"errors": errors})));
+        }
+    }
+    let metadata = match b.metadata {
+        None => "{}".to_string(),
+        Some(raw) if raw.get().starts_with('{') => raw.get().to_string(),
+        Some(raw) if raw.get() == "null" => "{}".to_string(),
+        Some(_) => return Err(invalid("metadata", "object", "`metadata` must be an object")),
+    };
+    let now = now_ms();
+    let run_at = match (b.delay_s, &b.run_at) {
+        (Some(_), Some(_)) => {
+            return Err(invalid("delay_s", "absent when run_at is given", "give `delay_s` or `run_at`, not both"));
+        }
+        (Some(d), None) if d.is_finite() && (0.0..=31_536_000.0).contains(&d) => {
+            now + (d * 1000.0) as i64
+        }
+        (Some(_), None) => {
+            return Err(invalid("delay_s", "number of seconds between 0 and 31536000", "`delay_s` is out of range"));
+        }
+        (None, Some(at)) => chrono::DateTime::parse_from_rfc3339(at)
+            .map_err(|e| invalid("run_at", "RFC 3339 timestamp", format!("`run_at` is not an RFC 3339 time: {e}")))?
+            .timestamp_millis()
+            .max(now),
+        (None, None) => now,
+    };
+    if let Some(t) = b.timeout_s
+        && !(t.is_finite() && t > 0.0)
+    {
+        return Err(invalid("timeout_s", "positive number", "`timeout_s` must be a positive number of seconds"));
+    }
+    let timeout = state.settings.call_timeout(b.timeout_s, entrypoint.timeout_s);
+    let max_attempts = b.max_attempts.unwrap_or(3);
+    if !(1..=100).contains(&max_attempts) {
+        return Err(invalid("max_attempts", "integer from 1 to 100", "`max_attempts` must be from 1 to 100"));
+    }
+    let backoff = b.backoff.unwrap_or_default();
+    backoff
+        .validate()
+        .map_err(|m| invalid("backoff", "base 1..60, max_s 0..86400, jitter 0..1", m))?;
+    for (name, key) in [("idempotency_key", &b.idempotency_key), ("concurrency_key", &b.concurrency_key)] {
+        if let Some(k) = key
+            && (k.is_empty() || k.len() > 256)
+        {
+            return Err(invalid(name, "string of 1 to 256 characters", format!("`{name}` must be 1 to 256 characters")));
+        }
+    }
+    let request_hash = b.idempotency_key.as_ref().map(|_| {
+        let digest = Sha256::digest(body);
+        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    });
+    Ok(NewRun {
+        id: new_run_id(),
+        agent: agent.config.agent_id.clone(),
+        entrypoint: b.entrypoint,
+        input: input_text.to_string(),
+        idempotency_key: b.idempotency_key,
+        request_hash,
+        priority: b.priority,
+        run_at,
+        timeout_ms: timeout.as_millis().min(i64::MAX as u128) as i64,
+        max_attempts,
+        backoff,
+        concurrency_key: b.concurrency_key,
+        metadata,
+        created_at: now,
+    })
+}
+
+fn time(ms: Option<i64>) -> Value {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+        .unwrap_or(Value::Null)
+}
+
+fn raw(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+/// A run as the API shows it. Tracebacks only when the server exposes them.
+pub fn run_json(run: &Run, expose_tracebacks: bool) -> Value {
+    let mut error = run.error.as_deref().map(raw).unwrap_or(Value::Null);
+    if !expose_tracebacks && let Some(e) = error.as_object_mut() {
+        e.remove("traceback");
+    }
+    json!({
+        "id": run.id,
+        "agent": run.agent,
+        "entrypoint": run.entrypoint,
+        "status": run.status.as_str(),
+        "attempt": run.attempt,
+        "max_attempts": run.max_attempts,
+        "priority": run.priority,
+        "input": raw(&run.input),
+        "output": run.result.as_deref().map(raw).unwrap_or(Value::Null),
+        "error": error,
+        "idempotency_key": run.idempotency_key,
+        "concurrency_key": run.concurrency_key,
+        "metadata": raw(&run.metadata),
+        "timeout_s": run.timeout_ms as f64 / 1000.0,
+        "backoff": {"base": run.backoff.base, "max_s": run.backoff.max_s, "jitter": run.backoff.jitter},
+        "cancel_requested": run.cancel_requested,
+        "created_at": time(Some(run.created_at)),
+        "run_at": time(Some(run.run_at)),
+        "started_at": time(run.started_at),
+        "finished_at": time(run.finished_at),
+        "updated_at": time(Some(run.updated_at)),
+    })
+}
+
+fn event_json(e: &RunEvent) -> String {
+    format!(
+        "{{\"seq\":{},\"type\":{},\"at\":{},\"data\":{}}}",
+        e.seq,
+        Value::from(e.kind.as_str()),
+        time(Some(e.at)),
+        e.data
+    )
+}
+
+fn is_terminal_event(kind: &str) -> bool {
+    matches!(
+        kind,
+        "run.succeeded" | "run.failed" | "run.timed_out" | "run.cancelled"
+    )
+}
+
+async fn submit(state: &S, body: Result<Bytes, BytesRejection>) -> Result<(Run, bool), ApiError> {
+    let body = body_or_error(body, state.settings.max_body_bytes)?;
+    let run = new_run(state, &body)?;
+    state.engine.submit(run).await.map_err(|e| match e {
+        SubmitError::Conflict(existing) => ApiError::new(
+            ErrorCode::IdempotencyConflict,
+            "this idempotency_key was used with a different request",
+        )
+        .with_details(json!({"run_id": existing})),
+        SubmitError::Store(e) => ApiError::from_store(e),
+    })
+}
+
+fn run_response(status: StatusCode, run: &Run, state: &S, replayed: bool) -> Response {
+    let mut resp = (status, Json(run_json(run, state.settings.expose_tracebacks))).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("/v1/runs/{}", run.id)) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    if replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    resp
+}
+
+async fn create_run(State(state): State<S>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let (run, created) = submit(&state, body).await?;
+    let status = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok(run_response(status, &run, &state, !created))
+}
+
+async fn get_run(State(state): State<S>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let run = state.engine.store().get_run(&id).await.map_err(ApiError::from_store)?;
+    let run = run.ok_or_else(|| not_found(&id))?;
+    Ok(Json(run_json(&run, state.settings.expose_tracebacks)).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    agent: Option<String>,
+    entrypoint: Option<String>,
+    status: Option<String>,
+    concurrency_key: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+async fn list_runs(
+    State(state): State<S>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+            invalid("status", "queued, running, succeeded, failed, timed_out or cancelled", format!("unknown status `{s}`"))
+        })?),
+    };
+    let before_seq = match q.cursor.as_deref() {
+        None | Some("") => None,
+        Some(c) => Some(c.parse::<i64>().map_err(|_| invalid("cursor", "a cursor from next_cursor", "invalid cursor"))?),
+    };
+    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    // An agent given by name is stored by id.
+    let agent = q.agent.map(|a| state.agent(&a).map(|x| x.config.agent_id.clone()).unwrap_or(a));
+    let runs = state
+        .engine
+        .store()
+        .list_runs(RunQuery {
+            agent,
+            entrypoint: q.entrypoint,
+            status,
+            concurrency_key: q.concurrency_key,
+            before_seq,
+            limit,
+        })
+        .await
+        .map_err(ApiError::from_store)?;
+    let next_cursor = (runs.len() == limit)
+        .then(|| runs.last().map(|r| r.seq.to_string()))
+        .flatten();
+    let expose = state.settings.expose_tracebacks;
+    Ok(Json(json!({
+        "runs": runs.iter().map(|r| run_json(r, expose)).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    }))
+    .into_response())
+}
+
+#[derive(Deserialize)]
+struct WaitQuery {
+    timeout_s: Option<f64>,
+}
+
+fn wait_for(q: &WaitQuery) -> Result<Duration, ApiError> {
+    let s = q.timeout_s.unwrap_or(30.0);
+    if !(s.is_finite() && (0.0..=MAX_WAIT_S).contains(&s)) {
+        return Err(invalid("timeout_s", "seconds from 0 to 600", "`timeout_s` must be from 0 to 600"));
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+async fn wait_run(
+    State(state): State<S>,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))?;
+    let run = state
+        .engine
+        .wait(&id, wait_for(&q)?)
+        .await
+        .map_err(ApiError::from_store)?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(run_json(&run, state.settings.expose_tracebacks)).into_response())
+}
+
+async fn create_and_wait(
+    State(state): State<S>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))?;
+    let wait = wait_for(&q)?;
+    let (run, _) = submit(&state, body).await?;
+    let run = state
+        .engine
+        .wait(&run.id, wait)
+        .await
+        .map_err(ApiError::from_store)?
+        .unwrap_or(run);
+    Ok(Json(run_json(&run, state.settings.expose_tracebacks)).into_response())
+}
+
+async fn cancel_run(State(state): State<S>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    use agentry_core::runs::CancelOutcome;
+    let expose = state.settings.expose_tracebacks;
+    match state.engine.cancel(&id).await.map_err(ApiError::from_store)? {
+        CancelOutcome::Cancelled(f) => Ok(Json(run_json(&f.run, expose)).into_response()),
+        CancelOutcome::Requested { run, .. } => {
+            Ok((StatusCode::ACCEPTED, Json(run_json(&run, expose))).into_response())
+        }
+        CancelOutcome::AlreadyFinished(run) => Ok(Json(run_json(&run, expose)).into_response()),
+        CancelOutcome::NotFound => Err(not_found(&id)),
+    }
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    after: Option<i64>,
+}
+
+/// Where a client resumes: `Last-Event-ID` wins over `?after=`; default: from the start.
+fn resume_point(headers: &HeaderMap, q: &EventsQuery) -> Result<i64, ApiError> {
+    if let Some(v) = headers.get("last-event-id") {
+        return v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .filter(|n| *n >= 0)
+            .ok_or_else(|| invalid("Last-Event-ID", "an event sequence number", "invalid Last-Event-ID"));
+    }
+    Ok(q.after.unwrap_or(0).max(0))
+}
+
+/// Sends the run's events after `after` to `tx`, in order and without gaps: first from the
+/// store, then live from the hub (subscribed before the first read), re-reading the store
+/// whenever the live feed skips or stalls. Ends after the terminal event.
+async fn follow(engine: Engine, id: String, mut after: i64, tx: mpsc::Sender<RunEvent>) {
+    let mut sub = engine.hub().subscribe(&id);
+    loop {
+        // Catch up from the store.
+        loop {
+            let page = match engine.store().events_after(&id, after, EVENT_PAGE).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(run.id = %id, "reading run events failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let full = page.len() == EVENT_PAGE;
+            for e in page {
+                after = e.seq;
+                let terminal = is_terminal_event(&e.kind);
+                if tx.send(e).await.is_err() || terminal {
+                    return;
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        // A run that is over (and whose terminal event is gone, e.g. purged) ends the feed.
+        match engine.store().get_run(&id).await {
+            Ok(Some(run)) if !run.status.is_terminal() => {}
+            Ok(_) => return,
+            Err(_) => {}
+        }
+        // Live.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
+                Ok(Ok(Some(p))) => {
+                    let e = &p.event;
+                    if e.seq <= after {
+                        continue;
+                    }
+                    if e.seq != after + 1 {
+                        break; // a gap: the store has it
+                    }
+                    after = e.seq;
+                    let terminal = is_terminal_event(&e.kind);
+                    if tx.send((*p.event).clone()).await.is_err() || terminal {
+                        return;
+                    }
+                }
+                Ok(Ok(None)) => return,
+                // Lagged, or quiet for a while (events may come from another node): re-read.
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+    }
+}
+
+async fn run_exists(state: &S, id: &str) -> Result<(), ApiError> {
+    match state.engine.store().get_run(id).await.map_err(ApiError::from_store)? {
+        Some(_) => Ok(()),
+        None => Err(not_found(id)),
+    }
+}
+
+fn sse_of(engine: Engine, id: String, after: i64) -> Response {
+    let (tx, rx) = mpsc::channel::<RunEvent>(64);
+    tokio::spawn(follow(engine, id, after, tx));
+    let events = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |e| {
+        Ok::<_, Infallible>(
+            Event::default()
+                .id(e.seq.to_string())
+                .event(e.kind.clone())
+                .data(event_json(&e)),
+        )
+    });
+    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+}
+
+async fn run_events(
+    State(state): State<S>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    let after = resume_point(&headers, &q)?;
+    run_exists(&state, &id).await?;
+    Ok(sse_of(state.engine.clone(), id, after))
+}
+
+async fn create_and_stream(State(state): State<S>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let (run, _) = submit(&state, body).await?;
+    Ok(sse_of(state.engine.clone(), run.id, 0))
+}
+
+async fn run_events_ws(
+    State(state): State<S>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<EventsQuery>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let after = resume_point(&headers, &q)?;
+    run_exists(&state, &id).await?;
+    let engine = state.engine.clone();
+    Ok(ws
+        .max_message_size(64 * 1024)
+        .on_upgrade(move |socket| ws_follow(socket, engine, id, after)))
+}
+
+async fn ws_follow(mut socket: WebSocket, engine: Engine, id: String, after: i64) {
+    let (tx, mut rx) = mpsc::channel::<RunEvent>(64);
+    let feeder = tokio::spawn(follow(engine, id, after, tx));
+    loop {
+        tokio::select! {
+            e = rx.recv() => match e {
+                Some(e) => {
+                    if socket.send(Message::Text(event_json(&e).into())).await.is_err() {
+                        break;
+                    }
+                }
+                None => {
+                    let _ = socket.send(Message::Close(None)).await;
+                    break;
+                }
+            },
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                _ => {}
+            },
+        }
+    }
+    feeder.abort();
+}

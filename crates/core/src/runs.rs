@@ -1,0 +1,413 @@
+//! Durable runs: their states, the rules for moving between them, and the values the store and
+//! the engine exchange. No I/O here; `store.rs` is the trait that persists these.
+//!
+//! A run goes `queued → running → succeeded | failed | timed_out | cancelled`; a retry takes it
+//! from `running` back to `queued` (its attempt counter was already raised by the claim). Times
+//! are Unix milliseconds: compact in the database and free of time-zone questions; the API shows
+//! them as RFC 3339.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Unix time in milliseconds, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A new run id: `run_` and a UUIDv7, so ids sort by creation time.
+pub fn new_run_id() -> String {
+    format!("run_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Lost leases (the node running the attempt died) a run survives; after that it fails, so that
+/// a run that brings its node down cannot do so forever.
+pub const MAX_LEASE_LOSSES: u32 = 5;
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 6] = [
+        Self::Queued,
+        Self::Running,
+        Self::Succeeded,
+        Self::Failed,
+        Self::TimedOut,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::TimedOut => "timed_out",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// Terminal states never change again.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Queued | Self::Running)
+    }
+
+    /// The event that records reaching this terminal state.
+    pub fn terminal_event(self) -> &'static str {
+        match self {
+            Self::Succeeded => "run.succeeded",
+            Self::Failed => "run.failed",
+            Self::TimedOut => "run.timed_out",
+            Self::Cancelled => "run.cancelled",
+            Self::Queued => "run.queued",
+            Self::Running => "run.started",
+        }
+    }
+}
+
+/// Retry backoff: `min(base^attempt, max_s)` seconds, plus up to `jitter` of that at random,
+/// so that runs failing together do not retry in lockstep.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backoff {
+    #[serde(default = "Backoff::default_base")]
+    pub base: f64,
+    #[serde(default = "Backoff::default_max_s")]
+    pub max_s: f64,
+    /// Fraction of the delay added at random (0 to 1).
+    #[serde(default = "Backoff::default_jitter")]
+    pub jitter: f64,
+}
+
+impl Backoff {
+    fn default_base() -> f64 {
+        2.0
+    }
+    fn default_max_s() -> f64 {
+        300.0
+    }
+    fn default_jitter() -> f64 {
+        0.1
+    }
+
+    /// Checks the numbers a client sent.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.base.is_finite() && self.base >= 1.0 && self.base <= 60.0) {
+            return Err("backoff.base must be between 1 and 60".into());
+        }
+        if !(self.max_s.is_finite() && self.max_s >= 0.0 && self.max_s <= 86_400.0) {
+            return Err("backoff.max_s must be between 0 and 86400".into());
+        }
+        if !(self.jitter.is_finite() && (0.0..=1.0).contains(&self.jitter)) {
+            return Err("backoff.jitter must be between 0 and 1".into());
+        }
+        Ok(())
+    }
+
+    /// The delay before the retry that follows failed attempt `attempt` (1-based), given a
+    /// random number in [0, 1).
+    pub fn delay(&self, attempt: u32, random: f64) -> Duration {
+        let exp = self.base.powi(attempt.min(64) as i32);
+        let base = exp.min(self.max_s).max(0.0);
+        let with_jitter = base * (1.0 + self.jitter * random.clamp(0.0, 1.0));
+        Duration::try_from_secs_f64(with_jitter).unwrap_or(Duration::from_secs(86_400))
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            base: Self::default_base(),
+            max_s: Self::default_max_s(),
+            jitter: Self::default_jitter(),
+        }
+    }
+}
+
+/// A run as the client asked for it, ready to be stored.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: String,
+    pub agent: String,
+    pub entrypoint: String,
+    /// The keyword arguments, as a JSON object's text.
+    pub input: String,
+    pub idempotency_key: Option<String>,
+    /// A digest of the request, so that a reused idempotency key with another body is a conflict.
+    pub request_hash: Option<String>,
+    /// Higher runs first.
+    pub priority: i32,
+    pub run_at: i64,
+    pub timeout_ms: i64,
+    pub max_attempts: u32,
+    pub backoff: Backoff,
+    pub concurrency_key: Option<String>,
+    /// A JSON object's text, stored and returned as given.
+    pub metadata: String,
+    pub created_at: i64,
+}
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Run {
+    /// Storage order; the list cursor.
+    pub seq: i64,
+    pub id: String,
+    pub agent: String,
+    pub entrypoint: String,
+    pub input: String,
+    pub status: RunStatus,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// Attempts that ended because their node lost the lease (crash, restart), not by the agent.
+    pub lease_losses: u32,
+    pub priority: i32,
+    pub run_at: i64,
+    pub timeout_ms: i64,
+    pub backoff: Backoff,
+    pub concurrency_key: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub metadata: String,
+    /// JSON text of the result, once succeeded.
+    pub result: Option<String>,
+    /// JSON text `{code, message, type?, traceback?}` of the last failure.
+    pub error: Option<String>,
+    pub cancel_requested: bool,
+    pub lease_owner: Option<String>,
+    pub lease_expires_at: Option<i64>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+impl Run {
+    /// Whether another attempt may follow a retriable failure of the current one. Attempts lost
+    /// with their node's lease do not count against `max_attempts`.
+    pub fn may_retry(&self) -> bool {
+        self.attempt < self.max_attempts.saturating_add(self.lease_losses)
+    }
+}
+
+/// One entry of a run's event log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEvent {
+    pub run_id: String,
+    /// 1, 2, 3, … per run, without gaps.
+    pub seq: i64,
+    pub kind: String,
+    /// JSON text.
+    pub data: String,
+    pub at: i64,
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: String,
+    pub data: String,
+}
+
+impl NewEvent {
+    pub fn new(kind: impl Into<String>, data: impl Into<String>) -> Self {
+        Self {
+            kind: kind.into(),
+            data: data.into(),
+        }
+    }
+}
+
+/// The proof that a node holds a run: the claim's owner and attempt. Every write of a running
+/// run carries it, and the store refuses it once the run was requeued or finished elsewhere
+/// (fencing), so a stale node can never complete a run twice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseRef {
+    pub run_id: String,
+    pub owner: String,
+    pub attempt: u32,
+}
+
+/// A run handed to this node by a claim.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub run: Run,
+    /// The last checkpoint's state (JSON text), which the new attempt resumes from.
+    pub checkpoint: Option<String>,
+    /// The `run.started` event written by the claim.
+    pub started: RunEvent,
+}
+
+/// What to claim: due runs by priority then age, at most `limit` per agent.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub node: String,
+    pub owner: String,
+    pub now: i64,
+    pub lease_until: i64,
+    /// (agent, how many more runs it may start now).
+    pub per_agent: Vec<(String, usize)>,
+}
+
+/// The outcome of a claim.
+#[derive(Debug, Clone, Default)]
+pub struct Claimed {
+    pub runs: Vec<ClaimedRun>,
+    /// When the earliest queued run that is not due yet becomes due.
+    pub next_due: Option<i64>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Succeeded { result: String },
+    /// A terminal failure (non-retriable, or out of attempts).
+    Failed { error: String },
+    TimedOut { error: String },
+    Cancelled { error: String },
+    /// A retriable failure: back to `queued` until `run_at`.
+    Retry { error: String, run_at: i64 },
+}
+
+impl Outcome {
+    pub fn status(&self) -> RunStatus {
+        match self {
+            Self::Succeeded { .. } => RunStatus::Succeeded,
+            Self::Failed { .. } => RunStatus::Failed,
+            Self::TimedOut { .. } => RunStatus::TimedOut,
+            Self::Cancelled { .. } => RunStatus::Cancelled,
+            Self::Retry { .. } => RunStatus::Queued,
+        }
+    }
+}
+
+/// A write of a running run, refused because its lease is no longer this node's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseLost;
+
+/// The outcome of finishing an attempt.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub run: Run,
+    pub events: Vec<RunEvent>,
+}
+
+/// The outcome of a cancel request.
+#[derive(Debug, Clone)]
+pub enum CancelOutcome {
+    /// It was queued: now `cancelled`.
+    Cancelled(Finished),
+    /// It is running: the node running it was asked to stop it.
+    Requested { run: Run, event: Option<RunEvent> },
+    /// It had already ended; nothing changed.
+    AlreadyFinished(Run),
+    NotFound,
+}
+
+/// The outcome of creating a run.
+#[derive(Debug, Clone)]
+pub enum CreateOutcome {
+    Created { run: Run, event: RunEvent },
+    /// The idempotency key was used before with the same request: that run.
+    Existing(Run),
+    /// The idempotency key was used before with another request.
+    Conflict { existing_id: String },
+}
+
+/// A lease renewal's verdict on one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewal {
+    pub run_id: String,
+    /// The lease is still this node's.
+    pub held: bool,
+    /// Someone asked to cancel the run (possibly through another node).
+    pub cancel_requested: bool,
+}
+
+/// Filters and paging of the run list. Newest first.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery {
+    pub agent: Option<String>,
+    pub entrypoint: Option<String>,
+    pub status: Option<RunStatus>,
+    pub concurrency_key: Option<String>,
+    /// Only runs stored before this `seq` (the previous page's cursor).
+    pub before_seq: Option<i64>,
+    pub limit: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_then_caps() {
+        let b = Backoff {
+            jitter: 0.0,
+            ..Backoff::default()
+        };
+        assert_eq!(b.delay(1, 0.5), Duration::from_secs(2));
+        assert_eq!(b.delay(3, 0.5), Duration::from_secs(8));
+        assert_eq!(b.delay(20, 0.5), Duration::from_secs(300));
+        let j = Backoff::default();
+        assert!(j.delay(2, 0.999) < Duration::from_millis(4400));
+        assert!(j.delay(2, 0.999) > Duration::from_millis(4300));
+        assert!(Backoff { base: 0.5, ..j }.validate().is_err());
+    }
+
+    #[test]
+    fn statuses_round_trip() {
+        for s in RunStatus::ALL {
+            assert_eq!(RunStatus::parse(s.as_str()), Some(s));
+        }
+        assert!(RunStatus::TimedOut.is_terminal());
+        assert!(!RunStatus::Running.is_terminal());
+    }
+
+    #[test]
+    fn lost_leases_do_not_use_up_attempts() {
+        let mut r = Run {
+            seq: 1,
+            id: "r".into(),
+            agent: "a".into(),
+            entrypoint: "e".into(),
+            input: "{}".into(),
+            status: RunStatus::Running,
+            attempt: 3,
+            max_attempts: 3,
+            lease_losses: 0,
+            priority: 0,
+            run_at: 0,
+            timeout_ms: 1,
+            backoff: Backoff::default(),
+            concurrency_key: None,
+            idempotency_key: None,
+            metadata: "{}".into(),
+            result: None,
+            error: None,
+            cancel_requested: false,
+            lease_owner: None,
+            lease_expires_at: None,
+            created_at: 0,
+            started_at: None,
+            finished_at: None,
+            updated_at: 0,
+        };
+        assert!(!r.may_retry());
+        r.lease_losses = 1;
+        assert!(r.may_retry());
+    }
+}

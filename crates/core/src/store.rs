@@ -1,0 +1,92 @@
+//! The durable store behind one trait. The engine and the API use only this; each backend
+//! (`agentry-store`'s `sqlite`, later `postgres`) keeps its SQL in one place and implements it.
+//!
+//! Every write is committed before its future resolves, so a run the API answered 202 for is on
+//! disk. Writes of a running run carry its [`LeaseRef`] and are refused with
+//! [`StoreError::LeaseLost`] once another claim owns it. No method holds a transaction open
+//! across an agent's run: each is one short transaction.
+
+use async_trait::async_trait;
+
+use crate::runs::{
+    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, Finished, LeaseRef, NewEvent, NewRun,
+    Outcome, Renewal, Run, RunEvent, RunQuery,
+};
+
+/// Why a store operation failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    /// The database cannot take the write or read right now (locked past the busy timeout, disk
+    /// full, I/O error). Nothing was changed; the client may retry. The API answers 503.
+    #[error("the run store is unavailable: {0}")]
+    Unavailable(String),
+    /// The run's lease belongs to another claim now; the write was refused (fencing).
+    #[error("the run's lease is no longer held by this node")]
+    LeaseLost,
+    /// Anything else: a bug or a damaged database.
+    #[error("run store failure: {0}")]
+    Internal(String),
+}
+
+/// Durable runs, their events, checkpoints and idempotency keys.
+#[async_trait]
+pub trait RunStore: Send + Sync + 'static {
+    /// Stores a new run (`queued`) and its `run.queued` event, honouring the idempotency key.
+    async fn create_run(&self, run: NewRun) -> Result<CreateOutcome, StoreError>;
+
+    async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError>;
+
+    /// Runs, newest first.
+    async fn list_runs(&self, query: RunQuery) -> Result<Vec<Run>, StoreError>;
+
+    /// Leases due runs to `request.owner` (status `running`, attempt + 1, `run.started`).
+    /// At most one run per concurrency key runs at a time, in enqueue order.
+    async fn claim_runs(&self, request: ClaimRequest) -> Result<Claimed, StoreError>;
+
+    /// Extends the leases this node holds to `until`. With `heartbeat` set, the runs in it get
+    /// a `run.heartbeat` event. Reports leases lost and cancels requested.
+    async fn renew_leases(
+        &self,
+        leases: Vec<LeaseRef>,
+        until: i64,
+        heartbeat: Vec<String>,
+    ) -> Result<Vec<Renewal>, StoreError>;
+
+    /// Appends events of a running run, in order.
+    async fn append_events(
+        &self,
+        lease: LeaseRef,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<RunEvent>, StoreError>;
+
+    /// Saves a checkpoint (the state a retry resumes from) and its `run.checkpoint` event.
+    async fn save_checkpoint(&self, lease: LeaseRef, state: String)
+    -> Result<RunEvent, StoreError>;
+
+    /// Ends the current attempt: a terminal state, or back to `queued` for a retry.
+    async fn finish_run(&self, lease: LeaseRef, outcome: Outcome) -> Result<Finished, StoreError>;
+
+    /// Cancels a queued run at once; marks a running one for cancellation.
+    async fn cancel_run(&self, id: &str, now: i64) -> Result<CancelOutcome, StoreError>;
+
+    /// Events with `seq > after`, in order, at most `limit`.
+    async fn events_after(
+        &self,
+        id: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<RunEvent>, StoreError>;
+
+    /// Requeues running runs whose lease expired before `now` (their node died or hung), or
+    /// that `node` held under an owner other than `keep_owner` (this node's previous life).
+    /// Returns the runs requeued or failed, with their events.
+    async fn recover_leases(
+        &self,
+        now: i64,
+        node: Option<(String, String)>,
+    ) -> Result<Vec<Finished>, StoreError>;
+
+    /// Deletes up to `limit` runs that finished before `before`, with their events and
+    /// checkpoints. Returns how many were deleted.
+    async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
+}

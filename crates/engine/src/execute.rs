@@ -1,0 +1,298 @@
+//! One attempt of one run, from claim to its fenced end.
+//!
+//! Events the agent produces (chunks, `ctx.emit`, `ctx.log`) are committed in order; while a
+//! commit is in flight the next ones gather, so a chatty agent costs one commit per batch, not
+//! per event. A checkpoint is committed before the agent is let go on. The attempt ends with
+//! `finish_run`, refused by the store if the lease was lost meanwhile.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentry_core::ErrorCode;
+use agentry_core::runs::{ClaimedRun, LeaseRef, NewEvent, Outcome, Run, now_ms};
+use agentry_core::store::StoreError;
+use agentry_runner::{CallError, RunItem};
+use futures_util::FutureExt;
+use tokio::sync::watch;
+
+use crate::{Inner, Running, Signal};
+
+/// Registers the claimed run and spawns its executor.
+pub(crate) fn start(inner: &Arc<Inner>, claimed: ClaimedRun) {
+    let (signal, rx) = watch::channel(if claimed.run.cancel_requested {
+        Signal::Cancel
+    } else {
+        Signal::None
+    });
+    inner.running.lock().insert(
+        claimed.run.id.clone(),
+        Running {
+            agent: claimed.run.agent.clone(),
+            attempt: claimed.run.attempt,
+            signal,
+            last_heartbeat_event: std::time::Instant::now(),
+        },
+    );
+    inner.publish(std::slice::from_ref(&claimed.started), Some(&claimed.run));
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        let run_id = claimed.run.id.clone();
+        execute(&inner, claimed, rx).await;
+        inner.running.lock().remove(&run_id);
+        inner.wake.notify_one();
+    });
+}
+
+/// What to do after one item from the call.
+enum Step {
+    Continue,
+    Checkpoint(String),
+    Done(Result<String, CallError>),
+}
+
+fn step(item: RunItem, chunks: &mut u64, batch: &mut Vec<NewEvent>) -> Step {
+    match item {
+        RunItem::Chunk(p) => {
+            batch.push(NewEvent::new(
+                "run.chunk",
+                format!("{{\"index\":{chunks},\"value\":{}}}", p.as_str()),
+            ));
+            *chunks += 1;
+            Step::Continue
+        }
+        RunItem::Event { kind, data } => {
+            let data = String::from_utf8_lossy(&data).into_owned();
+            batch.push(NewEvent::new(kind, data));
+            Step::Continue
+        }
+        RunItem::Log { level, message } => {
+            let data = serde_json::json!({"level": level, "message": message}).to_string();
+            batch.push(NewEvent::new("run.log", data));
+            Step::Continue
+        }
+        RunItem::Checkpoint(state) => Step::Checkpoint(String::from_utf8_lossy(&state).into_owned()),
+        RunItem::Result(p) => Step::Done(Ok(p.as_str().to_string())),
+        RunItem::End(_) => Step::Done(Ok("null".into())),
+        RunItem::Failed(e) => Step::Done(Err(e)),
+    }
+}
+
+async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Receiver<Signal>) {
+    let run = claimed.run;
+    let lease = LeaseRef {
+        run_id: run.id.clone(),
+        owner: inner.owner.clone(),
+        attempt: run.attempt,
+    };
+    let outcome = match attempt(inner, &run, &lease, claimed.checkpoint, &mut signal).await {
+        Some(outcome) => outcome,
+        None => return, // abandoned: the lease is not ours any more, or the engine stops
+    };
+    match inner.store.finish_run(lease, outcome).await {
+        Ok(f) => inner.publish(&f.events, Some(&f.run)),
+        Err(StoreError::LeaseLost) => {
+            tracing::warn!(run.id = %run.id, "the run's lease was taken over; its result is dropped");
+        }
+        Err(e) => {
+            // Not written: the lease expires and the reaper requeues the run (at-least-once).
+            tracing::error!(run.id = %run.id, "could not record the end of a run: {e}");
+        }
+    }
+}
+
+/// Runs the attempt; `None` when it was abandoned.
+async fn attempt(
+    inner: &Arc<Inner>,
+    run: &Run,
+    lease: &LeaseRef,
+    checkpoint: Option<String>,
+    signal: &mut watch::Receiver<Signal>,
+) -> Option<Outcome> {
+    if *signal.borrow() == Signal::Cancel {
+        return Some(cancelled("the run was cancelled before it started"));
+    }
+    let Some(agent) = inner.agents.get(&run.agent) else {
+        return Some(Outcome::Failed {
+            error: error_json(ErrorCode::AgentNotFound, "the agent is not served here", None),
+        });
+    };
+    let context = format!(
+        "{{\"id\":{},\"attempt\":{},\"state\":{}}}",
+        serde_json::Value::from(run.id.as_str()),
+        run.attempt,
+        checkpoint.as_deref().unwrap_or("null")
+    );
+    let timeout = Duration::from_millis(run.timeout_ms.max(1) as u64);
+    let call = tokio::select! {
+        call = agent.pool.run(&run.entrypoint, &run.input, &context, timeout) => call,
+        _ = signal.changed() => {
+            return match *signal.borrow() {
+                Signal::Abandon => None,
+                _ => Some(cancelled("the run was cancelled before it started")),
+            };
+        }
+    };
+    let mut call = match call {
+        Ok(call) => call,
+        Err(e) => return Some(decide(inner, run, Err(e), false)),
+    };
+    let mut chunks = 0u64;
+    let mut batch = Vec::new();
+    let mut cancel_at: Option<tokio::time::Instant> = None;
+    loop {
+        let item = tokio::select! {
+            biased;
+            changed = signal.changed() => {
+                let now = if changed.is_err() { Signal::Abandon } else { *signal.borrow() };
+                match now {
+                    Signal::Abandon => {
+                        call.kill("the run's lease was lost");
+                        return None;
+                    }
+                    Signal::Cancel if cancel_at.is_none() => {
+                        call.cancel();
+                        cancel_at = Some(tokio::time::Instant::now() + inner.settings.cancel_grace);
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+            _ = sleep_until(cancel_at) => {
+                call.kill("a cancelled run did not stop within its grace period");
+                flush(inner, lease, &mut batch).await;
+                return Some(cancelled("the run was cancelled; it did not stop within its grace period and its worker was stopped"));
+            }
+            item = call.next() => item,
+        };
+        let Some(item) = item else {
+            return Some(decide(inner, run, Err(CallError::Crashed("the call ended without an answer".into())), cancel_at.is_some()));
+        };
+        let mut next = step(item, &mut chunks, &mut batch);
+        // Gather whatever else is ready into the same commit.
+        while matches!(next, Step::Continue) {
+            match call.next().now_or_never() {
+                Some(Some(item)) => next = step(item, &mut chunks, &mut batch),
+                _ => break,
+            }
+        }
+        if !flush(inner, lease, &mut batch).await {
+            call.kill("the run's lease was lost");
+            return None;
+        }
+        match next {
+            Step::Continue => {}
+            Step::Checkpoint(state) => match inner.store.save_checkpoint(lease.clone(), state).await {
+                Ok(event) => {
+                    inner.publish(std::slice::from_ref(&event), None);
+                    call.ack(true);
+                }
+                Err(StoreError::LeaseLost) => {
+                    call.kill("the run's lease was lost");
+                    return None;
+                }
+                Err(e) => {
+                    tracing::warn!(run.id = %run.id, "a checkpoint could not be saved: {e}");
+                    call.ack(false);
+                }
+            },
+            Step::Done(result) => return Some(decide(inner, run, result, cancel_at.is_some())),
+        }
+    }
+}
+
+/// Commits the gathered events; false if the lease was lost.
+async fn flush(inner: &Inner, lease: &LeaseRef, batch: &mut Vec<NewEvent>) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    match inner
+        .store
+        .append_events(lease.clone(), std::mem::take(batch))
+        .await
+    {
+        Ok(events) => {
+            inner.publish(&events, None);
+            true
+        }
+        Err(StoreError::LeaseLost) => false,
+        Err(e) => {
+            // Events are best effort against a failing disk; the run's outcome is not.
+            tracing::warn!(run.id = %lease.run_id, "run events could not be saved: {e}");
+            true
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn cancelled(message: &str) -> Outcome {
+    Outcome::Cancelled {
+        error: error_json(ErrorCode::Cancelled, message, None),
+    }
+}
+
+/// Turns the call's answer into the attempt's outcome: retriable failures come back with
+/// backoff while attempts remain; deadlines and cancellations are final.
+fn decide(
+    _inner: &Inner,
+    run: &Run,
+    result: Result<String, CallError>,
+    cancel_requested: bool,
+) -> Outcome {
+    let err = match result {
+        Ok(result) => return Outcome::Succeeded { result },
+        Err(e) => e,
+    };
+    if cancel_requested {
+        return cancelled("the run was cancelled while it ran");
+    }
+    let (retriable, error) = match &err {
+        CallError::Agent {
+            exc_type,
+            message,
+            traceback,
+            retriable,
+        } => (
+            *retriable,
+            error_json(
+                ErrorCode::AgentError,
+                message,
+                Some((exc_type.as_str(), traceback.as_str())),
+            ),
+        ),
+        CallError::Timeout(_) => {
+            return Outcome::TimedOut {
+                error: error_json(ErrorCode::TimeoutError, &err.to_string(), None),
+            };
+        }
+        CallError::Cancelled => return cancelled("the run was cancelled while it ran"),
+        CallError::NoSuchEntrypoint(_) => (false, error_json(err.code(), &err.to_string(), None)),
+        CallError::Crashed(_) | CallError::Unavailable(_) => {
+            (true, error_json(err.code(), &err.to_string(), None))
+        }
+    };
+    if retriable && run.may_retry() {
+        let delay = run.backoff.delay(run.attempt, rand::random::<f64>());
+        Outcome::Retry {
+            error,
+            run_at: now_ms() + delay.as_millis() as i64,
+        }
+    } else {
+        Outcome::Failed { error }
+    }
+}
+
+/// The stored error of a run: `{code, message, type?, traceback?}`.
+pub(crate) fn error_json(code: ErrorCode, message: &str, exc: Option<(&str, &str)>) -> String {
+    let mut v = serde_json::json!({"code": code.as_str(), "message": message});
+    if let Some((ty, tb)) = exc {
+        v["type"] = ty.into();
+        v["traceback"] = tb.into();
+    }
+    v.to_string()
+}

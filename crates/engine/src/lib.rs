@@ -1,0 +1,374 @@
+//! The run engine: turns stored runs into calls on the agents' worker pools, durably.
+//!
+//! * The **dispatcher** claims due runs (priority, then due time, then age) under a lease owned
+//!   by this node's incarnation, within the global and per-agent caps, and starts an executor
+//!   for each. It is woken at once by new runs and freed capacity, and otherwise sleeps until
+//!   the next delayed run is due (at most `idle_poll`).
+//! * An **executor** (`execute.rs`) runs one attempt: it hands the run to the pool, commits
+//!   the run's events as they come, saves checkpoints before the agent goes on, enforces the
+//!   deadline and cancellation, and ends the attempt with a fenced write (a node that lost the
+//!   lease cannot complete the run).
+//! * **Maintenance** (`maintenance.rs`): the heartbeat renews this node's leases; the reaper
+//!   requeues runs whose node died; retention deletes old finished runs in small batches.
+//!
+//! The engine never holds a transaction across an agent's run: every store call is one short
+//! group-committed write.
+
+mod execute;
+mod hub;
+mod maintenance;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentry_core::runs::{
+    CancelOutcome, ClaimRequest, CreateOutcome, NewRun, Run, RunEvent, now_ms,
+};
+use agentry_core::store::{RunStore, StoreError};
+use agentry_runner::AgentPool;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+pub use hub::{EventHub, Published, Subscription};
+
+/// Tuning of the engine. `docs/configuration.md` documents each as a flag.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// This node's stable name (its previous incarnation's runs are requeued at start-up).
+    pub node: String,
+    /// Runs executing at once on this node, all agents together.
+    pub max_running: usize,
+    /// How long a claim holds a run without renewal.
+    pub lease_ttl: Duration,
+    /// How often leases are renewed.
+    pub heartbeat_every: Duration,
+    /// Least time between two `run.heartbeat` events of one run.
+    pub heartbeat_event_every: Duration,
+    /// How often expired leases of other (dead) nodes are looked for.
+    pub reap_every: Duration,
+    /// How long a cancelled running run may take to stop before its worker is killed.
+    pub cancel_grace: Duration,
+    /// Finished runs older than this are deleted. `None`: kept forever.
+    pub retention: Option<Duration>,
+    pub retention_every: Duration,
+    /// Runs deleted per retention transaction (small, so dispatch never waits long).
+    pub purge_batch: usize,
+    /// Longest sleep of an idle dispatcher (a safety net; wake-ups are immediate).
+    pub idle_poll: Duration,
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        Self {
+            node: "local".into(),
+            max_running: 1024,
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_every: Duration::from_secs(10),
+            heartbeat_event_every: Duration::from_secs(30),
+            reap_every: Duration::from_secs(5),
+            cancel_grace: Duration::from_secs(5),
+            retention: Some(Duration::from_secs(7 * 24 * 3600)),
+            retention_every: Duration::from_secs(60),
+            purge_batch: 200,
+            idle_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// An agent the engine may run, with its cap.
+#[derive(Clone)]
+pub struct EngineAgent {
+    pub pool: AgentPool,
+    /// Runs of this agent executing at once on this node.
+    pub max_running: usize,
+}
+
+/// What an executor listens to besides its call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signal {
+    None,
+    /// Someone asked to cancel the run.
+    Cancel,
+    /// The lease is gone (another node took the run, or the engine is stopping): stop without
+    /// writing anything.
+    Abandon,
+}
+
+struct Running {
+    agent: String,
+    attempt: u32,
+    signal: watch::Sender<Signal>,
+    last_heartbeat_event: std::time::Instant,
+}
+
+struct Inner {
+    store: Arc<dyn RunStore>,
+    agents: HashMap<String, EngineAgent>,
+    /// Agents in a fixed order, for fair claims.
+    order: Vec<String>,
+    settings: EngineSettings,
+    /// `node/incarnation`: the lease owner of everything this process claims.
+    owner: String,
+    hub: Arc<EventHub>,
+    wake: Notify,
+    running: Mutex<HashMap<String, Running>>,
+    /// Rotates which agent claims first.
+    turn: std::sync::atomic::AtomicUsize,
+    stopping: watch::Sender<bool>,
+    tasks: Mutex<JoinSet<()>>,
+}
+
+/// The engine of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Why the engine refused to create a run.
+#[derive(Debug)]
+pub enum SubmitError {
+    /// The idempotency key was used with another request; the existing run's id.
+    Conflict(String),
+    Store(StoreError),
+}
+
+impl Engine {
+    /// Recovers this node's previous incarnation's runs, then starts the dispatcher and the
+    /// maintenance loops.
+    pub async fn start(
+        store: Arc<dyn RunStore>,
+        agents: HashMap<String, EngineAgent>,
+        settings: EngineSettings,
+    ) -> Result<Self, StoreError> {
+        let owner = format!("{}/{}", settings.node, uuid::Uuid::new_v4().simple());
+        let mut order: Vec<String> = agents.keys().cloned().collect();
+        order.sort();
+        let inner = Arc::new(Inner {
+            store,
+            agents,
+            order,
+            settings,
+            owner,
+            hub: Arc::new(EventHub::default()),
+            wake: Notify::new(),
+            running: Mutex::new(HashMap::new()),
+            turn: std::sync::atomic::AtomicUsize::new(0),
+            stopping: watch::channel(false).0,
+            tasks: Mutex::new(JoinSet::new()),
+        });
+        let recovered = inner
+            .store
+            .recover_leases(
+                now_ms(),
+                Some((inner.settings.node.clone(), inner.owner.clone())),
+            )
+            .await?;
+        if !recovered.is_empty() {
+            tracing::info!(
+                runs = recovered.len(),
+                "requeued the runs this node was running when it stopped"
+            );
+        }
+        for f in &recovered {
+            inner.hub.publish(&f.events, Some(&f.run));
+        }
+        {
+            let mut tasks = inner.tasks.lock();
+            tasks.spawn(dispatch_loop(Arc::clone(&inner)));
+            tasks.spawn(maintenance::heartbeat_loop(Arc::clone(&inner)));
+            tasks.spawn(maintenance::reaper_loop(Arc::clone(&inner)));
+            tasks.spawn(maintenance::retention_loop(Arc::clone(&inner)));
+        }
+        Ok(Self { inner })
+    }
+
+    pub fn store(&self) -> &Arc<dyn RunStore> {
+        &self.inner.store
+    }
+
+    pub fn hub(&self) -> &Arc<EventHub> {
+        &self.inner.hub
+    }
+
+    pub fn owner(&self) -> &str {
+        &self.inner.owner
+    }
+
+    /// Runs executing on this node now.
+    pub fn running(&self) -> usize {
+        self.inner.running.lock().len()
+    }
+
+    /// Stores a run (committed when this returns) and wakes the dispatcher.
+    pub async fn submit(&self, run: NewRun) -> Result<(Run, bool), SubmitError> {
+        match self.inner.store.create_run(run).await {
+            Ok(CreateOutcome::Created { run, event }) => {
+                self.inner.hub.publish(std::slice::from_ref(&event), Some(&run));
+                self.inner.wake.notify_one();
+                Ok((run, true))
+            }
+            Ok(CreateOutcome::Existing(run)) => Ok((run, false)),
+            Ok(CreateOutcome::Conflict { existing_id }) => Err(SubmitError::Conflict(existing_id)),
+            Err(e) => Err(SubmitError::Store(e)),
+        }
+    }
+
+    /// Cancels a run: a queued one at once, a running one by signalling its executor (here) or
+    /// its node (through the store, seen at that node's next heartbeat).
+    pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
+        let outcome = self.inner.store.cancel_run(id, now_ms()).await?;
+        match &outcome {
+            CancelOutcome::Cancelled(f) => {
+                self.inner.hub.publish(&f.events, Some(&f.run));
+                self.inner.wake.notify_one();
+            }
+            CancelOutcome::Requested { run, event } => {
+                if let Some(e) = event {
+                    self.inner.hub.publish(std::slice::from_ref(e), None);
+                }
+                if let Some(r) = self.inner.running.lock().get(&run.id) {
+                    r.signal.send_replace(Signal::Cancel);
+                }
+            }
+            _ => {}
+        }
+        Ok(outcome)
+    }
+
+    /// Waits until the run is terminal or `timeout` passes; returns the run as it then stands
+    /// (`None`: no such run).
+    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<Run>, StoreError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut sub = self.inner.hub.subscribe(id);
+        let Some(mut run) = self.inner.store.get_run(id).await? else {
+            return Ok(None);
+        };
+        while !run.status.is_terminal() {
+            match tokio::time::timeout_at(deadline, sub.recv()).await {
+                Err(_) => break,
+                Ok(Ok(Some(p))) => {
+                    if let Some(r) = p.run {
+                        run = (*r).clone();
+                    }
+                }
+                // Missed messages, or the hub closed: the store knows.
+                Ok(_) => {
+                    if let Some(r) = self.inner.store.get_run(id).await? {
+                        run = r;
+                    }
+                    if !run.status.is_terminal() {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        }
+        Ok(Some(run))
+    }
+
+    /// Stops dispatching, lets running attempts finish within `grace`, then abandons the rest
+    /// without writing: the next start of this node requeues them at once.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.stopping.send_replace(true);
+        self.inner.wake.notify_one();
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.running() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for r in self.inner.running.lock().values() {
+            r.signal.send_replace(Signal::Abandon);
+        }
+        let settle = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.running() > 0 && tokio::time::Instant::now() < settle {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.inner.tasks.lock().abort_all();
+    }
+}
+
+impl Inner {
+    fn stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// How many more runs each agent may start now, within the global cap. The agent that
+    /// claims first rotates, so that one busy agent cannot starve the others of the global cap.
+    fn free_capacity(&self) -> Vec<(String, usize)> {
+        let running = self.running.lock();
+        let mut global_free = self.settings.max_running.saturating_sub(running.len());
+        let mut per_agent: HashMap<&str, usize> = HashMap::new();
+        for r in running.values() {
+            *per_agent.entry(r.agent.as_str()).or_default() += 1;
+        }
+        let n = self.order.len();
+        let start = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = &self.order[(start + i) % n.max(1)];
+            let Some(agent) = self.agents.get(name) else {
+                continue;
+            };
+            let used = per_agent.get(name.as_str()).copied().unwrap_or(0);
+            let free = agent.max_running.saturating_sub(used).min(global_free);
+            global_free -= free;
+            if free > 0 {
+                out.push((name.clone(), free));
+            }
+        }
+        out
+    }
+
+    fn publish(&self, events: &[RunEvent], run: Option<&Run>) {
+        self.hub.publish(events, run);
+    }
+}
+
+async fn dispatch_loop(inner: Arc<Inner>) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        // Register for wake-ups before looking, so none is lost in between.
+        let woken = inner.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if inner.stopping() {
+            return;
+        }
+        let per_agent = inner.free_capacity();
+        let mut sleep_for = inner.settings.idle_poll;
+        if !per_agent.is_empty() {
+            let wanted: usize = per_agent.iter().map(|(_, n)| n).sum();
+            let now = now_ms();
+            let request = ClaimRequest {
+                node: inner.settings.node.clone(),
+                owner: inner.owner.clone(),
+                now,
+                lease_until: now + inner.settings.lease_ttl.as_millis() as i64,
+                per_agent,
+            };
+            match inner.store.claim_runs(request).await {
+                Ok(claimed) => {
+                    backoff = Duration::from_millis(50);
+                    let got = claimed.runs.len();
+                    for c in claimed.runs {
+                        execute::start(&inner, c);
+                    }
+                    if got >= wanted {
+                        // Maybe more are due: look again once capacity frees up.
+                        continue;
+                    }
+                    if let Some(due) = claimed.next_due {
+                        let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
+                        sleep_for = sleep_for.min(wait);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("claiming runs failed: {e}; retrying in {backoff:?}");
+                    sleep_for = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+        let _ = tokio::time::timeout(sleep_for, woken).await;
+    }
+}

@@ -1,0 +1,462 @@
+//! The store's operations as SQLite statements. Write operations run on the writer thread inside
+//! a savepoint (see `mod.rs`); an inner `Err(StoreError)` is a refusal that rolls the job back.
+
+use agentry_core::runs::{
+    Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome, Finished, LeaseRef,
+    NewEvent, NewRun, Outcome, Renewal, Run, RunEvent, RunQuery, RunStatus, MAX_LEASE_LOSSES,
+};
+use agentry_core::store::StoreError;
+use rusqlite::types::Type;
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+macro_rules! sql {
+    ($name:literal) => {
+        include_str!(concat!("queries/", $name, ".sql"))
+    };
+}
+
+fn conversion(col: usize, msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, Type::Text, msg.into())
+}
+
+/// Maps a row of the run columns (the order of every `RETURNING` and `SELECT` of runs).
+fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
+    let status: String = row.get(5)?;
+    let backoff: String = row.get(12)?;
+    Ok(Run {
+        seq: row.get(0)?,
+        id: row.get(1)?,
+        agent: row.get(2)?,
+        entrypoint: row.get(3)?,
+        input: row.get(4)?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| conversion(5, format!("unknown status {status}")))?,
+        attempt: row.get(6)?,
+        max_attempts: row.get(7)?,
+        lease_losses: row.get(8)?,
+        priority: row.get(9)?,
+        run_at: row.get(10)?,
+        timeout_ms: row.get(11)?,
+        backoff: serde_json::from_str::<Backoff>(&backoff)
+            .map_err(|e| conversion(12, e.to_string()))?,
+        concurrency_key: row.get(13)?,
+        idempotency_key: row.get(14)?,
+        metadata: row.get(15)?,
+        result: row.get(16)?,
+        error: row.get(17)?,
+        cancel_requested: row.get(18)?,
+        lease_owner: row.get(19)?,
+        lease_expires_at: row.get(20)?,
+        created_at: row.get(21)?,
+        started_at: row.get(22)?,
+        finished_at: row.get(23)?,
+        updated_at: row.get(24)?,
+    })
+}
+
+fn insert_event(
+    c: &Connection,
+    run_id: &str,
+    kind: &str,
+    data: &str,
+    at: i64,
+) -> rusqlite::Result<RunEvent> {
+    let seq: i64 = c
+        .prepare_cached(sql!("insert_event"))?
+        .query_row(params![run_id, kind, data, at], |r| r.get(0))?;
+    Ok(RunEvent {
+        run_id: run_id.to_string(),
+        seq,
+        kind: kind.to_string(),
+        data: data.to_string(),
+        at,
+    })
+}
+
+fn holds_lease(c: &Connection, lease: &LeaseRef) -> rusqlite::Result<bool> {
+    c.prepare_cached(sql!("check_lease"))?
+        .query_row(params![lease.run_id, lease.owner, lease.attempt], |_| Ok(()))
+        .optional()
+        .map(|r| r.is_some())
+}
+
+pub fn create_run(c: &Connection, run: &NewRun) -> rusqlite::Result<Result<CreateOutcome, StoreError>> {
+    if let Some(key) = &run.idempotency_key {
+        let found: Option<(String, Option<String>)> = c
+            .prepare_cached(sql!("find_idempotency_key"))?
+            .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        if let Some((existing_id, hash)) = found {
+            if hash == run.request_hash {
+                let existing = get_run(c, &existing_id)?;
+                return Ok(existing
+                    .map(CreateOutcome::Existing)
+                    .ok_or_else(|| StoreError::Internal("an idempotent run vanished".into())));
+            }
+            return Ok(Ok(CreateOutcome::Conflict { existing_id }));
+        }
+    }
+    let backoff = serde_json::to_string(&run.backoff).map_err(|e| conversion(0, e.to_string()))?;
+    let stored = c.prepare_cached(sql!("insert_run"))?.query_row(
+        params![
+            run.id,
+            run.agent,
+            run.entrypoint,
+            run.input,
+            run.max_attempts,
+            run.priority,
+            run.run_at,
+            run.timeout_ms,
+            backoff,
+            run.concurrency_key,
+            run.idempotency_key,
+            run.request_hash,
+            run.metadata,
+            run.created_at,
+        ],
+        run_from_row,
+    )?;
+    let data = format!(
+        "{{\"priority\":{},\"run_at\":{}}}",
+        stored.priority,
+        iso(stored.run_at)
+    );
+    let event = insert_event(c, &stored.id, "run.queued", &data, run.created_at)?;
+    Ok(Ok(CreateOutcome::Created { run: stored, event }))
+}
+
+pub fn get_run(c: &Connection, id: &str) -> rusqlite::Result<Option<Run>> {
+    c.prepare_cached(sql!("get_run"))?
+        .query_row(params![id], run_from_row)
+        .optional()
+}
+
+pub fn list_runs(c: &Connection, q: &RunQuery) -> rusqlite::Result<Vec<Run>> {
+    let mut stmt = c.prepare_cached(sql!("list_runs"))?;
+    let rows = stmt.query_map(
+        params![
+            q.agent,
+            q.status.map(RunStatus::as_str),
+            q.entrypoint,
+            q.concurrency_key,
+            q.before_seq.unwrap_or(i64::MAX),
+            q.limit as i64,
+        ],
+        run_from_row,
+    )?;
+    rows.collect()
+}
+
+pub fn claim_runs(c: &Connection, req: &ClaimRequest) -> rusqlite::Result<Claimed> {
+    let mut out = Claimed::default();
+    let mut short = false;
+    for (agent, free) in &req.per_agent {
+        if *free == 0 {
+            continue;
+        }
+        let ids: Vec<String> = {
+            let mut stmt = c.prepare_cached(sql!("claim_candidates"))?;
+            let rows = stmt.query_map(params![agent, req.now, *free as i64], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        short |= ids.len() < *free;
+        for id in ids {
+            let run = c.prepare_cached(sql!("claim_run"))?.query_row(
+                params![id, req.node, req.owner, req.lease_until, req.now],
+                run_from_row,
+            )?;
+            let checkpoint: Option<String> = c
+                .prepare_cached(sql!("latest_checkpoint"))?
+                .query_row(params![id], |r| r.get(0))
+                .optional()?;
+            let data = format!("{{\"attempt\":{},\"node\":{}}}", run.attempt, json_str(&req.node));
+            let started = insert_event(c, &run.id, "run.started", &data, req.now)?;
+            out.runs.push(ClaimedRun {
+                run,
+                checkpoint,
+                started,
+            });
+        }
+    }
+    if short {
+        out.next_due = c
+            .prepare_cached(sql!("next_due"))?
+            .query_row(params![req.now], |r| r.get(0))?;
+    }
+    Ok(out)
+}
+
+pub fn renew_leases(
+    c: &Connection,
+    leases: &[LeaseRef],
+    until: i64,
+    heartbeat: &[String],
+    now: i64,
+) -> rusqlite::Result<Vec<Renewal>> {
+    let mut out = Vec::with_capacity(leases.len());
+    for lease in leases {
+        let cancel: Option<bool> = c
+            .prepare_cached(sql!("renew_lease"))?
+            .query_row(
+                params![lease.run_id, lease.owner, lease.attempt, until, now],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if cancel.is_some() && heartbeat.contains(&lease.run_id) {
+            let data = format!("{{\"attempt\":{}}}", lease.attempt);
+            insert_event(c, &lease.run_id, "run.heartbeat", &data, now)?;
+        }
+        out.push(Renewal {
+            run_id: lease.run_id.clone(),
+            held: cancel.is_some(),
+            cancel_requested: cancel.unwrap_or(false),
+        });
+    }
+    Ok(out)
+}
+
+pub fn append_events(
+    c: &Connection,
+    lease: &LeaseRef,
+    events: &[NewEvent],
+    now: i64,
+) -> rusqlite::Result<Result<Vec<RunEvent>, StoreError>> {
+    if !holds_lease(c, lease)? {
+        return Ok(Err(StoreError::LeaseLost));
+    }
+    let stored = events
+        .iter()
+        .map(|e| insert_event(c, &lease.run_id, &e.kind, &e.data, now))
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Ok(stored))
+}
+
+pub fn save_checkpoint(
+    c: &Connection,
+    lease: &LeaseRef,
+    state: &str,
+    now: i64,
+) -> rusqlite::Result<Result<RunEvent, StoreError>> {
+    if !holds_lease(c, lease)? {
+        return Ok(Err(StoreError::LeaseLost));
+    }
+    let seq: i64 = c
+        .prepare_cached(sql!("insert_checkpoint"))?
+        .query_row(params![lease.run_id, lease.attempt, state, now], |r| r.get(0))?;
+    let data = format!("{{\"checkpoint\":{seq},\"state\":{state}}}");
+    insert_event(c, &lease.run_id, "run.checkpoint", &data, now).map(Ok)
+}
+
+/// The terminal (or retry) event of an outcome and the columns it sets.
+struct Transition<'a> {
+    status: RunStatus,
+    result: Option<&'a str>,
+    error: Option<&'a str>,
+    finished_at: Option<i64>,
+    run_at: Option<i64>,
+    event: &'static str,
+    data: String,
+}
+
+fn transition(outcome: &Outcome, attempt: u32, now: i64) -> Transition<'_> {
+    let status = outcome.status();
+    match outcome {
+        Outcome::Succeeded { result } => Transition {
+            status,
+            result: Some(result),
+            error: None,
+            finished_at: Some(now),
+            run_at: None,
+            event: "run.succeeded",
+            data: format!("{{\"attempt\":{attempt},\"result\":{result}}}"),
+        },
+        Outcome::Failed { error } | Outcome::TimedOut { error } | Outcome::Cancelled { error } => {
+            Transition {
+                status,
+                result: None,
+                error: Some(error),
+                finished_at: Some(now),
+                run_at: None,
+                event: status.terminal_event(),
+                data: format!("{{\"attempt\":{attempt},\"error\":{error}}}"),
+            }
+        }
+        Outcome::Retry { error, run_at } => Transition {
+            status,
+            result: None,
+            error: Some(error),
+            finished_at: None,
+            run_at: Some(*run_at),
+            event: "run.retrying",
+            data: format!(
+                "{{\"attempt\":{attempt},\"retry_at\":{},\"delay_ms\":{},\"error\":{error}}}",
+                iso(*run_at),
+                (run_at - now).max(0)
+            ),
+        },
+    }
+}
+
+pub fn finish_run(
+    c: &Connection,
+    lease: &LeaseRef,
+    outcome: &Outcome,
+    now: i64,
+) -> rusqlite::Result<Result<Finished, StoreError>> {
+    let t = transition(outcome, lease.attempt, now);
+    let run = c
+        .prepare_cached(sql!("finish_run"))?
+        .query_row(
+            params![
+                lease.run_id,
+                lease.owner,
+                lease.attempt,
+                t.status.as_str(),
+                t.result,
+                t.error,
+                t.finished_at,
+                t.run_at,
+                now
+            ],
+            run_from_row,
+        )
+        .optional()?;
+    let Some(run) = run else {
+        return Ok(Err(StoreError::LeaseLost));
+    };
+    let event = insert_event(c, &run.id, t.event, &t.data, now)?;
+    Ok(Ok(Finished {
+        run,
+        events: vec![event],
+    }))
+}
+
+pub fn cancel_run(c: &Connection, id: &str, now: i64) -> rusqlite::Result<CancelOutcome> {
+    let error = r#"{"code":"cancelled","message":"the run was cancelled before it started"}"#;
+    let queued = c
+        .prepare_cached(sql!("cancel_queued"))?
+        .query_row(params![id, error, now], run_from_row)
+        .optional()?;
+    if let Some(run) = queued {
+        let data = format!("{{\"attempt\":{},\"error\":{error}}}", run.attempt);
+        let event = insert_event(c, id, "run.cancelled", &data, now)?;
+        return Ok(CancelOutcome::Cancelled(Finished {
+            run,
+            events: vec![event],
+        }));
+    }
+    let requested = c
+        .prepare_cached(sql!("request_cancel"))?
+        .query_row(params![id, now], run_from_row)
+        .optional()?;
+    if let Some(run) = requested {
+        let event = insert_event(c, id, "run.cancel_requested", "{}", now)?;
+        return Ok(CancelOutcome::Requested {
+            run,
+            event: Some(event),
+        });
+    }
+    Ok(match get_run(c, id)? {
+        // Asked before: the node running it already knows.
+        Some(run) if run.status == RunStatus::Running => {
+            CancelOutcome::Requested { run, event: None }
+        }
+        Some(run) => CancelOutcome::AlreadyFinished(run),
+        None => CancelOutcome::NotFound,
+    })
+}
+
+pub fn events_after(
+    c: &Connection,
+    id: &str,
+    after: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<RunEvent>> {
+    let mut stmt = c.prepare_cached(sql!("events_after"))?;
+    let rows = stmt.query_map(params![id, after, limit as i64], |r| {
+        Ok(RunEvent {
+            run_id: r.get(0)?,
+            seq: r.get(1)?,
+            kind: r.get(2)?,
+            data: r.get(3)?,
+            at: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Requeues (or, past the allowance of lost leases, fails) the runs whose node is gone. A run
+/// whose cancellation was requested is cancelled instead.
+pub fn recover_leases(
+    c: &Connection,
+    now: i64,
+    node: Option<&(String, String)>,
+) -> rusqlite::Result<Vec<Finished>> {
+    let (node_name, owner) = match node {
+        Some((n, o)) => (Some(n.as_str()), Some(o.as_str())),
+        None => (None, None),
+    };
+    let lost: Vec<Run> = {
+        let mut stmt = c.prepare_cached(sql!("lost_leases"))?;
+        let rows = stmt.query_map(params![now, node_name, owner], run_from_row)?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    let mut out = Vec::with_capacity(lost.len());
+    for run in lost {
+        let (status, error, finished_at, event) = if run.cancel_requested {
+            let e = r#"{"code":"cancelled","message":"the run was cancelled while its node was down"}"#;
+            (RunStatus::Cancelled, Some(e), Some(now), "run.cancelled")
+        } else if run.lease_losses + 1 >= MAX_LEASE_LOSSES {
+            let e = r#"{"code":"lease_lost","message":"the run's node died or lost its lease too many times"}"#;
+            (RunStatus::Failed, Some(e), Some(now), "run.failed")
+        } else {
+            (RunStatus::Queued, None, None, "run.retrying")
+        };
+        let updated = c
+            .prepare_cached(sql!("requeue_lost"))?
+            .query_row(
+                params![run.id, now, status.as_str(), error, finished_at],
+                run_from_row,
+            )
+            .optional()?;
+        let Some(updated) = updated else { continue };
+        let data = match error {
+            Some(e) => format!("{{\"attempt\":{},\"error\":{e}}}", run.attempt),
+            None => format!(
+                "{{\"attempt\":{},\"retry_at\":{},\"delay_ms\":0,\"error\":{{\"code\":\"lease_lost\",\"message\":\"the node running the attempt stopped\"}}}}",
+                run.attempt,
+                iso(now)
+            ),
+        };
+        let event = insert_event(c, &run.id, event, &data, now)?;
+        out.push(Finished {
+            run: updated,
+            events: vec![event],
+        });
+    }
+    Ok(out)
+}
+
+pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Result<usize> {
+    let ids: Vec<String> = {
+        let mut stmt = c.prepare_cached(sql!("purge_candidates"))?;
+        let rows = stmt.query_map(params![before, limit as i64], |r| r.get(0))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    for id in &ids {
+        c.prepare_cached(sql!("purge_events"))?.execute(params![id])?;
+        c.prepare_cached(sql!("purge_checkpoints"))?.execute(params![id])?;
+        c.prepare_cached(sql!("purge_run"))?.execute(params![id])?;
+    }
+    Ok(ids.len())
+}
+
+/// A time as the JSON string the API shows (RFC 3339, milliseconds, UTC).
+fn iso(ms: i64) -> String {
+    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    json_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+fn json_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}

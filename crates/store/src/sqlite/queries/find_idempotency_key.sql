@@ -1,0 +1,1 @@
+SELECT id, request_hash FROM runs WHERE idempotency_key = ?1

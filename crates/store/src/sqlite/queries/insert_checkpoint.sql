@@ -1,0 +1,3 @@
+INSERT INTO checkpoints (run_id, seq, attempt, state, at)
+SELECT ?1, ifnull(max(seq), 0) + 1, ?2, ?3, ?4 FROM checkpoints WHERE run_id = ?1
+RETURNING seq
