@@ -124,8 +124,8 @@ struct ServeArgs {
     /// Runs executing at once on this node.
     #[arg(long, env = "AGENTRY_MAX_RUNNING_RUNS", default_value_t = 1024)]
     max_running_runs: usize,
-    /// Runs of one agent executing at once (default: workers x pipeline depth, or x async calls
-    /// per worker for async agents).
+    /// Runs of one agent leased at once (default: workers x 16 x pipeline depth, or x async
+    /// calls per worker for async agents); the rest wait queued.
     #[arg(long, env = "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT")]
     max_running_runs_per_agent: Option<usize>,
     /// Seconds a run's lease lasts without renewal (renewed every third of it).

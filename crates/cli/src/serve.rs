@@ -114,10 +114,13 @@ async fn start_engine(settings: &ServeSettings, agents: &[Arc<Agent>]) -> anyhow
             .iter()
             .filter_map(|e| a.pool.entrypoint(&e.tag))
             .any(|r| r.is_async());
+        // Runs beyond what the workers run at once wait in the pool, already leased, in FIFO
+        // order; their deadline starts when a worker takes them. Claiming well ahead keeps the
+        // workers busy between two claims.
         let per_worker = if has_async {
             settings.max_async_per_worker
         } else {
-            settings.pipeline_depth
+            settings.pipeline_depth * 16
         };
         let default_cap = a.pool.live_workers().max(1) * per_worker.max(1);
         engine_agents.insert(

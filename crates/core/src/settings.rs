@@ -61,8 +61,10 @@ pub struct ServeSettings {
     pub max_run_input_bytes: usize,
     /// Runs executing at once on this node, all agents together.
     pub max_running_runs: usize,
-    /// Runs of one agent executing at once. Default: its workers × the pipeline depth (or ×
-    /// the async calls per worker, for agents with async entrypoints).
+    /// Runs of one agent leased at once on this node. Default: its workers × 16 × the pipeline
+    /// depth (or × the async calls per worker, for agents with async entrypoints); those the
+    /// workers cannot run yet wait in the pool in order, and their deadline starts when a
+    /// worker takes them.
     pub max_running_runs_per_agent: Option<usize>,
     /// How long a claim holds a run without renewal; a node silent for longer loses its runs
     /// to the reaper. Leases are renewed every third of it.

@@ -9,7 +9,7 @@
 use async_trait::async_trait;
 
 use crate::runs::{
-    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, Finished, LeaseRef, NewEvent, NewRun,
+    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent, NewRun,
     Outcome, Renewal, Run, RunEvent, RunQuery,
 };
 
@@ -32,7 +32,13 @@ pub enum StoreError {
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
     /// Stores a new run (`queued`) and its `run.queued` event, honouring the idempotency key.
-    async fn create_run(&self, run: NewRun) -> Result<CreateOutcome, StoreError>;
+    /// With `claim`, a run that is due, has no concurrency key and has no due run of its agent
+    /// queued ahead of it is leased at once (`running`, with its `run.started` event).
+    async fn create_run(
+        &self,
+        run: NewRun,
+        claim: Option<DirectClaim>,
+    ) -> Result<CreateOutcome, StoreError>;
 
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError>;
 

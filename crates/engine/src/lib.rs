@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentry_core::runs::{
-    CancelOutcome, ClaimRequest, CreateOutcome, NewRun, Run, RunEvent, now_ms,
+    CancelOutcome, ClaimRequest, CreateOutcome, DirectClaim, NewRun, Run, RunEvent, now_ms,
 };
 use agentry_core::store::{RunStore, StoreError};
 use agentry_runner::AgentPool;
@@ -114,6 +114,8 @@ struct Inner {
     hub: Arc<EventHub>,
     wake: Notify,
     running: Mutex<HashMap<String, Running>>,
+    /// Slots held by submissions that may lease their run directly, per agent.
+    reserved: Mutex<HashMap<String, usize>>,
     /// Rotates which agent claims first.
     turn: std::sync::atomic::AtomicUsize,
     stopping: watch::Sender<bool>,
@@ -154,6 +156,7 @@ impl Engine {
             hub: Arc::new(EventHub::default()),
             wake: Notify::new(),
             running: Mutex::new(HashMap::new()),
+            reserved: Mutex::new(HashMap::new()),
             turn: std::sync::atomic::AtomicUsize::new(0),
             stopping: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
@@ -201,12 +204,28 @@ impl Engine {
         self.inner.running.lock().len()
     }
 
-    /// Stores a run (committed when this returns) and wakes the dispatcher.
+    /// Stores a run (committed when this returns). When its agent has room and nothing waits
+    /// ahead of it, the same commit leases it to this node and it starts at once; otherwise the
+    /// dispatcher is woken.
     pub async fn submit(&self, run: NewRun) -> Result<(Run, bool), SubmitError> {
-        match self.inner.store.create_run(run).await {
-            Ok(CreateOutcome::Created { run, event }) => {
-                self.inner.hub.publish(std::slice::from_ref(&event), Some(&run));
-                self.inner.wake.notify_one();
+        let reservation = self.inner.reserve(&run.agent);
+        let claim = reservation.as_ref().map(|_| DirectClaim {
+            node: self.inner.settings.node.clone(),
+            owner: self.inner.owner.clone(),
+            lease_until: now_ms() + self.inner.settings.lease_ttl.as_millis() as i64,
+        });
+        match self.inner.store.create_run(run, claim).await {
+            Ok(CreateOutcome::Created {
+                run,
+                event,
+                claimed,
+            }) => {
+                self.inner.hub.publish(std::slice::from_ref(&event), None);
+                match claimed {
+                    Some(claimed) => execute::start(&self.inner, claimed),
+                    None => self.inner.wake.notify_one(),
+                }
+                drop(reservation);
                 Ok((run, true))
             }
             Ok(CreateOutcome::Existing(run)) => Ok((run, false)),
@@ -292,14 +311,42 @@ impl Inner {
         *self.stopping.borrow()
     }
 
+    /// Holds one slot of `agent`'s capacity for a submission that may lease its run directly.
+    fn reserve(self: &Arc<Self>, agent: &str) -> Option<Reservation> {
+        let cap = self.agents.get(agent)?.max_running;
+        let running = self.running.lock();
+        let mut reserved = self.reserved.lock();
+        let total_reserved: usize = reserved.values().sum();
+        if running.len() + total_reserved >= self.settings.max_running {
+            return None;
+        }
+        let used = running.values().filter(|r| r.agent == agent).count()
+            + reserved.get(agent).copied().unwrap_or(0);
+        if used >= cap {
+            return None;
+        }
+        *reserved.entry(agent.to_string()).or_default() += 1;
+        Some(Reservation {
+            inner: Arc::clone(self),
+            agent: agent.to_string(),
+        })
+    }
+
     /// How many more runs each agent may start now, within the global cap. The agent that
     /// claims first rotates, so that one busy agent cannot starve the others of the global cap.
     fn free_capacity(&self) -> Vec<(String, usize)> {
         let running = self.running.lock();
-        let mut global_free = self.settings.max_running.saturating_sub(running.len());
+        let reserved = self.reserved.lock();
+        let mut global_free = self
+            .settings
+            .max_running
+            .saturating_sub(running.len() + reserved.values().sum::<usize>());
         let mut per_agent: HashMap<&str, usize> = HashMap::new();
         for r in running.values() {
             *per_agent.entry(r.agent.as_str()).or_default() += 1;
+        }
+        for (agent, n) in reserved.iter() {
+            *per_agent.entry(agent.as_str()).or_default() += n;
         }
         let n = self.order.len();
         let start = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -321,6 +368,21 @@ impl Inner {
 
     fn publish(&self, events: &[RunEvent], run: Option<&Run>) {
         self.hub.publish(events, run);
+    }
+}
+
+/// A slot held for a direct lease; released on drop.
+struct Reservation {
+    inner: Arc<Inner>,
+    agent: String,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut reserved = self.inner.reserved.lock();
+        if let Some(n) = reserved.get_mut(&self.agent) {
+            *n = n.saturating_sub(1);
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use agentry_core::runs::{
-    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, Finished, LeaseRef, NewEvent, NewRun,
+    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent, NewRun,
     Outcome, Renewal, Run, RunEvent, RunQuery, now_ms,
 };
 use agentry_core::store::{RunStore, StoreError};
@@ -295,8 +295,13 @@ fn commit_group(conn: &Connection, group: &mut [Box<dyn Job>]) -> rusqlite::Resu
 
 #[async_trait]
 impl RunStore for SqliteStore {
-    async fn create_run(&self, run: NewRun) -> Result<CreateOutcome, StoreError> {
-        self.write(move |c| ops::create_run(c, &run)).await
+    async fn create_run(
+        &self,
+        run: NewRun,
+        claim: Option<DirectClaim>,
+    ) -> Result<CreateOutcome, StoreError> {
+        self.write(move |c| ops::create_run(c, &run, claim.as_ref()))
+            .await
     }
 
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {

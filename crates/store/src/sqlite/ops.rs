@@ -2,7 +2,8 @@
 //! a savepoint (see `mod.rs`); an inner `Err(StoreError)` is a refusal that rolls the job back.
 
 use agentry_core::runs::{
-    Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome, Finished, LeaseRef,
+    Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome, DirectClaim,
+    Finished, LeaseRef,
     NewEvent, NewRun, Outcome, Renewal, Run, RunEvent, RunQuery, RunStatus, MAX_LEASE_LOSSES,
 };
 use agentry_core::store::StoreError;
@@ -80,7 +81,11 @@ fn holds_lease(c: &Connection, lease: &LeaseRef) -> rusqlite::Result<bool> {
         .map(|r| r.is_some())
 }
 
-pub fn create_run(c: &Connection, run: &NewRun) -> rusqlite::Result<Result<CreateOutcome, StoreError>> {
+pub fn create_run(
+    c: &Connection,
+    run: &NewRun,
+    claim: Option<&DirectClaim>,
+) -> rusqlite::Result<Result<CreateOutcome, StoreError>> {
     if let Some(key) = &run.idempotency_key {
         let found: Option<(String, Option<String>)> = c
             .prepare_cached(sql!("find_idempotency_key"))?
@@ -122,7 +127,57 @@ pub fn create_run(c: &Connection, run: &NewRun) -> rusqlite::Result<Result<Creat
         iso(stored.run_at)
     );
     let event = insert_event(c, &stored.id, "run.queued", &data, run.created_at)?;
-    Ok(Ok(CreateOutcome::Created { run: stored, event }))
+    let claimed = match claim {
+        Some(claim) if may_claim_directly(c, &stored)? => {
+            let request = ClaimRequest {
+                node: claim.node.clone(),
+                owner: claim.owner.clone(),
+                now: run.created_at,
+                lease_until: claim.lease_until,
+                per_agent: Vec::new(),
+            };
+            Some(claim_one(c, &stored.id, &request)?)
+        }
+        _ => None,
+    };
+    let stored = claimed.as_ref().map_or(stored, |c| c.run.clone());
+    Ok(Ok(CreateOutcome::Created {
+        run: stored,
+        event,
+        claimed,
+    }))
+}
+
+/// A new run may skip the queue when it is due, has no concurrency key, and no due run of its
+/// agent waits ahead of it (so priority and FIFO order still hold).
+fn may_claim_directly(c: &Connection, run: &Run) -> rusqlite::Result<bool> {
+    if run.concurrency_key.is_some() || run.run_at > run.created_at {
+        return Ok(false);
+    }
+    let waiting = c
+        .prepare_cached(sql!("due_queued_exists"))?
+        .query_row(params![run.agent, run.run_at, run.seq], |_| Ok(()))
+        .optional()?;
+    Ok(waiting.is_none())
+}
+
+/// Leases one queued run to the claimer and writes its `run.started` event.
+fn claim_one(c: &Connection, id: &str, req: &ClaimRequest) -> rusqlite::Result<ClaimedRun> {
+    let run = c.prepare_cached(sql!("claim_run"))?.query_row(
+        params![id, req.node, req.owner, req.lease_until, req.now],
+        run_from_row,
+    )?;
+    let checkpoint: Option<String> = c
+        .prepare_cached(sql!("latest_checkpoint"))?
+        .query_row(params![id], |r| r.get(0))
+        .optional()?;
+    let data = format!("{{\"attempt\":{},\"node\":{}}}", run.attempt, json_str(&req.node));
+    let started = insert_event(c, &run.id, "run.started", &data, req.now)?;
+    Ok(ClaimedRun {
+        run,
+        checkpoint,
+        started,
+    })
 }
 
 pub fn get_run(c: &Connection, id: &str) -> rusqlite::Result<Option<Run>> {
@@ -161,21 +216,7 @@ pub fn claim_runs(c: &Connection, req: &ClaimRequest) -> rusqlite::Result<Claime
         };
         short |= ids.len() < *free;
         for id in ids {
-            let run = c.prepare_cached(sql!("claim_run"))?.query_row(
-                params![id, req.node, req.owner, req.lease_until, req.now],
-                run_from_row,
-            )?;
-            let checkpoint: Option<String> = c
-                .prepare_cached(sql!("latest_checkpoint"))?
-                .query_row(params![id], |r| r.get(0))
-                .optional()?;
-            let data = format!("{{\"attempt\":{},\"node\":{}}}", run.attempt, json_str(&req.node));
-            let started = insert_event(c, &run.id, "run.started", &data, req.now)?;
-            out.runs.push(ClaimedRun {
-                run,
-                checkpoint,
-                started,
-            });
+            out.runs.push(claim_one(c, &id, req)?);
         }
     }
     if short {
