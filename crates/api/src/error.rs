@@ -54,11 +54,16 @@ impl ApiError {
         match err {
             agentry_core::StoreError::Unavailable(why) => Self::new(
                 ErrorCode::Unavailable,
-                format!("the run store cannot take this now: {why}; nothing was stored, retry later"),
+                format!(
+                    "the run store cannot take this now: {why}; nothing was stored, retry later"
+                ),
             ),
             other => {
                 tracing::error!("run store failure: {other}");
-                Self::new(ErrorCode::ServerError, "the run store failed; see the server log")
+                Self::new(
+                    ErrorCode::ServerError,
+                    "the run store failed; see the server log",
+                )
             }
         }
     }

@@ -91,14 +91,20 @@ fn not_found(id: &str) -> ApiError {
 /// Parses and checks a create request; nothing is stored unless all of it is valid.
 fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
     let b: CreateBody<'_> = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(ErrorCode::ValidationError, format!("invalid request body: {e}"))
-            .with_details(json!({"line": e.line(), "column": e.column()}))
+        ApiError::new(
+            ErrorCode::ValidationError,
+            format!("invalid request body: {e}"),
+        )
+        .with_details(json!({"line": e.line(), "column": e.column()}))
     })?;
     let agent = find_agent(state, &b.agent)?;
     let Some(entrypoint) = agent.config.entrypoint(&b.entrypoint) else {
         return Err(ApiError::new(
             ErrorCode::EntrypointNotFound,
-            format!("agent `{}` has no entrypoint `{}`", agent.config.agent_name, b.entrypoint),
+            format!(
+                "agent `{}` has no entrypoint `{}`",
+                agent.config.agent_name, b.entrypoint
+            ),
         ));
     };
     let input_text = match b.input {
@@ -119,7 +125,11 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
     let input: Value = serde_json::from_str(input_text)
         .map_err(|e| invalid("input", "object", format!("invalid input: {e}")))?;
     if !input.is_object() {
-        return Err(invalid("input", "object", "`input` must be an object of keyword arguments"));
+        return Err(invalid(
+            "input",
+            "object",
+            "`input` must be an object of keyword arguments",
+        ));
     }
     if let Some(report) = agent.pool.entrypoint(&b.entrypoint) {
         let violations = schema::validate(&input, &report.schema, "input");
@@ -131,7 +141,10 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
                 .collect();
             return Err(ApiError::new(
                 ErrorCode::ValidationError,
-                format!("the input does not match entrypoint `{}`: {first}", b.entrypoint),
+                format!(
+                    "the input does not match entrypoint `{}`: {first}",
+                    b.entrypoint
+                ),
             )
             .with_details(json!({"errors": errors})));
         }
@@ -140,21 +153,41 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
         None => "{}".to_string(),
         Some(raw) if raw.get().starts_with('{') => raw.get().to_string(),
         Some(raw) if raw.get() == "null" => "{}".to_string(),
-        Some(_) => return Err(invalid("metadata", "object", "`metadata` must be an object")),
+        Some(_) => {
+            return Err(invalid(
+                "metadata",
+                "object",
+                "`metadata` must be an object",
+            ));
+        }
     };
     let now = now_ms();
     let run_at = match (b.delay_s, &b.run_at) {
         (Some(_), Some(_)) => {
-            return Err(invalid("delay_s", "absent when run_at is given", "give `delay_s` or `run_at`, not both"));
+            return Err(invalid(
+                "delay_s",
+                "absent when run_at is given",
+                "give `delay_s` or `run_at`, not both",
+            ));
         }
         (Some(d), None) if d.is_finite() && (0.0..=31_536_000.0).contains(&d) => {
             now + (d * 1000.0) as i64
         }
         (Some(_), None) => {
-            return Err(invalid("delay_s", "number of seconds between 0 and 31536000", "`delay_s` is out of range"));
+            return Err(invalid(
+                "delay_s",
+                "number of seconds between 0 and 31536000",
+                "`delay_s` is out of range",
+            ));
         }
         (None, Some(at)) => chrono::DateTime::parse_from_rfc3339(at)
-            .map_err(|e| invalid("run_at", "RFC 3339 timestamp", format!("`run_at` is not an RFC 3339 time: {e}")))?
+            .map_err(|e| {
+                invalid(
+                    "run_at",
+                    "RFC 3339 timestamp",
+                    format!("`run_at` is not an RFC 3339 time: {e}"),
+                )
+            })?
             .timestamp_millis()
             .max(now),
         (None, None) => now,
@@ -162,27 +195,47 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
     if let Some(t) = b.timeout_s
         && !(t.is_finite() && t > 0.0)
     {
-        return Err(invalid("timeout_s", "positive number", "`timeout_s` must be a positive number of seconds"));
+        return Err(invalid(
+            "timeout_s",
+            "positive number",
+            "`timeout_s` must be a positive number of seconds",
+        ));
     }
-    let timeout = state.settings.call_timeout(b.timeout_s, entrypoint.timeout_s);
+    let timeout = state
+        .settings
+        .call_timeout(b.timeout_s, entrypoint.timeout_s);
     let max_attempts = b.max_attempts.unwrap_or(3);
     if !(1..=100).contains(&max_attempts) {
-        return Err(invalid("max_attempts", "integer from 1 to 100", "`max_attempts` must be from 1 to 100"));
+        return Err(invalid(
+            "max_attempts",
+            "integer from 1 to 100",
+            "`max_attempts` must be from 1 to 100",
+        ));
     }
     let backoff = b.backoff.unwrap_or_default();
     backoff
         .validate()
         .map_err(|m| invalid("backoff", "base 1..60, max_s 0..86400, jitter 0..1", m))?;
-    for (name, key) in [("idempotency_key", &b.idempotency_key), ("concurrency_key", &b.concurrency_key)] {
+    for (name, key) in [
+        ("idempotency_key", &b.idempotency_key),
+        ("concurrency_key", &b.concurrency_key),
+    ] {
         if let Some(k) = key
             && (k.is_empty() || k.len() > 256)
         {
-            return Err(invalid(name, "string of 1 to 256 characters", format!("`{name}` must be 1 to 256 characters")));
+            return Err(invalid(
+                name,
+                "string of 1 to 256 characters",
+                format!("`{name}` must be 1 to 256 characters"),
+            ));
         }
     }
     let request_hash = b.idempotency_key.as_ref().map(|_| {
         let digest = Sha256::digest(body);
-        digest.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
     });
     Ok(NewRun {
         id: new_run_id(),
@@ -274,7 +327,11 @@ async fn submit(state: &S, body: Result<Bytes, BytesRejection>) -> Result<(Run, 
 }
 
 fn run_response(status: StatusCode, run: &Run, state: &S, replayed: bool) -> Response {
-    let mut resp = (status, Json(run_json(run, state.settings.expose_tracebacks))).into_response();
+    let mut resp = (
+        status,
+        Json(run_json(run, state.settings.expose_tracebacks)),
+    )
+        .into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/runs/{}", run.id)) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -285,14 +342,26 @@ fn run_response(status: StatusCode, run: &Run, state: &S, replayed: bool) -> Res
     resp
 }
 
-async fn create_run(State(state): State<S>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn create_run(
+    State(state): State<S>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let (run, created) = submit(&state, body).await?;
-    let status = if created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
     Ok(run_response(status, &run, &state, !created))
 }
 
 async fn get_run(State(state): State<S>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let run = state.engine.store().get_run(&id).await.map_err(ApiError::from_store)?;
+    let run = state
+        .engine
+        .store()
+        .get_run(&id)
+        .await
+        .map_err(ApiError::from_store)?;
     let run = run.ok_or_else(|| not_found(&id))?;
     Ok(Json(run_json(&run, state.settings.expose_tracebacks)).into_response())
 }
@@ -316,16 +385,28 @@ async fn list_runs(
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
-            invalid("status", "queued, running, succeeded, failed, timed_out or cancelled", format!("unknown status `{s}`"))
+            invalid(
+                "status",
+                "queued, running, succeeded, failed, timed_out or cancelled",
+                format!("unknown status `{s}`"),
+            )
         })?),
     };
     let before_seq = match q.cursor.as_deref() {
         None | Some("") => None,
-        Some(c) => Some(c.parse::<i64>().map_err(|_| invalid("cursor", "a cursor from next_cursor", "invalid cursor"))?),
+        Some(c) => Some(
+            c.parse::<i64>()
+                .map_err(|_| invalid("cursor", "a cursor from next_cursor", "invalid cursor"))?,
+        ),
     };
     let limit = q.limit.unwrap_or(50).clamp(1, 500);
     // An agent given by name is stored by id.
-    let agent = q.agent.map(|a| state.agent(&a).map(|x| x.config.agent_id.clone()).unwrap_or(a));
+    let agent = q.agent.map(|a| {
+        state
+            .agent(&a)
+            .map(|x| x.config.agent_id.clone())
+            .unwrap_or(a)
+    });
     let runs = state
         .engine
         .store()
@@ -358,7 +439,11 @@ struct WaitQuery {
 fn wait_for(q: &WaitQuery) -> Result<Duration, ApiError> {
     let s = q.timeout_s.unwrap_or(30.0);
     if !(s.is_finite() && (0.0..=MAX_WAIT_S).contains(&s)) {
-        return Err(invalid("timeout_s", "seconds from 0 to 600", "`timeout_s` must be from 0 to 600"));
+        return Err(invalid(
+            "timeout_s",
+            "seconds from 0 to 600",
+            "`timeout_s` must be from 0 to 600",
+        ));
     }
     Ok(Duration::from_secs_f64(s))
 }
@@ -398,7 +483,12 @@ async fn create_and_wait(
 async fn cancel_run(State(state): State<S>, Path(id): Path<String>) -> Result<Response, ApiError> {
     use agentry_core::runs::CancelOutcome;
     let expose = state.settings.expose_tracebacks;
-    match state.engine.cancel(&id).await.map_err(ApiError::from_store)? {
+    match state
+        .engine
+        .cancel(&id)
+        .await
+        .map_err(ApiError::from_store)?
+    {
         CancelOutcome::Cancelled(f) => Ok(Json(run_json(&f.run, expose)).into_response()),
         CancelOutcome::Requested { run, .. } => {
             Ok((StatusCode::ACCEPTED, Json(run_json(&run, expose))).into_response())
@@ -421,7 +511,13 @@ fn resume_point(headers: &HeaderMap, q: &EventsQuery) -> Result<i64, ApiError> {
             .ok()
             .and_then(|s| s.trim().parse::<i64>().ok())
             .filter(|n| *n >= 0)
-            .ok_or_else(|| invalid("Last-Event-ID", "an event sequence number", "invalid Last-Event-ID"));
+            .ok_or_else(|| {
+                invalid(
+                    "Last-Event-ID",
+                    "an event sequence number",
+                    "invalid Last-Event-ID",
+                )
+            });
     }
     Ok(q.after.unwrap_or(0).max(0))
 }
@@ -486,7 +582,13 @@ async fn follow(engine: Engine, id: String, mut after: i64, tx: mpsc::Sender<Run
 }
 
 async fn run_exists(state: &S, id: &str) -> Result<(), ApiError> {
-    match state.engine.store().get_run(id).await.map_err(ApiError::from_store)? {
+    match state
+        .engine
+        .store()
+        .get_run(id)
+        .await
+        .map_err(ApiError::from_store)?
+    {
         Some(_) => Ok(()),
         None => Err(not_found(id)),
     }
@@ -503,7 +605,9 @@ fn sse_of(engine: Engine, id: String, after: i64) -> Response {
                 .data(event_json(&e)),
         )
     });
-    Sse::new(events).keep_alive(KeepAlive::default()).into_response()
+    Sse::new(events)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 async fn run_events(
@@ -517,7 +621,10 @@ async fn run_events(
     Ok(sse_of(state.engine.clone(), id, after))
 }
 
-async fn create_and_stream(State(state): State<S>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+async fn create_and_stream(
+    State(state): State<S>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let (run, _) = submit(&state, body).await?;
     Ok(sse_of(state.engine.clone(), run.id, 0))
 }

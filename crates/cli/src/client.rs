@@ -94,7 +94,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// Percent-encodes a path segment.
-fn encode(segment: &str) -> String {
+pub(crate) fn encode(segment: &str) -> String {
     segment
         .bytes()
         .map(|b| match b {

@@ -4,6 +4,7 @@
 
 mod client;
 mod init;
+mod runs;
 mod serve;
 
 use std::net::IpAddr;
@@ -35,6 +36,8 @@ enum Command {
     Validate(ValidateArgs),
     /// Call an entrypoint on a running server and print the result (or chunks as they arrive).
     Run(client::RunArgs),
+    /// Durable runs on a running server: create, get, list, wait, cancel, events.
+    Runs(runs::RunsArgs),
     /// Create a working example agent folder (offline).
     Init {
         /// The folder to create.
@@ -194,6 +197,7 @@ fn main() -> ExitCode {
             }
             Command::Validate(args) => serve::validate(args).await,
             Command::Run(args) => client::run(args).await,
+            Command::Runs(args) => runs::runs(args).await,
             Command::Init { path } => init::init(&path),
         }
     });

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use agentry_api::{Agent, AppState};
 use agentry_core::{AgentConfig, EntrypointKind, ServeSettings};
+use agentry_engine::{Engine, EngineAgent, EngineSettings};
 use agentry_runner::{
     AgentPool, PoolConfig, PythonResolver, ResolvedPython, StartError, WorkerSpec,
 };
-use agentry_engine::{Engine, EngineAgent, EngineSettings};
 use agentry_store::{Durability, RunAgentDb, SqliteOptions, SqliteStore};
-use std::collections::HashMap;
 use anyhow::{Context, bail};
+use std::collections::HashMap;
 use tokio::net::TcpListener;
 
 use crate::{AgentArgs, ServeArgs, ValidateArgs};
@@ -488,8 +488,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let grace = state.settings.shutdown_grace;
     // Runs still executing after the grace are left leased: the next start requeues them.
     let runs = engine.shutdown(grace);
-    let calls =
-        futures_util::future::join_all(state.agents.iter().map(|a| a.pool.shutdown(grace)));
+    let calls = futures_util::future::join_all(state.agents.iter().map(|a| a.pool.shutdown(grace)));
     tokio::join!(runs, calls);
     // Workers are gone, so every request still open ends promptly; don't wait on idle sockets.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;

@@ -282,13 +282,24 @@ pub struct Claimed {
 /// How an attempt ended.
 #[derive(Debug, Clone)]
 pub enum Outcome {
-    Succeeded { result: String },
+    Succeeded {
+        result: String,
+    },
     /// A terminal failure (non-retriable, or out of attempts).
-    Failed { error: String },
-    TimedOut { error: String },
-    Cancelled { error: String },
+    Failed {
+        error: String,
+    },
+    TimedOut {
+        error: String,
+    },
+    Cancelled {
+        error: String,
+    },
     /// A retriable failure: back to `queued` until `run_at`.
-    Retry { error: String, run_at: i64 },
+    Retry {
+        error: String,
+        run_at: i64,
+    },
 }
 
 impl Outcome {
@@ -320,7 +331,10 @@ pub enum CancelOutcome {
     /// It was queued: now `cancelled`.
     Cancelled(Finished),
     /// It is running: the node running it was asked to stop it.
-    Requested { run: Run, event: Option<RunEvent> },
+    Requested {
+        run: Run,
+        event: Option<RunEvent>,
+    },
     /// It had already ended; nothing changed.
     AlreadyFinished(Run),
     NotFound,

@@ -54,12 +54,21 @@ fn check(value: &Value, schema: &Value, path: &str, out: &mut Vec<SchemaViolatio
         if !fits {
             let names: Vec<String> = options
                 .iter()
-                .map(|o| o.get("type").and_then(Value::as_str).unwrap_or("any").to_string())
+                .map(|o| {
+                    o.get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("any")
+                        .to_string()
+                })
                 .collect();
             out.push(SchemaViolation {
                 path: path.to_string(),
                 expected: names.join(" or "),
-                message: format!("{path} is {}, expected {}", type_name(value), names.join(" or ")),
+                message: format!(
+                    "{path} is {}, expected {}",
+                    type_name(value),
+                    names.join(" or ")
+                ),
             });
         }
         return;
@@ -148,7 +157,14 @@ mod tests {
             "mode": {"enum": ["a", "b"]},
             "maybe": {"anyOf": [{"type": "number"}, {"type": "null"}]}
         }, "required": ["name"], "additionalProperties": false});
-        assert!(validate(&json!({"name": "x", "n": 2, "maybe": null}), &schema, "input").is_empty());
+        assert!(
+            validate(
+                &json!({"name": "x", "n": 2, "maybe": null}),
+                &schema,
+                "input"
+            )
+            .is_empty()
+        );
         let errs = validate(
             &json!({"n": 1.5, "tags": ["a", 3], "mode": "c", "maybe": "s", "extra": 1}),
             &schema,
@@ -157,7 +173,14 @@ mod tests {
         let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
             paths,
-            ["input.name", "input.n", "input.tags[1]", "input.mode", "input.maybe", "input.extra"]
+            [
+                "input.name",
+                "input.n",
+                "input.tags[1]",
+                "input.mode",
+                "input.maybe",
+                "input.extra"
+            ]
         );
         assert_eq!(errs[1].expected, "integer");
         assert_eq!(errs[0].expected, "string");

@@ -9,8 +9,8 @@
 use async_trait::async_trait;
 
 use crate::runs::{
-    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent, NewRun,
-    Outcome, Renewal, Run, RunEvent, RunQuery,
+    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent,
+    NewRun, Outcome, Renewal, Run, RunEvent, RunQuery,
 };
 
 /// Why a store operation failed.

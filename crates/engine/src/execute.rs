@@ -70,7 +70,9 @@ fn step(item: RunItem, chunks: &mut u64, batch: &mut Vec<NewEvent>) -> Step {
             batch.push(NewEvent::new("run.log", data));
             Step::Continue
         }
-        RunItem::Checkpoint(state) => Step::Checkpoint(String::from_utf8_lossy(&state).into_owned()),
+        RunItem::Checkpoint(state) => {
+            Step::Checkpoint(String::from_utf8_lossy(&state).into_owned())
+        }
         RunItem::Result(p) => Step::Done(Ok(p.as_str().to_string())),
         RunItem::End(_) => Step::Done(Ok("null".into())),
         RunItem::Failed(e) => Step::Done(Err(e)),
@@ -113,7 +115,11 @@ async fn attempt(
     }
     let Some(agent) = inner.agents.get(&run.agent) else {
         return Some(Outcome::Failed {
-            error: error_json(ErrorCode::AgentNotFound, "the agent is not served here", None),
+            error: error_json(
+                ErrorCode::AgentNotFound,
+                "the agent is not served here",
+                None,
+            ),
         });
     };
     let context = format!(
@@ -165,7 +171,14 @@ async fn attempt(
             item = call.next() => item,
         };
         let Some(item) = item else {
-            return Some(decide(inner, run, Err(CallError::Crashed("the call ended without an answer".into())), cancel_at.is_some()));
+            return Some(decide(
+                inner,
+                run,
+                Err(CallError::Crashed(
+                    "the call ended without an answer".into(),
+                )),
+                cancel_at.is_some(),
+            ));
         };
         let mut next = step(item, &mut chunks, &mut batch);
         // Gather whatever else is ready into the same commit.
@@ -181,20 +194,22 @@ async fn attempt(
         }
         match next {
             Step::Continue => {}
-            Step::Checkpoint(state) => match inner.store.save_checkpoint(lease.clone(), state).await {
-                Ok(event) => {
-                    inner.publish(std::slice::from_ref(&event), None);
-                    call.ack(true);
+            Step::Checkpoint(state) => {
+                match inner.store.save_checkpoint(lease.clone(), state).await {
+                    Ok(event) => {
+                        inner.publish(std::slice::from_ref(&event), None);
+                        call.ack(true);
+                    }
+                    Err(StoreError::LeaseLost) => {
+                        call.kill("the run's lease was lost");
+                        return None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(run.id = %run.id, "a checkpoint could not be saved: {e}");
+                        call.ack(false);
+                    }
                 }
-                Err(StoreError::LeaseLost) => {
-                    call.kill("the run's lease was lost");
-                    return None;
-                }
-                Err(e) => {
-                    tracing::warn!(run.id = %run.id, "a checkpoint could not be saved: {e}");
-                    call.ack(false);
-                }
-            },
+            }
             Step::Done(result) => return Some(decide(inner, run, result, cancel_at.is_some())),
         }
     }

@@ -330,11 +330,7 @@ impl AgentPool {
         context: &str,
         timeout: Duration,
     ) -> Result<RunCall, CallError> {
-        let stream = self
-            .inner
-            .entrypoints
-            .get(tag)
-            .is_some_and(|e| e.stream);
+        let stream = self.inner.entrypoints.get(tag).is_some_and(|e| e.stream);
         let mode = self.mode(tag, stream)?;
         let wait_until = tokio::time::Instant::now() + timeout;
         let lease = self.inner.acquire(mode, wait_until, timeout).await?;

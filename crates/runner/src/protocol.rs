@@ -140,16 +140,39 @@ fn yes() -> bool {
 #[derive(Debug, Clone)]
 pub enum WorkerMessage {
     Hello(Box<Hello>),
-    Result { id: u32, payload: Payload },
-    Chunk { id: u32, payload: Payload },
-    End { id: u32, count: u32 },
-    Failure { id: u32, failure: PyFailure },
+    Result {
+        id: u32,
+        payload: Payload,
+    },
+    Chunk {
+        id: u32,
+        payload: Payload,
+    },
+    End {
+        id: u32,
+        count: u32,
+    },
+    Failure {
+        id: u32,
+        failure: PyFailure,
+    },
     /// `ctx.emit(kind, data)` of a durable run; `data` is JSON text.
-    Emit { id: u32, kind: String, data: Bytes },
+    Emit {
+        id: u32,
+        kind: String,
+        data: Bytes,
+    },
     /// `ctx.log(message, level)` of a durable run.
-    Log { id: u32, level: String, message: String },
+    Log {
+        id: u32,
+        level: String,
+        message: String,
+    },
     /// `ctx.checkpoint(state)` of a durable run; the worker waits for an `A` frame.
-    Checkpoint { id: u32, state: Bytes },
+    Checkpoint {
+        id: u32,
+        state: Bytes,
+    },
 }
 
 /// A frame that breaks the protocol. The worker that sent it is killed.
@@ -215,7 +238,9 @@ pub fn decode(body: Bytes) -> Result<WorkerMessage, ProtocolError> {
                 .get(5..7)
                 .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
                 .ok_or(ProtocolError::Truncated("emit"))?;
-            let kind = body.get(7..7 + len).ok_or(ProtocolError::Truncated("emit"))?;
+            let kind = body
+                .get(7..7 + len)
+                .ok_or(ProtocolError::Truncated("emit"))?;
             let kind = std::str::from_utf8(kind).map_err(|_| ProtocolError::NotUtf8)?;
             let data = body.slice(7 + len..);
             if std::str::from_utf8(&data).is_err() {
@@ -384,7 +409,9 @@ mod tests {
             ProtocolError::Truncated("emit")
         );
         match decode(Bytes::from_static(b"K\0\0\0\x01{\"n\": 1}")).unwrap() {
-            WorkerMessage::Checkpoint { id, state } => assert_eq!((id, &state[..]), (1, &b"{\"n\": 1}"[..])),
+            WorkerMessage::Checkpoint { id, state } => {
+                assert_eq!((id, &state[..]), (1, &b"{\"n\": 1}"[..]))
+            }
             other => panic!("{other:?}"),
         }
         assert!(matches!(
@@ -404,7 +431,14 @@ mod tests {
             v,
             serde_json::json!({"e": "echo", "a": [], "k": {"m": 1}, "w": 64})
         );
-        let f = encode_call(4, "t", "[]", "{}", 0, Some("{\"id\":\"run_1\",\"attempt\":2,\"state\":null}"));
+        let f = encode_call(
+            4,
+            "t",
+            "[]",
+            "{}",
+            0,
+            Some("{\"id\":\"run_1\",\"attempt\":2,\"state\":null}"),
+        );
         let v: serde_json::Value = serde_json::from_slice(&f[9..]).unwrap();
         assert_eq!(v["r"]["attempt"], 2);
     }

@@ -55,8 +55,14 @@ pub enum StreamItem {
 #[derive(Debug)]
 pub enum RunItem {
     Chunk(Payload),
-    Event { kind: String, data: Bytes },
-    Log { level: String, message: String },
+    Event {
+        kind: String,
+        data: Bytes,
+    },
+    Log {
+        level: String,
+        message: String,
+    },
     /// The worker waits for `Worker::ack` before the agent goes on.
     Checkpoint(Bytes),
     Result(Payload),

@@ -17,8 +17,8 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use agentry_core::runs::{
-    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent, NewRun,
-    Outcome, Renewal, Run, RunEvent, RunQuery, now_ms,
+    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent,
+    NewRun, Outcome, Renewal, Run, RunEvent, RunQuery, now_ms,
 };
 use agentry_core::store::{RunStore, StoreError};
 use async_trait::async_trait;

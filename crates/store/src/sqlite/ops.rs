@@ -3,8 +3,8 @@
 
 use agentry_core::runs::{
     Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome, DirectClaim,
-    Finished, LeaseRef,
-    NewEvent, NewRun, Outcome, Renewal, Run, RunEvent, RunQuery, RunStatus, MAX_LEASE_LOSSES,
+    Finished, LeaseRef, MAX_LEASE_LOSSES, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent,
+    RunQuery, RunStatus,
 };
 use agentry_core::store::StoreError;
 use rusqlite::types::Type;
@@ -76,7 +76,10 @@ fn insert_event(
 
 fn holds_lease(c: &Connection, lease: &LeaseRef) -> rusqlite::Result<bool> {
     c.prepare_cached(sql!("check_lease"))?
-        .query_row(params![lease.run_id, lease.owner, lease.attempt], |_| Ok(()))
+        .query_row(
+            params![lease.run_id, lease.owner, lease.attempt],
+            |_| Ok(()),
+        )
         .optional()
         .map(|r| r.is_some())
 }
@@ -171,7 +174,11 @@ fn claim_one(c: &Connection, id: &str, req: &ClaimRequest) -> rusqlite::Result<C
         .prepare_cached(sql!("latest_checkpoint"))?
         .query_row(params![id], |r| r.get(0))
         .optional()?;
-    let data = format!("{{\"attempt\":{},\"node\":{}}}", run.attempt, json_str(&req.node));
+    let data = format!(
+        "{{\"attempt\":{},\"node\":{}}}",
+        run.attempt,
+        json_str(&req.node)
+    );
     let started = insert_event(c, &run.id, "run.started", &data, req.now)?;
     Ok(ClaimedRun {
         run,
@@ -283,7 +290,9 @@ pub fn save_checkpoint(
     }
     let seq: i64 = c
         .prepare_cached(sql!("insert_checkpoint"))?
-        .query_row(params![lease.run_id, lease.attempt, state, now], |r| r.get(0))?;
+        .query_row(params![lease.run_id, lease.attempt, state, now], |r| {
+            r.get(0)
+        })?;
     let data = format!("{{\"checkpoint\":{seq},\"state\":{state}}}");
     insert_event(c, &lease.run_id, "run.checkpoint", &data, now).map(Ok)
 }
@@ -445,7 +454,8 @@ pub fn recover_leases(
     let mut out = Vec::with_capacity(lost.len());
     for run in lost {
         let (status, error, finished_at, event) = if run.cancel_requested {
-            let e = r#"{"code":"cancelled","message":"the run was cancelled while its node was down"}"#;
+            let e =
+                r#"{"code":"cancelled","message":"the run was cancelled while its node was down"}"#;
             (RunStatus::Cancelled, Some(e), Some(now), "run.cancelled")
         } else if run.lease_losses + 1 >= MAX_LEASE_LOSSES {
             let e = r#"{"code":"lease_lost","message":"the run's node died or lost its lease too many times"}"#;
@@ -485,8 +495,10 @@ pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Re
         rows.collect::<rusqlite::Result<_>>()?
     };
     for id in &ids {
-        c.prepare_cached(sql!("purge_events"))?.execute(params![id])?;
-        c.prepare_cached(sql!("purge_checkpoints"))?.execute(params![id])?;
+        c.prepare_cached(sql!("purge_events"))?
+            .execute(params![id])?;
+        c.prepare_cached(sql!("purge_checkpoints"))?
+            .execute(params![id])?;
         c.prepare_cached(sql!("purge_run"))?.execute(params![id])?;
     }
     Ok(ids.len())
