@@ -140,6 +140,9 @@ async fn start_engine(settings: &ServeSettings, agents: &[Arc<Agent>]) -> anyhow
         reap_every: (settings.lease_ttl / 6).max(Duration::from_millis(200)),
         cancel_grace: settings.cancel_grace,
         retention: settings.run_retention,
+        retention_every: settings.run_retention.map_or(Duration::from_secs(60), |r| {
+            (r / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
+        }),
         ..EngineSettings::default()
     };
     Engine::start(Arc::new(store), engine_agents, engine_settings)

@@ -259,13 +259,15 @@ fn decide(
     result: Result<String, CallError>,
     cancel_requested: bool,
 ) -> Outcome {
+    // Once a cancel was requested, the run ends cancelled however the attempt ended: the
+    // client asked for it not to count.
+    if cancel_requested {
+        return cancelled("the run was cancelled while it ran");
+    }
     let err = match result {
         Ok(result) => return Outcome::Succeeded { result },
         Err(e) => e,
     };
-    if cancel_requested {
-        return cancelled("the run was cancelled while it ran");
-    }
     let (retriable, error) = match &err {
         CallError::Agent {
             exc_type,

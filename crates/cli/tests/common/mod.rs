@@ -39,9 +39,15 @@ pub struct ServerBuilder {
     args: Vec<String>,
     envs: Vec<(String, String)>,
     cache_dir: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
 }
 
 impl ServerBuilder {
+    /// Use this state directory (to restart a server on the same state).
+    pub fn state_dir(mut self, p: &Path) -> Self {
+        self.state_dir = Some(p.to_path_buf());
+        self
+    }
     pub fn arg(mut self, a: impl Into<String>) -> Self {
         self.args.push(a.into());
         self
@@ -80,7 +86,11 @@ impl ServerBuilder {
         cmd.arg("serve")
             .args(&self.agents)
             .args(["--port", "0", "--state-dir"])
-            .arg(dirs.path().join("state"))
+            .arg(
+                self.state_dir
+                    .clone()
+                    .unwrap_or_else(|| dirs.path().join("state")),
+            )
             .args(&self.args)
             .env("RUNAGENT_CACHE_DIR", &cache)
             .env("AGENTRY_LOG", "info")
@@ -140,6 +150,7 @@ pub fn server(agent: PathBuf) -> ServerBuilder {
         args: Vec::new(),
         envs: Vec::new(),
         cache_dir: None,
+        state_dir: None,
     }
 }
 
