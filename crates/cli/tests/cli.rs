@@ -172,3 +172,95 @@ fn the_default_relative_state_dir_works_from_any_directory() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+fn runs_cli(srv: &Server, args: &[&str]) -> serde_json::Value {
+    let out = agentry()
+        .arg("runs")
+        .args(["--url", &srv.base])
+        .args(args)
+        .output()
+        .expect("agentry runs");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[test]
+fn runs_commands_create_get_list_wait_cancel_and_follow_events() {
+    let srv = server(fixture("durable")).start();
+    let created = runs_cli(
+        &srv,
+        &[
+            "create",
+            "durable",
+            "work",
+            "--input",
+            r#"{"i": 4}"#,
+            "--metadata",
+            r#"{"k": 1}"#,
+        ],
+    );
+    let id = created["id"].as_str().expect("id").to_string();
+    let done = runs_cli(&srv, &["wait", &id, "--timeout-s", "30"]);
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["output"], serde_json::json!({"i": 4}));
+    assert_eq!(
+        runs_cli(&srv, &["get", &id])["metadata"],
+        serde_json::json!({"k": 1})
+    );
+    let waited = runs_cli(
+        &srv,
+        &[
+            "create",
+            "durable",
+            "work",
+            "--input",
+            r#"{"i": 5}"#,
+            "--wait",
+        ],
+    );
+    assert_eq!(waited["status"], "succeeded");
+    let delayed = runs_cli(
+        &srv,
+        &[
+            "create",
+            "durable",
+            "work",
+            "--input",
+            r#"{"i": 6}"#,
+            "--delay-s",
+            "60",
+        ],
+    );
+    let did = delayed["id"].as_str().expect("id");
+    assert_eq!(runs_cli(&srv, &["cancel", did])["status"], "cancelled");
+    let list = runs_cli(&srv, &["list", "--status", "succeeded", "--limit", "1"]);
+    assert_eq!(list["runs"].as_array().map(Vec::len), Some(1));
+    let cursor = list["next_cursor"].as_str().expect("cursor").to_string();
+    let next = runs_cli(
+        &srv,
+        &["list", "--status", "succeeded", "--cursor", &cursor],
+    );
+    assert_eq!(next["runs"][0]["id"], id.as_str());
+    // `events` prints one JSON event per line and ends with the run.
+    let out = agentry()
+        .args(["runs", "--url", &srv.base, "events", &id])
+        .output()
+        .expect("events");
+    assert!(out.status.success());
+    let types: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| json(l)["type"].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(types, ["run.queued", "run.started", "run.succeeded"]);
+    // Errors go to stderr with a failing status.
+    let out = agentry()
+        .args(["runs", "--url", &srv.base, "get", "run_nope"])
+        .output()
+        .expect("get");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run_not_found"));
+}

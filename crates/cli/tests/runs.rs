@@ -851,7 +851,11 @@ async fn runs_survive_a_sigkill_of_the_server() {
         assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
     }
     // Requeued at start-up, not after the 30 s lease expired.
-    assert!(restarted.elapsed() < Duration::from_secs(25), "took {:?}", restarted.elapsed());
+    assert!(
+        restarted.elapsed() < Duration::from_secs(25),
+        "took {:?}",
+        restarted.elapsed()
+    );
     // Runs that had succeeded before the kill never ran again; the others ran to completion.
     let text = std::fs::read_to_string(&log).expect("log");
     let mut starts: HashMap<&str, usize> = HashMap::new();
@@ -907,4 +911,25 @@ async fn runs_survive_a_sigkill_of_the_server() {
         .collect();
     assert!(steps.contains(&39) && steps.contains(&0));
     assert!(kinds(&evs).contains(&"run.checkpoint"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_restart_requeues_unfinished_runs_without_using_an_attempt() {
+    let state = tempfile::tempdir().expect("state");
+    let mut srv = server(durable())
+        .state_dir(state.path())
+        .args(["--shutdown-grace-s", "0.3"])
+        .start();
+    let run = create(&srv, json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 4000}, "max_attempts": 1})).await;
+    let id = run["id"].as_str().expect("id").to_string();
+    wait_status(&srv, &id, "running").await;
+    assert_eq!(srv.stop(nix::sys::signal::Signal::SIGTERM), Some(0));
+    let srv = server(durable()).state_dir(state.path()).start();
+    let done = wait(&srv, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 2);
+    assert!(
+        srv.log_text()
+            .contains("requeued the runs this node was running")
+    );
 }

@@ -140,6 +140,9 @@ async fn attempt(
     };
     let mut call = match call {
         Ok(call) => call,
+        // The pool closed for shutdown: leave the run leased; the next start requeues it
+        // without using up an attempt.
+        Err(_) if inner.stopping() => return None,
         Err(e) => return Some(decide(inner, run, Err(e), false)),
     };
     let mut chunks = 0u64;
@@ -209,6 +212,12 @@ async fn attempt(
                         call.ack(false);
                     }
                 }
+            }
+            // Workers stopped by the shutdown are not the agent's fault.
+            Step::Done(Err(CallError::Crashed(_) | CallError::Unavailable(_)))
+                if inner.stopping() =>
+            {
+                return None;
             }
             Step::Done(result) => return Some(decide(inner, run, result, cancel_at.is_some())),
         }

@@ -40,32 +40,63 @@ fn claim(owner: &str, n: usize, lease_ms: i64) -> ClaimRequest {
 
 fn open() -> (tempfile::TempDir, SqliteStore) {
     let dir = tempfile::tempdir().expect("dir");
-    let store = SqliteStore::open(&dir.path().join("runs.db"), SqliteOptions::default()).expect("open");
+    let store =
+        SqliteStore::open(&dir.path().join("runs.db"), SqliteOptions::default()).expect("open");
     (dir, store)
 }
 
 #[tokio::test]
 async fn claims_follow_priority_then_age_and_keys_serialise() {
     let (_d, s) = open();
-    for (id, p, k) in [("r1", 0, None), ("r2", 5, None), ("r3", 0, Some("k")), ("r4", 9, Some("k")), ("r5", 0, None)] {
+    for (id, p, k) in [
+        ("r1", 0, None),
+        ("r2", 5, None),
+        ("r3", 0, Some("k")),
+        ("r4", 9, Some("k")),
+        ("r5", 0, None),
+    ] {
         s.create_run(new_run(id, p, k), None).await.expect("create");
     }
     let got = s.claim_runs(claim("n/1", 10, 30_000)).await.expect("claim");
     let ids: Vec<&str> = got.runs.iter().map(|c| c.run.id.as_str()).collect();
     // r4 outranks r3 but was enqueued after it under the same key: it waits for r3.
     assert_eq!(ids, ["r2", "r1", "r3", "r5"]);
-    assert!(got.runs.iter().all(|c| c.run.status == RunStatus::Running && c.run.attempt == 1));
-    assert!(s.claim_runs(claim("n/1", 10, 30_000)).await.expect("claim").runs.is_empty());
-    let lease = LeaseRef { run_id: "r3".into(), owner: "n/1".into(), attempt: 1 };
-    s.finish_run(lease, Outcome::Succeeded { result: "1".into() }).await.expect("finish");
+    assert!(
+        got.runs
+            .iter()
+            .all(|c| c.run.status == RunStatus::Running && c.run.attempt == 1)
+    );
+    assert!(
+        s.claim_runs(claim("n/1", 10, 30_000))
+            .await
+            .expect("claim")
+            .runs
+            .is_empty()
+    );
+    let lease = LeaseRef {
+        run_id: "r3".into(),
+        owner: "n/1".into(),
+        attempt: 1,
+    };
+    s.finish_run(lease, Outcome::Succeeded { result: "1".into() })
+        .await
+        .expect("finish");
     let next = s.claim_runs(claim("n/1", 10, 30_000)).await.expect("claim");
-    assert_eq!(next.runs.iter().map(|c| c.run.id.as_str()).collect::<Vec<_>>(), ["r4"]);
+    assert_eq!(
+        next.runs
+            .iter()
+            .map(|c| c.run.id.as_str())
+            .collect::<Vec<_>>(),
+        ["r4"]
+    );
 }
 
 #[tokio::test]
 async fn a_stale_lease_cannot_write_or_complete_the_run() {
     let (_d, s) = open();
-    s.create_run(new_run("r", 0, None), None).await.expect("create");
+    s.create_run(new_run("r", 0, None), None)
+        .await
+        .expect("create");
     // Node A claims with a lease that expires at once; the reaper requeues; node B claims.
     s.claim_runs(claim("A/1", 1, -1)).await.expect("claim");
     let recovered = s.recover_leases(now_ms() + 1, None).await.expect("recover");
@@ -74,18 +105,63 @@ async fn a_stale_lease_cannot_write_or_complete_the_run() {
     assert_eq!(recovered[0].run.lease_losses, 1);
     let b = s.claim_runs(claim("B/1", 1, 30_000)).await.expect("claim");
     assert_eq!(b.runs[0].run.attempt, 2);
-    let stale = LeaseRef { run_id: "r".into(), owner: "A/1".into(), attempt: 1 };
-    let fresh = LeaseRef { run_id: "r".into(), owner: "B/1".into(), attempt: 2 };
-    let err = s.finish_run(stale.clone(), Outcome::Succeeded { result: "\"A\"".into() }).await;
+    let stale = LeaseRef {
+        run_id: "r".into(),
+        owner: "A/1".into(),
+        attempt: 1,
+    };
+    let fresh = LeaseRef {
+        run_id: "r".into(),
+        owner: "B/1".into(),
+        attempt: 2,
+    };
+    let err = s
+        .finish_run(
+            stale.clone(),
+            Outcome::Succeeded {
+                result: "\"A\"".into(),
+            },
+        )
+        .await;
     assert_eq!(err.err(), Some(StoreError::LeaseLost));
-    assert_eq!(s.append_events(stale.clone(), vec![NewEvent::new("x", "{}")]).await.err(), Some(StoreError::LeaseLost));
-    assert_eq!(s.save_checkpoint(stale, "{}".into()).await.err(), Some(StoreError::LeaseLost));
+    assert_eq!(
+        s.append_events(stale.clone(), vec![NewEvent::new("x", "{}")])
+            .await
+            .err(),
+        Some(StoreError::LeaseLost)
+    );
+    assert_eq!(
+        s.save_checkpoint(stale, "{}".into()).await.err(),
+        Some(StoreError::LeaseLost)
+    );
     let renewals = s
-        .renew_leases(vec![LeaseRef { run_id: "r".into(), owner: "A/1".into(), attempt: 1 }, fresh.clone()], now_ms() + 1000, vec![])
+        .renew_leases(
+            vec![
+                LeaseRef {
+                    run_id: "r".into(),
+                    owner: "A/1".into(),
+                    attempt: 1,
+                },
+                fresh.clone(),
+            ],
+            now_ms() + 1000,
+            vec![],
+        )
         .await
         .expect("renew");
-    assert_eq!(renewals.iter().map(|r| r.held).collect::<Vec<_>>(), [false, true]);
-    let done = s.finish_run(fresh, Outcome::Succeeded { result: "\"B\"".into() }).await.expect("finish");
+    assert_eq!(
+        renewals.iter().map(|r| r.held).collect::<Vec<_>>(),
+        [false, true]
+    );
+    let done = s
+        .finish_run(
+            fresh,
+            Outcome::Succeeded {
+                result: "\"B\"".into(),
+            },
+        )
+        .await
+        .expect("finish");
     assert_eq!(done.run.result.as_deref(), Some("\"B\""));
     assert_eq!(done.run.status, RunStatus::Succeeded);
 }
@@ -93,11 +169,23 @@ async fn a_stale_lease_cannot_write_or_complete_the_run() {
 #[tokio::test]
 async fn a_restarted_node_requeues_its_previous_lifes_runs_at_once() {
     let (_d, s) = open();
-    s.create_run(new_run("r", 0, None), None).await.expect("create");
-    s.claim_runs(claim("N/old", 1, 60_000)).await.expect("claim");
+    s.create_run(new_run("r", 0, None), None)
+        .await
+        .expect("create");
+    s.claim_runs(claim("N/old", 1, 60_000))
+        .await
+        .expect("claim");
     // Another node's live lease is left alone; this node's old incarnation's is taken back.
-    assert!(s.recover_leases(now_ms(), Some(("M".into(), "M/new".into()))).await.expect("recover").is_empty());
-    let back = s.recover_leases(now_ms(), Some(("N".into(), "N/new".into()))).await.expect("recover");
+    assert!(
+        s.recover_leases(now_ms(), Some(("M".into(), "M/new".into())))
+            .await
+            .expect("recover")
+            .is_empty()
+    );
+    let back = s
+        .recover_leases(now_ms(), Some(("N".into(), "N/new".into())))
+        .await
+        .expect("recover");
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].events[0].kind, "run.retrying");
 }
@@ -105,20 +193,58 @@ async fn a_restarted_node_requeues_its_previous_lifes_runs_at_once() {
 #[tokio::test]
 async fn checkpoints_reach_the_next_attempt_and_events_are_numbered() {
     let (_d, s) = open();
-    s.create_run(new_run("r", 0, None), None).await.expect("create");
+    s.create_run(new_run("r", 0, None), None)
+        .await
+        .expect("create");
     let c = s.claim_runs(claim("n/1", 1, 30_000)).await.expect("claim");
     assert_eq!(c.runs[0].checkpoint, None);
-    let lease = LeaseRef { run_id: "r".into(), owner: "n/1".into(), attempt: 1 };
-    s.save_checkpoint(lease.clone(), "{\"n\":1}".into()).await.expect("cp");
-    s.save_checkpoint(lease.clone(), "{\"n\":2}".into()).await.expect("cp");
-    s.append_events(lease.clone(), vec![NewEvent::new("a", "1"), NewEvent::new("b", "2")]).await.expect("events");
-    s.finish_run(lease, Outcome::Retry { error: "{}".into(), run_at: now_ms() }).await.expect("retry");
+    let lease = LeaseRef {
+        run_id: "r".into(),
+        owner: "n/1".into(),
+        attempt: 1,
+    };
+    s.save_checkpoint(lease.clone(), "{\"n\":1}".into())
+        .await
+        .expect("cp");
+    s.save_checkpoint(lease.clone(), "{\"n\":2}".into())
+        .await
+        .expect("cp");
+    s.append_events(
+        lease.clone(),
+        vec![NewEvent::new("a", "1"), NewEvent::new("b", "2")],
+    )
+    .await
+    .expect("events");
+    s.finish_run(
+        lease,
+        Outcome::Retry {
+            error: "{}".into(),
+            run_at: now_ms(),
+        },
+    )
+    .await
+    .expect("retry");
     let c = s.claim_runs(claim("n/1", 1, 30_000)).await.expect("claim");
     assert_eq!(c.runs[0].checkpoint.as_deref(), Some("{\"n\":2}"));
     let evs = s.events_after("r", 0, 100).await.expect("events");
     let kinds: Vec<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
-    assert_eq!(kinds, ["run.queued", "run.started", "run.checkpoint", "run.checkpoint", "a", "b", "run.retrying", "run.started"]);
-    assert_eq!(evs.iter().map(|e| e.seq).collect::<Vec<_>>(), (1..=8).collect::<Vec<_>>());
+    assert_eq!(
+        kinds,
+        [
+            "run.queued",
+            "run.started",
+            "run.checkpoint",
+            "run.checkpoint",
+            "a",
+            "b",
+            "run.retrying",
+            "run.started"
+        ]
+    );
+    assert_eq!(
+        evs.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
     assert_eq!(s.events_after("r", 6, 100).await.expect("events").len(), 2);
 }
 
@@ -128,17 +254,31 @@ async fn idempotency_and_retention() {
     let mut a = new_run("r1", 0, None);
     a.idempotency_key = Some("k".into());
     a.request_hash = Some("h1".into());
-    assert!(matches!(s.create_run(a.clone(), None).await.expect("create"), CreateOutcome::Created { .. }));
+    assert!(matches!(
+        s.create_run(a.clone(), None).await.expect("create"),
+        CreateOutcome::Created { .. }
+    ));
     let mut same = a.clone();
     same.id = "r2".into();
-    assert!(matches!(s.create_run(same.clone(), None).await.expect("create"), CreateOutcome::Existing(r) if r.id == "r1"));
+    assert!(
+        matches!(s.create_run(same.clone(), None).await.expect("create"), CreateOutcome::Existing(r) if r.id == "r1")
+    );
     same.request_hash = Some("h2".into());
-    assert!(matches!(s.create_run(same, None).await.expect("create"), CreateOutcome::Conflict { existing_id } if existing_id == "r1"));
+    assert!(
+        matches!(s.create_run(same, None).await.expect("create"), CreateOutcome::Conflict { existing_id } if existing_id == "r1")
+    );
     // Retention removes finished runs only.
-    s.create_run(new_run("q", 0, None), None).await.expect("create");
+    s.create_run(new_run("q", 0, None), None)
+        .await
+        .expect("create");
     assert_eq!(s.cancel_run("r1", now_ms()).await.map(|_| ()), Ok(()));
     assert_eq!(s.purge_finished(now_ms() + 1, 10).await.expect("purge"), 1);
     assert!(s.get_run("r1").await.expect("get").is_none());
-    assert!(s.events_after("r1", 0, 10).await.expect("events").is_empty());
+    assert!(
+        s.events_after("r1", 0, 10)
+            .await
+            .expect("events")
+            .is_empty()
+    );
     assert!(s.get_run("q").await.expect("get").is_some());
 }
