@@ -119,7 +119,7 @@ fn init_validate_serve_and_run() {
 
 #[test]
 fn the_examples_validate() {
-    for name in ["echo", "async_agent", "token_stream"] {
+    for name in ["echo", "async_agent", "token_stream", "pipeline"] {
         let state = tempfile::tempdir().expect("state");
         let out = agentry()
             .arg("validate")

@@ -47,7 +47,7 @@ import traceback
 import typing
 from time import perf_counter as _clock
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_FRAME = int(os.environ.get("AGENTRY_MAX_FRAME", str(16 * 1024 * 1024)))
 TYPE_NAMES = ["null", "boolean", "integer", "number", "string", "array", "object"]
 TYPE_CODE = {name: i for i, name in enumerate(TYPE_NAMES)}

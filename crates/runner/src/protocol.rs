@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
 /// Protocol version spoken by this server; the worker announces its own in the hello.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Default limit on one frame, both directions.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
