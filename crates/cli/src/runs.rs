@@ -106,6 +106,15 @@ async fn answer(response: reqwest::Response) -> anyhow::Result<Value> {
     serde_json::from_str(&text).context("the server sent invalid JSON")
 }
 
+/// Sends a request and prints the JSON answer.
+async fn show(request: reqwest::RequestBuilder, base: &str) -> anyhow::Result<()> {
+    let r = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {base}"))?;
+    print(&answer(r).await?)
+}
+
 fn print(v: &Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string_pretty(v)?)?;
@@ -115,7 +124,6 @@ fn print(v: &Value) -> anyhow::Result<()> {
 pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
     let base = args.url.trim_end_matches('/').to_string();
     let http = reqwest::Client::new();
-    let reach = || format!("cannot reach {base}");
     match args.command {
         RunsCommand::Create(c) => {
             let input: Value = serde_json::from_str(&c.input).context("--input must be JSON")?;
@@ -147,21 +155,10 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
             } else {
                 "/v1/runs"
             };
-            let r = http
-                .post(format!("{base}{path}"))
-                .json(&body)
-                .send()
-                .await
-                .with_context(reach)?;
-            print(&answer(r).await?)
+            show(http.post(format!("{base}{path}")).json(&body), &base).await
         }
         RunsCommand::Get { id } => {
-            let r = http
-                .get(format!("{base}/v1/runs/{}", encode(&id)))
-                .send()
-                .await
-                .with_context(reach)?;
-            print(&answer(r).await?)
+            show(http.get(format!("{base}/v1/runs/{}", encode(&id))), &base).await
         }
         RunsCommand::List {
             agent,
@@ -187,31 +184,24 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
                 .iter()
                 .map(|(k, v)| format!("{k}={}", encode(v)))
                 .collect();
-            let r = http
-                .get(format!("{base}/v1/runs?{}", qs.join("&")))
-                .send()
-                .await
-                .with_context(reach)?;
-            print(&answer(r).await?)
+            show(http.get(format!("{base}/v1/runs?{}", qs.join("&"))), &base).await
         }
         RunsCommand::Wait { id, timeout_s } => {
-            let r = http
-                .get(format!(
+            show(
+                http.get(format!(
                     "{base}/v1/runs/{}/wait?timeout_s={timeout_s}",
                     encode(&id)
-                ))
-                .send()
-                .await
-                .with_context(reach)?;
-            print(&answer(r).await?)
+                )),
+                &base,
+            )
+            .await
         }
         RunsCommand::Cancel { id } => {
-            let r = http
-                .post(format!("{base}/v1/runs/{}/cancel", encode(&id)))
-                .send()
-                .await
-                .with_context(reach)?;
-            print(&answer(r).await?)
+            show(
+                http.post(format!("{base}/v1/runs/{}/cancel", encode(&id))),
+                &base,
+            )
+            .await
         }
         RunsCommand::Events { id, after } => events(&http, &base, &id, after).await,
     }
