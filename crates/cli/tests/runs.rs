@@ -930,3 +930,78 @@ async fn a_graceful_restart_requeues_unfinished_runs_without_using_an_attempt() 
             .contains("requeued the runs this node was running")
     );
 }
+
+/// A small tmpfs, unmounted on drop. Needs root (CI runs as root); fails loudly otherwise.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn new(size: &str) -> Self {
+        let dir = tempfile::tempdir().expect("dir");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a tmpfs to fill a disk and needs root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(dir)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_answers_503_and_loses_nothing() {
+    let disk = Tmpfs::new("1m");
+    let db = disk.0.path().join("agentry.db");
+    let srv = server(durable())
+        .args(["--runs-db", db.to_str().expect("path")])
+        .start();
+    let ok = create(
+        &srv,
+        json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}}),
+    )
+    .await;
+    wait(&srv, ok["id"].as_str().expect("id")).await;
+    // Fill the disk to the last byte.
+    let filler = disk.0.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 4096];
+        while f.write_all(&block).is_ok() {}
+    }
+    let body = json!({"agent": "durable", "entrypoint": "work", "input": {"i": 2}}).to_string();
+    let (status, text) = post(&srv.url("/v1/runs"), &body).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("disk is full"), "{text}");
+    // Room again: the server carries on; the refused run was never stored.
+    std::fs::remove_file(&filler).expect("rm");
+    let again = create(
+        &srv,
+        json!({"agent": "durable", "entrypoint": "work", "input": {"i": 3}}),
+    )
+    .await;
+    assert_eq!(
+        wait(&srv, again["id"].as_str().expect("id")).await["status"],
+        "succeeded"
+    );
+    let all = json(&get(&srv.url("/v1/runs")).await.1);
+    let inputs: Vec<&Value> = all["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| &r["input"]["i"])
+        .collect();
+    assert_eq!(inputs, [&json!(3), &json!(1)]);
+}
