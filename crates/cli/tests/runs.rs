@@ -1005,3 +1005,87 @@ async fn a_full_disk_answers_503_and_loses_nothing() {
         .collect();
     assert_eq!(inputs, [&json!(3), &json!(1)]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn leases_are_renewed_with_spaced_heartbeats_and_delays_are_honoured() {
+    // A run three times longer than its lease: renewals keep it, nobody requeues it.
+    let srv = server(durable())
+        .args(["--lease-ttl-s", "0.6", "--heartbeat-event-s", "0.4"])
+        .start();
+    let run = create(
+        &srv,
+        json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 2000}}),
+    )
+    .await;
+    let id = run["id"].as_str().expect("id");
+    let done = wait(&srv, id).await;
+    assert_eq!(done["status"], "succeeded");
+    assert_eq!(done["attempt"], 1, "the lease was renewed, not lost");
+    let evs = events(&srv, id).await;
+    assert!(!kinds(&evs).contains(&"run.retrying"), "{evs:?}");
+    let beats: Vec<chrono::DateTime<chrono::FixedOffset>> = evs
+        .iter()
+        .filter(|e| e.1 == "run.heartbeat")
+        .map(|e| chrono::DateTime::parse_from_rfc3339(e.2["at"].as_str().expect("at")).expect("t"))
+        .collect();
+    assert!(
+        beats.len() >= 2 && beats.len() <= 6,
+        "{} heartbeats",
+        beats.len()
+    );
+    for w in beats.windows(2) {
+        assert!(
+            w[1] - w[0] >= chrono::Duration::milliseconds(390),
+            "{beats:?}"
+        );
+    }
+    // A delayed run waits for its time.
+    let run = create(
+        &srv,
+        json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}, "delay_s": 0.7}),
+    )
+    .await;
+    let done = wait(&srv, run["id"].as_str().expect("id")).await;
+    let at = |k: &str| chrono::DateTime::parse_from_rfc3339(done[k].as_str().expect(k)).expect("t");
+    assert!(
+        at("started_at") - at("created_at") >= chrono::Duration::milliseconds(690),
+        "{done}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_per_agent_and_global_caps_limit_runs_at_once() {
+    let dir = tempfile::tempdir().expect("dir");
+    for (flag, name) in [
+        ("--max-running-runs-per-agent", "agent"),
+        ("--max-running-runs", "global"),
+    ] {
+        let log = dir.path().join(format!("{name}.txt"));
+        let srv = server(durable())
+            .args([flag, "1"])
+            .env("DURABLE_LOG", log.to_str().expect("path"))
+            .start();
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            let r = create(
+                &srv,
+                json!({"agent": "durable", "entrypoint": "ordered", "input": {"key": name, "i": i}}),
+            )
+            .await;
+            ids.push(r["id"].as_str().expect("id").to_string());
+        }
+        for id in &ids {
+            assert_eq!(wait(&srv, id).await["status"], "succeeded");
+        }
+        let text = std::fs::read_to_string(&log).expect("log");
+        let seq: Vec<&str> = text
+            .lines()
+            .map(|l| l.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            seq,
+            ["begin", "end"].repeat(4),
+            "{flag} 1: one at a time\n{text}"
+        );
+    }
+}
