@@ -379,9 +379,9 @@ struct ListQuery {
 
 async fn list_runs(
     State(state): State<S>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))?;
+    let q = query(q)?;
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
@@ -451,9 +451,9 @@ fn wait_for(q: &WaitQuery) -> Result<Duration, ApiError> {
 async fn wait_run(
     State(state): State<S>,
     Path(id): Path<String>,
-    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<WaitQuery>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))?;
+    let q = query(q)?;
     let run = state
         .engine
         .wait(&id, wait_for(&q)?)
@@ -465,10 +465,10 @@ async fn wait_run(
 
 async fn create_and_wait(
     State(state): State<S>,
-    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+    q: QueryResult<WaitQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))?;
+    let q = query(q)?;
     let wait = wait_for(&q)?;
     let (run, _) = submit(&state, body).await?;
     let run = state
@@ -610,13 +610,20 @@ fn sse_of(engine: Engine, id: String, after: i64) -> Response {
         .into_response()
 }
 
+type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+
+fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))
+}
+
 async fn run_events(
     State(state): State<S>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Query(q): Query<EventsQuery>,
+    q: QueryResult<EventsQuery>,
 ) -> Result<Response, ApiError> {
-    let after = resume_point(&headers, &q)?;
+    let after = resume_point(&headers, &query(q)?)?;
     run_exists(&state, &id).await?;
     Ok(sse_of(state.engine.clone(), id, after))
 }
@@ -633,10 +640,10 @@ async fn run_events_ws(
     State(state): State<S>,
     Path(id): Path<String>,
     headers: HeaderMap,
-    Query(q): Query<EventsQuery>,
+    q: QueryResult<EventsQuery>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let after = resume_point(&headers, &q)?;
+    let after = resume_point(&headers, &query(q)?)?;
     run_exists(&state, &id).await?;
     let engine = state.engine.clone();
     Ok(ws

@@ -594,6 +594,15 @@ async fn a_client_reattaching_with_last_event_id_gets_every_event_once_in_order(
         .await
         .expect("sse");
     assert_eq!(r.status().as_u16(), 422);
+    for bad in [
+        "events?after=x",
+        "wait?timeout_s=nope",
+        "wait?timeout_s=9999",
+    ] {
+        let (status, text) = get(&srv.url(&format!("/v1/runs/{id}/{bad}"))).await;
+        assert_eq!(status, 422, "{bad}: {text}");
+        assert_eq!(json(&text)["error"]["code"], "validation_error");
+    }
 
     // The WebSocket variant: the same events as JSON messages, then a close.
     let (mut ws, _) =
