@@ -295,10 +295,11 @@ pub enum Outcome {
     Cancelled {
         error: String,
     },
-    /// A retriable failure: back to `queued` until `run_at`.
+    /// A retriable failure: back to `queued` until `run_at`, `delay_ms` (the backoff) from now.
     Retry {
         error: String,
         run_at: i64,
+        delay_ms: i64,
     },
 }
 

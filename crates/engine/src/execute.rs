@@ -303,10 +303,14 @@ fn decide(
         }
     };
     if retriable && run.may_retry() {
-        let delay = run.backoff.delay(run.attempt, rand::random::<f64>());
+        let delay_ms = run
+            .backoff
+            .delay(run.attempt, rand::random::<f64>())
+            .as_millis() as i64;
         Outcome::Retry {
             error,
-            run_at: now_ms() + delay.as_millis() as i64,
+            run_at: now_ms() + delay_ms,
+            delay_ms,
         }
     } else {
         Outcome::Failed { error }

@@ -220,6 +220,7 @@ async fn checkpoints_reach_the_next_attempt_and_events_are_numbered() {
         Outcome::Retry {
             error: "{}".into(),
             run_at: now_ms(),
+            delay_ms: 0,
         },
     )
     .await

@@ -331,7 +331,11 @@ fn transition(outcome: &Outcome, attempt: u32, now: i64) -> Transition<'_> {
                 data: format!("{{\"attempt\":{attempt},\"error\":{error}}}"),
             }
         }
-        Outcome::Retry { error, run_at } => Transition {
+        Outcome::Retry {
+            error,
+            run_at,
+            delay_ms,
+        } => Transition {
             status,
             result: None,
             error: Some(error),
@@ -341,7 +345,7 @@ fn transition(outcome: &Outcome, attempt: u32, now: i64) -> Transition<'_> {
             data: format!(
                 "{{\"attempt\":{attempt},\"retry_at\":{},\"delay_ms\":{},\"error\":{error}}}",
                 iso(*run_at),
-                (run_at - now).max(0)
+                delay_ms
             ),
         },
     }
