@@ -569,7 +569,7 @@ async fn a_client_reattaching_with_last_event_id_gets_every_event_once_in_order(
     let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
     assert_eq!(seqs, expected, "every event exactly once, in order, no gap");
     assert_eq!(seen.last().map(|e| e.1.as_str()), Some("run.succeeded"));
-    assert_eq!(seen.iter().filter(|e| e.1 == "tick").count(), 40);
+    assert_eq!(seen.iter().filter(|e| e.1 == "tick").count(), 60);
     assert!(seen.iter().any(|e| e.1 == "run.log"));
     // The stored log is the same sequence.
     let stored = events(&srv, &id).await;
