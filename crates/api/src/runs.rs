@@ -266,14 +266,17 @@ fn raw(text: &str) -> Value {
 }
 
 /// A run as the API shows it. Tracebacks only when the server exposes them.
-pub fn run_json(run: &Run, expose_tracebacks: bool) -> Value {
+pub fn run_json(state: &AppState, run: &Run) -> Value {
     let mut error = run.error.as_deref().map(raw).unwrap_or(Value::Null);
-    if !expose_tracebacks && let Some(e) = error.as_object_mut() {
+    if !state.settings.expose_tracebacks
+        && let Some(e) = error.as_object_mut()
+    {
         e.remove("traceback");
     }
     json!({
         "id": run.id,
         "agent": run.agent,
+        "agent_name": state.agent(&run.agent).map(|a| a.config.agent_name.as_str()),
         "entrypoint": run.entrypoint,
         "status": run.status.as_str(),
         "attempt": run.attempt,
@@ -327,11 +330,7 @@ async fn submit(state: &S, body: Result<Bytes, BytesRejection>) -> Result<(Run, 
 }
 
 fn run_response(status: StatusCode, run: &Run, state: &S, replayed: bool) -> Response {
-    let mut resp = (
-        status,
-        Json(run_json(run, state.settings.expose_tracebacks)),
-    )
-        .into_response();
+    let mut resp = (status, Json(run_json(state, run))).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/runs/{}", run.id)) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -363,7 +362,7 @@ async fn get_run(State(state): State<S>, Path(id): Path<String>) -> Result<Respo
         .await
         .map_err(ApiError::from_store)?;
     let run = run.ok_or_else(|| not_found(&id))?;
-    Ok(Json(run_json(&run, state.settings.expose_tracebacks)).into_response())
+    Ok(Json(run_json(&state, &run)).into_response())
 }
 
 #[derive(Deserialize)]
@@ -423,9 +422,8 @@ async fn list_runs(
     let next_cursor = (runs.len() == limit)
         .then(|| runs.last().map(|r| r.seq.to_string()))
         .flatten();
-    let expose = state.settings.expose_tracebacks;
     Ok(Json(json!({
-        "runs": runs.iter().map(|r| run_json(r, expose)).collect::<Vec<_>>(),
+        "runs": runs.iter().map(|r| run_json(&state, r)).collect::<Vec<_>>(),
         "next_cursor": next_cursor,
     }))
     .into_response())
@@ -460,7 +458,7 @@ async fn wait_run(
         .await
         .map_err(ApiError::from_store)?
         .ok_or_else(|| not_found(&id))?;
-    Ok(Json(run_json(&run, state.settings.expose_tracebacks)).into_response())
+    Ok(Json(run_json(&state, &run)).into_response())
 }
 
 async fn create_and_wait(
@@ -477,23 +475,22 @@ async fn create_and_wait(
         .await
         .map_err(ApiError::from_store)?
         .unwrap_or(run);
-    Ok(Json(run_json(&run, state.settings.expose_tracebacks)).into_response())
+    Ok(Json(run_json(&state, &run)).into_response())
 }
 
 async fn cancel_run(State(state): State<S>, Path(id): Path<String>) -> Result<Response, ApiError> {
     use agentry_core::runs::CancelOutcome;
-    let expose = state.settings.expose_tracebacks;
     match state
         .engine
         .cancel(&id)
         .await
         .map_err(ApiError::from_store)?
     {
-        CancelOutcome::Cancelled(f) => Ok(Json(run_json(&f.run, expose)).into_response()),
+        CancelOutcome::Cancelled(f) => Ok(Json(run_json(&state, &f.run)).into_response()),
         CancelOutcome::Requested { run, .. } => {
-            Ok((StatusCode::ACCEPTED, Json(run_json(&run, expose))).into_response())
+            Ok((StatusCode::ACCEPTED, Json(run_json(&state, &run))).into_response())
         }
-        CancelOutcome::AlreadyFinished(run) => Ok(Json(run_json(&run, expose)).into_response()),
+        CancelOutcome::AlreadyFinished(run) => Ok(Json(run_json(&state, &run)).into_response()),
         CancelOutcome::NotFound => Err(not_found(&id)),
     }
 }

@@ -75,6 +75,7 @@ async fn a_run_is_stored_executed_listed_and_logged() {
     assert_eq!(done["output"], json!({"i": 7}));
     assert_eq!(done["attempt"], 1);
     assert_eq!(done["metadata"], json!({"who": "test"}));
+    assert_eq!(done["agent_name"], "durable");
     assert!(done["finished_at"].is_string());
     let evs = events(&srv, &id).await;
     assert_eq!(kinds(&evs), ["run.queued", "run.started", "run.succeeded"]);
