@@ -82,10 +82,13 @@ impl ApiError {
 /// The HTTP status of each error code. `docs/errors.md` mirrors this table.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
+        ErrorCode::AuthenticationError => StatusCode::UNAUTHORIZED,
+        ErrorCode::PermissionError => StatusCode::FORBIDDEN,
         ErrorCode::ValidationError => StatusCode::UNPROCESSABLE_ENTITY,
-        ErrorCode::AgentNotFound | ErrorCode::EntrypointNotFound | ErrorCode::RunNotFound => {
-            StatusCode::NOT_FOUND
-        }
+        ErrorCode::AgentNotFound
+        | ErrorCode::EntrypointNotFound
+        | ErrorCode::RunNotFound
+        | ErrorCode::KeyNotFound => StatusCode::NOT_FOUND,
         ErrorCode::IdempotencyConflict => StatusCode::CONFLICT,
         ErrorCode::WrongEntrypointKind => StatusCode::BAD_REQUEST,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -3,8 +3,10 @@
 //! worker pool, and format. The invoke path touches no database; invocation history is queued
 //! to a batching writer.
 
+pub mod auth;
 pub mod compat;
 pub mod error;
+pub mod keys;
 pub mod native;
 pub mod pyjson;
 pub mod runs;
@@ -46,6 +48,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Durable runs.
     pub engine: agentry_engine::Engine,
+    /// API keys, and whether they are required.
+    pub auth: Arc<auth::Auth>,
 }
 
 impl AppState {
@@ -74,10 +78,15 @@ pub fn router(state: Arc<AppState>) -> Router {
     router
         .merge(compat::routes())
         .merge(runs::routes())
+        .merge(keys::routes())
         .merge(native::routes())
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(compat::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            auth::require_key,
+        ))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }

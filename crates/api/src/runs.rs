@@ -28,10 +28,25 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
+use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::native::{body_or_error, find_agent};
 
 type S = Arc<AppState>;
+/// The caller, as the auth middleware identified it.
+type Caller = Option<axum::Extension<Principal>>;
+
+fn principal(caller: Caller) -> Principal {
+    caller.map_or(Principal(None), |axum::Extension(p)| p)
+}
+
+/// A run the caller's key may not see is, to it, no run at all.
+fn visible(state: &S, who: &Principal, run: Run) -> Result<Run, ApiError> {
+    match state.agent(&run.agent) {
+        Some(agent) if !who.allows(agent) => Err(not_found(&run.id)),
+        _ => Ok(run),
+    }
+}
 
 /// Longest `wait` a client may ask for, in seconds.
 const MAX_WAIT_S: f64 = 600.0;
@@ -316,9 +331,21 @@ fn is_terminal_event(kind: &str) -> bool {
     )
 }
 
-async fn submit(state: &S, body: Result<Bytes, BytesRejection>) -> Result<(Run, bool), ApiError> {
+async fn submit(
+    state: &S,
+    who: &Principal,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(Run, bool), ApiError> {
     let body = body_or_error(body, state.settings.max_body_bytes)?;
     let run = new_run(state, &body)?;
+    if let Some(agent) = state.agent(&run.agent)
+        && !who.allows(agent)
+    {
+        return Err(ApiError::new(
+            ErrorCode::PermissionError,
+            "the API key is limited to other agents",
+        ));
+    }
     state.engine.submit(run).await.map_err(|e| match e {
         SubmitError::Conflict(existing) => ApiError::new(
             ErrorCode::IdempotencyConflict,
@@ -343,9 +370,10 @@ fn run_response(status: StatusCode, run: &Run, state: &S, replayed: bool) -> Res
 
 async fn create_run(
     State(state): State<S>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (run, created) = submit(&state, body).await?;
+    let (run, created) = submit(&state, &principal(caller), body).await?;
     let status = if created {
         StatusCode::ACCEPTED
     } else {
@@ -354,15 +382,25 @@ async fn create_run(
     Ok(run_response(status, &run, &state, !created))
 }
 
-async fn get_run(State(state): State<S>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_run(
+    State(state): State<S>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let run = find_run(&state, &principal(caller), &id).await?;
+    Ok(Json(run_json(&state, &run)).into_response())
+}
+
+/// The run, if it exists and the caller may see it.
+async fn find_run(state: &S, who: &Principal, id: &str) -> Result<Run, ApiError> {
     let run = state
         .engine
         .store()
-        .get_run(&id)
+        .get_run(id)
         .await
-        .map_err(ApiError::from_store)?;
-    let run = run.ok_or_else(|| not_found(&id))?;
-    Ok(Json(run_json(&state, &run)).into_response())
+        .map_err(ApiError::from_store)?
+        .ok_or_else(|| not_found(id))?;
+    visible(state, who, run)
 }
 
 #[derive(Deserialize)]
@@ -378,9 +416,25 @@ struct ListQuery {
 
 async fn list_runs(
     State(state): State<S>,
+    caller: Caller,
     q: QueryResult<ListQuery>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
+    let who = principal(caller);
+    if who.agent_limit().is_some() {
+        // A key limited to some agents lists one of them at a time.
+        let allowed = q
+            .agent
+            .as_deref()
+            .and_then(|a| state.agent(a))
+            .is_some_and(|a| who.allows(a));
+        if !allowed {
+            return Err(ApiError::new(
+                ErrorCode::PermissionError,
+                "this API key is limited to some agents: pass ?agent= with one of them",
+            ));
+        }
+    }
     let status = match q.status.as_deref() {
         None => None,
         Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
@@ -448,10 +502,12 @@ fn wait_for(q: &WaitQuery) -> Result<Duration, ApiError> {
 
 async fn wait_run(
     State(state): State<S>,
+    caller: Caller,
     Path(id): Path<String>,
     q: QueryResult<WaitQuery>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
+    find_run(&state, &principal(caller), &id).await?;
     let run = state
         .engine
         .wait(&id, wait_for(&q)?)
@@ -463,12 +519,13 @@ async fn wait_run(
 
 async fn create_and_wait(
     State(state): State<S>,
+    caller: Caller,
     q: QueryResult<WaitQuery>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let wait = wait_for(&q)?;
-    let (run, _) = submit(&state, body).await?;
+    let (run, _) = submit(&state, &principal(caller), body).await?;
     let run = state
         .engine
         .wait(&run.id, wait)
@@ -478,8 +535,13 @@ async fn create_and_wait(
     Ok(Json(run_json(&state, &run)).into_response())
 }
 
-async fn cancel_run(State(state): State<S>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn cancel_run(
+    State(state): State<S>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     use agentry_core::runs::CancelOutcome;
+    find_run(&state, &principal(caller), &id).await?;
     match state
         .engine
         .cancel(&id)
@@ -578,19 +640,6 @@ async fn follow(engine: Engine, id: String, mut after: i64, tx: mpsc::Sender<Run
     }
 }
 
-async fn run_exists(state: &S, id: &str) -> Result<(), ApiError> {
-    match state
-        .engine
-        .store()
-        .get_run(id)
-        .await
-        .map_err(ApiError::from_store)?
-    {
-        Some(_) => Ok(()),
-        None => Err(not_found(id)),
-    }
-}
-
 fn sse_of(engine: Engine, id: String, after: i64) -> Response {
     let (tx, rx) = mpsc::channel::<RunEvent>(64);
     tokio::spawn(follow(engine, id, after, tx));
@@ -616,32 +665,35 @@ fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
 
 async fn run_events(
     State(state): State<S>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: QueryResult<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let after = resume_point(&headers, &query(q)?)?;
-    run_exists(&state, &id).await?;
+    find_run(&state, &principal(caller), &id).await?;
     Ok(sse_of(state.engine.clone(), id, after))
 }
 
 async fn create_and_stream(
     State(state): State<S>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (run, _) = submit(&state, body).await?;
+    let (run, _) = submit(&state, &principal(caller), body).await?;
     Ok(sse_of(state.engine.clone(), run.id, 0))
 }
 
 async fn run_events_ws(
     State(state): State<S>,
+    caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: QueryResult<EventsQuery>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let after = resume_point(&headers, &query(q)?)?;
-    run_exists(&state, &id).await?;
+    find_run(&state, &principal(caller), &id).await?;
     let engine = state.engine.clone();
     Ok(ws
         .max_message_size(64 * 1024)

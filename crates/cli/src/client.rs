@@ -24,6 +24,23 @@ pub struct RunArgs {
     /// The server.
     #[arg(long, env = "AGENTRY_URL", default_value = "http://127.0.0.1:8450")]
     url: String,
+    /// API key, sent as `Authorization: Bearer`.
+    #[arg(long, env = "AGENTRY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+/// An HTTP client that sends the API key, if one is given, with every request.
+pub(crate) fn http_client(api_key: Option<&str>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(key) = api_key {
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+            .context("the API key has characters a header cannot carry")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?)
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -44,7 +61,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         encode(&args.tag),
         if streaming { "stream" } else { "invoke" }
     );
-    let client = reqwest::Client::new();
+    let client = http_client(args.api_key.as_deref())?;
     let response = client
         .post(&url)
         .json(&body)

@@ -4,6 +4,7 @@
 
 mod client;
 mod init;
+mod keys;
 mod runs;
 mod serve;
 
@@ -38,6 +39,8 @@ enum Command {
     Run(client::RunArgs),
     /// Durable runs on a running server: create, get, list, wait, cancel, events.
     Runs(runs::RunsArgs),
+    /// API keys, offline in the state directory: create, list, revoke.
+    Keys(keys::KeysArgs),
     /// Create a working example agent folder (offline).
     Init {
         /// The folder to create.
@@ -109,9 +112,12 @@ struct ServeArgs {
     /// Include Python tracebacks in native API errors (development only).
     #[arg(long, env = "AGENTRY_EXPOSE_TRACEBACKS")]
     expose_tracebacks: bool,
-    /// Serve a non-loopback address without authentication (there are no API keys yet).
+    /// Serve a non-loopback address while authentication is off (no API key exists).
     #[arg(long)]
     insecure_no_auth: bool,
+    /// `auto`: API keys are required once one exists; `required`: always (even before the first).
+    #[arg(long, env = "AGENTRY_AUTH", value_enum, default_value_t = AuthMode::Auto)]
+    auth: AuthMode,
     /// The run database file. Default: <state-dir>/agentry.db.
     #[arg(long, env = "AGENTRY_RUNS_DB")]
     runs_db: Option<PathBuf>,
@@ -146,6 +152,13 @@ struct ServeArgs {
     /// This node's name in run leases (default: a random id kept in the state directory).
     #[arg(long, env = "AGENTRY_NODE_NAME")]
     node_name: Option<String>,
+}
+
+/// When API keys are required.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AuthMode {
+    Auto,
+    Required,
 }
 
 #[derive(Args)]
@@ -198,6 +211,7 @@ fn main() -> ExitCode {
             Command::Validate(args) => serve::validate(args).await,
             Command::Run(args) => client::run(args).await,
             Command::Runs(args) => runs::runs(args).await,
+            Command::Keys(args) => keys::keys(args).await,
             Command::Init { path } => init::init(&path),
         }
     });

@@ -20,6 +20,9 @@ pub struct RunsArgs {
         default_value = "http://127.0.0.1:8450"
     )]
     url: String,
+    /// API key, sent as `Authorization: Bearer`.
+    #[arg(long, global = true, env = "AGENTRY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: RunsCommand,
 }
@@ -123,7 +126,7 @@ fn print(v: &Value) -> anyhow::Result<()> {
 
 pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
     let base = args.url.trim_end_matches('/').to_string();
-    let http = reqwest::Client::new();
+    let http = crate::client::http_client(args.api_key.as_deref())?;
     match args.command {
         RunsCommand::Create(c) => {
             let input: Value = serde_json::from_str(&c.input).context("--input must be JSON")?;

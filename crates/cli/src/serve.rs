@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use agentry_api::auth::Auth;
 use agentry_api::{Agent, AppState};
 use agentry_core::{AgentConfig, EntrypointKind, ServeSettings};
 use agentry_engine::{Engine, EngineAgent, EngineSettings};
@@ -64,6 +65,8 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
             None
         },
         node_name: args.node_name.clone(),
+        auth_required: args.auth == crate::AuthMode::Required,
+        insecure_no_auth: args.insecure_no_auth,
         ..defaults
     })
 }
@@ -87,8 +90,8 @@ fn node_name(settings: &ServeSettings, state_dir: &std::path::Path) -> anyhow::R
     Ok(id)
 }
 
-/// Opens the run store and starts the engine over the served agents.
-async fn start_engine(settings: &ServeSettings, agents: &[Arc<Agent>]) -> anyhow::Result<Engine> {
+/// Opens the database of runs and keys (`--runs-db`, else `<state-dir>/agentry.db`).
+pub(crate) async fn open_store(settings: &ServeSettings) -> anyhow::Result<Arc<SqliteStore>> {
     let state_dir = std::path::absolute(&settings.state_dir)?;
     let path = settings
         .runs_db_path
@@ -103,9 +106,20 @@ async fn start_engine(settings: &ServeSettings, agents: &[Arc<Agent>]) -> anyhow
         busy_timeout: settings.runs_db_busy_timeout,
         ..SqliteOptions::default()
     };
+    let shown = path.display().to_string();
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, options))
         .await?
-        .map_err(|e| anyhow::anyhow!("cannot open the run database: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("cannot open the database {shown}: {e}"))?;
+    Ok(Arc::new(store))
+}
+
+/// Starts the engine over the served agents.
+async fn start_engine(
+    settings: &ServeSettings,
+    agents: &[Arc<Agent>],
+    store: Arc<SqliteStore>,
+) -> anyhow::Result<Engine> {
+    let state_dir = std::path::absolute(&settings.state_dir)?;
     let mut engine_agents = HashMap::new();
     for a in agents {
         let has_async = a
@@ -145,7 +159,7 @@ async fn start_engine(settings: &ServeSettings, agents: &[Arc<Agent>]) -> anyhow
         }),
         ..EngineSettings::default()
     };
-    Engine::start(Arc::new(store), engine_agents, engine_settings)
+    Engine::start(store, engine_agents, engine_settings)
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the run engine: {e}"))
 }
@@ -382,13 +396,20 @@ fn is_loopback(ip: IpAddr) -> bool {
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = settings_from(&args)?;
-    if !is_loopback(settings.host) && !args.insecure_no_auth {
+    let t0 = Instant::now();
+    let store = open_store(&settings).await?;
+    let auth = Auth::load(
+        Arc::clone(&store) as Arc<dyn agentry_core::KeyStore>,
+        settings.auth_required,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot read the API keys: {e}"))?;
+    if !auth.enabled() && !is_loopback(settings.host) && !settings.insecure_no_auth {
         bail!(
-            "refusing to serve {} without authentication: Agentry has no API keys yet, so anyone who can reach this address could run your agents. Bind 127.0.0.1 (the default), or pass --insecure-no-auth if a trusted proxy guards it",
+            "refusing to serve {} without authentication: no API key exists, so anyone who can reach this address could run your agents. Create one with `agentry keys create --scope invoke` (authentication turns on with the first key), bind 127.0.0.1 (the default), or pass --insecure-no-auth if a trusted proxy guards it",
             settings.host
         );
     }
-    let t0 = Instant::now();
     let db_path = settings
         .runagent_db_path
         .clone()
@@ -416,7 +437,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let engine = match start_engine(&settings, &agents).await {
+    let engine = match start_engine(&settings, &agents, store).await {
         Ok(e) => e,
         Err(e) => {
             for a in &agents {
@@ -452,7 +473,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         bound,
         draining: Default::default(),
         engine: engine.clone(),
+        auth: Arc::clone(&auth),
     });
+    auth.spawn_maintenance();
     let app = agentry_api::router(Arc::clone(&state));
     for a in &state.agents {
         tracing::info!(
@@ -464,8 +487,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             a.config.agent_id
         );
     }
+    let auth_line = if auth.enabled() {
+        format!(
+            "authentication is on: {} active API key(s)",
+            auth.active_keys()
+        )
+    } else if is_loopback(addr.ip()) {
+        "authentication is off: no API key exists; it turns on with the first `agentry keys create`"
+            .to_string()
+    } else {
+        "authentication is OFF on a non-loopback address (--insecure-no-auth)".to_string()
+    };
     tracing::info!(
-        "ready on http://{addr} in {} ms (authentication is off: loopback only)",
+        "ready on http://{addr} in {} ms ({auth_line})",
         t0.elapsed().as_millis()
     );
 

@@ -7,6 +7,10 @@ use serde::Serialize;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
+    /// No valid API key was presented (missing, unknown, revoked or expired).
+    AuthenticationError,
+    /// The key is valid but lacks the scope, or is limited to other agents.
+    PermissionError,
     /// The request body or parameters are malformed or do not match the entrypoint's schema.
     ValidationError,
     /// No agent with that id or name is served here.
@@ -15,6 +19,8 @@ pub enum ErrorCode {
     EntrypointNotFound,
     /// No run with that id (never created, or deleted by retention).
     RunNotFound,
+    /// No API key with that id.
+    KeyNotFound,
     /// The idempotency key was already used with a different request.
     IdempotencyConflict,
     /// A streaming entrypoint was called on a non-streaming route, or the reverse.
@@ -42,10 +48,13 @@ impl ErrorCode {
     /// The code as it appears in error envelopes.
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::AuthenticationError => "authentication_error",
+            Self::PermissionError => "permission_error",
             Self::ValidationError => "validation_error",
             Self::AgentNotFound => "agent_not_found",
             Self::EntrypointNotFound => "entrypoint_not_found",
             Self::RunNotFound => "run_not_found",
+            Self::KeyNotFound => "key_not_found",
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::WrongEntrypointKind => "wrong_entrypoint_kind",
             Self::PayloadTooLarge => "payload_too_large",

@@ -10,8 +10,9 @@ pub mod time;
 pub use config::{AgentConfig, ConfigError, Entrypoint, EntrypointKind};
 pub use error::ErrorCode;
 pub use settings::ServeSettings;
+pub mod keys;
 pub mod runs;
 pub mod schema;
 pub mod store;
 
-pub use store::{RunStore, StoreError};
+pub use store::{KeyStore, RunStore, StoreError};

@@ -78,6 +78,11 @@ pub struct ServeSettings {
     pub run_retention: Option<Duration>,
     /// This node's name in leases. Default: a random id kept in the state directory.
     pub node_name: Option<String>,
+    /// Require an API key even before the first key exists. Otherwise authentication turns on
+    /// with the first key.
+    pub auth_required: bool,
+    /// Serve a non-loopback address while authentication is off.
+    pub insecure_no_auth: bool,
 }
 
 impl Default for ServeSettings {
@@ -115,6 +120,8 @@ impl Default for ServeSettings {
             cancel_grace: Duration::from_secs(5),
             run_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             node_name: None,
+            auth_required: false,
+            insecure_no_auth: false,
         }
     }
 }

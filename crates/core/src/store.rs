@@ -8,6 +8,8 @@
 
 use async_trait::async_trait;
 
+use crate::keys::ApiKey;
+
 use crate::runs::{
     CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent,
     NewRun, Outcome, Renewal, Run, RunEvent, RunQuery,
@@ -95,4 +97,21 @@ pub trait RunStore: Send + Sync + 'static {
     /// Deletes up to `limit` runs that finished before `before`, with their events and
     /// checkpoints. Returns how many were deleted.
     async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
+}
+
+/// API keys. Checking a key never reads the store: the API keeps every key in memory and
+/// reloads them from here (so keys created or revoked by `agentry keys` while the server runs
+/// take effect within seconds).
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    async fn create_key(&self, key: ApiKey) -> Result<(), StoreError>;
+
+    /// Every key, revoked and expired ones included, oldest first.
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Revokes a key; returns it as it now stands (`None`: no such key).
+    async fn revoke_key(&self, id: &str, now: i64) -> Result<Option<ApiKey>, StoreError>;
+
+    /// Records when keys were last used.
+    async fn touch_keys(&self, used: Vec<(String, i64)>) -> Result<(), StoreError>;
 }

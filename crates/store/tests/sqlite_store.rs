@@ -103,6 +103,8 @@ async fn a_stale_lease_cannot_write_or_complete_the_run() {
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].run.status, RunStatus::Queued);
     assert_eq!(recovered[0].run.lease_losses, 1);
+    // The requeued run is due from the reaper's `now` on.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let b = s.claim_runs(claim("B/1", 1, 30_000)).await.expect("claim");
     assert_eq!(b.runs[0].run.attempt, 2);
     let stale = LeaseRef {

@@ -16,18 +16,22 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
+use agentry_core::keys::ApiKey;
 use agentry_core::runs::{
     CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent,
     NewRun, Outcome, Renewal, Run, RunEvent, RunQuery, now_ms,
 };
-use agentry_core::store::{RunStore, StoreError};
+use agentry_core::store::{KeyStore, RunStore, StoreError};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, ErrorCode, OpenFlags};
 use tokio::sync::oneshot;
 
 /// Schema migrations, in order; `PRAGMA user_version` records how many were applied.
-const MIGRATIONS: &[&str] = &[include_str!("migrations/0001_runs.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("migrations/0001_runs.sql"),
+    include_str!("migrations/0002_api_keys.sql"),
+];
 
 /// How hard a commit tries to reach the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -380,5 +384,26 @@ impl RunStore for SqliteStore {
     async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
         self.write(move |c| ops::purge_finished(c, before, limit).map(Ok))
             .await
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn create_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        self.write(move |c| ops::create_key(c, &key).map(Ok)).await
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        self.read(ops::list_keys).await
+    }
+
+    async fn revoke_key(&self, id: &str, now: i64) -> Result<Option<ApiKey>, StoreError> {
+        let id = id.to_string();
+        self.write(move |c| ops::revoke_key(c, &id, now).map(Ok))
+            .await
+    }
+
+    async fn touch_keys(&self, used: Vec<(String, i64)>) -> Result<(), StoreError> {
+        self.write(move |c| ops::touch_keys(c, &used).map(Ok)).await
     }
 }

@@ -1,6 +1,7 @@
 //! The store's operations as SQLite statements. Write operations run on the writer thread inside
 //! a savepoint (see `mod.rs`); an inner `Err(StoreError)` is a refusal that rolls the job back.
 
+use agentry_core::keys::ApiKey;
 use agentry_core::runs::{
     Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome, DirectClaim,
     Finished, LeaseRef, MAX_LEASE_LOSSES, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent,
@@ -516,4 +517,63 @@ fn iso(ms: i64) -> String {
 
 fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<ApiKey> {
+    let scopes: String = row.get(3)?;
+    let agents: Option<String> = row.get(4)?;
+    Ok(ApiKey {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        hash: row.get(2)?,
+        scopes: serde_json::from_str(&scopes).map_err(|e| conversion(3, e.to_string()))?,
+        agents: agents
+            .map(|a| serde_json::from_str(&a))
+            .transpose()
+            .map_err(|e| conversion(4, e.to_string()))?,
+        created_at: row.get(5)?,
+        expires_at: row.get(6)?,
+        revoked_at: row.get(7)?,
+        last_used_at: row.get(8)?,
+    })
+}
+
+pub fn create_key(c: &Connection, key: &ApiKey) -> rusqlite::Result<()> {
+    let scopes = serde_json::to_string(&key.scopes).map_err(|e| conversion(3, e.to_string()))?;
+    let agents = key
+        .agents
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| conversion(4, e.to_string()))?;
+    c.prepare_cached(sql!("insert_key"))?.execute(params![
+        key.id,
+        key.name,
+        key.hash,
+        scopes,
+        agents,
+        key.created_at,
+        key.expires_at
+    ])?;
+    Ok(())
+}
+
+pub fn list_keys(c: &Connection) -> rusqlite::Result<Vec<ApiKey>> {
+    let mut stmt = c.prepare_cached(sql!("list_keys"))?;
+    let rows = stmt.query_map([], key_from_row)?;
+    rows.collect()
+}
+
+pub fn revoke_key(c: &Connection, id: &str, now: i64) -> rusqlite::Result<Option<ApiKey>> {
+    c.prepare_cached(sql!("revoke_key"))?
+        .query_row(params![id, now], key_from_row)
+        .optional()
+}
+
+pub fn touch_keys(c: &Connection, used: &[(String, i64)]) -> rusqlite::Result<()> {
+    for (id, at) in used {
+        c.prepare_cached(sql!("touch_key"))?
+            .execute(params![id, at])?;
+    }
+    Ok(())
 }

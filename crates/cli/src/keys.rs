@@ -1,0 +1,125 @@
+//! `agentry keys …`: manage API keys offline, straight in the state directory's database (or
+//! `--runs-db`), so the first key can be made before any server runs. A running server picks up
+//! changes within two seconds. A new key is printed once; only its hash is stored.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use agentry_core::keys::{Scope, parse_duration_s};
+use agentry_core::runs::now_ms;
+use agentry_core::{KeyStore, ServeSettings};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+
+#[derive(Args)]
+pub struct KeysArgs {
+    /// Where Agentry keeps its state (the key database is `<state-dir>/agentry.db`).
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTRY_STATE_DIR",
+        default_value = ".agentry"
+    )]
+    state_dir: PathBuf,
+    /// The database file, if not the state directory's.
+    #[arg(long, global = true, env = "AGENTRY_RUNS_DB")]
+    runs_db: Option<PathBuf>,
+    #[command(subcommand)]
+    command: KeysCommand,
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key and print it (once).
+    Create {
+        /// invoke, runs:read, runs:write, schedules or admin (repeatable).
+        #[arg(long = "scope", required = true)]
+        scopes: Vec<String>,
+        /// Limit the key to this agent (id or name; repeatable).
+        #[arg(long = "agent")]
+        agents: Vec<String>,
+        /// Lifetime: 30d, 12h, 15m, 90s.
+        #[arg(long)]
+        expires: Option<String>,
+        /// A label for people.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List keys (never the keys themselves).
+    List,
+    /// Revoke a key by id (`ak_…`).
+    Revoke { id: String },
+}
+
+pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
+    let settings = ServeSettings {
+        state_dir: args.state_dir.clone(),
+        runs_db_path: args.runs_db.clone(),
+        ..ServeSettings::default()
+    };
+    let store = crate::serve::open_store(&settings).await?;
+    let mut out = std::io::stdout().lock();
+    match args.command {
+        KeysCommand::Create {
+            scopes,
+            agents,
+            expires,
+            name,
+        } => {
+            let mut parsed = Vec::new();
+            for s in &scopes {
+                let scope = Scope::parse(s).with_context(|| {
+                    format!("unknown scope `{s}` (invoke, runs:read, runs:write, schedules, admin)")
+                })?;
+                if !parsed.contains(&scope) {
+                    parsed.push(scope);
+                }
+            }
+            let expires_in_s = match expires.as_deref() {
+                None => None,
+                Some(e) => Some(
+                    parse_duration_s(e)
+                        .with_context(|| format!("--expires {e}: use 30d, 12h, 15m or 90s"))?,
+                ),
+            };
+            let agents = (!agents.is_empty()).then_some(agents);
+            let (key, token) = agentry_api::keys::new_key(name, parsed, agents, expires_in_s);
+            store
+                .create_key(key.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot store the key: {e}"))?;
+            let mut shown = agentry_api::keys::key_json(&key);
+            shown["key"] = serde_json::Value::String(token);
+            writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
+            eprintln!("Store this key now: it is not shown again.");
+        }
+        KeysCommand::List => {
+            let keys = store
+                .list_keys()
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot read the keys: {e}"))?;
+            let list: Vec<_> = keys.iter().map(agentry_api::keys::key_json).collect();
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"keys": list}))?
+            )?;
+        }
+        KeysCommand::Revoke { id } => {
+            let Some(key) = store
+                .revoke_key(&id, now_ms())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot revoke the key: {e}"))?
+            else {
+                bail!("no key `{id}`");
+            };
+            writeln!(
+                out,
+                "{}",
+                serde_json::to_string_pretty(&agentry_api::keys::key_json(&key))?
+            )?;
+        }
+    }
+    store.close();
+    Ok(())
+}

@@ -1,0 +1,183 @@
+//! API keys: what a key may do (scopes, agents), how a key looks, and how it is checked.
+//!
+//! A key is `ak_<id>_<secret>`: the `ak_<id>` part names the key (in lists, logs and URLs), the
+//! secret is 32 random base62 characters. Only the SHA-256 of the whole key is stored, so the
+//! database never holds a usable key; a key is shown once, when it is created. A presented key's
+//! digest is compared with the stored one in constant time.
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// What a key may do. `admin` may do everything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Scope {
+    /// Call entrypoints: native invoke/stream/ws and every RunAgent route.
+    #[serde(rename = "invoke")]
+    Invoke,
+    /// Read runs and follow their events.
+    #[serde(rename = "runs:read")]
+    RunsRead,
+    /// Create and cancel runs.
+    #[serde(rename = "runs:write")]
+    RunsWrite,
+    /// Manage schedules.
+    #[serde(rename = "schedules")]
+    Schedules,
+    /// Everything, including managing keys.
+    #[serde(rename = "admin")]
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 5] = [
+        Self::Invoke,
+        Self::RunsRead,
+        Self::RunsWrite,
+        Self::Schedules,
+        Self::Admin,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Invoke => "invoke",
+            Self::RunsRead => "runs:read",
+            Self::RunsWrite => "runs:write",
+            Self::Schedules => "schedules",
+            Self::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A stored key (never the key itself).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    /// `ak_<id>`: the public part of the key.
+    pub id: String,
+    pub name: Option<String>,
+    /// Hex SHA-256 of the whole key.
+    pub hash: String,
+    pub scopes: Vec<Scope>,
+    /// Agent ids or names the key is limited to; `None`: every agent.
+    pub agents: Option<Vec<String>>,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+impl ApiKey {
+    /// Whether the key grants `scope` (admin grants all).
+    pub fn grants(&self, scope: Scope) -> bool {
+        self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
+    }
+
+    /// Whether the key may touch the agent known by `id` and `name`.
+    pub fn allows_agent(&self, id: &str, name: &str) -> bool {
+        self.agents
+            .as_ref()
+            .is_none_or(|list| list.iter().any(|a| a == id || a == name))
+    }
+
+    /// Neither revoked nor expired at `now`.
+    pub fn is_active(&self, now: i64) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|t| now < t)
+    }
+
+    /// Whether `token` is this key (constant time in the digest).
+    pub fn matches(&self, token: &str) -> bool {
+        let presented = hash_token(token);
+        presented.as_bytes().ct_eq(self.hash.as_bytes()).into()
+    }
+}
+
+const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+fn random_base62(n: usize) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|_| BASE62[rng.random_range(0..BASE62.len())] as char)
+        .collect()
+}
+
+/// A new key: (its id, the whole key to hand to the user once).
+pub fn generate_key() -> (String, String) {
+    let id = format!("ak_{}", random_base62(10));
+    let token = format!("{id}_{}", random_base62(32));
+    (id, token)
+}
+
+/// Hex SHA-256 of a key.
+pub fn hash_token(token: &str) -> String {
+    Sha256::digest(token.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The id part of a presented key, if it has the shape of one.
+pub fn key_id(token: &str) -> Option<&str> {
+    let rest = token.strip_prefix("ak_")?;
+    let (id, secret) = rest.split_once('_')?;
+    (!id.is_empty() && !secret.is_empty()).then(|| &token[..3 + id.len()])
+}
+
+/// Parses `30d`, `12h`, `15m`, `90s` or a plain number of seconds.
+pub fn parse_duration_s(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().last()? {
+        (i, 'd') => (&t[..i], 86_400),
+        (i, 'h') => (&t[..i], 3_600),
+        (i, 'm') => (&t[..i], 60),
+        (i, 's') => (&t[..i], 1),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()?
+        .checked_mul(mult)
+        .filter(|s| *s > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_identified_hashed_and_checked() {
+        let (id, token) = generate_key();
+        assert_eq!(key_id(&token), Some(id.as_str()));
+        assert_eq!(token.len(), id.len() + 33);
+        let key = ApiKey {
+            id,
+            name: None,
+            hash: hash_token(&token),
+            scopes: vec![Scope::Invoke],
+            agents: Some(vec!["echo".into()]),
+            created_at: 0,
+            expires_at: Some(10),
+            revoked_at: None,
+            last_used_at: None,
+        };
+        assert!(key.matches(&token));
+        assert!(!key.matches(&format!("{token}x")));
+        assert!(key.grants(Scope::Invoke) && !key.grants(Scope::RunsRead));
+        assert!(key.allows_agent("uuid", "echo") && !key.allows_agent("uuid", "other"));
+        assert!(key.is_active(9) && !key.is_active(10));
+        assert_eq!(key_id("ak__x"), None);
+        assert_eq!(key_id("Bearer"), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_s("30d"), Some(2_592_000));
+        assert_eq!(parse_duration_s("2h"), Some(7200));
+        assert_eq!(parse_duration_s("90"), Some(90));
+        assert_eq!(parse_duration_s("0s"), None);
+        assert_eq!(parse_duration_s("x"), None);
+    }
+}
