@@ -1,0 +1,443 @@
+//! API keys end to end: scopes, agent limits, revocation, expiry, WebSocket tokens, the admin
+//! routes, and that a key never reaches the log.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+fn durable() -> std::path::PathBuf {
+    fixture("durable")
+}
+
+/// `agentry keys create` offline in `state`; returns the key.
+fn make_key(state: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["keys", "create", "--state-dir"])
+        .arg(state)
+        .args(args)
+        .output()
+        .expect("keys create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v = json(&String::from_utf8_lossy(&out.stdout));
+    v["key"].as_str().expect("key").to_string()
+}
+
+async fn call(method: &str, url: &str, key: Option<&str>, body: Option<Value>) -> (u16, String) {
+    let c = client();
+    let mut req = match method {
+        "POST" => c.post(url),
+        "DELETE" => c.delete(url),
+        _ => c.get(url),
+    };
+    if let Some(k) = key {
+        req = req.bearer_auth(k);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    (status, r.text().await.expect("body"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_scope_allows_exactly_its_routes() {
+    let state = tempfile::tempdir().expect("state");
+    let invoke = make_key(state.path(), &["--scope", "invoke"]);
+    let read = make_key(state.path(), &["--scope", "runs:read"]);
+    let write = make_key(state.path(), &["--scope", "runs:write"]);
+    let admin = make_key(state.path(), &["--scope", "admin", "--name", "ops"]);
+    let srv = server(durable())
+        .agent(fixture("compat"))
+        .state_dir(state.path())
+        .start();
+    assert!(
+        srv.log_text()
+            .contains("authentication is on: 4 active API key(s)")
+    );
+
+    let compat_run = format!("/api/v1/agents/{COMPAT_ID}/run");
+    let compat_body =
+        json!({"entrypoint_tag": "echo", "input_args": [], "input_kwargs": {"message": "hi"}});
+    let run_body = json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}});
+    // (method, path, body, expected status for: none, invoke, runs:read, runs:write, admin)
+    let matrix: Vec<(&str, String, Option<Value>, [u16; 5])> = vec![
+        ("GET", "/healthz".into(), None, [200, 200, 200, 200, 200]),
+        ("GET", "/readyz".into(), None, [200, 200, 200, 200, 200]),
+        ("GET", "/v1/agents".into(), None, [401, 200, 200, 200, 200]),
+        (
+            "POST",
+            "/v1/agents/durable/entrypoints/work/invoke".into(),
+            Some(json!({"input": {"i": 1}})),
+            [401, 200, 403, 403, 200],
+        ),
+        (
+            "POST",
+            compat_run.clone(),
+            Some(compat_body.clone()),
+            [401, 200, 403, 403, 200],
+        ),
+        (
+            "GET",
+            "/api/v1/health".into(),
+            None,
+            [401, 200, 403, 403, 200],
+        ),
+        (
+            "POST",
+            "/v1/runs".into(),
+            Some(run_body.clone()),
+            [401, 403, 403, 202, 202],
+        ),
+        ("GET", "/v1/runs".into(), None, [401, 403, 200, 403, 200]),
+        ("GET", "/v1/keys".into(), None, [401, 403, 403, 403, 200]),
+        ("GET", "/v1/nope".into(), None, [401, 404, 404, 404, 404]),
+    ];
+    let keys = [
+        None,
+        Some(invoke.as_str()),
+        Some(read.as_str()),
+        Some(write.as_str()),
+        Some(admin.as_str()),
+    ];
+    for (method, path, body, expected) in &matrix {
+        for (key, want) in keys.iter().zip(expected) {
+            let (got, text) = call(method, &srv.url(path), *key, body.clone()).await;
+            assert_eq!(
+                got,
+                *want,
+                "{method} {path} with {:?}: {text}",
+                key.map(|k| &k[..13])
+            );
+            if got == 401 && path.starts_with("/v1") {
+                assert_eq!(json(&text)["error"]["code"], "authentication_error");
+            }
+            if got == 403 && path.starts_with("/v1") {
+                assert_eq!(json(&text)["error"]["code"], "permission_error");
+            }
+        }
+    }
+    // RunAgent's routes refuse as FastAPI would, and every 401 names the scheme.
+    let r = client()
+        .post(srv.url(&compat_run))
+        .json(&compat_body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.headers().get("www-authenticate").map(|v| v.as_bytes()),
+        Some(&b"Bearer"[..])
+    );
+    assert!(json(&r.text().await.expect("body"))["detail"].is_string());
+    // A malformed or unknown key is refused the same way.
+    for bad in ["nonsense", "ak_x_y", &format!("{invoke}x")] {
+        let (status, _) = call("GET", &srv.url("/v1/agents"), Some(bad), None).await;
+        assert_eq!(status, 401, "{bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn revoked_and_expired_keys_are_refused_and_keys_never_reach_the_log() {
+    let state = tempfile::tempdir().expect("state");
+    let doomed = make_key(state.path(), &["--scope", "invoke"]);
+    let short = make_key(state.path(), &["--scope", "invoke", "--expires", "2s"]);
+    let srv = server(durable()).state_dir(state.path()).start();
+    let url = srv.url("/v1/agents/durable/entrypoints/work/invoke");
+    let body = Some(json!({"input": {"i": 1}}));
+    assert_eq!(call("POST", &url, Some(&doomed), body.clone()).await.0, 200);
+    assert_eq!(call("POST", &url, Some(&short), body.clone()).await.0, 200);
+    // Revoked offline while the server runs: refused within seconds.
+    let id = agentry_core_key_id(&doomed);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["keys", "revoke", &id, "--state-dir"])
+        .arg(state.path())
+        .output()
+        .expect("revoke");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _) = call("POST", &url, Some(&doomed), body.clone()).await;
+        if status == 401 {
+            break;
+        }
+        assert!(Instant::now() < end, "the revoked key still works");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Expired.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(call("POST", &url, Some(&short), body.clone()).await.0, 401);
+    // The list shows ids and state, never keys; last use was recorded.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["keys", "list", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .expect("list");
+    let listed = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(!listed.contains(&doomed) && !listed.contains(&short));
+    let keys = json(&listed);
+    let doomed_row = keys["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .find(|k| k["id"] == id)
+        .cloned()
+        .expect("row");
+    assert_eq!(doomed_row["active"], false);
+    assert!(doomed_row["revoked_at"].is_string());
+    // A wrong key in a query string or header never shows up in the log either.
+    let _ = call(
+        "GET",
+        &srv.url(&format!("/v1/agents?token={doomed}")),
+        Some(&short),
+        None,
+    )
+    .await;
+    let log = srv.log_text();
+    for k in [&doomed, &short] {
+        let secret = &k[k.len() - 32..];
+        assert!(!log.contains(secret), "a key reached the log");
+    }
+}
+
+fn agentry_core_key_id(token: &str) -> String {
+    // ak_<id>_<secret>
+    let rest = &token[3..];
+    let id = rest.split('_').next().expect("id");
+    format!("ak_{id}")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_limited_to_agents_and_websocket_tokens() {
+    let state = tempfile::tempdir().expect("state");
+    let limited = make_key(
+        state.path(),
+        &[
+            "--scope",
+            "invoke",
+            "--scope",
+            "runs:read",
+            "--scope",
+            "runs:write",
+            "--agent",
+            "durable",
+        ],
+    );
+    let admin = make_key(state.path(), &["--scope", "admin"]);
+    let srv = server(durable())
+        .agent(fixture("compat"))
+        .state_dir(state.path())
+        .start();
+    let ok = call(
+        "POST",
+        &srv.url("/v1/agents/durable/entrypoints/work/invoke"),
+        Some(&limited),
+        Some(json!({"input": {"i": 1}})),
+    )
+    .await;
+    assert_eq!(ok.0, 200);
+    let (status, text) = call(
+        "POST",
+        &srv.url("/v1/agents/compat_fixture/entrypoints/echo/invoke"),
+        Some(&limited),
+        Some(json!({"input": {"message": "x"}})),
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    let (status, _) = call(
+        "POST",
+        &srv.url(&format!("/api/v1/agents/{COMPAT_ID}/run")),
+        Some(&limited),
+        Some(json!({"entrypoint_tag": "echo", "input_args": [], "input_kwargs": {"message": "x"}})),
+    )
+    .await;
+    assert_eq!(status, 403);
+    // Runs: create only for its agent; other agents' runs do not exist for it.
+    let (status, _) = call(
+        "POST",
+        &srv.url("/v1/runs"),
+        Some(&limited),
+        Some(json!({"agent": "compat_fixture", "entrypoint": "echo", "input": {"message": "x"}})),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, text) = call(
+        "POST",
+        &srv.url("/v1/runs"),
+        Some(&admin),
+        Some(json!({"agent": "compat_fixture", "entrypoint": "echo", "input": {"message": "x"}})),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    let other = json(&text)["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        call(
+            "GET",
+            &srv.url(&format!("/v1/runs/{other}")),
+            Some(&limited),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        call(
+            "POST",
+            &srv.url(&format!("/v1/runs/{other}/cancel")),
+            Some(&limited),
+            None
+        )
+        .await
+        .0,
+        404
+    );
+    assert_eq!(
+        call("GET", &srv.url("/v1/runs"), Some(&limited), None)
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        call(
+            "GET",
+            &srv.url("/v1/runs?agent=durable"),
+            Some(&limited),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+
+    // WebSockets: the key as ?token= (browsers cannot set headers there).
+    let path = "/v1/agents/durable/entrypoints/counts_stream/ws";
+    assert!(
+        tokio_tungstenite::connect_async(srv.ws_url(path))
+            .await
+            .is_err(),
+        "no key: refused"
+    );
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(srv.ws_url(&format!("{path}?token={limited}")))
+            .await
+            .expect("ws with token");
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        json!({"input": {"n": 2}}).to_string().into(),
+    ))
+    .await
+    .expect("start");
+    let mut chunks = 0;
+    while let Some(Ok(msg)) = ws.next().await {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg
+            && json(&t)["type"] == "chunk"
+        {
+            chunks += 1;
+        }
+    }
+    assert_eq!(chunks, 2);
+    // A token in the query string of a plain request is not accepted.
+    assert_eq!(
+        call(
+            "GET",
+            &srv.url(&format!("/v1/agents?token={limited}")),
+            None,
+            None
+        )
+        .await
+        .0,
+        401
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_are_managed_over_http_by_admins() {
+    let state = tempfile::tempdir().expect("state");
+    let admin = make_key(state.path(), &["--scope", "admin"]);
+    let srv = server(durable()).state_dir(state.path()).start();
+    let (status, text) = call(
+        "POST",
+        &srv.url("/v1/keys"),
+        Some(&admin),
+        Some(json!({"name": "ci", "scopes": ["invoke"], "expires_in_s": 3600})),
+    )
+    .await;
+    assert_eq!(status, 201, "{text}");
+    let created = json(&text);
+    let key = created["key"].as_str().expect("key").to_string();
+    let id = created["id"].as_str().expect("id").to_string();
+    assert!(created["expires_at"].is_string());
+    let url = srv.url("/v1/agents/durable/entrypoints/work/invoke");
+    assert_eq!(
+        call("POST", &url, Some(&key), Some(json!({"input": {"i": 1}})))
+            .await
+            .0,
+        200
+    );
+    let listed = call("GET", &srv.url("/v1/keys"), Some(&admin), None)
+        .await
+        .1;
+    assert!(!listed.contains(&key), "lists never show keys");
+    assert_eq!(json(&listed)["keys"].as_array().map(Vec::len), Some(2));
+    for bad in [
+        json!({"scopes": []}),
+        json!({"scopes": ["root"]}),
+        json!({"scopes": ["invoke"], "bogus": 1}),
+    ] {
+        let (status, _) = call(
+            "POST",
+            &srv.url("/v1/keys"),
+            Some(&admin),
+            Some(bad.clone()),
+        )
+        .await;
+        assert_eq!(status, 422, "{bad}");
+    }
+    let (status, text) = call(
+        "DELETE",
+        &srv.url(&format!("/v1/keys/{id}")),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["active"], false);
+    // Revoked through the API: refused at once.
+    assert_eq!(
+        call("POST", &url, Some(&key), Some(json!({"input": {"i": 1}})))
+            .await
+            .0,
+        401
+    );
+    assert_eq!(
+        call("DELETE", &srv.url("/v1/keys/ak_nope"), Some(&admin), None)
+            .await
+            .0,
+        404
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_required_refuses_everything_until_a_key_exists() {
+    let srv = server(durable()).args(["--auth", "required"]).start();
+    assert_eq!(get(&srv.url("/healthz")).await.0, 200);
+    assert_eq!(get(&srv.url("/v1/agents")).await.0, 401);
+    // Without keys and without --auth required, loopback serving is open and says so.
+    let open = server(durable()).start();
+    assert!(open.log_text().contains("authentication is off"));
+    assert_eq!(get(&open.url("/v1/agents")).await.0, 200);
+}
