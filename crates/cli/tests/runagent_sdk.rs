@@ -163,3 +163,60 @@ fn runagent_python_sdk_gets_the_same_results_and_errors_from_us_as_from_runagent
         );
     }
 }
+
+/// With API keys on, RunAgent's SDK authenticates with `RUNAGENT_API_KEY` (sent as Bearer), and
+/// without a valid key it fails with its own authentication error instead of hanging or crashing.
+#[test]
+fn runagent_python_sdk_uses_runagent_api_key_when_auth_is_on() {
+    let Some(venv) = venv() else { return };
+    let state = tempfile::tempdir().expect("state");
+    let out = Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["keys", "create", "--scope", "invoke", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .expect("keys create");
+    assert!(out.status.success());
+    let key = json(&String::from_utf8_lossy(&out.stdout))["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let cache = tempfile::tempdir().expect("cache");
+    let srv = server(fixture("compat"))
+        .state_dir(state.path())
+        .cache_dir(cache.path())
+        .start();
+    let script = r#"
+import json, sys
+from runagent import RunAgentClient
+try:
+    c = RunAgentClient(agent_id=sys.argv[1], entrypoint_tag="echo", local=True, host="127.0.0.1", port=int(sys.argv[2]))
+    print(json.dumps({"ok": c.run(message="hi")}))
+except Exception as e:
+    print(json.dumps({"error": type(e).__name__, "code": getattr(e, "code", None), "message": str(e)}))
+"#;
+    let run = |api_key: Option<&str>| {
+        let mut cmd = Command::new(venv.join("bin/python"));
+        cmd.args(["-c", script, COMPAT_ID, &srv.port.to_string()])
+            .env("RUNAGENT_CACHE_DIR", cache.path())
+            .env_remove("RUNAGENT_API_KEY")
+            .stderr(Stdio::null());
+        if let Some(k) = api_key {
+            cmd.env("RUNAGENT_API_KEY", k);
+        }
+        let out = cmd.output().expect("python");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let last = text.lines().last().unwrap_or_default().to_string();
+        json(&last)
+    };
+    let ok = run(Some(&key));
+    assert_eq!(ok["ok"], serde_json::json!({"message": "hi"}), "{ok}");
+    for bad in [None, Some("ak_wrong_key")] {
+        let refused = run(bad);
+        assert!(refused.get("ok").is_none(), "{refused}");
+        let text = refused.to_string().to_lowercase();
+        assert!(
+            text.contains("auth"),
+            "a clean authentication error: {refused}"
+        );
+    }
+}
