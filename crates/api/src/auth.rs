@@ -216,25 +216,24 @@ fn path_agent(path: &str) -> Option<&str> {
     rest.split('/').next().filter(|s| !s.is_empty())
 }
 
-fn presented_token(req: &Request) -> Option<String> {
+fn presented_token(req: &Request) -> Option<&str> {
     if let Some(v) = req.headers().get(header::AUTHORIZATION)
         && let Ok(v) = v.to_str()
         && let Some(token) = v
             .strip_prefix("Bearer ")
             .or_else(|| v.strip_prefix("bearer "))
     {
-        return Some(token.trim().to_string());
+        return Some(token.trim());
     }
     let is_upgrade = req
         .headers()
         .get(header::UPGRADE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     if is_upgrade {
-        return req.uri().query().and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("token="))
-                .map(str::to_string)
-        });
+        return req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("token=")));
     }
     None
 }
@@ -257,14 +256,14 @@ fn refuse(path: &str, code: ErrorCode, message: &str) -> Response {
     resp
 }
 
-/// The middleware in front of every route.
+/// The middleware in front of every route. With authentication off it only classifies the
+/// path (no allocation); with it on, one map lookup and one SHA-256 per request.
 pub async fn require_key(
     State(state): State<Arc<AppState>>,
     mut req: Request,
     next: Next,
 ) -> Response {
-    let path = req.uri().path().to_string();
-    let access = access_for(req.method(), &path);
+    let access = access_for(req.method(), req.uri().path());
     if access == Access::Public {
         return next.run(req).await;
     }
@@ -272,16 +271,17 @@ pub async fn require_key(
         req.extensions_mut().insert(Principal(None));
         return next.run(req).await;
     }
+    let path = req.uri().path();
     let Some(token) = presented_token(&req) else {
         return refuse(
-            &path,
+            path,
             ErrorCode::AuthenticationError,
             "an API key is required: send `Authorization: Bearer <key>`",
         );
     };
-    let Some(entry) = state.auth.check(&token) else {
+    let Some(entry) = state.auth.check(token) else {
         return refuse(
-            &path,
+            path,
             ErrorCode::AuthenticationError,
             "the API key is not valid (unknown, revoked or expired)",
         );
@@ -290,7 +290,7 @@ pub async fn require_key(
         && !entry.key.grants(scope)
     {
         return refuse(
-            &path,
+            path,
             ErrorCode::PermissionError,
             &format!(
                 "the API key {} lacks the `{}` scope",
@@ -300,11 +300,11 @@ pub async fn require_key(
         );
     }
     let principal = Principal(Some(entry));
-    if let Some(agent) = path_agent(&path).and_then(|a| state.agent(a))
+    if let Some(agent) = path_agent(path).and_then(|a| state.agent(a))
         && !principal.allows(agent)
     {
         return refuse(
-            &path,
+            path,
             ErrorCode::PermissionError,
             "the API key is limited to other agents",
         );
