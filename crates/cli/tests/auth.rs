@@ -60,10 +60,10 @@ async fn each_scope_allows_exactly_its_routes() {
         .agent(fixture("compat"))
         .state_dir(state.path())
         .start();
-    assert!(
-        srv.log_text()
-            .contains("authentication is on: 4 active API key(s)")
-    );
+    assert!(srv.wait_log(
+        "authentication is on: 4 active API key(s)",
+        Duration::from_secs(5)
+    ));
 
     let compat_run = format!("/api/v1/agents/{COMPAT_ID}/run");
     let compat_body =
@@ -438,6 +438,6 @@ async fn auth_required_refuses_everything_until_a_key_exists() {
     assert_eq!(get(&srv.url("/v1/agents")).await.0, 401);
     // Without keys and without --auth required, loopback serving is open and says so.
     let open = server(durable()).start();
-    assert!(open.log_text().contains("authentication is off"));
+    assert!(open.wait_log("authentication is off", Duration::from_secs(5)));
     assert_eq!(get(&open.url("/v1/agents")).await.0, 200);
 }
