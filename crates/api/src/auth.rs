@@ -209,7 +209,7 @@ fn access_for(method: &Method, path: &str) -> Access {
 }
 
 /// The agent a path names (`/v1/agents/{agent}/…`, `/api/v1/agents/{agent_id}/…`).
-fn path_agent(path: &str) -> Option<&str> {
+pub(crate) fn path_agent(path: &str) -> Option<&str> {
     let rest = path
         .strip_prefix("/v1/agents/")
         .or_else(|| path.strip_prefix("/api/v1/agents/"))?;

@@ -84,6 +84,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::AuthenticationError => StatusCode::UNAUTHORIZED,
         ErrorCode::PermissionError => StatusCode::FORBIDDEN,
+        ErrorCode::RateLimitError => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::ValidationError => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::AgentNotFound
         | ErrorCode::EntrypointNotFound

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod compat;
 pub mod error;
 pub mod keys;
+pub mod limits;
 pub mod native;
 pub mod pyjson;
 pub mod runs;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub engine: agentry_engine::Engine,
     /// API keys, and whether they are required.
     pub auth: Arc<auth::Auth>,
+    /// Rate limits.
+    pub limits: limits::RateLimits,
 }
 
 impl AppState {
@@ -83,6 +86,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(compat::not_found)
+        // Inner: rate limits need the caller that authentication found.
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            limits::rate_limit,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             auth::require_key,

@@ -346,6 +346,19 @@ async fn submit(
             "the API key is limited to other agents",
         ));
     }
+    if let Err(limited) = state
+        .limits
+        .check_agent(crate::limits::RouteClass::Runs, &run.agent)
+    {
+        return Err(ApiError::new(
+            ErrorCode::RateLimitError,
+            format!(
+                "the agent's rate limit for runs ({}/s) is exceeded; retry in {:.3} s",
+                limited.spec.per_second,
+                limited.wait.as_secs_f64()
+            ),
+        ));
+    }
     state.engine.submit(run).await.map_err(|e| match e {
         SubmitError::Conflict(existing) => ApiError::new(
             ErrorCode::IdempotencyConflict,

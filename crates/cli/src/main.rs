@@ -115,6 +115,17 @@ struct ServeArgs {
     /// Serve a non-loopback address while authentication is off (no API key exists).
     #[arg(long)]
     insecure_no_auth: bool,
+    /// Rate limit per caller (API key, or client IP without authentication):
+    /// CLASS=RATE[:BURST], CLASS one of invoke, runs, other; repeatable. E.g. invoke=50:100.
+    #[arg(long = "rate-limit", env = "AGENTRY_RATE_LIMIT", value_delimiter = ',')]
+    rate_limits: Vec<String>,
+    /// Rate limit per agent: CLASS=RATE[:BURST]; repeatable.
+    #[arg(
+        long = "agent-rate-limit",
+        env = "AGENTRY_AGENT_RATE_LIMIT",
+        value_delimiter = ','
+    )]
+    agent_rate_limits: Vec<String>,
     /// `auto`: API keys are required once one exists; `required`: always (even before the first).
     #[arg(long, env = "AGENTRY_AUTH", value_enum, default_value_t = AuthMode::Auto)]
     auth: AuthMode,

@@ -7,7 +7,9 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use agentry_api::auth::Auth;
+use agentry_api::limits::RateLimits;
 use agentry_api::{Agent, AppState};
+use agentry_core::settings::RateSpec;
 use agentry_core::{AgentConfig, EntrypointKind, ServeSettings};
 use agentry_engine::{Engine, EngineAgent, EngineSettings};
 use agentry_runner::{
@@ -66,6 +68,18 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
         },
         node_name: args.node_name.clone(),
         auth_required: args.auth == crate::AuthMode::Required,
+        caller_rate_limits: args
+            .rate_limits
+            .iter()
+            .map(|r| RateSpec::parse_rule(r))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--rate-limit {e}"))?,
+        agent_rate_limits: args
+            .agent_rate_limits
+            .iter()
+            .map(|r| RateSpec::parse_rule(r))
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--agent-rate-limit {e}"))?,
         insecure_no_auth: args.insecure_no_auth,
         ..defaults
     })
@@ -464,6 +478,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let history = db.as_ref().map(|db| db.start_invocation_log(16_384));
     let bound = OnceLock::new();
     let _ = bound.set(addr);
+    let limits = RateLimits::new(&settings.caller_rate_limits, &settings.agent_rate_limits);
     let state = Arc::new(AppState {
         agents,
         settings,
@@ -474,7 +489,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         draining: Default::default(),
         engine: engine.clone(),
         auth: Arc::clone(&auth),
+        limits,
     });
+    if !state.limits.is_empty() {
+        let st = Arc::clone(&state);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                st.limits.shrink();
+            }
+        });
+    }
     auth.spawn_maintenance();
     let app = agentry_api::router(Arc::clone(&state));
     for a in &state.agents {
@@ -508,6 +534,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
         let _ = tcp.set_nodelay(true);
     });
+    // The peer address identifies callers for rate limits while authentication is off.
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown({
         let mut rx = stop_rx.clone();
         async move {

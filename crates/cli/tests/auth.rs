@@ -441,3 +441,120 @@ async fn auth_required_refuses_everything_until_a_key_exists() {
     assert!(open.wait_log("authentication is off", Duration::from_secs(5)));
     assert_eq!(get(&open.url("/v1/agents")).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_answer_429_with_retry_after_and_recover() {
+    let state = tempfile::tempdir().expect("state");
+    let a = make_key(state.path(), &["--scope", "admin"]);
+    let b = make_key(state.path(), &["--scope", "admin"]);
+    let srv = server(durable())
+        .agent(fixture("compat"))
+        .state_dir(state.path())
+        .args([
+            "--rate-limit",
+            "invoke=0.5:3",
+            "--agent-rate-limit",
+            "runs=0.2:2",
+        ])
+        .start();
+    let url = srv.url("/v1/agents/durable/entrypoints/work/invoke");
+    let body = Some(json!({"input": {"i": 1}}));
+    for _ in 0..3 {
+        assert_eq!(call("POST", &url, Some(&a), body.clone()).await.0, 200);
+    }
+    let r = client()
+        .post(&url)
+        .bearer_auth(&a)
+        .json(&json!({"input": {"i": 1}}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 429);
+    let h = r.headers().clone();
+    let retry: u64 = h
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .expect("retry-after");
+    assert!(retry >= 1);
+    assert_eq!(
+        h.get("ratelimit-limit").map(|v| v.as_bytes()),
+        Some(&b"3"[..])
+    );
+    assert_eq!(
+        h.get("ratelimit-remaining").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    let err = json(&r.text().await.expect("body"));
+    assert_eq!(err["error"]["code"], "rate_limit_error");
+    let wait = err["error"]["details"]["retry_after_s"]
+        .as_f64()
+        .expect("retry_after_s");
+    assert!(
+        wait > 0.0 && wait <= 2.01,
+        "one token refills in 2 s: {wait}"
+    );
+    // Another key has its own bucket; other route classes are not limited.
+    assert_eq!(call("POST", &url, Some(&b), body.clone()).await.0, 200);
+    assert_eq!(
+        call("GET", &srv.url("/v1/agents"), Some(&a), None).await.0,
+        200
+    );
+    // RunAgent's routes share the invoke class and answer as FastAPI would.
+    let (status, text) = call(
+        "POST",
+        &srv.url(&format!("/api/v1/agents/{COMPAT_ID}/run")),
+        Some(&a),
+        Some(json!({"entrypoint_tag": "echo", "input_args": [], "input_kwargs": {"message": "x"}})),
+    )
+    .await;
+    assert_eq!(status, 429, "{text}");
+    assert!(json(&text)["detail"].is_string());
+    // It recovers once the bucket refills.
+    tokio::time::sleep(Duration::from_secs_f64(wait + 0.05)).await;
+    assert_eq!(call("POST", &url, Some(&a), body.clone()).await.0, 200);
+
+    // Per agent: runs of one agent, whoever creates them.
+    let run = json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}});
+    assert_eq!(
+        call("POST", &srv.url("/v1/runs"), Some(&a), Some(run.clone()))
+            .await
+            .0,
+        202
+    );
+    assert_eq!(
+        call("POST", &srv.url("/v1/runs"), Some(&b), Some(run.clone()))
+            .await
+            .0,
+        202
+    );
+    let (status, text) = call("POST", &srv.url("/v1/runs"), Some(&b), Some(run.clone())).await;
+    assert_eq!(status, 429, "{text}");
+    let other = json!({"agent": "compat_fixture", "entrypoint": "echo", "input": {"message": "x"}});
+    assert_eq!(
+        call("POST", &srv.url("/v1/runs"), Some(&b), Some(other))
+            .await
+            .0,
+        202
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_keys_rate_limits_apply_per_client_address() {
+    let srv = server(durable())
+        .args(["--rate-limit", "other=0.2:2"])
+        .start();
+    assert_eq!(get(&srv.url("/v1/agents")).await.0, 200);
+    assert_eq!(get(&srv.url("/v1/agents")).await.0, 200);
+    assert_eq!(get(&srv.url("/v1/agents")).await.0, 429);
+    assert_eq!(
+        get(&srv.url("/healthz")).await.0,
+        200,
+        "probes are never limited"
+    );
+    // A bad rule is refused at start-up.
+    let bad = server(durable())
+        .args(["--rate-limit", "everything=5"])
+        .try_start();
+    assert!(bad.is_err_and(|log| log.contains("the class is invoke, runs or other")));
+}

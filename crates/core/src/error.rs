@@ -11,6 +11,8 @@ pub enum ErrorCode {
     AuthenticationError,
     /// The key is valid but lacks the scope, or is limited to other agents.
     PermissionError,
+    /// Too many requests for the caller's or the agent's rate limit.
+    RateLimitError,
     /// The request body or parameters are malformed or do not match the entrypoint's schema.
     ValidationError,
     /// No agent with that id or name is served here.
@@ -50,6 +52,7 @@ impl ErrorCode {
         match self {
             Self::AuthenticationError => "authentication_error",
             Self::PermissionError => "permission_error",
+            Self::RateLimitError => "rate_limit_error",
             Self::ValidationError => "validation_error",
             Self::AgentNotFound => "agent_not_found",
             Self::EntrypointNotFound => "entrypoint_not_found",

@@ -6,6 +6,43 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// A token bucket: `per_second` tokens refill per second, at most `burst` are held.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateSpec {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+impl RateSpec {
+    /// Parses `CLASS=RATE[:BURST]` (rate per second; burst defaults to the rate, at least 1).
+    pub fn parse_rule(text: &str) -> Result<(String, RateSpec), String> {
+        let (class, spec) = text
+            .split_once('=')
+            .ok_or_else(|| format!("`{text}`: expected CLASS=RATE[:BURST], e.g. invoke=50:100"))?;
+        let (rate, burst) = match spec.split_once(':') {
+            Some((r, b)) => (r, Some(b)),
+            None => (spec, None),
+        };
+        let per_second: f64 = rate
+            .parse()
+            .ok()
+            .filter(|r: &f64| r.is_finite() && *r > 0.0 && *r <= 1e9)
+            .ok_or_else(|| format!("`{text}`: the rate must be a positive number per second"))?;
+        let burst = match burst {
+            Some(b) => b
+                .parse::<u32>()
+                .ok()
+                .filter(|b| *b > 0)
+                .ok_or_else(|| format!("`{text}`: the burst must be a positive integer"))?,
+            None => per_second.ceil().max(1.0) as u32,
+        };
+        if !["invoke", "runs", "other"].contains(&class) {
+            return Err(format!("`{text}`: the class is invoke, runs or other"));
+        }
+        Ok((class.to_string(), RateSpec { per_second, burst }))
+    }
+}
+
 /// Settings of `agentry serve`.
 #[derive(Debug, Clone)]
 pub struct ServeSettings {
@@ -83,6 +120,10 @@ pub struct ServeSettings {
     pub auth_required: bool,
     /// Serve a non-loopback address while authentication is off.
     pub insecure_no_auth: bool,
+    /// Rate limits per caller (API key, or client IP without authentication), per route class.
+    pub caller_rate_limits: Vec<(String, RateSpec)>,
+    /// Rate limits per agent, per route class.
+    pub agent_rate_limits: Vec<(String, RateSpec)>,
 }
 
 impl Default for ServeSettings {
@@ -122,6 +163,8 @@ impl Default for ServeSettings {
             node_name: None,
             auth_required: false,
             insecure_no_auth: false,
+            caller_rate_limits: Vec::new(),
+            agent_rate_limits: Vec::new(),
         }
     }
 }
