@@ -60,7 +60,8 @@ impl RouteClass {
 
 struct Bucket {
     spec: RateSpec,
-    limiter: DefaultKeyedRateLimiter<String>,
+    /// Keyed by a 64-bit hash of the caller or agent: no allocation per request.
+    limiter: DefaultKeyedRateLimiter<u64>,
 }
 
 impl Bucket {
@@ -75,8 +76,11 @@ impl Bucket {
 
     /// `Err(wait)` when the bucket is empty.
     fn take(&self, key: &str) -> Result<(), Duration> {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let hashed = BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .hash_one(key);
         self.limiter
-            .check_key(&key.to_string())
+            .check_key(&hashed)
             .map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()))
     }
 }
