@@ -126,6 +126,13 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     agent_rate_limits: Vec<String>,
+    /// Allow browsers on this origin to call the API (CORS); repeatable; `*` for any. Off by default.
+    #[arg(
+        long = "cors-origin",
+        env = "AGENTRY_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    cors_origins: Vec<String>,
     /// `auto`: API keys are required once one exists; `required`: always (even before the first).
     #[arg(long, env = "AGENTRY_AUTH", value_enum, default_value_t = AuthMode::Auto)]
     auth: AuthMode,

@@ -68,6 +68,7 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
         },
         node_name: args.node_name.clone(),
         auth_required: args.auth == crate::AuthMode::Required,
+        cors_origins: args.cors_origins.clone(),
         caller_rate_limits: args
             .rate_limits
             .iter()

@@ -558,3 +558,68 @@ async fn without_keys_rate_limits_apply_per_client_address() {
         .try_start();
     assert!(bad.is_err_and(|log| log.contains("the class is invoke, runs or other")));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cors_is_off_by_default_and_answers_preflights_for_configured_origins() {
+    let preflight = |srv: &Server, origin: &str| {
+        client()
+            .request(reqwest::Method::OPTIONS, srv.url("/v1/runs"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let off = server(durable()).start();
+    let r = preflight(&off, "https://app.example")
+        .await
+        .expect("options");
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let r = client()
+        .get(off.url("/v1/agents"))
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .expect("get");
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+
+    let state = tempfile::tempdir().expect("state");
+    let key = make_key(state.path(), &["--scope", "admin"]);
+    let on = server(durable())
+        .state_dir(state.path())
+        .args(["--cors-origin", "https://app.example"])
+        .start();
+    // The preflight carries no key and is answered before authentication.
+    let r = preflight(&on, "https://app.example")
+        .await
+        .expect("options");
+    assert!(r.status().is_success(), "{}", r.status());
+    assert_eq!(
+        r.headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.as_bytes()),
+        Some(&b"https://app.example"[..])
+    );
+    let allowed = r
+        .headers()
+        .get("access-control-allow-headers")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_lowercase();
+    assert!(allowed.contains("authorization"), "{allowed}");
+    let r = client()
+        .get(on.url("/v1/agents"))
+        .bearer_auth(&key)
+        .header("origin", "https://app.example")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers().get("access-control-allow-origin").is_some());
+    let r = preflight(&on, "https://evil.example")
+        .await
+        .expect("options");
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+}

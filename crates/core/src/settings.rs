@@ -124,6 +124,9 @@ pub struct ServeSettings {
     pub caller_rate_limits: Vec<(String, RateSpec)>,
     /// Rate limits per agent, per route class.
     pub agent_rate_limits: Vec<(String, RateSpec)>,
+    /// Origins browsers may call from (CORS). Empty: CORS off (no cross-origin browser access);
+    /// `*`: any origin.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServeSettings {
@@ -165,6 +168,7 @@ impl Default for ServeSettings {
             insecure_no_auth: false,
             caller_rate_limits: Vec::new(),
             agent_rate_limits: Vec::new(),
+            cors_origins: Vec::new(),
         }
     }
 }
