@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +46,9 @@ def wait_health(port, proc, limit=60):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/health", timeout=1) as r:
                 if r.status == 200:
                     return
+        except urllib.error.HTTPError as e:
+            if e.code == 401:  # up, and asking for the key it is meant to ask for
+                return
         except OSError:
             pass
         time.sleep(0.02)
@@ -59,10 +63,10 @@ def rss_mib(pid):
     return float("nan")
 
 
-def wrk(port, conns, seconds):
+def wrk(port, conns, seconds, script=None):
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--timeout", "10s", "--latency",
-         "-s", os.path.join(KIT, "post_echo.lua"), f"http://127.0.0.1:{port}{RUN_PATH}"],
+         "-s", script or os.path.join(KIT, "post_echo.lua"), f"http://127.0.0.1:{port}{RUN_PATH}"],
         capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
@@ -76,8 +80,8 @@ def wrk(port, conns, seconds):
     return {"rps": rps, "p50_ms": pct(50), "p99_ms": pct(99)}
 
 
-def ws_stream(python, port, chunks, repeats):
-    out = subprocess.run([python, os.path.join(KIT, "ws_stream_bench.py"), f"ws://127.0.0.1:{port}{STREAM_PATH}",
+def ws_stream(python, port, chunks, repeats, query=""):
+    out = subprocess.run([python, os.path.join(KIT, "ws_stream_bench.py"), f"ws://127.0.0.1:{port}{STREAM_PATH}{query}",
                           str(chunks), str(repeats)], capture_output=True, text=True, check=True).stdout
     return json.loads(out)
 
@@ -96,8 +100,9 @@ def health_during_slow_stream(python, port, agent_id):
 
 
 class Server:
-    def __init__(self, name, cmd, port, env=None):
+    def __init__(self, name, cmd, port, env=None, wrk_script=None, ws_query=""):
         self.name, self.port = name, port
+        self.wrk_script, self.ws_query = wrk_script, ws_query
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      env=env, start_new_session=True)
         wait_health(port, self.proc)
@@ -158,6 +163,21 @@ def main():
     servers["agentry"] = Server("agentry", ours_cmd(port), port, env)
     port = free_port()
     servers["agentry_no_history"] = Server("agentry_no_history", ours_cmd(port, "--no-runagent-db"), port, env)
+    # The same server with authentication on (an `invoke` key on every request) and a rate limit
+    # far above the load, to show what the gateway costs.
+    auth_state = os.path.join(work, "state-auth")
+    made = subprocess.run([args.agentry, "keys", "create", "--scope", "invoke", "--state-dir", auth_state],
+                          capture_output=True, text=True, check=True).stdout
+    key = json.loads(made)["key"]
+    auth_lua = os.path.join(work, "post_echo_auth.lua")
+    with open(os.path.join(KIT, "post_echo.lua")) as f, open(auth_lua, "w") as g:
+        g.write(f.read() + f'\nwrk.headers["Authorization"] = "Bearer {key}"\n')
+    port = free_port()
+    servers["agentry_auth"] = Server(
+        "agentry_auth",
+        [args.agentry, "serve", agent, "--port", str(port), "--workers", str(args.workers), "--state-dir", auth_state,
+         "--rate-limit", "invoke=1000000:1000000"],
+        port, env, wrk_script=auth_lua, ws_query=f"?token={key}")
     port = free_port()
     servers["fastapi"] = Server("fastapi", [python, os.path.join(KIT, "fastapi_echo.py"), str(port)], port, env)
     if with_runagent:
@@ -169,15 +189,15 @@ def main():
         results["rss_idle_mib"] = {name: round(rss_mib(s.proc.pid), 1) for name, s in servers.items()}
         print(f"== idle RSS (server process only): {results['rss_idle_mib']}", flush=True)
         for s in servers.values():  # warm-up
-            wrk(s.port, 8, 1)
+            wrk(s.port, 8, 1, s.wrk_script)
         samples = {name: {"c1": [], "c64": [], "ws": []} for name in servers}
         for r in range(args.rounds):
             print(f"== round {r + 1}/{args.rounds}", flush=True)
             for name, s in servers.items():
                 slow = name == "runagent"
-                samples[name]["c1"].append(wrk(s.port, 1, 2 if slow else 3))
-                samples[name]["c64"].append(wrk(s.port, 64, 2 if slow else args.seconds))
-                samples[name]["ws"].append(ws_stream(python, s.port, 1000, 5 if slow else 20))
+                samples[name]["c1"].append(wrk(s.port, 1, 2 if slow else 3, s.wrk_script))
+                samples[name]["c64"].append(wrk(s.port, 64, 2 if slow else args.seconds, s.wrk_script))
+                samples[name]["ws"].append(ws_stream(python, s.port, 1000, 5 if slow else 20, s.ws_query))
                 print(f"   {name:<20} c1 p50 {samples[name]['c1'][-1]['p50_ms']:.3f} ms   "
                       f"c64 {samples[name]['c64'][-1]['rps']:>9.0f} req/s   "
                       f"stream ttfc {samples[name]['ws'][-1]['ttfc_ms_from_request']:.3f} ms, "
@@ -218,6 +238,9 @@ def main():
         "chunks_per_s_vs_fastapi": ours["chunks_per_s"] / base["chunks_per_s"],
         "startup_vs_fastapi": results["startup"]["agentry"]["startup_s_median"] / results["startup"]["fastapi"]["startup_s_median"],
     }
+    auth = load["agentry_auth"]
+    ratios["c64_rps_auth_vs_off"] = auth["c64_rps"] / ours["c64_rps"]
+    ratios["c1_rps_auth_vs_off"] = auth["c1_rps"] / ours["c1_rps"]
     if "runagent" in load:
         ratios["c64_rps_vs_runagent"] = ours["c64_rps"] / load["runagent"]["c64_rps"]
     results["ratios"] = ratios
@@ -235,9 +258,9 @@ def main():
 
 def render(r):
     load, st = r["load"], r["startup"]
-    names = [n for n in ["agentry", "agentry_no_history", "fastapi", "runagent"] if n in load]
+    names = [n for n in ["agentry", "agentry_no_history", "agentry_auth", "fastapi", "runagent"] if n in load]
     rows = [
-        ("start-up to first 200 (s)", lambda n: st.get(n.replace("_no_history", ""), {}).get("startup_s_median")),
+        ("start-up to first 200 (s)", lambda n: st.get(n.replace("_no_history", "").replace("_auth", ""), {}).get("startup_s_median")),
         ("RSS idle, server process (MiB)", lambda n: r["rss_idle_mib"].get(n)),
         ("wrk c=1 p50 (ms)", lambda n: load[n]["c1_p50_ms"]),
         ("wrk c=1 req/s", lambda n: load[n]["c1_rps"]),
@@ -261,7 +284,7 @@ def render(r):
     targets = {
         "c64_rps_vs_fastapi": "≥ 6", "c64_rps_no_history_vs_fastapi": "(info)", "c1_p50_vs_fastapi": "≤ 0.25",
         "ttfc_vs_fastapi": "≤ 0.5", "chunks_per_s_vs_fastapi": "≥ 1", "startup_vs_fastapi": "≤ 0.5",
-        "c64_rps_vs_runagent": "≥ 500",
+        "c64_rps_vs_runagent": "≥ 500", "c64_rps_auth_vs_off": "≥ 0.9", "c1_rps_auth_vs_off": "≥ 0.9",
     }
     for k, v in r["ratios"].items():
         out.append(f"| {k} | {v:.2f} | {targets.get(k, '')} |")
