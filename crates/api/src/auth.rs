@@ -58,6 +58,9 @@ pub struct Auth {
     /// `--auth required`: on even before the first key exists.
     required: bool,
     keys: RwLock<Arc<HashMap<String, Arc<KeyEntry>>>>,
+    /// Held across a reload's read and swap, so that a slow periodic reload that read the store
+    /// before a key was created cannot replace the map a later reload built with it.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Auth {
@@ -66,6 +69,7 @@ impl Auth {
             store,
             required,
             keys: RwLock::new(Arc::new(HashMap::new())),
+            reloading: tokio::sync::Mutex::new(()),
         });
         auth.reload().await?;
         Ok(auth)
@@ -93,6 +97,7 @@ impl Auth {
 
     /// Reads every key from the store, keeping the in-memory last-used times.
     pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let stored = self.store.list_keys().await?;
         let old = Arc::clone(&self.keys.read());
         let map = stored
