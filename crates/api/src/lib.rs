@@ -11,6 +11,7 @@ pub mod limits;
 pub mod native;
 pub mod pyjson;
 pub mod runs;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -126,6 +126,15 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     agent_rate_limits: Vec<String>,
+    /// Connections open at once; further ones wait in the kernel's backlog.
+    #[arg(long, env = "AGENTRY_MAX_CONNECTIONS", default_value_t = 4096)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers (also closes idle keep-alive connections).
+    #[arg(long, env = "AGENTRY_HEADER_READ_TIMEOUT_S", default_value_t = 30.0)]
+    header_read_timeout_s: f64,
+    /// Largest request head (request line and headers) in bytes; 431 beyond it.
+    #[arg(long, env = "AGENTRY_MAX_HEADER_BYTES", default_value_t = 64 * 1024)]
+    max_header_bytes: usize,
     /// Allow browsers on this origin to call the API (CORS); repeatable; `*` for any. Off by default.
     #[arg(
         long = "cors-origin",

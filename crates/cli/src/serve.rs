@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use agentry_api::auth::Auth;
 use agentry_api::limits::RateLimits;
+use agentry_api::server::ConnectionLimits;
 use agentry_api::{Agent, AppState};
 use agentry_core::settings::RateSpec;
 use agentry_core::{AgentConfig, EntrypointKind, ServeSettings};
@@ -69,6 +70,9 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
         node_name: args.node_name.clone(),
         auth_required: args.auth == crate::AuthMode::Required,
         cors_origins: args.cors_origins.clone(),
+        max_connections: args.max_connections.max(1),
+        header_read_timeout: secs(args.header_read_timeout_s, "header-read-timeout-s")?,
+        max_header_bytes: args.max_header_bytes.max(1024),
         caller_rate_limits: args
             .rate_limits
             .iter()
@@ -531,18 +535,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    // Responses are written whole; don't let Nagle hold one back waiting for an ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-        let _ = tcp.set_nodelay(true);
-    });
-    // The peer address identifies callers for rate limits while authentication is off.
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown({
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    });
+    let limits = ConnectionLimits {
+        max_connections: state.settings.max_connections,
+        header_read_timeout: state.settings.header_read_timeout,
+        max_header_bytes: state.settings.max_header_bytes,
+    };
+    let server = agentry_api::server::serve(listener, app, limits, stop_rx);
     let server = tokio::spawn(async move { server.await });
     shutdown_signal().await;
     tracing::info!(

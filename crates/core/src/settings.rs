@@ -124,6 +124,12 @@ pub struct ServeSettings {
     pub caller_rate_limits: Vec<(String, RateSpec)>,
     /// Rate limits per agent, per route class.
     pub agent_rate_limits: Vec<(String, RateSpec)>,
+    /// Connections open at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (also ends idle keep-alive connections).
+    pub header_read_timeout: Duration,
+    /// Largest request head (request line and headers); 431 beyond it.
+    pub max_header_bytes: usize,
     /// Origins browsers may call from (CORS). Empty: CORS off (no cross-origin browser access);
     /// `*`: any origin.
     pub cors_origins: Vec<String>,
@@ -169,6 +175,9 @@ impl Default for ServeSettings {
             caller_rate_limits: Vec::new(),
             agent_rate_limits: Vec::new(),
             cors_origins: Vec::new(),
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
         }
     }
 }
