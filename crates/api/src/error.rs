@@ -79,6 +79,12 @@ impl ApiError {
     }
 }
 
+/// A `validation_error` naming one field and what it should have been.
+pub fn invalid(path: &str, expected: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(ErrorCode::ValidationError, message)
+        .with_details(json!({"errors": [{"path": path, "expected": expected}]}))
+}
+
 /// The HTTP status of each error code. `docs/errors.md` mirrors this table.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {

@@ -17,8 +17,9 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, invalid};
 use crate::native::body_or_error;
+use crate::time;
 
 type S = Arc<AppState>;
 
@@ -26,12 +27,6 @@ pub fn routes() -> Router<S> {
     Router::new()
         .route("/v1/keys", post(create_key).get(list_keys))
         .route("/v1/keys/{id}", delete(revoke_key))
-}
-
-fn time(ms: Option<i64>) -> Value {
-    ms.and_then(chrono::DateTime::from_timestamp_millis)
-        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
-        .unwrap_or(Value::Null)
 }
 
 /// A key as lists show it (without its hash).
@@ -82,11 +77,6 @@ struct CreateBody {
     agents: Option<Vec<String>>,
     #[serde(default)]
     expires_in_s: Option<u64>,
-}
-
-fn invalid(path: &str, expected: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::ValidationError, message)
-        .with_details(json!({"errors": [{"path": path, "expected": expected}]}))
 }
 
 async fn create_key(

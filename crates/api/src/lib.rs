@@ -72,6 +72,13 @@ impl AppState {
     }
 }
 
+/// A stored time (Unix milliseconds) as the API shows it: RFC 3339, milliseconds, UTC.
+pub(crate) fn time(ms: Option<i64>) -> serde_json::Value {
+    ms.and_then(chrono::DateTime::from_timestamp_millis)
+        .map(|t| serde_json::Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+        .unwrap_or(serde_json::Value::Null)
+}
+
 /// CORS for the configured origins; `None` when off (the default).
 fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     use axum::http::{HeaderName, HeaderValue, Method, header};

@@ -29,8 +29,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
 use crate::auth::Principal;
-use crate::error::ApiError;
+use crate::error::{ApiError, invalid};
 use crate::native::{body_or_error, find_agent};
+use crate::time;
 
 type S = Arc<AppState>;
 /// The caller, as the auth middleware identified it.
@@ -92,11 +93,6 @@ struct CreateBody<'a> {
     concurrency_key: Option<String>,
     #[serde(borrow, default)]
     metadata: Option<&'a RawValue>,
-}
-
-fn invalid(path: &str, expected: &str, message: impl Into<String>) -> ApiError {
-    ApiError::new(ErrorCode::ValidationError, message)
-        .with_details(json!({"errors": [{"path": path, "expected": expected}]}))
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -268,12 +264,6 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
         metadata,
         created_at: now,
     })
-}
-
-fn time(ms: Option<i64>) -> Value {
-    ms.and_then(chrono::DateTime::from_timestamp_millis)
-        .map(|t| Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
-        .unwrap_or(Value::Null)
 }
 
 fn raw(text: &str) -> Value {

@@ -437,6 +437,28 @@ async fn queued_and_running_runs_can_be_cancelled() {
     assert_workers_fine(&srv).await;
 }
 
+/// After a refused write (runs 1 was stored before, 2 refused): run 3 succeeds, and the store
+/// holds exactly runs 3 and 1.
+async fn assert_recovered_and_nothing_stored(srv: &Server) {
+    let again = create(
+        srv,
+        json!({"agent": "durable", "entrypoint": "work", "input": {"i": 3}}),
+    )
+    .await;
+    assert_eq!(
+        wait(srv, again["id"].as_str().expect("id")).await["status"],
+        "succeeded"
+    );
+    let all = json(&get(&srv.url("/v1/runs")).await.1);
+    let inputs: Vec<&Value> = all["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| &r["input"]["i"])
+        .collect();
+    assert_eq!(inputs, [&json!(3), &json!(1)]);
+}
+
 /// A plain run still succeeds (the workers survived what the test did).
 async fn assert_workers_fine(srv: &Server) {
     let next = create(
@@ -776,23 +798,7 @@ async fn a_locked_database_answers_503_and_loses_nothing() {
     );
     let _ = locker.wait();
     // The lock is gone: the server works again, and the refused run was never stored.
-    let again = create(
-        &srv,
-        json!({"agent": "durable", "entrypoint": "work", "input": {"i": 3}}),
-    )
-    .await;
-    assert_eq!(
-        wait(&srv, again["id"].as_str().expect("id")).await["status"],
-        "succeeded"
-    );
-    let all = json(&get(&srv.url("/v1/runs")).await.1);
-    let inputs: Vec<&Value> = all["runs"]
-        .as_array()
-        .expect("runs")
-        .iter()
-        .map(|r| &r["input"]["i"])
-        .collect();
-    assert_eq!(inputs, [&json!(3), &json!(1)]);
+    assert_recovered_and_nothing_stored(&srv).await;
 }
 
 /// The acceptance test of durability: SIGKILL the server part-way through 200 runs of a 50 ms
@@ -1010,23 +1016,7 @@ async fn a_full_disk_answers_503_and_loses_nothing() {
     assert!(text.contains("disk is full"), "{text}");
     // Room again: the server carries on; the refused run was never stored.
     std::fs::remove_file(&filler).expect("rm");
-    let again = create(
-        &srv,
-        json!({"agent": "durable", "entrypoint": "work", "input": {"i": 3}}),
-    )
-    .await;
-    assert_eq!(
-        wait(&srv, again["id"].as_str().expect("id")).await["status"],
-        "succeeded"
-    );
-    let all = json(&get(&srv.url("/v1/runs")).await.1);
-    let inputs: Vec<&Value> = all["runs"]
-        .as_array()
-        .expect("runs")
-        .iter()
-        .map(|r| &r["input"]["i"])
-        .collect();
-    assert_eq!(inputs, [&json!(3), &json!(1)]);
+    assert_recovered_and_nothing_stored(&srv).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
