@@ -46,10 +46,27 @@ impl Principal {
         })
     }
 
+    /// Whether error details may carry Python tracebacks: for everyone in development
+    /// (`--expose-tracebacks`), otherwise only for admin keys.
+    pub fn sees_tracebacks(&self, expose_to_all: bool) -> bool {
+        expose_to_all
+            || self
+                .0
+                .as_ref()
+                .is_some_and(|k| k.key.scopes.contains(&Scope::Admin))
+    }
+
     /// The agents the key is limited to, if it is.
     pub fn agent_limit(&self) -> Option<&[String]> {
         self.0.as_ref().and_then(|k| k.key.agents.as_deref())
     }
+}
+
+/// The caller, as a handler extracts it: absent when no middleware put one there.
+pub type Caller = Option<axum::Extension<Principal>>;
+
+pub fn principal(caller: Caller) -> Principal {
+    caller.map_or(Principal(None), |axum::Extension(p)| p)
 }
 
 /// The key ring and the switch.

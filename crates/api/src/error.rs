@@ -2,6 +2,7 @@
 //! "request_id"}}`, and the one place where an error code becomes an HTTP status.
 
 use agentry_core::ErrorCode;
+use agentry_core::schema::SchemaViolation;
 use agentry_runner::CallError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -77,6 +78,21 @@ impl ApiError {
             "request_id": uuid::Uuid::new_v4().to_string(),
         }})
     }
+}
+
+/// The 422 for input that does not match an entrypoint's parameters: each violation's path,
+/// kind and expected type in `details.errors`.
+pub fn schema_violations(tag: &str, violations: &[SchemaViolation]) -> ApiError {
+    let first = violations.first().map_or("", |v| v.message.as_str());
+    let errors: Vec<Value> = violations
+        .iter()
+        .map(|v| json!({"path": v.path, "kind": v.kind.as_str(), "expected": v.expected, "message": v.message}))
+        .collect();
+    ApiError::new(
+        ErrorCode::ValidationError,
+        format!("the input does not match entrypoint `{tag}`: {first}"),
+    )
+    .with_details(json!({"errors": errors}))
 }
 
 /// A `validation_error` naming one field and what it should have been.

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentry_core::ErrorCode;
+use agentry_core::schema::{self, Parameters};
 use agentry_runner::CallStream;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -20,9 +21,10 @@ use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
-use crate::error::ApiError;
+use crate::auth::{Caller, principal};
+use crate::error::{ApiError, invalid, schema_violations};
 use crate::{Agent, AppState};
 
 type S = Arc<AppState>;
@@ -169,29 +171,16 @@ fn prepare(
         })?
     };
     let kwargs = match parsed.input {
-        None => "{}".to_string(),
-        Some(raw) if raw.get().starts_with('{') => raw.get().to_string(),
-        Some(raw) if raw.get() == "null" => "{}".to_string(),
-        Some(_) => {
-            return Err(ApiError::new(
-                ErrorCode::ValidationError,
-                "`input` must be an object of keyword arguments",
-            )
-            .with_details(json!({"errors": [{"path": "input", "expected": "object"}]})));
-        }
+        None => "{}",
+        Some(raw) if raw.get() == "null" => "{}",
+        Some(raw) => raw.get(),
     };
     let args = match parsed.args {
-        None => "[]".to_string(),
-        Some(raw) if raw.get().starts_with('[') => raw.get().to_string(),
-        Some(raw) if raw.get() == "null" => "[]".to_string(),
-        Some(_) => {
-            return Err(ApiError::new(
-                ErrorCode::ValidationError,
-                "`args` must be a list of positional arguments",
-            )
-            .with_details(json!({"errors": [{"path": "args", "expected": "array"}]})));
-        }
+        None => "[]",
+        Some(raw) if raw.get() == "null" => "[]",
+        Some(raw) => raw.get(),
     };
+    let Arguments { args, kwargs } = conform_arguments(agent, tag, args, kwargs)?;
     if let Some(t) = parsed.timeout_s
         && !(t.is_finite() && t > 0.0)
     {
@@ -209,6 +198,60 @@ fn prepare(
         timeout: state
             .settings
             .call_timeout(parsed.timeout_s, entrypoint.timeout_s),
+    })
+}
+
+/// A call's arguments as JSON text, ready for the worker.
+pub(crate) struct Arguments {
+    pub args: String,
+    pub kwargs: String,
+}
+
+/// Checks a call's arguments against the entrypoint's parameters (a 422 naming each failing
+/// field) and applies the safe coercions of `agentry_core::schema`. The text goes to the worker
+/// as it came unless something was coerced.
+pub(crate) fn conform_arguments(
+    agent: &Agent,
+    tag: &str,
+    args: &str,
+    kwargs: &str,
+) -> Result<Arguments, ApiError> {
+    let mut kwargs_map: Map<String, Value> = serde_json::from_str(kwargs).map_err(|_| {
+        invalid(
+            "input",
+            "object",
+            "`input` must be an object of keyword arguments",
+        )
+    })?;
+    let mut args_list: Vec<Value> = serde_json::from_str(args).map_err(|_| {
+        invalid(
+            "args",
+            "array",
+            "`args` must be a list of positional arguments",
+        )
+    })?;
+    let coerced = match agent.pool.entrypoint(tag) {
+        // Workers that never reported (the import failed) leave the call to fail in Python.
+        None => false,
+        Some(report) => {
+            let params = Parameters {
+                schema: &report.schema,
+                order: &report.positional_only,
+                var_args: report.var_args,
+            };
+            schema::conform_call(&mut args_list, &mut kwargs_map, params)
+                .map_err(|violations| schema_violations(tag, &violations))?
+        }
+    };
+    if !coerced {
+        return Ok(Arguments {
+            args: args.to_string(),
+            kwargs: kwargs.to_string(),
+        });
+    }
+    Ok(Arguments {
+        args: Value::Array(args_list).to_string(),
+        kwargs: Value::Object(kwargs_map).to_string(),
     })
 }
 
@@ -230,6 +273,7 @@ pub(crate) fn body_or_error(
 
 async fn invoke(
     State(state): State<S>,
+    caller: Caller,
     Path((key, tag)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -240,7 +284,12 @@ async fn invoke(
         .pool
         .call(&call.tag, &call.args, &call.kwargs, call.timeout)
         .await
-        .map_err(|e| ApiError::from_call(e, state.settings.expose_tracebacks))?;
+        .map_err(|e| {
+            ApiError::from_call(
+                e,
+                principal(caller).sees_tracebacks(state.settings.expose_tracebacks),
+            )
+        })?;
     let mut out = String::with_capacity(payload.json.len() + 12);
     out.push_str("{\"output\":");
     out.push_str(payload.as_str());
@@ -257,12 +306,13 @@ async fn invoke(
 
 async fn stream(
     State(state): State<S>,
+    caller: Caller,
     Path((key, tag)): Path<(String, String)>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body, state.settings.max_body_bytes)?;
     let call = prepare(&state, &key, &tag, &body, Some(true))?;
-    let expose = state.settings.expose_tracebacks;
+    let expose = principal(caller).sees_tracebacks(state.settings.expose_tracebacks);
     // Errors before the first byte (no worker, deadline while queued) are plain HTTP errors.
     let calls = call
         .agent
@@ -305,6 +355,7 @@ async fn stream(
 
 async fn ws(
     State(state): State<S>,
+    caller: Caller,
     Path((key, tag)): Path<(String, String)>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -320,14 +371,14 @@ async fn ws(
         ));
     }
     let limit = state.settings.max_body_bytes;
+    let expose = principal(caller).sees_tracebacks(state.settings.expose_tracebacks);
     Ok(upgrade
         .max_message_size(limit)
-        .on_upgrade(move |socket| ws_session(socket, state, key, tag)))
+        .on_upgrade(move |socket| ws_session(socket, state, key, tag, expose)))
 }
 
-async fn ws_session(socket: WebSocket, state: S, key: String, tag: String) {
+async fn ws_session(socket: WebSocket, state: S, key: String, tag: String, expose: bool) {
     let (mut sender, mut receiver) = socket.split();
-    let expose = state.settings.expose_tracebacks;
     let start = match tokio::time::timeout(state.settings.ws_start_timeout, receiver.next()).await {
         Ok(Some(Ok(Message::Text(t)))) => Bytes::from(t.as_str().to_owned()),
         Ok(Some(Ok(Message::Binary(b)))) => b,

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use agentry_core::ErrorCode;
 use agentry_core::runs::{Backoff, NewRun, Run, RunEvent, RunQuery, RunStatus, new_run_id, now_ms};
-use agentry_core::schema;
 use agentry_engine::{Engine, SubmitError};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -28,19 +27,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::AppState;
-use crate::auth::Principal;
+use crate::auth::{Caller, Principal, principal};
 use crate::error::{ApiError, invalid};
 use crate::native::{body_or_error, find_agent};
 use crate::time;
 
 type S = Arc<AppState>;
-/// The caller, as the auth middleware identified it.
-type Caller = Option<axum::Extension<Principal>>;
-
-fn principal(caller: Caller) -> Principal {
-    caller.map_or(Principal(None), |axum::Extension(p)| p)
-}
-
 /// A run the caller's key may not see is, to it, no run at all.
 fn visible(state: &S, who: &Principal, run: Run) -> Result<Run, ApiError> {
     match state.agent(&run.agent) {
@@ -133,33 +125,7 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
             ),
         ));
     }
-    let input: Value = serde_json::from_str(input_text)
-        .map_err(|e| invalid("input", "object", format!("invalid input: {e}")))?;
-    if !input.is_object() {
-        return Err(invalid(
-            "input",
-            "object",
-            "`input` must be an object of keyword arguments",
-        ));
-    }
-    if let Some(report) = agent.pool.entrypoint(&b.entrypoint) {
-        let violations = schema::validate(&input, &report.schema, "input");
-        if !violations.is_empty() {
-            let first = violations[0].message.clone();
-            let errors: Vec<Value> = violations
-                .iter()
-                .map(|v| json!({"path": v.path, "expected": v.expected, "message": v.message}))
-                .collect();
-            return Err(ApiError::new(
-                ErrorCode::ValidationError,
-                format!(
-                    "the input does not match entrypoint `{}`: {first}",
-                    b.entrypoint
-                ),
-            )
-            .with_details(json!({"errors": errors})));
-        }
-    }
+    let input = crate::native::conform_arguments(agent, &b.entrypoint, "[]", input_text)?.kwargs;
     let metadata = match b.metadata {
         None => "{}".to_string(),
         Some(raw) if raw.get().starts_with('{') => raw.get().to_string(),
@@ -252,7 +218,7 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
         id: new_run_id(),
         agent: agent.config.agent_id.clone(),
         entrypoint: b.entrypoint,
-        input: input_text.to_string(),
+        input,
         idempotency_key: b.idempotency_key,
         request_hash,
         priority: b.priority,
@@ -270,10 +236,10 @@ fn raw(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::Null)
 }
 
-/// A run as the API shows it. Tracebacks only when the server exposes them.
-pub fn run_json(state: &AppState, run: &Run) -> Value {
+/// A run as the API shows it; tracebacks only to callers who see them.
+pub fn run_json(state: &AppState, run: &Run, who: &Principal) -> Value {
     let mut error = run.error.as_deref().map(raw).unwrap_or(Value::Null);
-    if !state.settings.expose_tracebacks
+    if !who.sees_tracebacks(state.settings.expose_tracebacks)
         && let Some(e) = error.as_object_mut()
     {
         e.remove("traceback");
@@ -304,7 +270,21 @@ pub fn run_json(state: &AppState, run: &Run) -> Value {
     })
 }
 
-fn event_json(e: &RunEvent) -> String {
+/// An event as the API shows it. Failure events carry the attempt's error, whose traceback
+/// only callers who see tracebacks get.
+fn event_json(e: &RunEvent, tracebacks: bool) -> String {
+    if !tracebacks
+        && e.data.contains("\"traceback\"")
+        && let Ok(mut data) = serde_json::from_str::<Value>(&e.data)
+        && let Some(error) = data.get_mut("error").and_then(Value::as_object_mut)
+    {
+        error.remove("traceback");
+        let stripped = RunEvent {
+            data: data.to_string(),
+            ..e.clone()
+        };
+        return event_json(&stripped, true);
+    }
     format!(
         "{{\"seq\":{},\"type\":{},\"at\":{},\"data\":{}}}",
         e.seq,
@@ -359,8 +339,14 @@ async fn submit(
     })
 }
 
-fn run_response(status: StatusCode, run: &Run, state: &S, replayed: bool) -> Response {
-    let mut resp = (status, Json(run_json(state, run))).into_response();
+fn run_response(
+    status: StatusCode,
+    run: &Run,
+    state: &S,
+    who: &Principal,
+    replayed: bool,
+) -> Response {
+    let mut resp = (status, Json(run_json(state, run, who))).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/runs/{}", run.id)) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -376,13 +362,14 @@ async fn create_run(
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (run, created) = submit(&state, &principal(caller), body).await?;
+    let who = principal(caller);
+    let (run, created) = submit(&state, &who, body).await?;
     let status = if created {
         StatusCode::ACCEPTED
     } else {
         StatusCode::OK
     };
-    Ok(run_response(status, &run, &state, !created))
+    Ok(run_response(status, &run, &state, &who, !created))
 }
 
 async fn get_run(
@@ -390,8 +377,9 @@ async fn get_run(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let run = find_run(&state, &principal(caller), &id).await?;
-    Ok(Json(run_json(&state, &run)).into_response())
+    let who = principal(caller);
+    let run = find_run(&state, &who, &id).await?;
+    Ok(Json(run_json(&state, &run, &who)).into_response())
 }
 
 /// The run, if it exists and the caller may see it.
@@ -480,7 +468,7 @@ async fn list_runs(
         .then(|| runs.last().map(|r| r.seq.to_string()))
         .flatten();
     Ok(Json(json!({
-        "runs": runs.iter().map(|r| run_json(&state, r)).collect::<Vec<_>>(),
+        "runs": runs.iter().map(|r| run_json(&state, r, &who)).collect::<Vec<_>>(),
         "next_cursor": next_cursor,
     }))
     .into_response())
@@ -510,14 +498,15 @@ async fn wait_run(
     q: QueryResult<WaitQuery>,
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
-    find_run(&state, &principal(caller), &id).await?;
+    let who = principal(caller);
+    find_run(&state, &who, &id).await?;
     let run = state
         .engine
         .wait(&id, wait_for(&q)?)
         .await
         .map_err(ApiError::from_store)?
         .ok_or_else(|| not_found(&id))?;
-    Ok(Json(run_json(&state, &run)).into_response())
+    Ok(Json(run_json(&state, &run, &who)).into_response())
 }
 
 async fn create_and_wait(
@@ -528,14 +517,15 @@ async fn create_and_wait(
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let wait = wait_for(&q)?;
-    let (run, _) = submit(&state, &principal(caller), body).await?;
+    let who = principal(caller);
+    let (run, _) = submit(&state, &who, body).await?;
     let run = state
         .engine
         .wait(&run.id, wait)
         .await
         .map_err(ApiError::from_store)?
         .unwrap_or(run);
-    Ok(Json(run_json(&state, &run)).into_response())
+    Ok(Json(run_json(&state, &run, &who)).into_response())
 }
 
 async fn cancel_run(
@@ -544,18 +534,21 @@ async fn cancel_run(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     use agentry_core::runs::CancelOutcome;
-    find_run(&state, &principal(caller), &id).await?;
+    let who = principal(caller);
+    find_run(&state, &who, &id).await?;
     match state
         .engine
         .cancel(&id)
         .await
         .map_err(ApiError::from_store)?
     {
-        CancelOutcome::Cancelled(f) => Ok(Json(run_json(&state, &f.run)).into_response()),
+        CancelOutcome::Cancelled(f) => Ok(Json(run_json(&state, &f.run, &who)).into_response()),
         CancelOutcome::Requested { run, .. } => {
-            Ok((StatusCode::ACCEPTED, Json(run_json(&state, &run))).into_response())
+            Ok((StatusCode::ACCEPTED, Json(run_json(&state, &run, &who))).into_response())
         }
-        CancelOutcome::AlreadyFinished(run) => Ok(Json(run_json(&state, &run)).into_response()),
+        CancelOutcome::AlreadyFinished(run) => {
+            Ok(Json(run_json(&state, &run, &who)).into_response())
+        }
         CancelOutcome::NotFound => Err(not_found(&id)),
     }
 }
@@ -643,15 +636,15 @@ async fn follow(engine: Engine, id: String, mut after: i64, tx: mpsc::Sender<Run
     }
 }
 
-fn sse_of(engine: Engine, id: String, after: i64) -> Response {
+fn sse_of(engine: Engine, id: String, after: i64, tracebacks: bool) -> Response {
     let (tx, rx) = mpsc::channel::<RunEvent>(64);
     tokio::spawn(follow(engine, id, after, tx));
-    let events = tokio_stream::StreamExt::map(ReceiverStream::new(rx), |e| {
+    let events = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |e| {
         Ok::<_, Infallible>(
             Event::default()
                 .id(e.seq.to_string())
                 .event(e.kind.clone())
-                .data(event_json(&e)),
+                .data(event_json(&e, tracebacks)),
         )
     });
     Sse::new(events)
@@ -674,8 +667,10 @@ async fn run_events(
     q: QueryResult<EventsQuery>,
 ) -> Result<Response, ApiError> {
     let after = resume_point(&headers, &query(q)?)?;
-    find_run(&state, &principal(caller), &id).await?;
-    Ok(sse_of(state.engine.clone(), id, after))
+    let who = principal(caller);
+    find_run(&state, &who, &id).await?;
+    let tracebacks = who.sees_tracebacks(state.settings.expose_tracebacks);
+    Ok(sse_of(state.engine.clone(), id, after, tracebacks))
 }
 
 async fn create_and_stream(
@@ -683,8 +678,10 @@ async fn create_and_stream(
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (run, _) = submit(&state, &principal(caller), body).await?;
-    Ok(sse_of(state.engine.clone(), run.id, 0))
+    let who = principal(caller);
+    let (run, _) = submit(&state, &who, body).await?;
+    let tracebacks = who.sees_tracebacks(state.settings.expose_tracebacks);
+    Ok(sse_of(state.engine.clone(), run.id, 0, tracebacks))
 }
 
 async fn run_events_ws(
@@ -696,21 +693,29 @@ async fn run_events_ws(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let after = resume_point(&headers, &query(q)?)?;
-    find_run(&state, &principal(caller), &id).await?;
+    let who = principal(caller);
+    find_run(&state, &who, &id).await?;
     let engine = state.engine.clone();
+    let tracebacks = who.sees_tracebacks(state.settings.expose_tracebacks);
     Ok(ws
         .max_message_size(64 * 1024)
-        .on_upgrade(move |socket| ws_follow(socket, engine, id, after)))
+        .on_upgrade(move |socket| ws_follow(socket, engine, id, after, tracebacks)))
 }
 
-async fn ws_follow(mut socket: WebSocket, engine: Engine, id: String, after: i64) {
+async fn ws_follow(
+    mut socket: WebSocket,
+    engine: Engine,
+    id: String,
+    after: i64,
+    tracebacks: bool,
+) {
     let (tx, mut rx) = mpsc::channel::<RunEvent>(64);
     let feeder = tokio::spawn(follow(engine, id, after, tx));
     loop {
         tokio::select! {
             e = rx.recv() => match e {
                 Some(e) => {
-                    if socket.send(Message::Text(event_json(&e).into())).await.is_err() {
+                    if socket.send(Message::Text(event_json(&e, tracebacks).into())).await.is_err() {
                         break;
                     }
                 }

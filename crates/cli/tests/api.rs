@@ -147,8 +147,8 @@ async fn native_invoke_errors_carry_their_status_and_code() {
         (
             invoke("compat_fixture", "echo"),
             r#"{"input": {"wrong": 1}}"#,
-            500,
-            "agent_error",
+            422,
+            "validation_error",
         ),
     ];
     for (url, body, status, code) in cases {

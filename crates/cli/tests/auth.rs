@@ -623,3 +623,58 @@ async fn cors_is_off_by_default_and_answers_preflights_for_configured_origins() 
         .expect("options");
     assert!(r.headers().get("access-control-allow-origin").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_admin_keys_see_python_tracebacks() {
+    let state = tempfile::tempdir().expect("state");
+    let admin = make_key(state.path(), &["--scope", "admin"]);
+    let user = make_key(
+        state.path(),
+        &[
+            "--scope",
+            "invoke",
+            "--scope",
+            "runs:write",
+            "--scope",
+            "runs:read",
+        ],
+    );
+    let srv = server(durable()).state_dir(state.path()).start();
+    let url = srv.url("/v1/agents/durable/entrypoints/fatal/invoke");
+    for (key, shown) in [(&user, false), (&admin, true)] {
+        let (status, text) = call("POST", &url, Some(key), Some(json!({}))).await;
+        assert_eq!(status, 500, "{text}");
+        let details = &json(&text)["error"]["details"];
+        assert_eq!(details["exception_type"], "NonRetriableError");
+        assert_eq!(details.get("traceback").is_some(), shown, "{text}");
+    }
+    // A failed run: its error and its failure event, read with each key.
+    let (status, text) = call(
+        "POST",
+        &srv.url("/v1/runs/wait"),
+        Some(&user),
+        Some(json!({"agent": "durable", "entrypoint": "fatal", "input": {}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let run = json(&text);
+    assert_eq!(run["status"], "failed");
+    let id = run["id"].as_str().expect("id").to_string();
+    for (key, shown) in [(&user, false), (&admin, true)] {
+        let (_, text) = call("GET", &srv.url(&format!("/v1/runs/{id}")), Some(key), None).await;
+        assert_eq!(
+            json(&text)["error"].get("traceback").is_some(),
+            shown,
+            "{text}"
+        );
+        let (_, events) = call(
+            "GET",
+            &srv.url(&format!("/v1/runs/{id}/events")),
+            Some(key),
+            None,
+        )
+        .await;
+        assert!(events.contains("event: run.failed"), "{events}");
+        assert_eq!(events.contains("traceback"), shown, "{events}");
+    }
+}
