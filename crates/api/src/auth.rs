@@ -206,7 +206,9 @@ enum Access {
 }
 
 fn access_for(method: &Method, path: &str) -> Access {
-    if path == "/healthz" || path == "/readyz" {
+    // Swagger UI's files are the same for everyone and carry no data; the description they
+    // load, `/openapi.json`, needs a key like everything else.
+    if path == "/healthz" || path == "/readyz" || path == "/docs" || path.starts_with("/docs/") {
         return Access::Public;
     }
     if path.starts_with("/v1/keys") {
@@ -247,11 +249,13 @@ fn presented_token(req: &Request) -> Option<&str> {
     {
         return Some(token.trim());
     }
+    // Browsers cannot set headers on a WebSocket handshake, nor on the spec Swagger UI loads
+    // (typed into Swagger UI's top bar as `/openapi.json?token=...`); there, and only there, a query token is taken.
     let is_upgrade = req
         .headers()
         .get(header::UPGRADE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    if is_upgrade {
+    if is_upgrade || req.uri().path() == "/openapi.json" {
         return req
             .uri()
             .query()
@@ -344,6 +348,10 @@ mod tests {
         let get = Method::GET;
         let post = Method::POST;
         assert_eq!(access_for(&get, "/healthz"), Access::Public);
+        assert_eq!(access_for(&get, "/docs/"), Access::Public);
+        assert_eq!(access_for(&get, "/docs/swagger-ui.css"), Access::Public);
+        assert_eq!(access_for(&get, "/openapi.json"), Access::AnyKey);
+        assert_eq!(access_for(&get, "/docsx"), Access::AnyKey);
         assert_eq!(access_for(&get, "/v1/agents"), Access::AnyKey);
         assert_eq!(
             access_for(&post, "/v1/agents/a/entrypoints/t/invoke"),

@@ -101,6 +101,19 @@ pub fn invalid(path: &str, expected: &str, message: impl Into<String>) -> ApiErr
         .with_details(json!({"errors": [{"path": path, "expected": expected}]}))
 }
 
+/// A WebSocket route called without a WebSocket handshake.
+pub fn upgrade_required(
+    rejection: axum::extract::ws::rejection::WebSocketUpgradeRejection,
+) -> ApiError {
+    ApiError::new(
+        ErrorCode::UpgradeRequired,
+        format!(
+            "this route speaks WebSocket only: {}",
+            rejection.body_text()
+        ),
+    )
+}
+
 /// The HTTP status of each error code. `docs/errors.md` mirrors this table.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
@@ -114,6 +127,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::KeyNotFound => StatusCode::NOT_FOUND,
         ErrorCode::IdempotencyConflict => StatusCode::CONFLICT,
         ErrorCode::WrongEntrypointKind => StatusCode::BAD_REQUEST,
+        ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::AgentError | ErrorCode::ConfigurationError | ErrorCode::ServerError => {
             StatusCode::INTERNAL_SERVER_ERROR

@@ -6,27 +6,31 @@ use std::sync::Arc;
 use agentry_core::ErrorCode;
 use agentry_core::keys::{self, ApiKey, Scope};
 use agentry_core::runs::now_ms;
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
+use crate::auth::{Caller, principal};
 use crate::error::{ApiError, invalid};
 use crate::native::body_or_error;
+use crate::openapi::{ErrorEnvelope, KeyList, KeyView, NewKeyView, ScopeView};
 use crate::time;
 
 type S = Arc<AppState>;
 
-pub fn routes() -> Router<S> {
-    Router::new()
-        .route("/v1/keys", post(create_key).get(list_keys))
-        .route("/v1/keys/{id}", delete(revoke_key))
+pub fn routes() -> OpenApiRouter<S> {
+    OpenApiRouter::new()
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(revoke_key))
 }
 
 /// A key as lists show it (without its hash).
@@ -67,29 +71,40 @@ pub fn new_key(
     (key, token)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = KeyRequest)]
 struct CreateBody {
+    /// A label for people.
     #[serde(default)]
     name: Option<String>,
+    /// At least one.
+    #[schema(value_type = Vec<ScopeView>, min_items = 1)]
     scopes: Vec<String>,
+    /// Limit the key to these agents (ids or names).
     #[serde(default)]
+    #[schema(min_items = 1)]
     agents: Option<Vec<String>>,
-    #[serde(default)]
+    /// Expire this many seconds from now.
+    #[serde(default, deserialize_with = "crate::de::opt_int")]
+    #[schema(minimum = 1)]
     expires_in_s: Option<u64>,
 }
 
+/// Create an API key. The key itself is in this answer and nowhere else, ever.
+#[utoipa::path(post, path = "/v1/keys", tag = "keys",
+    request_body(content = CreateBody),
+    responses(
+        (status = 201, description = "The new key, with `key` shown this once", body = NewKeyView),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+        (status = 503, description = "`unavailable`", body = ErrorEnvelope),
+    ))]
 async fn create_key(
     State(state): State<S>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body, state.settings.max_body_bytes)?;
-    let b: CreateBody = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::new(
-            ErrorCode::ValidationError,
-            format!("invalid request body: {e}"),
-        )
-    })?;
+    let b: CreateBody = crate::de::object_body(&body)?;
     let mut scopes = Vec::new();
     for s in &b.scopes {
         let scope = Scope::parse(s).ok_or_else(|| {
@@ -139,6 +154,9 @@ async fn create_key(
     Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
+/// Every key: ids, scopes and times, never the keys.
+#[utoipa::path(get, path = "/v1/keys", tag = "keys",
+    responses((status = 200, description = "The keys", body = KeyList)))]
 async fn list_keys(State(state): State<S>) -> Result<Response, ApiError> {
     let keys = state
         .auth
@@ -149,7 +167,27 @@ async fn list_keys(State(state): State<S>) -> Result<Response, ApiError> {
     Ok(Json(json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()})).into_response())
 }
 
-async fn revoke_key(State(state): State<S>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// Revoke a key; it is refused from the next request on. A key cannot revoke itself: that is
+/// how an operator locks themself out (another admin key, or `agentry keys revoke` on the
+/// server, can).
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "keys",
+    params(("id" = String, Path, description = "The key's id (its `ak_<id>_` part)")),
+    responses(
+        (status = 200, description = "The revoked key", body = KeyView),
+        (status = 403, description = "`permission_error`: a key cannot revoke itself", body = ErrorEnvelope),
+        (status = 404, description = "`key_not_found`", body = ErrorEnvelope),
+    ))]
+async fn revoke_key(
+    State(state): State<S>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    if principal(caller).0.is_some_and(|k| k.key.id == id) {
+        return Err(ApiError::new(
+            ErrorCode::PermissionError,
+            "a key cannot revoke itself: use another admin key, or `agentry keys revoke` on the server",
+        ));
+    }
     let key = state
         .auth
         .store()

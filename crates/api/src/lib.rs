@@ -5,10 +5,12 @@
 
 pub mod auth;
 pub mod compat;
+mod de;
 pub mod error;
 pub mod keys;
 pub mod limits;
 pub mod native;
+pub mod openapi;
 pub mod pyjson;
 pub mod runs;
 pub mod server;
@@ -25,7 +27,6 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
 
 /// One served agent: its configuration, its workers and its interpreter.
 pub struct Agent {
@@ -54,6 +55,8 @@ pub struct AppState {
     pub auth: Arc<auth::Auth>,
     /// Rate limits.
     pub limits: limits::RateLimits,
+    /// The native API's OpenAPI description, as `router` generated it from the routes.
+    pub openapi: OnceLock<serde_json::Value>,
 }
 
 impl AppState {
@@ -119,17 +122,16 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 /// The whole HTTP surface.
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.settings.max_body_bytes;
+    let (native, spec) = openapi::native_routes().split_for_parts();
+    let _ = state.openapi.set(openapi::refined(spec));
     let mut router = Router::new();
     for agent in &state.agents {
         router = router.merge(compat::agent_routes(agent));
     }
     router
         .merge(compat::routes())
-        .merge(runs::routes())
-        .merge(keys::routes())
-        .merge(native::routes())
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .merge(native)
+        .merge(openapi::swagger_ui())
         .fallback(compat::not_found)
         // Inner: rate limits need the caller that authentication found.
         .layer(axum::middleware::from_fn_with_state(
@@ -148,12 +150,20 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-async fn healthz() -> impl IntoResponse {
+/// Alive: answers as long as the process serves HTTP.
+#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+    responses((status = 200, description = "Alive", body = openapi::Health)))]
+pub(crate) async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
 /// Ready when every agent has at least one warm worker and the server is not draining.
-async fn readyz(
+#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+    responses(
+        (status = 200, description = "Ready", body = openapi::Readiness),
+        (status = 503, description = "Not ready, or draining", body = openapi::Readiness),
+    ))]
+pub(crate) async fn readyz(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
 ) -> impl IntoResponse {
     let agents: serde_json::Map<String, serde_json::Value> = state

@@ -9,33 +9,37 @@ use std::time::Duration;
 use agentry_core::ErrorCode;
 use agentry_core::schema::{self, Parameters};
 use agentry_runner::CallStream;
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{Caller, principal};
-use crate::error::{ApiError, invalid, schema_violations};
+use crate::error::{ApiError, invalid, schema_violations, upgrade_required};
+use crate::openapi::{AgentList, AgentView, ErrorEnvelope, InvokeResponse, SseEvent};
 use crate::{Agent, AppState};
 
 type S = Arc<AppState>;
 
-pub fn routes() -> Router<S> {
-    Router::new()
-        .route("/v1/agents", get(list_agents))
-        .route("/v1/agents/{agent}", get(get_agent))
-        .route("/v1/agents/{agent}/entrypoints/{tag}/invoke", post(invoke))
-        .route("/v1/agents/{agent}/entrypoints/{tag}/stream", post(stream))
-        .route("/v1/agents/{agent}/entrypoints/{tag}/ws", get(ws))
+pub fn routes() -> OpenApiRouter<S> {
+    OpenApiRouter::new()
+        .routes(routes!(list_agents))
+        .routes(routes!(get_agent))
+        .routes(routes!(invoke))
+        .routes(routes!(stream))
+        .routes(routes!(ws))
         .route(
             "/v1/{*rest}",
             axum::routing::any(|| async {
@@ -78,6 +82,9 @@ fn agent_json(agent: &Agent) -> Value {
     })
 }
 
+/// The agents served here, with their entrypoints, parameter schemas and docstrings.
+#[utoipa::path(get, path = "/v1/agents", tag = "agents",
+    responses((status = 200, description = "The agents served here", body = AgentList)))]
 async fn list_agents(State(state): State<S>) -> Json<Value> {
     Json(json!({"agents": state.agents.iter().map(|a| agent_json(a)).collect::<Vec<_>>()}))
 }
@@ -91,6 +98,13 @@ pub(crate) fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, 
     })
 }
 
+/// One agent, by id or name.
+#[utoipa::path(get, path = "/v1/agents/{agent}", tag = "agents",
+    params(("agent" = String, Path, description = "The agent's id or name")),
+    responses(
+        (status = 200, description = "The agent", body = AgentView),
+        (status = 404, description = "`agent_not_found`", body = ErrorEnvelope),
+    ))]
 async fn get_agent(
     State(state): State<S>,
     Path(key): Path<String>,
@@ -99,17 +113,21 @@ async fn get_agent(
 }
 
 /// The body of invoke, stream and the WebSocket start frame.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CallBody<'a> {
-    /// Keyword arguments.
+#[schema(as = CallRequest)]
+pub(crate) struct CallBody<'a> {
+    /// Keyword arguments, checked against the entrypoint's parameters.
     #[serde(borrow, default)]
+    #[schema(value_type = Option<Object>)]
     input: Option<&'a RawValue>,
-    /// Positional arguments.
+    /// Positional arguments, in the order of the entrypoint's parameters.
     #[serde(borrow, default)]
+    #[schema(value_type = Option<Vec<Value>>)]
     args: Option<&'a RawValue>,
     /// Deadline for this call, in seconds (capped by the server's maximum).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     timeout_s: Option<f64>,
 }
 
@@ -155,20 +173,14 @@ fn prepare(
         }
         _ => {}
     }
-    let parsed: CallBody<'_> = if body.iter().all(u8::is_ascii_whitespace) {
+    let parsed: CallBody<'_> = if body.is_empty() {
         CallBody {
             input: None,
             args: None,
             timeout_s: None,
         }
     } else {
-        serde_json::from_slice(body).map_err(|e| {
-            ApiError::new(
-                ErrorCode::ValidationError,
-                format!("invalid request body: {e}"),
-            )
-            .with_details(json!({"line": e.line(), "column": e.column()}))
-        })?
+        crate::de::object_body(body)?
     };
     let kwargs = match parsed.input {
         None => "{}",
@@ -271,6 +283,24 @@ pub(crate) fn body_or_error(
     })
 }
 
+/// Call a non-streaming entrypoint and wait for its result.
+#[utoipa::path(post, path = "/v1/agents/{agent}/entrypoints/{tag}/invoke", tag = "invoke",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name"),
+        ("tag" = String, Path, description = "The entrypoint's tag"),
+    ),
+    request_body(content = CallBody, description = "The call's arguments"),
+    responses(
+        (status = 200, description = "The entrypoint's return value", body = InvokeResponse),
+        (status = 400, description = "`wrong_entrypoint_kind`: a streaming tag", body = ErrorEnvelope),
+        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+        (status = 500, description = "`agent_error`: the Python code raised", body = ErrorEnvelope),
+        (status = 502, description = "`agent_crashed`", body = ErrorEnvelope),
+        (status = 503, description = "`unavailable`", body = ErrorEnvelope),
+        (status = 504, description = "`timeout_error`", body = ErrorEnvelope),
+    ))]
 async fn invoke(
     State(state): State<S>,
     caller: Caller,
@@ -304,6 +334,23 @@ async fn invoke(
         .into_response())
 }
 
+/// Call a streaming (`_stream`) entrypoint: Server-Sent Events, `chunk` events then `done`,
+/// or `error`.
+#[utoipa::path(post, path = "/v1/agents/{agent}/entrypoints/{tag}/stream", tag = "invoke",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name"),
+        ("tag" = String, Path, description = "The entrypoint's tag"),
+    ),
+    request_body(content = CallBody, description = "The call's arguments"),
+    responses(
+        (status = 200, description = "`chunk` events, then one `done` or `error` event", content_type = "text/event-stream", body = SseEvent),
+        (status = 400, description = "`wrong_entrypoint_kind`: not a streaming tag", body = ErrorEnvelope),
+        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+        (status = 503, description = "`unavailable`", body = ErrorEnvelope),
+        (status = 504, description = "`timeout_error` before the first chunk", body = ErrorEnvelope),
+    ))]
 async fn stream(
     State(state): State<S>,
     caller: Caller,
@@ -353,11 +400,23 @@ async fn stream(
         .into_response())
 }
 
+/// Call any entrypoint over a WebSocket: send one start frame (the invoke body); receive
+/// `chunk` frames then `done`, or one `result`, or `error`.
+#[utoipa::path(get, path = "/v1/agents/{agent}/entrypoints/{tag}/ws", tag = "invoke",
+    params(
+        ("agent" = String, Path, description = "The agent's id or name"),
+        ("tag" = String, Path, description = "The entrypoint's tag"),
+    ),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
+        (status = 426, description = "`upgrade_required`: not a WebSocket handshake", body = ErrorEnvelope),
+    ))]
 async fn ws(
     State(state): State<S>,
     caller: Caller,
     Path((key, tag)): Path<(String, String)>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Unknown agents and tags are refused before the upgrade, with a normal HTTP error.
     let agent = Arc::clone(find_agent(&state, &key)?);
@@ -373,6 +432,7 @@ async fn ws(
     let limit = state.settings.max_body_bytes;
     let expose = principal(caller).sees_tracebacks(state.settings.expose_tracebacks);
     Ok(upgrade
+        .map_err(upgrade_required)?
         .max_message_size(limit)
         .on_upgrade(move |socket| ws_session(socket, state, key, tag, expose)))
 }

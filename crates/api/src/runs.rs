@@ -10,26 +10,30 @@ use std::time::Duration;
 use agentry_core::ErrorCode;
 use agentry_core::runs::{Backoff, NewRun, Run, RunEvent, RunQuery, RunStatus, new_run_id, now_ms};
 use agentry_engine::{Engine, SubmitError};
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::auth::{Caller, Principal, principal};
-use crate::error::{ApiError, invalid};
+use crate::error::{ApiError, invalid, upgrade_required};
 use crate::native::{body_or_error, find_agent};
+use crate::openapi::{BackoffView, ErrorEnvelope, RunList, RunStatusView, RunView, SseEvent};
 use crate::time;
 
 type S = Arc<AppState>;
@@ -46,44 +50,64 @@ const MAX_WAIT_S: f64 = 600.0;
 /// Events read from the store per page while catching up.
 const EVENT_PAGE: usize = 500;
 
-pub fn routes() -> Router<S> {
-    Router::new()
-        .route("/v1/runs", post(create_run).get(list_runs))
-        .route("/v1/runs/wait", post(create_and_wait))
-        .route("/v1/runs/stream", post(create_and_stream))
-        .route("/v1/runs/{id}", get(get_run))
-        .route("/v1/runs/{id}/wait", get(wait_run))
-        .route("/v1/runs/{id}/cancel", post(cancel_run))
-        .route("/v1/runs/{id}/events", get(run_events))
-        .route("/v1/runs/{id}/events/ws", get(run_events_ws))
+pub fn routes() -> OpenApiRouter<S> {
+    OpenApiRouter::new()
+        .routes(routes!(create_run, list_runs))
+        .routes(routes!(create_and_wait))
+        .routes(routes!(create_and_stream))
+        .routes(routes!(get_run))
+        .routes(routes!(wait_run))
+        .routes(routes!(cancel_run))
+        .routes(routes!(run_events))
+        .routes(routes!(run_events_ws))
 }
 
 /// The body of `POST /v1/runs`.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = RunRequest)]
 struct CreateBody<'a> {
+    /// The agent's id or name.
     agent: String,
+    /// The entrypoint's tag.
     entrypoint: String,
+    /// Keyword arguments, checked against the entrypoint's parameters.
     #[serde(borrow, default)]
+    #[schema(value_type = Option<Object>)]
     input: Option<&'a RawValue>,
+    /// The same key with the same body returns the existing run.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
     idempotency_key: Option<String>,
-    #[serde(default)]
+    /// Higher runs first.
+    #[serde(default, deserialize_with = "crate::de::int")]
     priority: i32,
+    /// Start no earlier than this many seconds from now (0 to 31536000).
     #[serde(default)]
+    #[schema(minimum = 0.0, maximum = 31536000.0)]
     delay_s: Option<f64>,
-    /// RFC 3339.
+    /// Start no earlier than this time (RFC 3339); not with `delay_s`.
     #[serde(default)]
+    #[schema(format = DateTime)]
     run_at: Option<String>,
+    /// Deadline of each attempt, in seconds (capped by `--max-timeout-s`).
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     timeout_s: Option<f64>,
-    #[serde(default)]
+    /// Attempts in all, the first included (1 to 100; default 3).
+    #[serde(default, deserialize_with = "crate::de::opt_int")]
+    #[schema(minimum = 1, maximum = 100)]
     max_attempts: Option<u32>,
     #[serde(default)]
+    #[schema(value_type = Option<BackoffView>)]
     backoff: Option<Backoff>,
+    /// At most one run per key runs at a time, in enqueue order.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
     concurrency_key: Option<String>,
+    /// Kept with the run, not interpreted.
     #[serde(borrow, default)]
+    #[schema(value_type = Option<Object>)]
     metadata: Option<&'a RawValue>,
 }
 
@@ -93,13 +117,7 @@ fn not_found(id: &str) -> ApiError {
 
 /// Parses and checks a create request; nothing is stored unless all of it is valid.
 fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
-    let b: CreateBody<'_> = serde_json::from_slice(body).map_err(|e| {
-        ApiError::new(
-            ErrorCode::ValidationError,
-            format!("invalid request body: {e}"),
-        )
-        .with_details(json!({"line": e.line(), "column": e.column()}))
-    })?;
+    let b: CreateBody<'_> = crate::de::object_body(body)?;
     let agent = find_agent(state, &b.agent)?;
     let Some(entrypoint) = agent.config.entrypoint(&b.entrypoint) else {
         return Err(ApiError::new(
@@ -198,7 +216,7 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
         ("concurrency_key", &b.concurrency_key),
     ] {
         if let Some(k) = key
-            && (k.is_empty() || k.len() > 256)
+            && (k.is_empty() || k.chars().count() > 256)
         {
             return Err(invalid(
                 name,
@@ -357,6 +375,20 @@ fn run_response(
     resp
 }
 
+/// Enqueue a durable run. Answers once it is committed.
+#[utoipa::path(post, path = "/v1/runs", tag = "runs",
+    request_body(content = CreateBody),
+    responses(
+        (status = 202, description = "The run, committed", body = RunView,
+            headers(("Location" = String, description = "`/v1/runs/{id}`"))),
+        (status = 200, description = "An idempotent replay: the existing run", body = RunView,
+            headers(("Idempotent-Replayed" = String, description = "`true`"))),
+        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
+        (status = 409, description = "`idempotency_conflict`", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+        (status = 503, description = "`unavailable`: the run store cannot write; nothing was stored", body = ErrorEnvelope),
+    ))]
 async fn create_run(
     State(state): State<S>,
     caller: Caller,
@@ -372,6 +404,13 @@ async fn create_run(
     Ok(run_response(status, &run, &state, &who, !created))
 }
 
+/// One run.
+#[utoipa::path(get, path = "/v1/runs/{id}", tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run", body = RunView),
+        (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
+    ))]
 async fn get_run(
     State(state): State<S>,
     caller: Caller,
@@ -394,17 +433,36 @@ async fn find_run(state: &S, who: &Principal, id: &str) -> Result<Run, ApiError>
     visible(state, who, run)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
+    /// Only this agent's runs (id or name).
     agent: Option<String>,
+    /// Only runs of this entrypoint.
     entrypoint: Option<String>,
+    /// Only runs in this state.
+    #[param(inline, value_type = Option<RunStatusView>)]
     status: Option<String>,
+    /// Only runs with this concurrency key.
     concurrency_key: Option<String>,
+    /// At most this many (1 to 500; default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    #[param(pattern = "^([0-9]{1,18})?$")]
     cursor: Option<String>,
 }
 
+/// Runs, newest first, a page at a time.
+#[utoipa::path(get, path = "/v1/runs", tag = "runs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of runs", body = RunList),
+        (status = 403, description = "`permission_error`: a key limited to some agents must name one", body = ErrorEnvelope),
+        (status = 404, description = "`agent_not_found`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+    ))]
 async fn list_runs(
     State(state): State<S>,
     caller: Caller,
@@ -439,11 +497,21 @@ async fn list_runs(
     let before_seq = match q.cursor.as_deref() {
         None | Some("") => None,
         Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| invalid("cursor", "a cursor from next_cursor", "invalid cursor"))?,
+            c.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| c.parse::<i64>().ok())
+                .flatten()
+                .ok_or_else(|| invalid("cursor", "a cursor from next_cursor", "invalid cursor"))?,
         ),
     };
-    let limit = q.limit.unwrap_or(50).clamp(1, 500);
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(invalid(
+            "limit",
+            "integer from 1 to 500",
+            "`limit` must be from 1 to 500",
+        ));
+    }
     // An agent given by name is stored by id.
     let agent = q.agent.map(|a| {
         state
@@ -474,8 +542,11 @@ async fn list_runs(
     .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct WaitQuery {
+    /// How long to wait, in seconds (0 to 600; default 30).
+    #[param(minimum = 0.0, maximum = 600.0)]
     timeout_s: Option<f64>,
 }
 
@@ -491,6 +562,14 @@ fn wait_for(q: &WaitQuery) -> Result<Duration, ApiError> {
     Ok(Duration::from_secs_f64(s))
 }
 
+/// Wait until the run is finished, or the timeout passes; answers the run either way.
+#[utoipa::path(get, path = "/v1/runs/{id}/wait", tag = "runs",
+    params(("id" = String, Path, description = "The run's id"), WaitQuery),
+    responses(
+        (status = 200, description = "The run: finished, or as it is when the wait ended", body = RunView),
+        (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+    ))]
 async fn wait_run(
     State(state): State<S>,
     caller: Caller,
@@ -509,6 +588,18 @@ async fn wait_run(
     Ok(Json(run_json(&state, &run, &who)).into_response())
 }
 
+/// Enqueue a run and wait until it is finished, or the timeout passes.
+#[utoipa::path(post, path = "/v1/runs/wait", tag = "runs",
+    params(WaitQuery),
+    request_body(content = CreateBody),
+    responses(
+        (status = 200, description = "The run: finished, or as it is when the wait ended", body = RunView),
+        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
+        (status = 409, description = "`idempotency_conflict`", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+        (status = 503, description = "`unavailable`: the run store cannot write; nothing was stored", body = ErrorEnvelope),
+    ))]
 async fn create_and_wait(
     State(state): State<S>,
     caller: Caller,
@@ -528,6 +619,15 @@ async fn create_and_wait(
     Ok(Json(run_json(&state, &run, &who)).into_response())
 }
 
+/// Cancel a run: a queued run ends at once; a running one is asked to stop, then killed after
+/// the grace period.
+#[utoipa::path(post, path = "/v1/runs/{id}/cancel", tag = "runs",
+    params(("id" = String, Path, description = "The run's id")),
+    responses(
+        (status = 200, description = "The run, cancelled or already finished", body = RunView),
+        (status = 202, description = "The run is running and was asked to stop", body = RunView),
+        (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
+    ))]
 async fn cancel_run(
     State(state): State<S>,
     caller: Caller,
@@ -553,8 +653,20 @@ async fn cancel_run(
     }
 }
 
-#[derive(Deserialize)]
+/// `Last-Event-ID`, for the spec (`resume_point` reads it).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct ResumeHeader {
+    /// Resume after this sequence number; wins over `after`.
+    #[param(rename = "Last-Event-ID", nullable = false, pattern = "^[ \t]*[0-9]{1,18}[ \t]*$")]
+    last_event_id: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct EventsQuery {
+    /// Start after this sequence number (`Last-Event-ID` wins).
     after: Option<i64>,
 }
 
@@ -659,6 +771,19 @@ fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
         .map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))
 }
 
+/// The run's event log as Server-Sent Events, from `Last-Event-ID` (or `after`), then live until
+/// the terminal event.
+#[utoipa::path(get, path = "/v1/runs/{id}/events", tag = "runs",
+    params(
+        ("id" = String, Path, description = "The run's id"),
+        ResumeHeader,
+        EventsQuery,
+    ),
+    responses(
+        (status = 200, description = "Events: `id` is the sequence number, `event` the type, `data` the event", content_type = "text/event-stream", body = SseEvent),
+        (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`: a bad `Last-Event-ID` or `after`", body = ErrorEnvelope),
+    ))]
 async fn run_events(
     State(state): State<S>,
     caller: Caller,
@@ -673,6 +798,17 @@ async fn run_events(
     Ok(sse_of(state.engine.clone(), id, after, tracebacks))
 }
 
+/// Enqueue a run and follow its event log (Server-Sent Events) until it finishes.
+#[utoipa::path(post, path = "/v1/runs/stream", tag = "runs",
+    request_body(content = CreateBody),
+    responses(
+        (status = 200, description = "The run's events", content_type = "text/event-stream", body = SseEvent),
+        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
+        (status = 409, description = "`idempotency_conflict`", body = ErrorEnvelope),
+        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+        (status = 503, description = "`unavailable`: the run store cannot write; nothing was stored", body = ErrorEnvelope),
+    ))]
 async fn create_and_stream(
     State(state): State<S>,
     caller: Caller,
@@ -684,13 +820,22 @@ async fn create_and_stream(
     Ok(sse_of(state.engine.clone(), run.id, 0, tracebacks))
 }
 
+/// The run's event log over a WebSocket: one text frame per event, then close.
+#[utoipa::path(get, path = "/v1/runs/{id}/events/ws", tag = "runs",
+    params(("id" = String, Path, description = "The run's id"), EventsQuery),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
+        (status = 426, description = "`upgrade_required`: not a WebSocket handshake", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+    ))]
 async fn run_events_ws(
     State(state): State<S>,
     caller: Caller,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: QueryResult<EventsQuery>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let after = resume_point(&headers, &query(q)?)?;
     let who = principal(caller);
@@ -698,6 +843,7 @@ async fn run_events_ws(
     let engine = state.engine.clone();
     let tracebacks = who.sees_tracebacks(state.settings.expose_tracebacks);
     Ok(ws
+        .map_err(upgrade_required)?
         .max_message_size(64 * 1024)
         .on_upgrade(move |socket| ws_follow(socket, engine, id, after, tracebacks)))
 }

@@ -495,6 +495,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         engine: engine.clone(),
         auth: Arc::clone(&auth),
         limits,
+        openapi: Default::default(),
     });
     if !state.limits.is_empty() {
         let st = Arc::clone(&state);

@@ -27,6 +27,8 @@ pub enum ErrorCode {
     IdempotencyConflict,
     /// A streaming entrypoint was called on a non-streaming route, or the reverse.
     WrongEntrypointKind,
+    /// A WebSocket route was called without a WebSocket handshake.
+    UpgradeRequired,
     /// The request body is larger than the configured limit.
     PayloadTooLarge,
     /// The agent's code raised an exception.
@@ -47,6 +49,29 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every code, in documentation order.
+    pub const ALL: [ErrorCode; 19] = [
+        Self::AuthenticationError,
+        Self::PermissionError,
+        Self::RateLimitError,
+        Self::ValidationError,
+        Self::AgentNotFound,
+        Self::EntrypointNotFound,
+        Self::RunNotFound,
+        Self::KeyNotFound,
+        Self::IdempotencyConflict,
+        Self::WrongEntrypointKind,
+        Self::UpgradeRequired,
+        Self::PayloadTooLarge,
+        Self::AgentError,
+        Self::AgentCrashed,
+        Self::TimeoutError,
+        Self::Cancelled,
+        Self::Unavailable,
+        Self::ConfigurationError,
+        Self::ServerError,
+    ];
+
     /// The code as it appears in error envelopes.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -60,6 +85,7 @@ impl ErrorCode {
             Self::KeyNotFound => "key_not_found",
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::WrongEntrypointKind => "wrong_entrypoint_kind",
+            Self::UpgradeRequired => "upgrade_required",
             Self::PayloadTooLarge => "payload_too_large",
             Self::AgentError => "agent_error",
             Self::AgentCrashed => "agent_crashed",
@@ -75,5 +101,42 @@ impl ErrorCode {
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ErrorCode;
+
+    #[test]
+    fn all_lists_each_code_once() {
+        let mut names: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ErrorCode::ALL.len());
+        // A new variant must be added to ALL: this match stops compiling until it is handled.
+        for code in ErrorCode::ALL {
+            match code {
+                ErrorCode::AuthenticationError
+                | ErrorCode::PermissionError
+                | ErrorCode::RateLimitError
+                | ErrorCode::ValidationError
+                | ErrorCode::AgentNotFound
+                | ErrorCode::EntrypointNotFound
+                | ErrorCode::RunNotFound
+                | ErrorCode::KeyNotFound
+                | ErrorCode::IdempotencyConflict
+                | ErrorCode::WrongEntrypointKind
+                | ErrorCode::UpgradeRequired
+                | ErrorCode::PayloadTooLarge
+                | ErrorCode::AgentError
+                | ErrorCode::AgentCrashed
+                | ErrorCode::TimeoutError
+                | ErrorCode::Cancelled
+                | ErrorCode::Unavailable
+                | ErrorCode::ConfigurationError
+                | ErrorCode::ServerError => {}
+            }
+        }
     }
 }

@@ -410,7 +410,8 @@ def describe(target):
             if ok:
                 schema["default"] = value
         props[name] = schema
-        order.append(name)
+        if p.kind == p.POSITIONAL_OR_KEYWORD:  # keyword-only parameters take no positional value
+            order.append(name)
     schema = {"type": "object", "properties": props}
     if required:
         schema["required"] = required

@@ -79,6 +79,8 @@ pub struct EntrypointReport {
     /// JSON Schema of the keyword arguments.
     pub schema: serde_json::Value,
     pub doc: Option<String>,
+    /// The parameters positional arguments fill, in order (keyword-only ones excluded). The
+    /// name is the wire protocol's.
     #[serde(default)]
     pub positional_only: Vec<String>,
     #[serde(default)]

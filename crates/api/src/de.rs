@@ -1,0 +1,52 @@
+//! Decoding request bodies the way the OpenAPI spec describes them: a body is a JSON object
+//! (serde would also fill a struct from an array, by position), and an integer field takes
+//! what JSON Schema calls an integer, any number without a fractional part, so `54.0` is as
+//! good as `54` (clients in languages with one number type send that).
+
+use agentry_core::ErrorCode;
+use serde::{Deserialize, Deserializer, de::Error};
+use serde_json::json;
+
+use crate::error::ApiError;
+
+/// A request body as `T`, refusing anything but a JSON object.
+pub fn object_body<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first.is_some_and(|b| *b != b'{') {
+        return Err(ApiError::new(
+            ErrorCode::ValidationError,
+            "invalid request body: expected a JSON object",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            ErrorCode::ValidationError,
+            format!("invalid request body: {e}"),
+        )
+        .with_details(json!({"line": e.line(), "column": e.column()}))
+    })
+}
+
+fn integral<'de, D: Deserializer<'de>, T: TryFrom<i64>>(
+    number: serde_json::Number,
+) -> Result<T, D::Error> {
+    let whole = number.as_i64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0)
+            .map(|f| f as i64)
+    });
+    whole
+        .and_then(|n| T::try_from(n).ok())
+        .ok_or_else(|| D::Error::custom(format!("{number} is not an integer in range")))
+}
+
+pub fn int<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<T, D::Error> {
+    integral::<D, T>(serde_json::Number::deserialize(d)?)
+}
+
+pub fn opt_int<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<serde_json::Number>::deserialize(d)?
+        .map(integral::<D, T>)
+        .transpose()
+}

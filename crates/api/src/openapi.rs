@@ -1,0 +1,518 @@
+//! The OpenAPI 3.1 description of the native API, served at `/openapi.json`, with Swagger UI
+//! at `/docs`.
+//!
+//! The paths come from the router itself: every native handler carries a `#[utoipa::path]`
+//! and is registered through `utoipa_axum::routes!`, which takes the method and path from that
+//! same annotation, so a route cannot exist without its description. Request bodies are the
+//! handlers' own deserialisation structs. The response shapes below are written out for the
+//! spec; schemathesis checks in CI that every answer matches them.
+//!
+//! On top of the generic paths, each served entrypoint gets its own invoke (or stream) path,
+//! derived from the generic one, with the entrypoint's parameter schema as the body's `input`
+//! and its docstring as the description.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use agentry_core::ErrorCode;
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{OpenApi as Spec, RefOr, Schema};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::AppState;
+
+type S = Arc<AppState>;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Agentry",
+        description = "Serve Python agents over HTTP: calls (sync, SSE, WebSocket) and durable runs.\n\nErrors share one envelope (`Error`); `docs/errors.md` lists the codes. With authentication on, send `Authorization: Bearer <key>`; `/healthz`, `/readyz` and `/docs` are open.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "agents", description = "The agents served here, their entrypoints and schemas"),
+        (name = "invoke", description = "Calls: answered at once, never stored"),
+        (name = "entrypoints", description = "One path per served entrypoint, with its parameters and docstring"),
+        (name = "runs", description = "Durable runs: queued, retried, resumable"),
+        (name = "keys", description = "API keys (admin scope)"),
+        (name = "operations", description = "Probes and this description"),
+    ),
+)]
+struct ApiDoc;
+
+/// Bearer keys on every operation but the probes.
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, spec: &mut Spec) {
+        let components = spec.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("ak_<id>_<secret>")
+                    .description(Some(
+                        "An API key from `agentry keys create` or `POST /v1/keys`",
+                    ))
+                    .build(),
+            ),
+        );
+        spec.security = Some(vec![utoipa::openapi::security::SecurityRequirement::new(
+            "api_key",
+            Vec::<String>::new(),
+        )]);
+    }
+}
+
+/// The native API's paths: everything `crate::router` serves under `/v1`, the probes and this.
+pub fn native_routes() -> OpenApiRouter<S> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(crate::native::routes())
+        .merge(crate::runs::routes())
+        .merge(crate::keys::routes())
+        .routes(routes!(crate::healthz))
+        .routes(routes!(crate::readyz))
+        .routes(routes!(openapi_json))
+}
+
+/// The spec as JSON, with the constraints the derive cannot state: `delay_s` and `run_at`
+/// exclude each other, and `backoff` takes no other fields.
+pub fn refined(spec: Spec) -> Value {
+    let mut spec = serde_json::to_value(&spec).unwrap_or_else(|_| json!({}));
+    let schemas = &mut spec["components"]["schemas"];
+    schemas["RunRequest"]["not"] = json!({
+        "description": "`delay_s` and `run_at` cannot both be given",
+        "required": ["delay_s", "run_at"],
+        "properties": {"delay_s": {"type": "number"}, "run_at": {"type": "string"}},
+    });
+    schemas["Backoff"]["additionalProperties"] = json!(false);
+    // What the middleware in front of every route can answer, on every operation that needs a
+    // key (those with `security: [{}]` do not).
+    let error = json!({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    let guarded = [
+        (
+            "401",
+            "`authentication_error`: no key, or an unknown, revoked or expired one",
+        ),
+        (
+            "403",
+            "`permission_error`: the key lacks the scope, or is limited to other agents",
+        ),
+        (
+            "429",
+            "`rate_limit_error`: see `Retry-After` and the `RateLimit-*` headers",
+        ),
+    ];
+    if let Some(paths) = spec["paths"].as_object_mut() {
+        for op in paths
+            .values_mut()
+            .filter_map(Value::as_object_mut)
+            .flat_map(|item| item.values_mut())
+        {
+            let open = op["security"].as_array().is_some_and(|s| {
+                s.iter()
+                    .any(|r| r.as_object().is_some_and(|o| o.is_empty()))
+            });
+            if open {
+                continue;
+            }
+            let Some(responses) = op["responses"].as_object_mut() else {
+                continue;
+            };
+            for (status, description) in guarded {
+                let mut response = error.clone();
+                response["description"] = json!(description);
+                if status == "429" {
+                    response["headers"] = json!({"Retry-After": {"description": "Seconds until a request may succeed", "schema": {"type": "integer"}}});
+                }
+                responses.entry(status).or_insert(response);
+            }
+        }
+    }
+    spec
+}
+
+/// Swagger UI's files (vendored into the binary), pointed at `/openapi.json`. Query
+/// configuration and persisted authorisation stay off: a link that points the page at another
+/// spec must not be able to send a stored key elsewhere. With keys on, the spec is loaded by
+/// typing `/openapi.json?token=<key>` into the page's top bar.
+pub fn swagger_ui() -> utoipa_swagger_ui::SwaggerUi {
+    utoipa_swagger_ui::SwaggerUi::new("/docs")
+        .config(utoipa_swagger_ui::Config::from("/openapi.json"))
+}
+
+/// This API's OpenAPI 3.1 description, with a path for each served entrypoint.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3.1 description", body = Object)))]
+async fn openapi_json(State(state): State<S>) -> Response {
+    let body = state.openapi.get().map_or_else(
+        || "{}".to_string(),
+        |base| with_entrypoints(base, &state).to_string(),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// The base spec as JSON, plus one path per served entrypoint. Built per request: workers
+/// report their schemas after start-up, and the document is small.
+pub fn with_entrypoints(base: &Value, state: &AppState) -> Value {
+    let mut spec = base.clone();
+    let mut extra = BTreeMap::new();
+    for kind in ["invoke", "stream"] {
+        let generic = format!("/v1/agents/{{agent}}/entrypoints/{{tag}}/{kind}");
+        let Some(template) = spec["paths"][&generic]["post"].as_object().cloned() else {
+            continue;
+        };
+        for agent in &state.agents {
+            for ep in &agent.config.entrypoints {
+                if ep.is_streaming() != (kind == "stream") {
+                    continue;
+                }
+                let report = agent.pool.entrypoint(&ep.tag);
+                let mut op = Value::Object(template.clone());
+                let name = &agent.config.agent_name;
+                let doc = report.and_then(|r| r.doc.as_deref()).unwrap_or("");
+                let summary = doc.lines().next().filter(|l| !l.is_empty());
+                op["tags"] = json!(["entrypoints"]);
+                op["operationId"] = json!(format!("{kind}_{name}_{}", ep.tag));
+                op["summary"] =
+                    json!(summary.map_or_else(|| format!("{name}.{}", ep.tag), str::to_string));
+                op["description"] = json!(doc);
+                op["parameters"] = json!([]);
+                op["requestBody"] = entrypoint_body(report);
+                let path = format!("/v1/agents/{name}/entrypoints/{}/{kind}", ep.tag);
+                extra.insert(path, json!({"post": op}));
+            }
+        }
+    }
+    if let Some(paths) = spec["paths"].as_object_mut() {
+        paths.extend(extra);
+    }
+    spec
+}
+
+/// The call body of one entrypoint, as exact as JSON Schema allows: `input` holds its keyword
+/// parameters, `args` its positional ones in order (`prefixItems`); a required parameter must
+/// come one way or the other, and no parameter both ways. The body is required when the
+/// entrypoint has required parameters.
+fn entrypoint_body(report: Option<&agentry_runner::EntrypointReport>) -> Value {
+    let mut body = json!({
+        "type": "object",
+        "additionalProperties": false,
+        "properties": {
+            "input": {"type": ["object", "null"]},
+            "args": {"type": ["array", "null"]},
+            "timeout_s": {"type": ["number", "null"], "exclusiveMinimum": 0},
+        },
+    });
+    let Some(r) = report else {
+        return json!({"required": false, "content": {"application/json": {"schema": body}}});
+    };
+    let props = r.schema.get("properties").and_then(Value::as_object);
+    let required: Vec<&str> = r
+        .schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut input = r.schema.clone();
+    if let Some(o) = input.as_object_mut() {
+        o.remove("required");
+    }
+    body["properties"]["input"] = json!({"anyOf": [input, {"type": "null"}]});
+    let positional: Vec<Value> = r
+        .positional_only
+        .iter()
+        .map(|name| {
+            props
+                .and_then(|p| p.get(name))
+                .cloned()
+                .unwrap_or_else(|| json!({}))
+        })
+        .collect();
+    body["properties"]["args"] = match (positional.is_empty(), r.var_args) {
+        (true, false) => json!({"type": ["array", "null"], "maxItems": 0}),
+        (true, true) => json!({"type": ["array", "null"]}),
+        (false, items) => {
+            json!({"type": ["array", "null"], "prefixItems": positional, "items": items})
+        }
+    };
+    let by_keyword = |name: &str| json!({"required": ["input"], "properties": {"input": {"type": "object", "required": [name]}}});
+    let mut rules = Vec::new();
+    for (i, name) in r.positional_only.iter().enumerate() {
+        let by_position = json!({"required": ["args"], "properties": {"args": {"type": "array", "minItems": i + 1}}});
+        rules.push(json!({"not": {"allOf": [by_keyword(name), by_position]}}));
+        if required.contains(&name.as_str()) {
+            rules.push(json!({"anyOf": [by_keyword(name), by_position]}));
+        }
+    }
+    for name in required
+        .iter()
+        .filter(|n| !r.positional_only.iter().any(|p| p == *n))
+    {
+        rules.push(by_keyword(name));
+    }
+    if !rules.is_empty() {
+        body["allOf"] = Value::Array(rules);
+    }
+    json!({"required": !required.is_empty(), "content": {"application/json": {"schema": body}}})
+}
+
+/// The error envelope of every native route.
+#[derive(ToSchema)]
+#[schema(as = Error)]
+#[allow(dead_code)]
+pub struct ErrorEnvelope {
+    error: ErrorBody,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct ErrorBody {
+    /// Stable: never renamed.
+    #[schema(schema_with = error_code_schema)]
+    code: String,
+    /// For people.
+    message: String,
+    /// Depends on the code (`errors` for validation, `retry_after_s` for rate limits, ...).
+    details: Value,
+    request_id: String,
+}
+
+fn error_code_schema() -> impl Into<RefOr<Schema>> {
+    utoipa::openapi::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(ErrorCode::ALL.iter().map(|c| c.as_str())))
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct InvokeResponse {
+    /// The entrypoint's return value, as JSON.
+    output: Value,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct AgentList {
+    agents: Vec<AgentView>,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Agent)]
+#[allow(dead_code)]
+pub struct AgentView {
+    id: String,
+    name: String,
+    description: String,
+    framework: String,
+    version: String,
+    python: PythonView,
+    workers: WorkersView,
+    entrypoints: Vec<EntrypointView>,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Python)]
+#[allow(dead_code)]
+struct PythonView {
+    executable: String,
+    version: String,
+    chosen_because: String,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Workers)]
+#[allow(dead_code)]
+struct WorkersView {
+    live: u32,
+    /// Why the agent's workers are held back after crashing in a row; null when healthy.
+    crash_loop: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Entrypoint)]
+#[allow(dead_code)]
+struct EntrypointView {
+    tag: String,
+    streaming: bool,
+    /// `function`, `coroutine`, `generator` or `asyncgen`; null until a worker reported.
+    kind: Option<String>,
+    doc: Option<String>,
+    /// JSON Schema of the keyword arguments.
+    input_schema: Option<Value>,
+    accepts_args: Option<bool>,
+    timeout_s: Option<f64>,
+}
+
+#[derive(ToSchema)]
+#[schema(as = RunStatus)]
+#[allow(dead_code)]
+#[allow(non_camel_case_types)]
+pub enum RunStatusView {
+    queued,
+    running,
+    succeeded,
+    failed,
+    timed_out,
+    cancelled,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Backoff)]
+#[allow(dead_code)]
+pub struct BackoffView {
+    /// The delay before attempt n+1 is `min(base^n, max_s)` seconds (default 2).
+    #[schema(required = false, minimum = 1.0, maximum = 60.0)]
+    base: f64,
+    /// Default 300.
+    #[schema(required = false, minimum = 0.0, maximum = 86400.0)]
+    max_s: f64,
+    /// Fraction of the delay added at random (default 0.1).
+    #[schema(required = false, minimum = 0.0, maximum = 1.0)]
+    jitter: f64,
+}
+
+/// One Server-Sent Event, as a client's parser reads it.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct SseEvent {
+    /// The event's type: `chunk`, `done`, `error`; for runs, the run event's type.
+    event: String,
+    /// The chunk's index, or the run event's sequence number (absent on `done` and `error`).
+    id: Option<String>,
+    /// JSON text: the chunk, the error envelope, or the run event.
+    data: String,
+}
+
+#[derive(ToSchema)]
+#[schema(as = RunError)]
+#[allow(dead_code)]
+struct RunErrorView {
+    code: String,
+    message: String,
+    /// The Python exception class.
+    r#type: Option<String>,
+    /// Admin keys only (or `--expose-tracebacks`).
+    traceback: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Run)]
+#[allow(dead_code)]
+pub struct RunView {
+    id: String,
+    agent: String,
+    agent_name: Option<String>,
+    entrypoint: String,
+    status: RunStatusView,
+    attempt: u32,
+    max_attempts: u32,
+    priority: i32,
+    input: Value,
+    output: Value,
+    error: Option<RunErrorView>,
+    idempotency_key: Option<String>,
+    concurrency_key: Option<String>,
+    metadata: Value,
+    timeout_s: f64,
+    backoff: BackoffView,
+    cancel_requested: bool,
+    created_at: String,
+    run_at: String,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    updated_at: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct RunList {
+    runs: Vec<RunView>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Scope)]
+#[allow(dead_code)]
+pub enum ScopeView {
+    #[schema(rename = "invoke")]
+    Invoke,
+    #[schema(rename = "runs:read")]
+    RunsRead,
+    #[schema(rename = "runs:write")]
+    RunsWrite,
+    #[schema(rename = "schedules")]
+    Schedules,
+    #[schema(rename = "admin")]
+    Admin,
+}
+
+#[derive(ToSchema)]
+#[schema(as = Key)]
+#[allow(dead_code)]
+pub struct KeyView {
+    id: String,
+    name: Option<String>,
+    scopes: Vec<ScopeView>,
+    agents: Option<Vec<String>>,
+    created_at: String,
+    expires_at: Option<String>,
+    revoked_at: Option<String>,
+    last_used_at: Option<String>,
+    active: bool,
+}
+
+#[derive(ToSchema)]
+#[schema(as = NewKey)]
+#[allow(dead_code)]
+pub struct NewKeyView {
+    id: String,
+    name: Option<String>,
+    scopes: Vec<ScopeView>,
+    agents: Option<Vec<String>>,
+    created_at: String,
+    expires_at: Option<String>,
+    revoked_at: Option<String>,
+    last_used_at: Option<String>,
+    active: bool,
+    /// The key: shown once, here.
+    key: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct KeyList {
+    keys: Vec<KeyView>,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Health {
+    status: String,
+}
+
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct Readiness {
+    /// `ready`, `not_ready` or `draining`.
+    status: String,
+    /// Per agent (by name): `live_workers`, `crash_loop`.
+    agents: BTreeMap<String, Value>,
+}
