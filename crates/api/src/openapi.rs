@@ -95,50 +95,76 @@ pub fn refined(spec: Spec) -> Value {
         "properties": {"delay_s": {"type": "number"}, "run_at": {"type": "string"}},
     });
     schemas["Backoff"]["additionalProperties"] = json!(false);
-    // What the middleware in front of every route can answer, on every operation that needs a
-    // key (those with `security: [{}]` do not).
-    let error = json!({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
-    let guarded = [
-        (
-            "401",
-            "`authentication_error`: no key, or an unknown, revoked or expired one",
-        ),
-        (
-            "403",
-            "`permission_error`: the key lacks the scope, or is limited to other agents",
-        ),
-        (
-            "429",
-            "`rate_limit_error`: see `Retry-After` and the `RateLimit-*` headers",
-        ),
-    ];
     if let Some(paths) = spec["paths"].as_object_mut() {
-        for op in paths
-            .values_mut()
-            .filter_map(Value::as_object_mut)
-            .flat_map(|item| item.values_mut())
-        {
-            let open = op["security"].as_array().is_some_and(|s| {
-                s.iter()
-                    .any(|r| r.as_object().is_some_and(|o| o.is_empty()))
-            });
-            if open {
-                continue;
-            }
-            let Some(responses) = op["responses"].as_object_mut() else {
+        for (path, item) in paths.iter_mut() {
+            let Some(item) = item.as_object_mut() else {
                 continue;
             };
-            for (status, description) in guarded {
-                let mut response = error.clone();
-                response["description"] = json!(description);
-                if status == "429" {
-                    response["headers"] = json!({"Retry-After": {"description": "Seconds until a request may succeed", "schema": {"type": "integer"}}});
-                }
-                responses.entry(status).or_insert(response);
+            for op in item.values_mut() {
+                add_shared_responses(path, op);
             }
         }
     }
     spec
+}
+
+/// The answers an operation shares with others, because they come from what sits in front of
+/// every handler: authentication and rate limits (on every operation that needs a key, that is
+/// all but those with `security: [{}]`), the body limit (on every operation with a body), and
+/// the store (on every operation that reads or writes it: locked database, full disk).
+fn add_shared_responses(path: &str, op: &mut Value) {
+    let open = op["security"].as_array().is_some_and(|s| {
+        s.iter()
+            .any(|r| r.as_object().is_some_and(|o| o.is_empty()))
+    });
+    let has_body = op.get("requestBody").is_some();
+    let uses_store = path.starts_with("/v1/runs") || path.starts_with("/v1/keys");
+    let Some(responses) = op["responses"].as_object_mut() else {
+        return;
+    };
+    let shared = [
+        (
+            !open,
+            "401",
+            "`authentication_error`: no key, or an unknown, revoked or expired one",
+        ),
+        (
+            !open,
+            "403",
+            "`permission_error`: the key lacks the scope, or is limited to other agents",
+        ),
+        (
+            !open,
+            "429",
+            "`rate_limit_error`: see `Retry-After` and the `RateLimit-*` headers",
+        ),
+        (
+            has_body,
+            "413",
+            "`payload_too_large`: the body is over `--max-body-bytes`",
+        ),
+        (
+            uses_store,
+            "503",
+            "`unavailable`: the store cannot take this now; retry",
+        ),
+    ];
+    for (applies, status, description) in shared {
+        if !applies {
+            continue;
+        }
+        let mut response = json!({
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        });
+        if status == "429" {
+            response["headers"] = json!({"Retry-After": {
+                "description": "Seconds until a request may succeed",
+                "schema": {"type": "integer"},
+            }});
+        }
+        responses.entry(status).or_insert(response);
+    }
 }
 
 /// Swagger UI's files (vendored into the binary), pointed at `/openapi.json`. Query

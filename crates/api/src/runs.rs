@@ -659,7 +659,11 @@ async fn cancel_run(
 #[allow(dead_code)]
 struct ResumeHeader {
     /// Resume after this sequence number; wins over `after`.
-    #[param(rename = "Last-Event-ID", nullable = false, pattern = "^[ \t]*[0-9]{1,18}[ \t]*$")]
+    #[param(
+        rename = "Last-Event-ID",
+        nullable = false,
+        pattern = "^[ \t]*[0-9]{1,18}[ \t]*$"
+    )]
     last_event_id: Option<String>,
 }
 
