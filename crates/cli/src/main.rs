@@ -126,6 +126,13 @@ struct ServeArgs {
         value_delimiter = ','
     )]
     agent_rate_limits: Vec<String>,
+    /// Share the rate limits with the other nodes through this PostgreSQL database
+    /// (`postgres://user:password@host/db`; `?sslmode=require` for TLS). Never logged.
+    #[arg(long, env = "AGENTRY_RATE_LIMIT_POSTGRES", hide_env_values = true)]
+    rate_limit_postgres: Option<String>,
+    /// How often a node exchanges its rate-limit use with the others, in milliseconds.
+    #[arg(long, env = "AGENTRY_RATE_LIMIT_SYNC_MS", default_value_t = 100)]
+    rate_limit_sync_ms: u64,
     /// Connections open at once; further ones wait in the kernel's backlog.
     #[arg(long, env = "AGENTRY_MAX_CONNECTIONS", default_value_t = 4096)]
     max_connections: usize,

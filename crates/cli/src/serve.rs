@@ -86,6 +86,8 @@ fn settings_from(args: &ServeArgs) -> anyhow::Result<ServeSettings> {
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!("--agent-rate-limit {e}"))?,
         insecure_no_auth: args.insecure_no_auth,
+        rate_limit_postgres: args.rate_limit_postgres.clone(),
+        rate_limit_sync: Duration::from_millis(args.rate_limit_sync_ms.clamp(10, 60_000)),
         ..defaults
     })
 }
@@ -484,6 +486,27 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let bound = OnceLock::new();
     let _ = bound.set(addr);
     let limits = RateLimits::new(&settings.caller_rate_limits, &settings.agent_rate_limits);
+    let shared_buckets: Option<Arc<dyn agentry_core::SharedBuckets>> = match &settings
+        .rate_limit_postgres
+    {
+        None => None,
+        Some(_) if limits.is_empty() => {
+            tracing::warn!(
+                "--rate-limit-postgres is set but no rate limit is configured: nothing to share"
+            );
+            None
+        }
+        Some(url) => {
+            let store = agentry_store::PgBuckets::connect(url).await.map_err(|e| {
+                anyhow::anyhow!("--rate-limit-postgres: cannot use the database: {e}")
+            })?;
+            tracing::info!(
+                "rate limits are shared with the other nodes through PostgreSQL, synced every {} ms",
+                settings.rate_limit_sync.as_millis()
+            );
+            Some(Arc::new(store))
+        }
+    };
     let state = Arc::new(AppState {
         agents,
         settings,
@@ -506,6 +529,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 st.limits.shrink();
             }
         });
+        if let Some(store) = shared_buckets {
+            let st = Arc::clone(&state);
+            let every = st.settings.rate_limit_sync;
+            tokio::spawn(async move { st.limits.share(store, every).await });
+        }
     }
     auth.spawn_maintenance();
     let app = agentry_api::router(Arc::clone(&state));

@@ -165,20 +165,7 @@ impl AgentConfig {
             file: file.clone(),
             source,
         })?;
-        let raw: Value = if file.extension().is_some_and(|e| e == "json") {
-            serde_json::from_str(&text).map_err(|e| ConfigError::Syntax {
-                file: file.clone(),
-                format: "JSON",
-                message: e.to_string(),
-            })?
-        } else {
-            serde_norway::from_str(&text).map_err(|e| ConfigError::Syntax {
-                file: file.clone(),
-                format: "YAML",
-                message: e.to_string(),
-            })?
-        };
-        let mut config = Self::from_value(&dir, &file, raw)?;
+        let mut config = Self::parse(&dir, &file, &text)?;
         let env_file = dir.join(".env");
         if env_file.is_file() {
             let pairs = dotenvy::from_path_iter(&env_file).map_err(|e| ConfigError::DotEnv {
@@ -199,7 +186,26 @@ impl AgentConfig {
         Ok(config)
     }
 
-    /// Validates a parsed config document (the part of `load` that does no I/O).
+    /// Parses and validates the text of `file` (JSON if it ends in `.json`, else YAML): the part
+    /// of `load` that does no I/O, and what `fuzz/` drives with arbitrary input.
+    pub fn parse(dir: &Path, file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: Value = if file.extension().is_some_and(|e| e == "json") {
+            serde_json::from_str(text).map_err(|e| ConfigError::Syntax {
+                file: file.to_path_buf(),
+                format: "JSON",
+                message: e.to_string(),
+            })?
+        } else {
+            serde_norway::from_str(text).map_err(|e| ConfigError::Syntax {
+                file: file.to_path_buf(),
+                format: "YAML",
+                message: e.to_string(),
+            })?
+        };
+        Self::from_value(dir, file, raw)
+    }
+
+    /// Validates a parsed config document.
     pub fn from_value(dir: &Path, file: &Path, raw: Value) -> Result<Self, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             file: file.to_path_buf(),

@@ -15,4 +15,4 @@ pub mod runs;
 pub mod schema;
 pub mod store;
 
-pub use store::{KeyStore, RunStore, StoreError};
+pub use store::{InUse, KeyStore, RunStore, SharedBuckets, SharedTats, StoreError};

@@ -124,6 +124,11 @@ pub struct ServeSettings {
     pub caller_rate_limits: Vec<(String, RateSpec)>,
     /// Rate limits per agent, per route class.
     pub agent_rate_limits: Vec<(String, RateSpec)>,
+    /// PostgreSQL URL through which nodes share their rate limits; `None`: each node on its
+    /// own. Holds a password: never logged.
+    pub rate_limit_postgres: Option<String>,
+    /// How often a node exchanges its rate-limit use with the others.
+    pub rate_limit_sync: Duration,
     /// Connections open at once; more wait in the kernel's backlog.
     pub max_connections: usize,
     /// Time a client has to send a request's headers (also ends idle keep-alive connections).
@@ -174,6 +179,8 @@ impl Default for ServeSettings {
             insecure_no_auth: false,
             caller_rate_limits: Vec::new(),
             agent_rate_limits: Vec::new(),
+            rate_limit_postgres: None,
+            rate_limit_sync: Duration::from_millis(100),
             cors_origins: Vec::new(),
             max_connections: 4096,
             header_read_timeout: Duration::from_secs(30),

@@ -115,3 +115,36 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Records when keys were last used.
     async fn touch_keys(&self, used: Vec<(String, i64)>) -> Result<(), StoreError>;
 }
+
+/// Rate-limit buckets shared by every node of a cluster. Each node decides locally and
+/// reports what it admitted here every sync interval; what comes back is every node's use.
+/// A bucket is GCRA state: its theoretical arrival time (TAT), in the store's clock.
+#[async_trait]
+pub trait SharedBuckets: Send + Sync + 'static {
+    /// Adds each bucket's charge (admitted requests × emission interval, in microseconds; 0 to
+    /// only read) to its shared TAT, as `TAT = max(TAT, now) + charge`, and returns the new
+    /// TATs in the order given, with the store's `now`.
+    async fn charge(&self, charges: &[(String, i64)]) -> Result<SharedTats, StoreError>;
+
+    /// Every bucket some node is drawing on: those whose TAT is ahead of the store's now (a
+    /// bucket behind now is full, which is what a node assumes of one it has not seen).
+    async fn in_use(&self) -> Result<InUse, StoreError>;
+
+    /// Deletes buckets idle for longer than `idle_us` (their TAT is that far in the past).
+    async fn forget_idle(&self, idle_us: i64) -> Result<u64, StoreError>;
+}
+
+/// What `SharedBuckets::charge` returns. Times are microseconds since the Unix epoch, in the
+/// store's clock (one clock for every node, whatever theirs say).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedTats {
+    pub now_us: i64,
+    pub tats_us: Vec<i64>,
+}
+
+/// What `SharedBuckets::in_use` returns: bucket names and TATs, with the store's `now`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InUse {
+    pub now_us: i64,
+    pub buckets: Vec<(String, i64)>,
+}

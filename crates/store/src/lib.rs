@@ -1,10 +1,13 @@
 //! Storage: the durable run store (the `RunStore` trait of `agentry-core`, implemented here for
-//! SQLite; PostgreSQL will sit beside it), and RunAgent's local database, which Agentry keeps up
+//! SQLite), the rate-limit buckets nodes share (`SharedBuckets`, in PostgreSQL; the run store
+//! will follow it there), and RunAgent's local database, which Agentry keeps up
 //! to date so that RunAgent's SDKs discover our servers by `agent_id` and its invocation-history
 //! endpoints work.
 
+pub mod postgres;
 pub mod runagent;
 pub mod sqlite;
 
+pub use postgres::PgBuckets;
 pub use runagent::{Invocation, InvocationLog, RunAgentDb};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};
