@@ -12,7 +12,7 @@
 
 use std::hash::{BuildHasher, BuildHasherDefault};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -139,7 +139,7 @@ impl Bucket {
 
     /// GCRA: admit when the TAT, moved on by one interval, stays within the tolerance of now.
     /// `Err(wait)` when the bucket is empty. Lock-free: one compare-and-swap.
-    fn take(&self, key: &str) -> Result<(), Duration> {
+    fn take(&self, key: &str, shared: bool) -> Result<(), Duration> {
         let state = self.state(key);
         let now = now_ns();
         state.last_used_ns.store(now, Ordering::Relaxed);
@@ -155,7 +155,9 @@ impl Bucket {
                 .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
             {
                 Ok(_) => {
-                    state.unsynced.fetch_add(1, Ordering::Relaxed);
+                    if shared {
+                        state.unsynced.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(());
                 }
                 Err(current) => tat = current,
@@ -180,6 +182,8 @@ static KEY_HASHER: BuildHasherDefault<std::collections::hash_map::DefaultHasher>
 pub struct RateLimits {
     per_caller: Vec<Bucket>,
     per_agent: Vec<Bucket>,
+    /// Whether admissions are counted for a shared store (`share` is running).
+    shared: AtomicBool,
 }
 
 /// Why a request was refused.
@@ -202,6 +206,7 @@ impl RateLimits {
         Self {
             per_caller: build(per_caller, "caller"),
             per_agent: build(per_agent, "agent"),
+            shared: AtomicBool::new(false),
         }
     }
 
@@ -210,11 +215,21 @@ impl RateLimits {
     }
 
     pub fn check_caller(&self, class: RouteClass, caller: &str) -> Result<(), Limited> {
-        check(&self.per_caller, class, caller)
+        check(
+            &self.per_caller,
+            class,
+            caller,
+            self.shared.load(Ordering::Relaxed),
+        )
     }
 
     pub fn check_agent(&self, class: RouteClass, agent: &str) -> Result<(), Limited> {
-        check(&self.per_agent, class, agent)
+        check(
+            &self.per_agent,
+            class,
+            agent,
+            self.shared.load(Ordering::Relaxed),
+        )
     }
 
     fn buckets(&self) -> impl Iterator<Item = &Bucket> {
@@ -304,6 +319,7 @@ impl RateLimits {
     /// shared buckets once a minute. While the store is unreachable each node enforces the
     /// limits on its own (logged once per outage).
     pub async fn share(&self, store: Arc<dyn SharedBuckets>, every: Duration) {
+        self.shared.store(true, Ordering::Relaxed);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failing = false;
@@ -332,9 +348,9 @@ impl RateLimits {
     }
 }
 
-fn check(buckets: &[Bucket], class: RouteClass, key: &str) -> Result<(), Limited> {
+fn check(buckets: &[Bucket], class: RouteClass, key: &str, shared: bool) -> Result<(), Limited> {
     for b in buckets.iter().filter(|b| b.class == class) {
-        b.take(key).map_err(|wait| Limited {
+        b.take(key, shared).map_err(|wait| Limited {
             wait,
             spec: b.spec,
             what: b.scope,
