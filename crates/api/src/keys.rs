@@ -12,8 +12,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -22,8 +21,8 @@ use crate::AppState;
 use crate::auth::{Caller, principal};
 use crate::error::{ApiError, invalid};
 use crate::native::body_or_error;
-use crate::openapi::{ErrorEnvelope, KeyList, KeyView, NewKeyView, ScopeView};
-use crate::time;
+use crate::openapi::{ErrorEnvelope, ScopeView};
+use crate::rfc3339;
 
 type S = Arc<AppState>;
 
@@ -33,19 +32,51 @@ pub fn routes() -> OpenApiRouter<S> {
         .routes(routes!(revoke_key))
 }
 
-/// A key as lists show it (without its hash).
-pub fn key_json(k: &ApiKey) -> Value {
-    json!({
-        "id": k.id,
-        "name": k.name,
-        "scopes": k.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-        "agents": k.agents,
-        "created_at": time(Some(k.created_at)),
-        "expires_at": time(k.expires_at),
-        "revoked_at": time(k.revoked_at),
-        "last_used_at": time(k.last_used_at),
-        "active": k.is_active(now_ms()),
-    })
+/// A key as the API shows it: never the key itself, nor its hash.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Key)]
+pub struct KeyView {
+    id: String,
+    name: Option<String>,
+    #[schema(value_type = Vec<ScopeView>)]
+    scopes: Vec<&'static str>,
+    agents: Option<Vec<String>>,
+    created_at: Option<String>,
+    expires_at: Option<String>,
+    revoked_at: Option<String>,
+    last_used_at: Option<String>,
+    active: bool,
+}
+
+impl From<&ApiKey> for KeyView {
+    fn from(k: &ApiKey) -> Self {
+        Self {
+            id: k.id.clone(),
+            name: k.name.clone(),
+            scopes: k.scopes.iter().map(|s| s.as_str()).collect(),
+            agents: k.agents.clone(),
+            created_at: rfc3339(k.created_at),
+            expires_at: k.expires_at.and_then(rfc3339),
+            revoked_at: k.revoked_at.and_then(rfc3339),
+            last_used_at: k.last_used_at.and_then(rfc3339),
+            active: k.is_active(now_ms()),
+        }
+    }
+}
+
+/// A key just created: the one answer that carries the key.
+#[derive(Serialize, ToSchema)]
+#[schema(as = NewKey)]
+pub struct NewKeyView {
+    #[serde(flatten)]
+    pub view: KeyView,
+    /// The key: shown once, here.
+    pub key: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct KeyList {
+    pub keys: Vec<KeyView>,
 }
 
 /// Builds a new key; the token is returned once and only its hash is kept.
@@ -149,9 +180,11 @@ async fn create_key(
         .await
         .map_err(ApiError::from_store)?;
     state.auth.reload().await.map_err(ApiError::from_store)?;
-    let mut out = key_json(&key);
-    out["key"] = Value::String(token);
-    Ok((StatusCode::CREATED, Json(out)).into_response())
+    let created = NewKeyView {
+        view: KeyView::from(&key),
+        key: token,
+    };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 /// Every key: ids, scopes and times, never the keys.
@@ -164,7 +197,10 @@ async fn list_keys(State(state): State<S>) -> Result<Response, ApiError> {
         .list_keys()
         .await
         .map_err(ApiError::from_store)?;
-    Ok(Json(json!({"keys": keys.iter().map(key_json).collect::<Vec<_>>()})).into_response())
+    Ok(Json(KeyList {
+        keys: keys.iter().map(KeyView::from).collect(),
+    })
+    .into_response())
 }
 
 /// Revoke a key; it is refused from the next request on. A key cannot revoke itself: that is
@@ -196,5 +232,5 @@ async fn revoke_key(
         .map_err(ApiError::from_store)?
         .ok_or_else(|| ApiError::new(ErrorCode::KeyNotFound, format!("no key `{id}`")))?;
     state.auth.reload().await.map_err(ApiError::from_store)?;
-    Ok(Json(key_json(&key)).into_response())
+    Ok(Json(KeyView::from(&key)).into_response())
 }

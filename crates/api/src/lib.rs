@@ -77,9 +77,15 @@ impl AppState {
 
 /// A stored time (Unix milliseconds) as the API shows it: RFC 3339, milliseconds, UTC.
 pub(crate) fn time(ms: Option<i64>) -> serde_json::Value {
-    ms.and_then(chrono::DateTime::from_timestamp_millis)
-        .map(|t| serde_json::Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)))
+    ms.and_then(rfc3339)
+        .map(serde_json::Value::String)
         .unwrap_or(serde_json::Value::Null)
+}
+
+/// A stored time (Unix milliseconds) as RFC 3339 text, or `None` if out of range.
+pub(crate) fn rfc3339(ms: i64) -> Option<String> {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
 /// CORS for the configured origins; `None` when off (the default).

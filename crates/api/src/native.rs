@@ -22,7 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -110,6 +110,16 @@ async fn get_agent(
     Path(key): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(agent_json(find_agent(&state, &key)?)))
+}
+
+/// The path of the invoke, stream and WebSocket routes.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+struct EntrypointPath {
+    /// The agent's id or name.
+    agent: String,
+    /// The entrypoint's tag.
+    tag: String,
 }
 
 /// The body of invoke, stream and the WebSocket start frame.
@@ -285,10 +295,7 @@ pub(crate) fn body_or_error(
 
 /// Call a non-streaming entrypoint and wait for its result.
 #[utoipa::path(post, path = "/v1/agents/{agent}/entrypoints/{tag}/invoke", tag = "invoke",
-    params(
-        ("agent" = String, Path, description = "The agent's id or name"),
-        ("tag" = String, Path, description = "The entrypoint's tag"),
-    ),
+    params(EntrypointPath),
     request_body(content = CallBody, description = "The call's arguments"),
     responses(
         (status = 200, description = "The entrypoint's return value", body = InvokeResponse),
@@ -304,7 +311,7 @@ pub(crate) fn body_or_error(
 async fn invoke(
     State(state): State<S>,
     caller: Caller,
-    Path((key, tag)): Path<(String, String)>,
+    Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body, state.settings.max_body_bytes)?;
@@ -337,10 +344,7 @@ async fn invoke(
 /// Call a streaming (`_stream`) entrypoint: Server-Sent Events, `chunk` events then `done`,
 /// or `error`.
 #[utoipa::path(post, path = "/v1/agents/{agent}/entrypoints/{tag}/stream", tag = "invoke",
-    params(
-        ("agent" = String, Path, description = "The agent's id or name"),
-        ("tag" = String, Path, description = "The entrypoint's tag"),
-    ),
+    params(EntrypointPath),
     request_body(content = CallBody, description = "The call's arguments"),
     responses(
         (status = 200, description = "`chunk` events, then one `done` or `error` event", content_type = "text/event-stream", body = SseEvent),
@@ -354,7 +358,7 @@ async fn invoke(
 async fn stream(
     State(state): State<S>,
     caller: Caller,
-    Path((key, tag)): Path<(String, String)>,
+    Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body, state.settings.max_body_bytes)?;
@@ -403,10 +407,7 @@ async fn stream(
 /// Call any entrypoint over a WebSocket: send one start frame (the invoke body); receive
 /// `chunk` frames then `done`, or one `result`, or `error`.
 #[utoipa::path(get, path = "/v1/agents/{agent}/entrypoints/{tag}/ws", tag = "invoke",
-    params(
-        ("agent" = String, Path, description = "The agent's id or name"),
-        ("tag" = String, Path, description = "The entrypoint's tag"),
-    ),
+    params(EntrypointPath),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
@@ -415,7 +416,7 @@ async fn stream(
 async fn ws(
     State(state): State<S>,
     caller: Caller,
-    Path((key, tag)): Path<(String, String)>,
+    Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Unknown agents and tags are refused before the upgrade, with a normal HTTP error.

@@ -429,49 +429,13 @@ pub struct SseEvent {
 #[derive(ToSchema)]
 #[schema(as = RunError)]
 #[allow(dead_code)]
-struct RunErrorView {
+pub struct RunErrorView {
     code: String,
     message: String,
     /// The Python exception class.
     r#type: Option<String>,
     /// Admin keys only (or `--expose-tracebacks`).
     traceback: Option<String>,
-}
-
-#[derive(ToSchema)]
-#[schema(as = Run)]
-#[allow(dead_code)]
-pub struct RunView {
-    id: String,
-    agent: String,
-    agent_name: Option<String>,
-    entrypoint: String,
-    status: RunStatusView,
-    attempt: u32,
-    max_attempts: u32,
-    priority: i32,
-    input: Value,
-    output: Value,
-    error: Option<RunErrorView>,
-    idempotency_key: Option<String>,
-    concurrency_key: Option<String>,
-    metadata: Value,
-    timeout_s: f64,
-    backoff: BackoffView,
-    cancel_requested: bool,
-    created_at: String,
-    run_at: String,
-    started_at: Option<String>,
-    finished_at: Option<String>,
-    updated_at: String,
-}
-
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct RunList {
-    runs: Vec<RunView>,
-    /// Pass as `cursor` for the next page; null on the last.
-    next_cursor: Option<String>,
 }
 
 #[derive(ToSchema)]
@@ -488,44 +452,6 @@ pub enum ScopeView {
     Schedules,
     #[schema(rename = "admin")]
     Admin,
-}
-
-#[derive(ToSchema)]
-#[schema(as = Key)]
-#[allow(dead_code)]
-pub struct KeyView {
-    id: String,
-    name: Option<String>,
-    scopes: Vec<ScopeView>,
-    agents: Option<Vec<String>>,
-    created_at: String,
-    expires_at: Option<String>,
-    revoked_at: Option<String>,
-    last_used_at: Option<String>,
-    active: bool,
-}
-
-#[derive(ToSchema)]
-#[schema(as = NewKey)]
-#[allow(dead_code)]
-pub struct NewKeyView {
-    id: String,
-    name: Option<String>,
-    scopes: Vec<ScopeView>,
-    agents: Option<Vec<String>>,
-    created_at: String,
-    expires_at: Option<String>,
-    revoked_at: Option<String>,
-    last_used_at: Option<String>,
-    active: bool,
-    /// The key: shown once, here.
-    key: String,
-}
-
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct KeyList {
-    keys: Vec<KeyView>,
 }
 
 #[derive(ToSchema)]

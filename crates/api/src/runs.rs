@@ -19,7 +19,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -33,8 +33,8 @@ use crate::AppState;
 use crate::auth::{Caller, Principal, principal};
 use crate::error::{ApiError, invalid, upgrade_required};
 use crate::native::{body_or_error, find_agent};
-use crate::openapi::{BackoffView, ErrorEnvelope, RunList, RunStatusView, RunView, SseEvent};
-use crate::time;
+use crate::openapi::{BackoffView, ErrorEnvelope, RunErrorView, RunStatusView, SseEvent};
+use crate::{rfc3339, time};
 
 type S = Arc<AppState>;
 /// A run the caller's key may not see is, to it, no run at all.
@@ -250,42 +250,101 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
     })
 }
 
-fn raw(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or(Value::Null)
+/// Stored JSON text as it is, without building a tree (`null` if it is not JSON, which the
+/// store never holds).
+fn raw(text: &str) -> &RawValue {
+    serde_json::from_str(text).unwrap_or_else(|_| null_raw())
+}
+
+fn null_raw() -> &'static RawValue {
+    static NULL: std::sync::OnceLock<Box<RawValue>> = std::sync::OnceLock::new();
+    NULL.get_or_init(|| RawValue::from_string("null".into()).unwrap_or_default())
+}
+
+/// A run as the API shows it. Serialised straight from the stored row: input, output and
+/// metadata are copied as the JSON text they are.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Run)]
+pub struct RunView<'a> {
+    id: &'a str,
+    /// The agent's id.
+    agent: &'a str,
+    agent_name: Option<&'a str>,
+    entrypoint: &'a str,
+    #[schema(value_type = RunStatusView)]
+    status: &'static str,
+    attempt: u32,
+    max_attempts: u32,
+    priority: i32,
+    #[schema(value_type = Object)]
+    input: &'a RawValue,
+    /// The return value once succeeded (null for a streaming entrypoint: its chunks are
+    /// events).
+    #[schema(value_type = Value)]
+    output: Option<&'a RawValue>,
+    #[schema(value_type = Option<RunErrorView>)]
+    error: Option<Value>,
+    idempotency_key: Option<&'a str>,
+    concurrency_key: Option<&'a str>,
+    #[schema(value_type = Object)]
+    metadata: &'a RawValue,
+    timeout_s: f64,
+    #[schema(value_type = BackoffView)]
+    backoff: Backoff,
+    cancel_requested: bool,
+    created_at: Option<String>,
+    run_at: Option<String>,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+    updated_at: Option<String>,
 }
 
 /// A run as the API shows it; tracebacks only to callers who see them.
-pub fn run_json(state: &AppState, run: &Run, who: &Principal) -> Value {
-    let mut error = run.error.as_deref().map(raw).unwrap_or(Value::Null);
-    if !who.sees_tracebacks(state.settings.expose_tracebacks)
-        && let Some(e) = error.as_object_mut()
-    {
-        e.remove("traceback");
+pub fn run_view<'a>(state: &'a AppState, run: &'a Run, who: &Principal) -> RunView<'a> {
+    // The error is parsed only to take the traceback out, and only when there is one.
+    let error = run.error.as_deref().map(|text| {
+        let mut e: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+        if !who.sees_tracebacks(state.settings.expose_tracebacks)
+            && let Some(e) = e.as_object_mut()
+        {
+            e.remove("traceback");
+        }
+        e
+    });
+    RunView {
+        id: &run.id,
+        agent: &run.agent,
+        agent_name: state
+            .agent(&run.agent)
+            .map(|a| a.config.agent_name.as_str()),
+        entrypoint: &run.entrypoint,
+        status: run.status.as_str(),
+        attempt: run.attempt,
+        max_attempts: run.max_attempts,
+        priority: run.priority,
+        input: raw(&run.input),
+        output: run.result.as_deref().map(raw),
+        error,
+        idempotency_key: run.idempotency_key.as_deref(),
+        concurrency_key: run.concurrency_key.as_deref(),
+        metadata: raw(&run.metadata),
+        timeout_s: run.timeout_ms as f64 / 1000.0,
+        backoff: run.backoff,
+        cancel_requested: run.cancel_requested,
+        created_at: rfc3339(run.created_at),
+        run_at: rfc3339(run.run_at),
+        started_at: run.started_at.and_then(rfc3339),
+        finished_at: run.finished_at.and_then(rfc3339),
+        updated_at: rfc3339(run.updated_at),
     }
-    json!({
-        "id": run.id,
-        "agent": run.agent,
-        "agent_name": state.agent(&run.agent).map(|a| a.config.agent_name.as_str()),
-        "entrypoint": run.entrypoint,
-        "status": run.status.as_str(),
-        "attempt": run.attempt,
-        "max_attempts": run.max_attempts,
-        "priority": run.priority,
-        "input": raw(&run.input),
-        "output": run.result.as_deref().map(raw).unwrap_or(Value::Null),
-        "error": error,
-        "idempotency_key": run.idempotency_key,
-        "concurrency_key": run.concurrency_key,
-        "metadata": raw(&run.metadata),
-        "timeout_s": run.timeout_ms as f64 / 1000.0,
-        "backoff": {"base": run.backoff.base, "max_s": run.backoff.max_s, "jitter": run.backoff.jitter},
-        "cancel_requested": run.cancel_requested,
-        "created_at": time(Some(run.created_at)),
-        "run_at": time(Some(run.run_at)),
-        "started_at": time(run.started_at),
-        "finished_at": time(run.finished_at),
-        "updated_at": time(Some(run.updated_at)),
-    })
+}
+
+/// A page of runs.
+#[derive(Serialize, ToSchema)]
+pub struct RunList<'a> {
+    runs: Vec<RunView<'a>>,
+    /// Pass as `cursor` for the next page; null on the last.
+    next_cursor: Option<String>,
 }
 
 /// An event as the API shows it. Failure events carry the attempt's error, whose traceback
@@ -364,7 +423,7 @@ fn run_response(
     who: &Principal,
     replayed: bool,
 ) -> Response {
-    let mut resp = (status, Json(run_json(state, run, who))).into_response();
+    let mut resp = (status, Json(run_view(state, run, who))).into_response();
     if let Ok(v) = HeaderValue::from_str(&format!("/v1/runs/{}", run.id)) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
@@ -418,7 +477,7 @@ async fn get_run(
 ) -> Result<Response, ApiError> {
     let who = principal(caller);
     let run = find_run(&state, &who, &id).await?;
-    Ok(Json(run_json(&state, &run, &who)).into_response())
+    Ok(Json(run_view(&state, &run, &who)).into_response())
 }
 
 /// The run, if it exists and the caller may see it.
@@ -535,10 +594,10 @@ async fn list_runs(
     let next_cursor = (runs.len() == limit)
         .then(|| runs.last().map(|r| r.seq.to_string()))
         .flatten();
-    Ok(Json(json!({
-        "runs": runs.iter().map(|r| run_json(&state, r, &who)).collect::<Vec<_>>(),
-        "next_cursor": next_cursor,
-    }))
+    Ok(Json(RunList {
+        runs: runs.iter().map(|r| run_view(&state, r, &who)).collect(),
+        next_cursor,
+    })
     .into_response())
 }
 
@@ -585,7 +644,7 @@ async fn wait_run(
         .await
         .map_err(ApiError::from_store)?
         .ok_or_else(|| not_found(&id))?;
-    Ok(Json(run_json(&state, &run, &who)).into_response())
+    Ok(Json(run_view(&state, &run, &who)).into_response())
 }
 
 /// Enqueue a run and wait until it is finished, or the timeout passes.
@@ -616,7 +675,7 @@ async fn create_and_wait(
         .await
         .map_err(ApiError::from_store)?
         .unwrap_or(run);
-    Ok(Json(run_json(&state, &run, &who)).into_response())
+    Ok(Json(run_view(&state, &run, &who)).into_response())
 }
 
 /// Cancel a run: a queued run ends at once; a running one is asked to stop, then killed after
@@ -642,12 +701,12 @@ async fn cancel_run(
         .await
         .map_err(ApiError::from_store)?
     {
-        CancelOutcome::Cancelled(f) => Ok(Json(run_json(&state, &f.run, &who)).into_response()),
+        CancelOutcome::Cancelled(f) => Ok(Json(run_view(&state, &f.run, &who)).into_response()),
         CancelOutcome::Requested { run, .. } => {
-            Ok((StatusCode::ACCEPTED, Json(run_json(&state, &run, &who))).into_response())
+            Ok((StatusCode::ACCEPTED, Json(run_view(&state, &run, &who))).into_response())
         }
         CancelOutcome::AlreadyFinished(run) => {
-            Ok(Json(run_json(&state, &run, &who)).into_response())
+            Ok(Json(run_view(&state, &run, &who)).into_response())
         }
         CancelOutcome::NotFound => Err(not_found(&id)),
     }

@@ -2,6 +2,7 @@
 //! `--runs-db`), so the first key can be made before any server runs. A running server picks up
 //! changes within two seconds. A new key is printed once; only its hash is stored.
 
+use agentry_api::keys::{KeyList, KeyView, NewKeyView};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -88,8 +89,10 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                 .create_key(key.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot store the key: {e}"))?;
-            let mut shown = agentry_api::keys::key_json(&key);
-            shown["key"] = serde_json::Value::String(token);
+            let shown = NewKeyView {
+                view: KeyView::from(&key),
+                key: token,
+            };
             writeln!(out, "{}", serde_json::to_string_pretty(&shown)?)?;
             eprintln!("Store this key now: it is not shown again.");
         }
@@ -98,12 +101,10 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                 .list_keys()
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot read the keys: {e}"))?;
-            let list: Vec<_> = keys.iter().map(agentry_api::keys::key_json).collect();
-            writeln!(
-                out,
-                "{}",
-                serde_json::to_string_pretty(&serde_json::json!({"keys": list}))?
-            )?;
+            let list = KeyList {
+                keys: keys.iter().map(KeyView::from).collect(),
+            };
+            writeln!(out, "{}", serde_json::to_string_pretty(&list)?)?;
         }
         KeysCommand::Revoke { id } => {
             let Some(key) = store
@@ -116,7 +117,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             writeln!(
                 out,
                 "{}",
-                serde_json::to_string_pretty(&agentry_api::keys::key_json(&key))?
+                serde_json::to_string_pretty(&KeyView::from(&key))?
             )?;
         }
     }
