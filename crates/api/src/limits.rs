@@ -126,6 +126,10 @@ impl Bucket {
         if let Some(state) = self.keys.get(&hashed) {
             return Arc::clone(&state);
         }
+        self.insert(hashed, key)
+    }
+
+    fn insert(&self, hashed: u64, key: &str) -> Arc<KeyState> {
         let name = format!("{}:{}:{key}", self.scope, self.class.as_str());
         Arc::clone(&self.keys.entry(hashed).or_insert_with(|| {
             Arc::new(KeyState {
@@ -138,11 +142,23 @@ impl Bucket {
     }
 
     /// GCRA: admit when the TAT, moved on by one interval, stays within the tolerance of now.
-    /// `Err(wait)` when the bucket is empty. Lock-free: one compare-and-swap.
+    /// `Err(wait)` when the bucket is empty.
     fn take(&self, key: &str, shared: bool) -> Result<(), Duration> {
-        let state = self.state(key);
+        let hashed = KEY_HASHER.hash_one(key);
+        match self.keys.get(&hashed) {
+            // The common case works under the map's shared read lock, without touching the
+            // `Arc`'s counts: every request of a busy key writes to one cache line as it is.
+            Some(state) => self.take_from(&state, shared),
+            None => self.take_from(&self.insert(hashed, key), shared),
+        }
+    }
+
+    fn take_from(&self, state: &KeyState, shared: bool) -> Result<(), Duration> {
         let now = now_ns();
-        state.last_used_ns.store(now, Ordering::Relaxed);
+        // Idleness is judged in minutes: refresh the time at most every 100 ms.
+        if now - state.last_used_ns.load(Ordering::Relaxed) > 100_000_000 {
+            state.last_used_ns.store(now, Ordering::Relaxed);
+        }
         let mut tat = state.tat_ns.load(Ordering::Acquire);
         loop {
             let next = tat.max(now).saturating_add(self.interval_ns);
@@ -418,17 +434,17 @@ pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: 
     let Some(class) = RouteClass::of(path) else {
         return next.run(req).await;
     };
-    let caller = match req
+    // The key's id is borrowed from the request; only an IP address is formatted.
+    let principal = req
         .extensions()
         .get::<Principal>()
-        .and_then(|p| p.0.as_ref())
-    {
-        Some(entry) => entry.key.id.clone(),
+        .and_then(|p| p.0.as_ref());
+    let caller: std::borrow::Cow<'_, str> = match principal {
+        Some(entry) => std::borrow::Cow::Borrowed(&entry.key.id),
         None => req
             .extensions()
             .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip().to_string())
-            .unwrap_or_else(|| "unknown".into()),
+            .map_or("unknown".into(), |c| c.0.ip().to_string().into()),
     };
     if let Err(limited) = state.limits.check_caller(class, &caller) {
         return limited.into_response(path);
