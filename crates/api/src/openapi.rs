@@ -95,6 +95,13 @@ pub fn refined(spec: Spec) -> Value {
         "properties": {"delay_s": {"type": "number"}, "run_at": {"type": "string"}},
     });
     schemas["Backoff"]["additionalProperties"] = json!(false);
+    // A call without a body is a call without arguments.
+    for kind in ["invoke", "stream"] {
+        let path = format!("/v1/agents/{{agent}}/entrypoints/{{tag}}/{kind}");
+        if let Some(body) = spec["paths"][&path]["post"].get_mut("requestBody") {
+            body["required"] = json!(false);
+        }
+    }
     if let Some(paths) = spec["paths"].as_object_mut() {
         for (path, item) in paths.iter_mut() {
             let Some(item) = item.as_object_mut() else {

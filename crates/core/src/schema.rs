@@ -159,6 +159,13 @@ fn type_name(v: &Value) -> &'static str {
 fn has_type(v: &Value, ty: &str) -> bool {
     match ty {
         "number" => v.is_number(),
+        // Beyond 64 bits serde reads an integer as a float; JSON Schema and Python still call
+        // it an integer, and the worker gets the text as it was written.
+        "integer" => {
+            type_name(v) == "integer"
+                || v.as_f64()
+                    .is_some_and(|f| f.fract() == 0.0 && f.abs() >= 1.8e19)
+        }
         other => type_name(v) == other,
     }
 }
@@ -432,6 +439,11 @@ mod tests {
         assert_eq!(
             check(json!({"name": "x", "flag": 0})).unwrap().1["flag"],
             json!(false)
+        );
+        // An integer beyond 64 bits is still an integer.
+        assert_eq!(
+            check(json!({"name": "x", "n": -36893488147419103232i128 as f64})).map(|r| r.0),
+            Ok(false)
         );
         // Lossy or surprising conversions are refused.
         for bad in [
