@@ -19,7 +19,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 use utoipa::{IntoParams, ToSchema};
@@ -28,7 +28,7 @@ use utoipa_axum::routes;
 
 use crate::auth::{Caller, principal};
 use crate::error::{ApiError, invalid, schema_violations, upgrade_required};
-use crate::openapi::{AgentList, AgentView, ErrorEnvelope, InvokeResponse, SseEvent};
+use crate::openapi::{ErrorEnvelope, InvokeResponse, SseEvent};
 use crate::{Agent, AppState};
 
 type S = Arc<AppState>;
@@ -52,41 +52,102 @@ pub fn routes() -> OpenApiRouter<S> {
         )
 }
 
-fn agent_json(agent: &Agent) -> Value {
+/// An agent as the API shows it.
+#[derive(Serialize, ToSchema)]
+#[schema(as = Agent)]
+pub struct AgentView<'a> {
+    id: &'a str,
+    name: &'a str,
+    description: &'a str,
+    framework: &'a str,
+    version: &'a str,
+    python: PythonView<'a>,
+    workers: WorkersView,
+    entrypoints: Vec<EntrypointView<'a>>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = Python)]
+struct PythonView<'a> {
+    #[schema(value_type = String)]
+    executable: &'a std::path::Path,
+    version: &'a str,
+    chosen_because: &'a str,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = Workers)]
+struct WorkersView {
+    live: usize,
+    /// Why the agent's workers are held back after crashing in a row; null when healthy.
+    crash_loop: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[schema(as = Entrypoint)]
+struct EntrypointView<'a> {
+    tag: &'a str,
+    streaming: bool,
+    /// `function`, `coroutine`, `generator` or `asyncgen`; null until a worker reported.
+    kind: Option<&'a str>,
+    doc: Option<&'a str>,
+    /// JSON Schema of the keyword arguments.
+    #[schema(value_type = Option<Object>)]
+    input_schema: Option<&'a Value>,
+    accepts_args: Option<bool>,
+    timeout_s: Option<f64>,
+}
+
+/// The list of agents.
+#[derive(Serialize, ToSchema)]
+pub struct AgentList<'a> {
+    agents: Vec<AgentView<'a>>,
+}
+
+fn agent_view(agent: &Agent) -> AgentView<'_> {
     let c = &agent.config;
-    let entrypoints: Vec<Value> = c
-        .entrypoints
-        .iter()
-        .map(|e| {
-            let report = agent.pool.entrypoint(&e.tag);
-            json!({
-                "tag": e.tag,
-                "streaming": e.is_streaming(),
-                "kind": report.map(|r| r.kind.as_str()),
-                "doc": report.and_then(|r| r.doc.clone()),
-                "input_schema": report.map(|r| r.schema.clone()),
-                "accepts_args": report.map(|r| r.var_args || !r.positional_only.is_empty()),
-                "timeout_s": e.timeout_s,
+    AgentView {
+        id: &c.agent_id,
+        name: &c.agent_name,
+        description: &c.description,
+        framework: &c.framework,
+        version: &c.version,
+        python: PythonView {
+            executable: &agent.python.executable,
+            version: &agent.python.version,
+            chosen_because: &agent.python.reason,
+        },
+        workers: WorkersView {
+            live: agent.pool.live_workers(),
+            crash_loop: agent.pool.crash_loop(),
+        },
+        entrypoints: c
+            .entrypoints
+            .iter()
+            .map(|e| {
+                let report = agent.pool.entrypoint(&e.tag);
+                EntrypointView {
+                    tag: &e.tag,
+                    streaming: e.is_streaming(),
+                    kind: report.map(|r| r.kind.as_str()),
+                    doc: report.and_then(|r| r.doc.as_deref()),
+                    input_schema: report.map(|r| &r.schema),
+                    accepts_args: report.map(|r| r.var_args || !r.positional_only.is_empty()),
+                    timeout_s: e.timeout_s,
+                }
             })
-        })
-        .collect();
-    json!({
-        "id": c.agent_id,
-        "name": c.agent_name,
-        "description": c.description,
-        "framework": c.framework,
-        "version": c.version,
-        "python": {"executable": agent.python.executable, "version": agent.python.version, "chosen_because": agent.python.reason},
-        "workers": {"live": agent.pool.live_workers(), "crash_loop": agent.pool.crash_loop()},
-        "entrypoints": entrypoints,
-    })
+            .collect(),
+    }
 }
 
 /// The agents served here, with their entrypoints, parameter schemas and docstrings.
 #[utoipa::path(get, path = "/v1/agents", tag = "agents",
     responses((status = 200, description = "The agents served here", body = AgentList)))]
-async fn list_agents(State(state): State<S>) -> Json<Value> {
-    Json(json!({"agents": state.agents.iter().map(|a| agent_json(a)).collect::<Vec<_>>()}))
+async fn list_agents(State(state): State<S>) -> Response {
+    Json(AgentList {
+        agents: state.agents.iter().map(|a| agent_view(a)).collect(),
+    })
+    .into_response()
 }
 
 pub(crate) fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, ApiError> {
@@ -105,11 +166,8 @@ pub(crate) fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, 
         (status = 200, description = "The agent", body = AgentView),
         (status = 404, description = "`agent_not_found`", body = ErrorEnvelope),
     ))]
-async fn get_agent(
-    State(state): State<S>,
-    Path(key): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    Ok(Json(agent_json(find_agent(&state, &key)?)))
+async fn get_agent(State(state): State<S>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    Ok(Json(agent_view(find_agent(&state, &key)?)).into_response())
 }
 
 /// The path of the invoke, stream and WebSocket routes.

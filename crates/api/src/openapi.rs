@@ -341,59 +341,6 @@ pub struct InvokeResponse {
 }
 
 #[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct AgentList {
-    agents: Vec<AgentView>,
-}
-
-#[derive(ToSchema)]
-#[schema(as = Agent)]
-#[allow(dead_code)]
-pub struct AgentView {
-    id: String,
-    name: String,
-    description: String,
-    framework: String,
-    version: String,
-    python: PythonView,
-    workers: WorkersView,
-    entrypoints: Vec<EntrypointView>,
-}
-
-#[derive(ToSchema)]
-#[schema(as = Python)]
-#[allow(dead_code)]
-struct PythonView {
-    executable: String,
-    version: String,
-    chosen_because: String,
-}
-
-#[derive(ToSchema)]
-#[schema(as = Workers)]
-#[allow(dead_code)]
-struct WorkersView {
-    live: u32,
-    /// Why the agent's workers are held back after crashing in a row; null when healthy.
-    crash_loop: Option<String>,
-}
-
-#[derive(ToSchema)]
-#[schema(as = Entrypoint)]
-#[allow(dead_code)]
-struct EntrypointView {
-    tag: String,
-    streaming: bool,
-    /// `function`, `coroutine`, `generator` or `asyncgen`; null until a worker reported.
-    kind: Option<String>,
-    doc: Option<String>,
-    /// JSON Schema of the keyword arguments.
-    input_schema: Option<Value>,
-    accepts_args: Option<bool>,
-    timeout_s: Option<f64>,
-}
-
-#[derive(ToSchema)]
 #[schema(as = RunStatus)]
 #[allow(dead_code)]
 #[allow(non_camel_case_types)]
