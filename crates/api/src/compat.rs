@@ -45,6 +45,7 @@ pub fn agent_routes(agent: &Arc<Agent>) -> Router<S> {
         let a = Arc::clone(&a);
         async move {
             ws.max_message_size(s.settings.max_body_bytes)
+                .max_frame_size(s.settings.max_body_bytes)
                 .on_upgrade(move |socket| stream_session(socket, s, a))
         }
     });
@@ -454,6 +455,17 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
         Ok(Some(Ok(Message::Binary(b)))) => String::from_utf8_lossy(&b).into_owned(),
         Err(_) => {
             refuse(&mut sender, "No start message received in time").await;
+            return;
+        }
+        // Too big (or broken): closed as the websockets library under RunAgent closes it.
+        Ok(Some(Err(e))) => {
+            let code = crate::error::ws_read_close_code(&e);
+            let _ = sender
+                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                    code,
+                    reason: "".into(),
+                })))
+                .await;
             return;
         }
         _ => return, // closed before starting

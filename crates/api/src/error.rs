@@ -114,6 +114,18 @@ pub fn upgrade_required(
     )
 }
 
+/// The close code for a WebSocket read that failed: 1009 (message too big) when the client sent
+/// more than the limit, 1002 (protocol error) otherwise. axum does not expose tungstenite's
+/// error type, so the capacity error is known by its text.
+pub fn ws_read_close_code(err: &axum::Error) -> u16 {
+    let text = err.to_string();
+    if text.contains("Space limit exceeded") || text.contains("too long") {
+        1009
+    } else {
+        1002
+    }
+}
+
 /// The HTTP status of each error code. `docs/errors.md` mirrors this table.
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {

@@ -27,7 +27,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{Caller, principal};
-use crate::error::{ApiError, invalid, schema_violations, upgrade_required};
+use crate::error::{ApiError, invalid, schema_violations, upgrade_required, ws_read_close_code};
 use crate::openapi::{ErrorEnvelope, InvokeResponse, SseEvent};
 use crate::{Agent, AppState};
 
@@ -493,6 +493,7 @@ async fn ws(
     Ok(upgrade
         .map_err(upgrade_required)?
         .max_message_size(limit)
+        .max_frame_size(limit)
         .on_upgrade(move |socket| ws_session(socket, state, key, tag, expose)))
 }
 
@@ -509,7 +510,26 @@ async fn ws_session(socket: WebSocket, state: S, key: String, tag: String, expos
             finish(&mut sender, ws_error(&err), 1008).await;
             return;
         }
-        _ => return,
+        Ok(Some(Err(e))) => {
+            let code = ws_read_close_code(&e);
+            let err = if code == 1009 {
+                ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!(
+                        "the start frame is larger than the limit of {} bytes",
+                        state.settings.max_body_bytes
+                    ),
+                )
+            } else {
+                ApiError::new(
+                    ErrorCode::ValidationError,
+                    format!("bad WebSocket frame: {e}"),
+                )
+            };
+            finish(&mut sender, ws_error(&err), code).await;
+            return;
+        }
+        _ => return, // closed before starting
     };
     let call = match prepare(&state, &key, &tag, &start, None) {
         Ok(c) => c,

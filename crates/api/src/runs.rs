@@ -908,6 +908,7 @@ async fn run_events_ws(
     Ok(ws
         .map_err(upgrade_required)?
         .max_message_size(64 * 1024)
+        .max_frame_size(64 * 1024)
         .on_upgrade(move |socket| ws_follow(socket, engine, id, after, tracebacks)))
 }
 

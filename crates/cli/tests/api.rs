@@ -355,6 +355,37 @@ async fn oversized_bodies_get_413_and_the_server_stays_up() {
     )
     .await;
     assert_eq!(status, 200);
+    // A WebSocket message over the limit closes that connection with 1009 (too big), and the
+    // server goes on.
+    for path in [
+        "/v1/agents/compat_fixture/entrypoints/echo_stream/ws".to_string(),
+        format!("/api/v1/agents/{COMPAT_ID}/run-stream"),
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(srv.ws_url(&path))
+            .await
+            .expect("connect");
+        ws.send(Message::Text(big.clone().into()))
+            .await
+            .expect("send");
+        let mut closed_with = None;
+        while let Some(frame) = ws.next().await {
+            match frame {
+                Ok(Message::Close(Some(c))) => {
+                    closed_with = Some(u16::from(c.code));
+                    break;
+                }
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+        assert_eq!(closed_with, Some(1009), "{path}");
+    }
+    let (status, _) = post(
+        &srv.url("/v1/agents/compat_fixture/entrypoints/echo/invoke"),
+        &ok,
+    )
+    .await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]
