@@ -4,8 +4,10 @@
 //! The paths come from the router itself: every native handler carries a `#[utoipa::path]`
 //! and is registered through `utoipa_axum::routes!`, which takes the method and path from that
 //! same annotation, so a route cannot exist without its description. Request bodies are the
-//! handlers' own deserialisation structs. The response shapes below are written out for the
-//! spec; schemathesis checks in CI that every answer matches them.
+//! handlers' own deserialisation structs, and agents, runs and keys are answered from typed
+//! views that are their own schemas. The few shapes built elsewhere (the error envelope, the
+//! probes, SSE events, enumerations) are written out below; schemathesis checks in CI that
+//! every answer matches the spec.
 //!
 //! On top of the generic paths, each served entrypoint gets its own invoke (or stream) path,
 //! derived from the generic one, with the entrypoint's parameter schema as the body's `input`
