@@ -22,7 +22,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{IntoParams, IntoResponses, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -168,6 +168,29 @@ pub(crate) fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, 
     ))]
 async fn get_agent(State(state): State<S>, Path(key): Path<String>) -> Result<Response, ApiError> {
     Ok(Json(agent_view(find_agent(&state, &key)?)).into_response())
+}
+
+/// The error answers invoke and stream share: refusals before the call, and the call's end
+/// before any output (a stream's later failures are `error` events). The body limit's 413 is
+/// added to every operation with a body.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+enum CallRefused {
+    /// `wrong_entrypoint_kind`: a streaming tag on invoke, or the reverse
+    #[response(status = 400)]
+    WrongKind(ErrorEnvelope),
+    /// `agent_not_found`, `entrypoint_not_found`
+    #[response(status = 404)]
+    NotFound(ErrorEnvelope),
+    /// `validation_error`: the arguments do not match the entrypoint's parameters
+    #[response(status = 422)]
+    Invalid(ErrorEnvelope),
+    /// `unavailable`: no worker can take the call
+    #[response(status = 503)]
+    Unavailable(ErrorEnvelope),
+    /// `timeout_error`: the deadline passed (waiting for a worker counts)
+    #[response(status = 504)]
+    Timeout(ErrorEnvelope),
 }
 
 /// The path of the invoke, stream and WebSocket routes.
@@ -357,14 +380,9 @@ pub(crate) fn body_or_error(
     request_body(content = CallBody, description = "The call's arguments"),
     responses(
         (status = 200, description = "The entrypoint's return value", body = InvokeResponse),
-        (status = 400, description = "`wrong_entrypoint_kind`: a streaming tag", body = ErrorEnvelope),
-        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
-        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
-        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
+        CallRefused,
         (status = 500, description = "`agent_error`: the Python code raised", body = ErrorEnvelope),
         (status = 502, description = "`agent_crashed`", body = ErrorEnvelope),
-        (status = 503, description = "`unavailable`", body = ErrorEnvelope),
-        (status = 504, description = "`timeout_error`", body = ErrorEnvelope),
     ))]
 async fn invoke(
     State(state): State<S>,
@@ -406,12 +424,7 @@ async fn invoke(
     request_body(content = CallBody, description = "The call's arguments"),
     responses(
         (status = 200, description = "`chunk` events, then one `done` or `error` event", content_type = "text/event-stream", body = SseEvent),
-        (status = 400, description = "`wrong_entrypoint_kind`: not a streaming tag", body = ErrorEnvelope),
-        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
-        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
-        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
-        (status = 503, description = "`unavailable`", body = ErrorEnvelope),
-        (status = 504, description = "`timeout_error` before the first chunk", body = ErrorEnvelope),
+        CallRefused,
     ))]
 async fn stream(
     State(state): State<S>,

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{IntoParams, IntoResponses, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -60,6 +60,23 @@ pub fn routes() -> OpenApiRouter<S> {
         .routes(routes!(cancel_run))
         .routes(routes!(run_events))
         .routes(routes!(run_events_ws))
+}
+
+/// Why a run is refused before anything is stored: the error answers of every route that
+/// creates one (the spec's; the body limit's 413 and the store's 503 are added to every
+/// operation they apply to).
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+enum RunRefused {
+    /// `agent_not_found`, `entrypoint_not_found`
+    #[response(status = 404)]
+    NotFound(ErrorEnvelope),
+    /// `idempotency_conflict`
+    #[response(status = 409)]
+    Conflict(ErrorEnvelope),
+    /// `validation_error`: the input does not match the entrypoint, or an option is out of range
+    #[response(status = 422)]
+    Invalid(ErrorEnvelope),
 }
 
 /// The body of `POST /v1/runs`.
@@ -442,11 +459,7 @@ fn run_response(
             headers(("Location" = String, description = "`/v1/runs/{id}`"))),
         (status = 200, description = "An idempotent replay: the existing run", body = RunView,
             headers(("Idempotent-Replayed" = String, description = "`true`"))),
-        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
-        (status = 409, description = "`idempotency_conflict`", body = ErrorEnvelope),
-        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
-        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
-        (status = 503, description = "`unavailable`: the run store cannot write; nothing was stored", body = ErrorEnvelope),
+        RunRefused,
     ))]
 async fn create_run(
     State(state): State<S>,
@@ -653,11 +666,7 @@ async fn wait_run(
     request_body(content = CreateBody),
     responses(
         (status = 200, description = "The run: finished, or as it is when the wait ended", body = RunView),
-        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
-        (status = 409, description = "`idempotency_conflict`", body = ErrorEnvelope),
-        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
-        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
-        (status = 503, description = "`unavailable`: the run store cannot write; nothing was stored", body = ErrorEnvelope),
+        RunRefused,
     ))]
 async fn create_and_wait(
     State(state): State<S>,
@@ -866,11 +875,7 @@ async fn run_events(
     request_body(content = CreateBody),
     responses(
         (status = 200, description = "The run's events", content_type = "text/event-stream", body = SseEvent),
-        (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
-        (status = 409, description = "`idempotency_conflict`", body = ErrorEnvelope),
-        (status = 413, description = "`payload_too_large`", body = ErrorEnvelope),
-        (status = 422, description = "`validation_error`", body = ErrorEnvelope),
-        (status = 503, description = "`unavailable`: the run store cannot write; nothing was stored", body = ErrorEnvelope),
+        RunRefused,
     ))]
 async fn create_and_stream(
     State(state): State<S>,
