@@ -30,13 +30,22 @@ type S = Arc<AppState>;
 
 /// Routes whose paths carry one agent's id literally, as RunAgent's do. Any other id falls
 /// through to the 404 (HTTP) or the 403 (WebSocket) RunAgent gives.
-pub fn agent_routes(agent: &Arc<Agent>) -> Router<S> {
+pub fn agent_routes(state: &AppState, agent: &Arc<Agent>) -> Router<S> {
     let id = &agent.config.agent_id;
     let a = Arc::clone(agent);
+    // `client_info` of this agent's history rows: the same for every call.
+    let client_info: Arc<str> = json!({
+        "server_host": state.bound.ip().to_string(),
+        "server_port": state.bound.port(),
+        "agent_name": agent.config.agent_name, "agent_framework": agent.config.framework,
+    })
+    .to_string()
+    .into();
     let run = post(
         move |State(s): State<S>, body: Result<Bytes, BytesRejection>| {
             let a = Arc::clone(&a);
-            async move { run(s, a, body).await }
+            let client_info = Arc::clone(&client_info);
+            async move { run(s, a, client_info, body).await }
         },
     )
     .fallback(|| async { method_not_allowed("POST") });
@@ -44,8 +53,8 @@ pub fn agent_routes(agent: &Arc<Agent>) -> Router<S> {
     let stream = get(move |State(s): State<S>, ws: WebSocketUpgrade| {
         let a = Arc::clone(&a);
         async move {
-            ws.max_message_size(s.settings.max_body_bytes)
-                .max_frame_size(s.settings.max_body_bytes)
+            ws.max_message_size(s.config.http.max_body_bytes)
+                .max_frame_size(s.config.http.max_body_bytes)
                 .on_upgrade(move |socket| stream_session(socket, s, a))
         }
     });
@@ -279,10 +288,15 @@ fn body_rejection(rejection: BytesRejection, limit: usize) -> Response {
     }
 }
 
-async fn run(state: S, agent: Arc<Agent>, body: Result<Bytes, BytesRejection>) -> Response {
+async fn run(
+    state: S,
+    agent: Arc<Agent>,
+    client_info: Arc<str>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let body = match body {
         Ok(b) => b,
-        Err(rejection) => return body_rejection(rejection, state.settings.max_body_bytes),
+        Err(rejection) => return body_rejection(rejection, state.config.http.max_body_bytes),
     };
     let req = match parse_run_request(&body) {
         Ok(r) => r,
@@ -306,7 +320,8 @@ async fn run(state: S, agent: Arc<Agent>, body: Result<Bytes, BytesRejection>) -
         );
     }
     let timeout = state
-        .settings
+        .config
+        .workers
         .call_timeout(req.timeout_s, entrypoint.timeout_s);
     let started = Instant::now();
     let request_ts = chrono::Utc::now().naive_utc();
@@ -337,16 +352,6 @@ async fn run(state: S, agent: Arc<Agent>, body: Result<Bytes, BytesRejection>) -
         }
     };
     if let Some(log) = &state.history {
-        // Constant per agent and server: built on the first call, not on every one.
-        let client_info = agent.history_client_info.get_or_init(|| {
-            let bound = state.bound.get();
-            json!({
-                "server_host": bound.map(|a| a.ip().to_string()).unwrap_or_default(),
-                "server_port": bound.map(|a| a.port()).unwrap_or_default(),
-                "agent_name": agent.config.agent_name, "agent_framework": agent.config.framework,
-            })
-            .to_string()
-        });
         log.record(invocation_record(
             &agent,
             &req,
@@ -354,7 +359,7 @@ async fn run(state: S, agent: Arc<Agent>, body: Result<Bytes, BytesRejection>) -
             started,
             &result,
             "local_server",
-            client_info.clone(),
+            client_info.to_string(),
         ));
     }
     response
@@ -449,7 +454,7 @@ async fn refuse(sender: &mut futures_util::stream::SplitSink<WebSocket, Message>
 
 async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
     let (mut sender, mut receiver) = socket.split();
-    let first = tokio::time::timeout(state.settings.ws_start_timeout, receiver.next()).await;
+    let first = tokio::time::timeout(state.config.http.ws_start_timeout(), receiver.next()).await;
     let text = match first {
         Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
         Ok(Some(Ok(Message::Binary(b)))) => String::from_utf8_lossy(&b).into_owned(),
@@ -504,7 +509,8 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
         timeout_s: value.get("timeout_seconds").and_then(Value::as_f64),
     };
     let timeout = state
-        .settings
+        .config
+        .workers
         .call_timeout(req.timeout_s, entrypoint.timeout_s);
     let invocation_id = uuid::Uuid::now_v7().to_string();
     let started = Instant::now();
@@ -611,7 +617,9 @@ async fn pump_stream(
 // ---------------------------------------------------------------------------------------------
 
 async fn health(State(state): State<S>) -> Response {
-    let agent = state.primary();
+    let Some(agent) = state.agents.primary() else {
+        return not_found().await;
+    };
     let mut body = String::with_capacity(300);
     body.push_str(
         "{\"status\":\"healthy\",\"server\":\"RunAgent FastAPI Local Server\",\"timestamp\":\"",
@@ -630,9 +638,11 @@ async fn health(State(state): State<S>) -> Response {
 }
 
 async fn info(State(state): State<S>) -> Response {
-    let agent = state.primary();
+    let Some(agent) = state.agents.primary() else {
+        return not_found().await;
+    };
     let c = &agent.config;
-    let bound = state.bound.get();
+    let bound = Some(&state.bound);
     let body = json!({
         "message": format!("RunAgent API - {}({})", c.agent_name, c.agent_id),
         "version": c.version,

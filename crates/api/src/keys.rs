@@ -134,7 +134,7 @@ async fn create_key(
     State(state): State<S>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_or_error(body, state.settings.max_body_bytes)?;
+    let body = body_or_error(body, state.config.http.max_body_bytes)?;
     let b: CreateBody = crate::de::object_body(&body)?;
     let mut scopes = Vec::new();
     for s in &b.scopes {

@@ -20,33 +20,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use agentry_core::{AgentConfig, ServeSettings};
-use agentry_runner::{AgentPool, ResolvedPython};
+use agentry_core::Config;
+use agentry_engine::{Agents, ServedAgent};
 use agentry_store::{InvocationLog, RunAgentDb};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 
-/// One served agent: its configuration, its workers and its interpreter.
-pub struct Agent {
-    pub config: AgentConfig,
-    pub pool: AgentPool,
-    pub python: ResolvedPython,
-    /// `client_info` of this agent's RunAgent history rows (known once the port is bound).
-    pub history_client_info: OnceLock<String>,
-}
+/// One served agent, as the handlers see it.
+pub type Agent = ServedAgent;
 
 /// What every handler shares.
 pub struct AppState {
-    pub agents: Vec<Arc<Agent>>,
-    pub settings: ServeSettings,
+    pub agents: Arc<Agents>,
+    pub config: Arc<Config>,
     pub started: Instant,
     /// RunAgent's database, when kept (discovery and invocation history).
     pub runagent_db: Option<RunAgentDb>,
     pub history: Option<InvocationLog>,
     /// The address actually bound (RunAgent's info route reports it).
-    pub bound: OnceLock<SocketAddr>,
+    pub bound: SocketAddr,
     /// Set when shutdown starts: readiness fails so load balancers drain us.
     pub draining: AtomicBool,
     /// Durable runs.
@@ -62,16 +56,7 @@ pub struct AppState {
 impl AppState {
     /// The agent with this id or name.
     pub fn agent(&self, key: &str) -> Option<&Arc<Agent>> {
-        self.agents
-            .iter()
-            .find(|a| a.config.agent_id == key)
-            .or_else(|| self.agents.iter().find(|a| a.config.agent_name == key))
-    }
-
-    /// The first agent: RunAgent's server serves one agent, and its agent-less routes
-    /// (`/api/v1/health`, `/api/v1`) describe that one.
-    pub fn primary(&self) -> &Arc<Agent> {
-        &self.agents[0]
+        self.agents.get(key)
     }
 }
 
@@ -127,12 +112,12 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 
 /// The whole HTTP surface.
 pub fn router(state: Arc<AppState>) -> Router {
-    let body_limit = state.settings.max_body_bytes;
+    let body_limit = state.config.http.max_body_bytes;
     let (native, spec) = openapi::native_routes().split_for_parts();
     let _ = state.openapi.set(openapi::refined(spec));
     let mut router = Router::new();
-    for agent in &state.agents {
-        router = router.merge(compat::agent_routes(agent));
+    for agent in state.agents.iter() {
+        router = router.merge(compat::agent_routes(&state, agent));
     }
     router
         .merge(compat::routes())
@@ -151,7 +136,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         // Outermost: a browser's preflight is answered before authentication.
         .layer(tower::util::option_layer(cors(
-            &state.settings.cors_origins,
+            &state.config.http.cors_origins,
         )))
         .with_state(state)
 }

@@ -299,7 +299,8 @@ fn prepare(
         args,
         kwargs,
         timeout: state
-            .settings
+            .config
+            .workers
             .call_timeout(parsed.timeout_s, entrypoint.timeout_s),
     })
 }
@@ -390,7 +391,7 @@ async fn invoke(
     Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_or_error(body, state.settings.max_body_bytes)?;
+    let body = body_or_error(body, state.config.http.max_body_bytes)?;
     let call = prepare(&state, &key, &tag, &body, Some(false))?;
     let payload = call
         .agent
@@ -400,7 +401,7 @@ async fn invoke(
         .map_err(|e| {
             ApiError::from_call(
                 e,
-                principal(caller).sees_tracebacks(state.settings.expose_tracebacks),
+                principal(caller).sees_tracebacks(state.config.gateway.expose_tracebacks),
             )
         })?;
     let mut out = String::with_capacity(payload.json.len() + 12);
@@ -432,9 +433,9 @@ async fn stream(
     Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body_or_error(body, state.settings.max_body_bytes)?;
+    let body = body_or_error(body, state.config.http.max_body_bytes)?;
     let call = prepare(&state, &key, &tag, &body, Some(true))?;
-    let expose = principal(caller).sees_tracebacks(state.settings.expose_tracebacks);
+    let expose = principal(caller).sees_tracebacks(state.config.gateway.expose_tracebacks);
     // Errors before the first byte (no worker, deadline while queued) are plain HTTP errors.
     let calls = call
         .agent
@@ -501,8 +502,8 @@ async fn ws(
             ),
         ));
     }
-    let limit = state.settings.max_body_bytes;
-    let expose = principal(caller).sees_tracebacks(state.settings.expose_tracebacks);
+    let limit = state.config.http.max_body_bytes;
+    let expose = principal(caller).sees_tracebacks(state.config.gateway.expose_tracebacks);
     Ok(upgrade
         .map_err(upgrade_required)?
         .max_message_size(limit)
@@ -512,38 +513,39 @@ async fn ws(
 
 async fn ws_session(socket: WebSocket, state: S, key: String, tag: String, expose: bool) {
     let (mut sender, mut receiver) = socket.split();
-    let start = match tokio::time::timeout(state.settings.ws_start_timeout, receiver.next()).await {
-        Ok(Some(Ok(Message::Text(t)))) => Bytes::from(t.as_str().to_owned()),
-        Ok(Some(Ok(Message::Binary(b)))) => b,
-        Err(_) => {
-            let err = ApiError::new(
-                ErrorCode::ValidationError,
-                "no start frame received in time",
-            );
-            finish(&mut sender, ws_error(&err), 1008).await;
-            return;
-        }
-        Ok(Some(Err(e))) => {
-            let code = ws_read_close_code(&e);
-            let err = if code == 1009 {
-                ApiError::new(
-                    ErrorCode::PayloadTooLarge,
-                    format!(
-                        "the start frame is larger than the limit of {} bytes",
-                        state.settings.max_body_bytes
-                    ),
-                )
-            } else {
-                ApiError::new(
+    let start =
+        match tokio::time::timeout(state.config.http.ws_start_timeout(), receiver.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => Bytes::from(t.as_str().to_owned()),
+            Ok(Some(Ok(Message::Binary(b)))) => b,
+            Err(_) => {
+                let err = ApiError::new(
                     ErrorCode::ValidationError,
-                    format!("bad WebSocket frame: {e}"),
-                )
-            };
-            finish(&mut sender, ws_error(&err), code).await;
-            return;
-        }
-        _ => return, // closed before starting
-    };
+                    "no start frame received in time",
+                );
+                finish(&mut sender, ws_error(&err), 1008).await;
+                return;
+            }
+            Ok(Some(Err(e))) => {
+                let code = ws_read_close_code(&e);
+                let err = if code == 1009 {
+                    ApiError::new(
+                        ErrorCode::PayloadTooLarge,
+                        format!(
+                            "the start frame is larger than the limit of {} bytes",
+                            state.config.http.max_body_bytes
+                        ),
+                    )
+                } else {
+                    ApiError::new(
+                        ErrorCode::ValidationError,
+                        format!("bad WebSocket frame: {e}"),
+                    )
+                };
+                finish(&mut sender, ws_error(&err), code).await;
+                return;
+            }
+            _ => return, // closed before starting
+        };
     let call = match prepare(&state, &key, &tag, &start, None) {
         Ok(c) => c,
         Err(e) => {

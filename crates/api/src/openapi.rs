@@ -213,7 +213,7 @@ pub fn with_entrypoints(base: &Value, state: &AppState) -> Value {
         let Some(template) = spec["paths"][&generic]["post"].as_object().cloned() else {
             continue;
         };
-        for agent in &state.agents {
+        for agent in state.agents.iter() {
             for ep in &agent.config.entrypoints {
                 if ep.is_streaming() != (kind == "stream") {
                     continue;

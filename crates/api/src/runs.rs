@@ -150,13 +150,13 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
         Some(raw) if raw.get() == "null" => "{}",
         Some(raw) => raw.get(),
     };
-    if input_text.len() > state.settings.max_run_input_bytes {
+    if input_text.len() > state.config.runs.max_input_bytes {
         return Err(ApiError::new(
             ErrorCode::PayloadTooLarge,
             format!(
                 "the run's input is {} bytes, more than the limit of {} (--max-run-input-bytes)",
                 input_text.len(),
-                state.settings.max_run_input_bytes
+                state.config.runs.max_input_bytes
             ),
         ));
     }
@@ -214,7 +214,8 @@ fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
         ));
     }
     let timeout = state
-        .settings
+        .config
+        .workers
         .call_timeout(b.timeout_s, entrypoint.timeout_s);
     let max_attempts = b.max_attempts.unwrap_or(3);
     if !(1..=100).contains(&max_attempts) {
@@ -321,7 +322,7 @@ pub fn run_view<'a>(state: &'a AppState, run: &'a Run, who: &Principal) -> RunVi
     // The error is parsed only to take the traceback out, and only when there is one.
     let error = run.error.as_deref().map(|text| {
         let mut e: Value = serde_json::from_str(text).unwrap_or(Value::Null);
-        if !who.sees_tracebacks(state.settings.expose_tracebacks)
+        if !who.sees_tracebacks(state.config.gateway.expose_tracebacks)
             && let Some(e) = e.as_object_mut()
         {
             e.remove("traceback");
@@ -400,7 +401,7 @@ async fn submit(
     who: &Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Run, bool), ApiError> {
-    let body = body_or_error(body, state.settings.max_body_bytes)?;
+    let body = body_or_error(body, state.config.http.max_body_bytes)?;
     let run = new_run(state, &body)?;
     if let Some(agent) = state.agent(&run.agent)
         && !who.allows(agent)
@@ -866,7 +867,7 @@ async fn run_events(
     let after = resume_point(&headers, &query(q)?)?;
     let who = principal(caller);
     find_run(&state, &who, &id).await?;
-    let tracebacks = who.sees_tracebacks(state.settings.expose_tracebacks);
+    let tracebacks = who.sees_tracebacks(state.config.gateway.expose_tracebacks);
     Ok(sse_of(state.engine.clone(), id, after, tracebacks))
 }
 
@@ -884,7 +885,7 @@ async fn create_and_stream(
 ) -> Result<Response, ApiError> {
     let who = principal(caller);
     let (run, _) = submit(&state, &who, body).await?;
-    let tracebacks = who.sees_tracebacks(state.settings.expose_tracebacks);
+    let tracebacks = who.sees_tracebacks(state.config.gateway.expose_tracebacks);
     Ok(sse_of(state.engine.clone(), run.id, 0, tracebacks))
 }
 
@@ -909,7 +910,7 @@ async fn run_events_ws(
     let who = principal(caller);
     find_run(&state, &who, &id).await?;
     let engine = state.engine.clone();
-    let tracebacks = who.sees_tracebacks(state.settings.expose_tracebacks);
+    let tracebacks = who.sees_tracebacks(state.config.gateway.expose_tracebacks);
     Ok(ws
         .map_err(upgrade_required)?
         .max_message_size(64 * 1024)

@@ -6,25 +6,23 @@ use agentry_api::keys::{KeyList, KeyView, NewKeyView};
 use std::io::Write;
 use std::path::PathBuf;
 
+use agentry_core::KeyStore;
 use agentry_core::keys::{Scope, parse_duration_s};
 use agentry_core::runs::now_ms;
-use agentry_core::{KeyStore, ServeSettings};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 
 #[derive(Args)]
 pub struct KeysArgs {
     /// Where Agentry keeps its state (the key database is `<state-dir>/agentry.db`).
-    #[arg(
-        long,
-        global = true,
-        env = "AGENTRY_STATE_DIR",
-        default_value = ".agentry"
-    )]
-    state_dir: PathBuf,
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
     /// The database file, if not the state directory's.
-    #[arg(long, global = true, env = "AGENTRY_RUNS_DB")]
+    #[arg(long, global = true)]
     runs_db: Option<PathBuf>,
+    /// The configuration file (default: ./agentry.toml when present).
+    #[arg(long, global = true, env = "AGENTRY_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: KeysCommand,
 }
@@ -53,12 +51,18 @@ enum KeysCommand {
 }
 
 pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
-    let settings = ServeSettings {
-        state_dir: args.state_dir.clone(),
-        runs_db_path: args.runs_db.clone(),
-        ..ServeSettings::default()
-    };
-    let store = crate::serve::open_store(&settings).await?;
+    let mut flags = Vec::new();
+    if let Some(dir) = &args.state_dir {
+        flags.push(("state_dir", serde_json::json!(dir)));
+    }
+    if let Some(db) = &args.runs_db {
+        flags.push(("store.path", serde_json::json!(db)));
+    }
+    let loaded = agentry_server::config::load(agentry_server::config::Sources::from_process(
+        args.config.clone(),
+        flags,
+    ))?;
+    let store = agentry_server::open_store(&loaded.config).await?;
     let mut out = std::io::stdout().lock();
     match args.command {
         KeysCommand::Create {

@@ -224,3 +224,207 @@ fn a_venv_in_the_agent_folder_is_preferred() {
         "{text}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The layered server configuration: agentry.toml, then AGENTRY_* variables, then flags.
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `agentry config <args>` in `cwd` with only the given AGENTRY_* variables set.
+fn agentry_config(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentry"));
+    cmd.arg("config").args(args).current_dir(cwd);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AGENTRY_") {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run agentry config");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_show_layers_file_then_environment_then_flags_and_redacts_secrets() {
+    let dir = tempfile::tempdir().expect("dir");
+    std::fs::write(
+        dir.path().join("agentry.toml"),
+        r#"
+state_dir = "from-file"
+[workers]
+count = 5
+[runs]
+lease_ttl_s = 11
+heartbeat_event_s = 7
+[http]
+max_connections = 100
+[gateway]
+rate_limit_postgres = "postgres://app:file-secret@db.internal:5432/agentry"
+[agents.echo]
+workers = 1
+[agents.echo.entrypoints.echo]
+timeout_s = 2.5
+"#,
+    )
+    .expect("write agentry.toml");
+    let env = [
+        ("AGENTRY_WORKERS", "3"),
+        ("AGENTRY_LEASE_TTL_S", "12"),
+        ("AGENTRY_NO_RUNAGENT_DB", "1"),
+    ];
+    let (code, out, err) = agentry_config(
+        dir.path(),
+        &[
+            "show",
+            "--json",
+            "--lease-ttl-s",
+            "13",
+            "--max-body-bytes",
+            "2048",
+        ],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let shown = json(&out);
+    let at = |key: &str| {
+        (
+            shown[key]["value"].clone(),
+            shown[key]["source"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    // The file beats the default, the environment beats the file, a flag beats both.
+    assert_eq!(
+        at("state_dir"),
+        (serde_json::json!("from-file"), "agentry.toml".into())
+    );
+    assert_eq!(
+        at("http.max_connections"),
+        (serde_json::json!(100), "agentry.toml".into())
+    );
+    assert_eq!(
+        at("workers.count"),
+        (serde_json::json!(3), "AGENTRY_WORKERS".into())
+    );
+    assert_eq!(
+        at("runs.heartbeat_event_s"),
+        (serde_json::json!(7.0), "agentry.toml".into())
+    );
+    assert_eq!(
+        at("runs.lease_ttl_s"),
+        (serde_json::json!(13.0), "--lease-ttl-s".into())
+    );
+    assert_eq!(
+        at("http.max_body_bytes"),
+        (serde_json::json!(2048), "--max-body-bytes".into())
+    );
+    assert_eq!(
+        at("store.runagent_db"),
+        (serde_json::json!(false), "AGENTRY_NO_RUNAGENT_DB".into())
+    );
+    assert_eq!(
+        at("runs.cancel_grace_s"),
+        (serde_json::json!(5.0), "default".into())
+    );
+    assert_eq!(
+        at("agents.echo.workers"),
+        (serde_json::json!(1), "agentry.toml".into())
+    );
+    assert_eq!(
+        at("agents.echo.entrypoints.echo.timeout_s"),
+        (serde_json::json!(2.5), "agentry.toml".into())
+    );
+    // The password is never printed, in JSON or in text.
+    assert_eq!(
+        at("gateway.rate_limit_postgres").0,
+        serde_json::json!("postgres://app:***@db.internal:5432/agentry")
+    );
+    assert!(!out.contains("file-secret"), "{out}");
+    let (code, text, err) = agentry_config(dir.path(), &["show"], &env);
+    assert_eq!(code, 0, "{err}");
+    assert!(!text.contains("file-secret"), "{text}");
+    assert!(
+        text.contains("workers.count = 3  # AGENTRY_WORKERS"),
+        "{text}"
+    );
+    // The same password given as a flag or a variable is redacted too.
+    let (_, out, _) = agentry_config(
+        dir.path(),
+        &[
+            "show",
+            "--rate-limit-postgres",
+            "postgres://u:flag-secret@h/db",
+        ],
+        &[("AGENTRY_CONFIG", "agentry.toml")],
+    );
+    assert!(
+        !out.contains("flag-secret") && out.contains("postgres://u:***@h/db"),
+        "{out}"
+    );
+}
+
+#[test]
+fn config_check_names_the_setting_that_is_wrong() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (code, out, err) = agentry_config(dir.path(), &["check"], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("configuration ok (no configuration file)"),
+        "{out}"
+    );
+    std::fs::write(dir.path().join("agentry.toml"), "[runs]\nlease_ttl_s = 0\n").expect("write");
+    let (code, _, err) = agentry_config(dir.path(), &["check"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("runs.lease_ttl_s"), "{err}");
+    std::fs::write(dir.path().join("agentry.toml"), "[runs]\nlease_tll_s = 3\n").expect("write");
+    let (code, _, err) = agentry_config(dir.path(), &["check"], &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("lease_tll_s"),
+        "an unknown key is refused: {err}"
+    );
+    let (code, _, err) = agentry_config(dir.path(), &["check"], &[("AGENTRY_WORKERS", "many")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("AGENTRY_WORKERS"), "{err}");
+    let (code, _, err) = agentry_config(dir.path(), &["check", "--config", "missing.toml"], &[]);
+    assert_ne!(code, 0);
+    assert!(err.contains("missing.toml"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn per_agent_settings_in_agentry_toml_reach_the_agent() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = dir.path().join("agentry.toml");
+    std::fs::write(
+        &config,
+        "[agents.faulty]\nworkers = 1\n[agents.faulty.entrypoints.ok]\ntimeout_s = 4.5\n",
+    )
+    .expect("write");
+    // No `--workers`: a flag would win over the file (flags and variables beat per-agent
+    // settings, which beat the rest).
+    let srv = server(fixture("faulty"))
+        .without_default_workers()
+        .args(["--config".to_string(), config.display().to_string()])
+        .start();
+    let (status, body) = get(&srv.url("/v1/agents/faulty")).await;
+    assert_eq!(status, 200, "{body}");
+    let agent = json(&body);
+    assert_eq!(agent["workers"]["live"], 1, "{agent}");
+    let ok = agent["entrypoints"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["tag"] == "ok"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(ok["timeout_s"], 4.5, "{agent}");
+    // The folder's own setting for `hang` (1 s) still holds.
+    let hang = agent["entrypoints"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["tag"] == "hang"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(hang["timeout_s"], 1.0, "{agent}");
+}

@@ -9,7 +9,7 @@ pub mod time;
 
 pub use config::{AgentConfig, ConfigError, Entrypoint, EntrypointKind};
 pub use error::ErrorCode;
-pub use settings::ServeSettings;
+pub use settings::Config;
 pub mod keys;
 pub mod runs;
 pub mod schema;

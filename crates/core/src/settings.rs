@@ -1,10 +1,18 @@
-//! The server's settings: one struct, every field documented. The CLI fills it from flags and
-//! `AGENTRY_*` environment variables (`docs/configuration.md` lists both); everything else reads
-//! it from here.
+//! The server's configuration: one struct in sections, each with one `Default` (every default is
+//! written there and nowhere else), one `validate()`, and its derived values as methods.
+//!
+//! `agentry-server` fills it in layers: these defaults, then `agentry.toml`, then `AGENTRY_*`
+//! environment variables, then command-line flags. [`FIELDS`] names every setting once, with
+//! its flag, its environment variable and what it means; `docs/configuration.md` is generated
+//! from it (a test keeps the two equal), and another test checks that it lists exactly the
+//! fields of [`Config`]. No I/O here.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 /// A token bucket: `per_second` tokens refill per second, at most `burst` are held.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,162 +51,839 @@ impl RateSpec {
     }
 }
 
-/// Settings of `agentry serve`.
-#[derive(Debug, Clone)]
-pub struct ServeSettings {
-    /// Address to bind. Default 127.0.0.1: serving beyond loopback is an explicit choice.
-    pub host: IpAddr,
-    /// Port to bind. `None`: RunAgent's policy, the first free port from 8450 up that no agent
-    /// in RunAgent's database has recorded. `Some(0)`: any free port.
-    pub port: Option<u16>,
-    /// Where Agentry keeps its state (the worker shim, the run database, the node id).
-    pub state_dir: PathBuf,
-    /// Interpreter for every agent, overriding per-agent settings and discovery.
-    pub python: Option<PathBuf>,
-    /// Warm workers per agent (per-agent `agentry.workers` wins). Default: the number of cores.
-    pub workers: usize,
-    /// Async calls that may share one worker process.
-    pub max_async_per_worker: usize,
-    /// Sync calls to short entrypoints (averaging under 5 ms) that may queue on one busy
-    /// worker, so that it answers them in batches. 1 turns pipelining off.
-    pub pipeline_depth: usize,
-    /// Default deadline of a call when neither the request nor the entrypoint sets one.
-    pub default_timeout: Duration,
-    /// Upper bound on any deadline a request or entrypoint asks for.
-    pub max_timeout: Duration,
-    /// How long in-flight calls may run after SIGINT/SIGTERM before workers are killed.
-    pub shutdown_grace: Duration,
-    /// Largest request body accepted (413 beyond it).
-    pub max_body_bytes: usize,
-    /// Largest frame on the worker protocol (a result or chunk bigger than this kills the call).
-    pub max_frame_bytes: usize,
-    /// Stream chunks a worker may produce ahead of a slow client (backpressure window).
-    pub stream_window: u32,
-    /// Address-space limit of each worker process, in MiB (`RLIMIT_AS`). `None`: no limit.
-    pub worker_memory_mb: Option<u64>,
-    /// How long a worker may take to import its agent and become ready.
-    pub worker_start_timeout: Duration,
-    /// How long a WebSocket client may take to send its start frame.
-    pub ws_start_timeout: Duration,
-    /// Keep RunAgent's database (discovery row, invocation history) up to date.
-    pub runagent_db: bool,
-    /// RunAgent's database file. Default `$RUNAGENT_CACHE_DIR/runagent_local.db`.
-    pub runagent_db_path: Option<PathBuf>,
-    /// Include Python tracebacks in native error responses (development only).
-    pub expose_tracebacks: bool,
-    /// The run database (SQLite). Default `<state_dir>/agentry.db`.
-    pub runs_db_path: Option<PathBuf>,
-    /// fsync every commit of the run database (`synchronous=FULL`): runs survive power loss.
-    /// Off: they survive a crash of the server, not of the machine.
-    pub runs_db_fsync: bool,
-    /// How long a write to the run database waits for a lock held by another process before
-    /// the request fails with 503.
-    pub runs_db_busy_timeout: Duration,
-    /// Largest run input (the `input` object's JSON) accepted, in bytes.
-    pub max_run_input_bytes: usize,
-    /// Runs executing at once on this node, all agents together.
-    pub max_running_runs: usize,
-    /// Runs of one agent leased at once on this node. Default: its workers × 16 × the pipeline
-    /// depth (or × the async calls per worker, for agents with async entrypoints); those the
-    /// workers cannot run yet wait in the pool in order, and their deadline starts when a
-    /// worker takes them.
-    pub max_running_runs_per_agent: Option<usize>,
-    /// How long a claim holds a run without renewal; a node silent for longer loses its runs
-    /// to the reaper. Leases are renewed every third of it.
-    pub lease_ttl: Duration,
-    /// Least time between two `run.heartbeat` events of one run.
-    pub heartbeat_event_every: Duration,
-    /// How long a running run may take to stop after a cancel before its worker is killed.
-    pub cancel_grace: Duration,
-    /// Finished runs (and their events and checkpoints) are deleted after this age.
-    /// `None`: kept forever.
-    pub run_retention: Option<Duration>,
-    /// This node's name in leases. Default: a random id kept in the state directory.
-    pub node_name: Option<String>,
-    /// Require an API key even before the first key exists. Otherwise authentication turns on
-    /// with the first key.
-    pub auth_required: bool,
-    /// Serve a non-loopback address while authentication is off.
-    pub insecure_no_auth: bool,
-    /// Rate limits per caller (API key, or client IP without authentication), per route class.
-    pub caller_rate_limits: Vec<(String, RateSpec)>,
-    /// Rate limits per agent, per route class.
-    pub agent_rate_limits: Vec<(String, RateSpec)>,
-    /// PostgreSQL URL through which nodes share their rate limits; `None`: each node on its
-    /// own. Holds a password: never logged.
-    pub rate_limit_postgres: Option<String>,
-    /// How often a node exchanges its rate-limit use with the others.
-    pub rate_limit_sync: Duration,
-    /// Connections open at once; more wait in the kernel's backlog.
-    pub max_connections: usize,
-    /// Time a client has to send a request's headers (also ends idle keep-alive connections).
-    pub header_read_timeout: Duration,
-    /// Largest request head (request line and headers); 431 beyond it.
-    pub max_header_bytes: usize,
-    /// Origins browsers may call from (CORS). Empty: CORS off (no cross-origin browser access);
-    /// `*`: any origin.
-    pub cors_origins: Vec<String>,
+/// Why a configuration cannot be used: the setting (dotted key) and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
 }
 
-impl Default for ServeSettings {
+fn bad(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+/// A positive, finite number of seconds as a duration.
+fn positive_secs(key: &str, value: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| bad(key, "must be a positive number of seconds"))
+}
+
+/// Seconds that are checked by `validate`; out-of-range values read as the fallback.
+fn secs_or(value: f64, fallback: Duration) -> Duration {
+    Duration::try_from_secs_f64(value)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .unwrap_or(fallback)
+}
+
+/// Everything `agentry serve` needs. `agentry config show` prints it with each value's source.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The agent folders to serve.
+    pub agent_dirs: Vec<PathBuf>,
+    /// Where Agentry keeps its state.
+    pub state_dir: PathBuf,
+    /// This node's name in run leases.
+    pub node_name: Option<String>,
+    /// Seconds in-flight calls and runs get after SIGINT/SIGTERM.
+    pub shutdown_grace_s: f64,
+    pub http: HttpConfig,
+    pub workers: WorkersConfig,
+    pub runs: RunsConfig,
+    pub store: StoreConfig,
+    pub gateway: GatewayConfig,
+    /// Per-agent settings, by agent name (or id).
+    pub agents: BTreeMap<String, AgentSettings>,
+    /// The settings given by a flag or an environment variable (filled by the loader): these
+    /// win over per-agent settings, which win over the rest.
+    #[serde(skip)]
+    pub command_line_keys: std::collections::BTreeSet<String>,
+}
+
+impl Default for Config {
     fn default() -> Self {
         Self {
-            host: IpAddr::from([127, 0, 0, 1]),
-            port: None,
+            agent_dirs: Vec::new(),
             state_dir: PathBuf::from(".agentry"),
-            python: None,
-            workers: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2),
-            max_async_per_worker: 64,
-            pipeline_depth: 8,
-            default_timeout: Duration::from_secs(300),
-            max_timeout: Duration::from_secs(3600),
-            shutdown_grace: Duration::from_secs(30),
-            max_body_bytes: 10 * 1024 * 1024,
-            max_frame_bytes: 16 * 1024 * 1024,
-            stream_window: 64,
-            worker_memory_mb: None,
-            worker_start_timeout: Duration::from_secs(60),
-            ws_start_timeout: Duration::from_secs(60),
-            runagent_db: true,
-            runagent_db_path: None,
-            expose_tracebacks: false,
-            runs_db_path: None,
-            runs_db_fsync: true,
-            runs_db_busy_timeout: Duration::from_secs(5),
-            max_run_input_bytes: 1024 * 1024,
-            max_running_runs: 1024,
-            max_running_runs_per_agent: None,
-            lease_ttl: Duration::from_secs(30),
-            heartbeat_event_every: Duration::from_secs(30),
-            cancel_grace: Duration::from_secs(5),
-            run_retention: Some(Duration::from_secs(7 * 24 * 3600)),
             node_name: None,
-            auth_required: false,
-            insecure_no_auth: false,
-            caller_rate_limits: Vec::new(),
-            agent_rate_limits: Vec::new(),
-            rate_limit_postgres: None,
-            rate_limit_sync: Duration::from_millis(100),
-            cors_origins: Vec::new(),
-            max_connections: 4096,
-            header_read_timeout: Duration::from_secs(30),
-            max_header_bytes: 64 * 1024,
+            shutdown_grace_s: 30.0,
+            http: HttpConfig::default(),
+            workers: WorkersConfig::default(),
+            runs: RunsConfig::default(),
+            store: StoreConfig::default(),
+            gateway: GatewayConfig::default(),
+            agents: BTreeMap::new(),
+            command_line_keys: Default::default(),
         }
     }
 }
 
-impl ServeSettings {
+impl Config {
+    /// Checks every section; the first problem found is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.state_dir.as_os_str().is_empty() {
+            return Err(bad("state_dir", "must not be empty"));
+        }
+        if !(self.shutdown_grace_s.is_finite() && self.shutdown_grace_s >= 0.0) {
+            return Err(bad("shutdown_grace_s", "must be a number of seconds >= 0"));
+        }
+        if let Some(name) = &self.node_name
+            && name.trim().is_empty()
+        {
+            return Err(bad("node_name", "must not be empty"));
+        }
+        self.http.validate()?;
+        self.workers.validate()?;
+        self.runs.validate()?;
+        self.store.validate()?;
+        self.gateway.validate()?;
+        for (name, agent) in &self.agents {
+            agent.validate(&format!("agents.{name}"))?;
+        }
+        Ok(())
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::try_from_secs_f64(self.shutdown_grace_s).unwrap_or(Duration::ZERO)
+    }
+
+    /// The per-agent settings of the agent with this name or id, if any.
+    pub fn agent(&self, name: &str, id: &str) -> Option<&AgentSettings> {
+        self.agents.get(name).or_else(|| self.agents.get(id))
+    }
+}
+
+/// The HTTP listener and what one request or connection may cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub host: IpAddr,
+    pub port: Option<u16>,
+    pub io_threads: Option<usize>,
+    pub max_body_bytes: usize,
+    pub max_connections: usize,
+    pub header_read_timeout_s: f64,
+    pub max_header_bytes: usize,
+    pub cors_origins: Vec<String>,
+    pub ws_start_timeout_s: f64,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            host: IpAddr::from([127, 0, 0, 1]),
+            port: None,
+            io_threads: None,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_connections: 4096,
+            header_read_timeout_s: 30.0,
+            max_header_bytes: 64 * 1024,
+            cors_origins: Vec::new(),
+            ws_start_timeout_s: 60.0,
+        }
+    }
+}
+
+impl HttpConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive_secs("http.header_read_timeout_s", self.header_read_timeout_s)?;
+        positive_secs("http.ws_start_timeout_s", self.ws_start_timeout_s)?;
+        if self.io_threads == Some(0) {
+            return Err(bad("http.io_threads", "must be at least 1"));
+        }
+        if self.max_connections == 0 {
+            return Err(bad("http.max_connections", "must be at least 1"));
+        }
+        if self.max_header_bytes < 1024 {
+            return Err(bad("http.max_header_bytes", "must be at least 1024"));
+        }
+        if self.max_body_bytes == 0 {
+            return Err(bad("http.max_body_bytes", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Threads serving HTTP: as configured, else half the cores (the rest run Python).
+    pub fn io_threads(&self) -> usize {
+        self.io_threads.unwrap_or(cores() / 2).max(1)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        secs_or(self.header_read_timeout_s, Duration::from_secs(30))
+    }
+
+    pub fn ws_start_timeout(&self) -> Duration {
+        secs_or(self.ws_start_timeout_s, Duration::from_secs(60))
+    }
+}
+
+/// The Python worker processes and the calls they run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersConfig {
+    pub count: Option<usize>,
+    pub python: Option<PathBuf>,
+    pub max_async_per_worker: usize,
+    pub pipeline_depth: usize,
+    pub pipeline_below_ms: f64,
+    pub timeout_s: f64,
+    pub max_timeout_s: f64,
+    pub max_frame_bytes: usize,
+    pub memory_mb: Option<u64>,
+    pub stream_window: u32,
+    pub start_timeout_s: f64,
+    pub call_cancel_grace_s: f64,
+}
+
+impl Default for WorkersConfig {
+    fn default() -> Self {
+        Self {
+            count: None,
+            python: None,
+            max_async_per_worker: 64,
+            pipeline_depth: 8,
+            pipeline_below_ms: 5.0,
+            timeout_s: 300.0,
+            max_timeout_s: 3600.0,
+            max_frame_bytes: 16 * 1024 * 1024,
+            memory_mb: None,
+            stream_window: 64,
+            start_timeout_s: 60.0,
+            call_cancel_grace_s: 2.0,
+        }
+    }
+}
+
+impl WorkersConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive_secs("workers.timeout_s", self.timeout_s)?;
+        positive_secs("workers.max_timeout_s", self.max_timeout_s)?;
+        positive_secs("workers.start_timeout_s", self.start_timeout_s)?;
+        positive_secs("workers.call_cancel_grace_s", self.call_cancel_grace_s)?;
+        if !(self.pipeline_below_ms.is_finite() && self.pipeline_below_ms >= 0.0) {
+            return Err(bad("workers.pipeline_below_ms", "must be >= 0"));
+        }
+        for (key, n) in [
+            ("workers.count", self.count.unwrap_or(1)),
+            ("workers.max_async_per_worker", self.max_async_per_worker),
+            ("workers.pipeline_depth", self.pipeline_depth),
+        ] {
+            if n == 0 {
+                return Err(bad(key, "must be at least 1"));
+            }
+        }
+        if self.max_frame_bytes < 1024 {
+            return Err(bad("workers.max_frame_bytes", "must be at least 1024"));
+        }
+        if self.stream_window < 2 {
+            return Err(bad("workers.stream_window", "must be at least 2"));
+        }
+        if self.memory_mb == Some(0) {
+            return Err(bad("workers.memory_mb", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Warm workers per agent: as configured, else the number of cores.
+    pub fn count(&self) -> usize {
+        self.count.unwrap_or_else(cores).max(1)
+    }
+
+    pub fn default_timeout(&self) -> Duration {
+        secs_or(self.timeout_s, Duration::from_secs(300))
+    }
+
+    pub fn max_timeout(&self) -> Duration {
+        secs_or(self.max_timeout_s, Duration::from_secs(3600))
+    }
+
+    pub fn pipeline_below(&self) -> Duration {
+        Duration::try_from_secs_f64(self.pipeline_below_ms / 1000.0).unwrap_or_default()
+    }
+
+    pub fn start_timeout(&self) -> Duration {
+        secs_or(self.start_timeout_s, Duration::from_secs(60))
+    }
+
+    pub fn call_cancel_grace(&self) -> Duration {
+        secs_or(self.call_cancel_grace_s, Duration::from_secs(2))
+    }
+
+    pub fn memory_limit_bytes(&self) -> Option<u64> {
+        self.memory_mb.map(|mb| mb.saturating_mul(1024 * 1024))
+    }
+
     /// The deadline of one call: the request's, else the entrypoint's, else the default,
     /// never more than the maximum. Non-positive or non-finite requests are ignored.
     pub fn call_timeout(&self, requested_s: Option<f64>, entrypoint_s: Option<f64>) -> Duration {
+        let max = self.max_timeout();
         let pick = requested_s
             .filter(|s| s.is_finite() && *s > 0.0)
             .or(entrypoint_s)
-            .map(|s| Duration::try_from_secs_f64(s).unwrap_or(self.max_timeout))
-            .unwrap_or(self.default_timeout);
-        pick.min(self.max_timeout)
+            .map(|s| Duration::try_from_secs_f64(s).unwrap_or(max))
+            .unwrap_or_else(|| self.default_timeout());
+        pick.min(max)
+    }
+}
+
+/// Durable runs: capacity, leases, cancellation, retention.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunsConfig {
+    pub max_input_bytes: usize,
+    pub max_running: usize,
+    pub max_running_per_agent: Option<usize>,
+    pub lease_ttl_s: f64,
+    pub heartbeat_event_s: f64,
+    pub cancel_grace_s: f64,
+    pub retention_h: f64,
+}
+
+impl Default for RunsConfig {
+    fn default() -> Self {
+        Self {
+            max_input_bytes: 1024 * 1024,
+            max_running: 1024,
+            max_running_per_agent: None,
+            lease_ttl_s: 30.0,
+            heartbeat_event_s: 30.0,
+            cancel_grace_s: 5.0,
+            retention_h: 168.0,
+        }
+    }
+}
+
+impl RunsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive_secs("runs.lease_ttl_s", self.lease_ttl_s)?;
+        positive_secs("runs.heartbeat_event_s", self.heartbeat_event_s)?;
+        positive_secs("runs.cancel_grace_s", self.cancel_grace_s)?;
+        if !(self.retention_h.is_finite() && self.retention_h >= 0.0) {
+            return Err(bad("runs.retention_h", "must be a number of hours >= 0"));
+        }
+        if self.retention_h > 0.0 {
+            positive_secs("runs.retention_h", self.retention_h * 3600.0)?;
+        }
+        if self.max_running == 0 {
+            return Err(bad("runs.max_running", "must be at least 1"));
+        }
+        if self.max_running_per_agent == Some(0) {
+            return Err(bad("runs.max_running_per_agent", "must be at least 1"));
+        }
+        if self.max_input_bytes == 0 {
+            return Err(bad("runs.max_input_bytes", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        secs_or(self.lease_ttl_s, Duration::from_secs(30))
+    }
+
+    /// Leases are renewed every third of their lifetime.
+    pub fn heartbeat_every(&self) -> Duration {
+        self.lease_ttl() / 3
+    }
+
+    /// Expired leases of other nodes are looked for every sixth of the lifetime (at most
+    /// five times a second).
+    pub fn reap_every(&self) -> Duration {
+        (self.lease_ttl() / 6).max(Duration::from_millis(200))
+    }
+
+    pub fn heartbeat_event_every(&self) -> Duration {
+        secs_or(self.heartbeat_event_s, Duration::from_secs(30))
+    }
+
+    pub fn cancel_grace(&self) -> Duration {
+        secs_or(self.cancel_grace_s, Duration::from_secs(5))
+    }
+
+    /// How long finished runs are kept; `None`: forever.
+    pub fn retention(&self) -> Option<Duration> {
+        (self.retention_h > 0.0)
+            .then(|| Duration::try_from_secs_f64(self.retention_h * 3600.0).ok())
+            .flatten()
+    }
+
+    /// How often retention looks for old runs: a quarter of the retention age, between 0.1 s
+    /// and a minute.
+    pub fn retention_every(&self) -> Duration {
+        self.retention().map_or(Duration::from_secs(60), |r| {
+            (r / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
+        })
+    }
+
+    /// Runs of one agent this node leases at once: as configured, else enough to keep its
+    /// workers busy between two claims (each worker's async calls, or 16 pipelines' worth of
+    /// short sync calls).
+    pub fn max_running_for(
+        &self,
+        workers: usize,
+        has_async: bool,
+        workers_cfg: &WorkersConfig,
+    ) -> usize {
+        let per_worker = if has_async {
+            workers_cfg.max_async_per_worker
+        } else {
+            workers_cfg.pipeline_depth * 16
+        };
+        self.max_running_per_agent
+            .unwrap_or(workers.max(1) * per_worker.max(1))
+            .max(1)
+    }
+}
+
+/// The run database and RunAgent's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub path: Option<PathBuf>,
+    pub fsync: bool,
+    pub busy_timeout_s: f64,
+    pub runagent_db: bool,
+    pub runagent_db_path: Option<PathBuf>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: None,
+            fsync: true,
+            busy_timeout_s: 5.0,
+            runagent_db: true,
+            runagent_db_path: None,
+        }
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive_secs("store.busy_timeout_s", self.busy_timeout_s)?;
+        Ok(())
+    }
+
+    /// The run database: as configured, else `<state_dir>/agentry.db`.
+    pub fn runs_db_path(&self, state_dir: &Path) -> PathBuf {
+        self.path
+            .clone()
+            .unwrap_or_else(|| state_dir.join("agentry.db"))
+    }
+
+    pub fn busy_timeout(&self) -> Duration {
+        secs_or(self.busy_timeout_s, Duration::from_secs(5))
+    }
+}
+
+/// When API keys are required.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMode {
+    /// Required once any key exists.
+    Auto,
+    /// Always, even before the first key exists.
+    Required,
+}
+
+/// Authentication, rate limits and what errors may show.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub auth: AuthMode,
+    pub insecure_no_auth: bool,
+    pub expose_tracebacks: bool,
+    pub rate_limits: Vec<String>,
+    pub agent_rate_limits: Vec<String>,
+    pub rate_limit_postgres: Option<String>,
+    pub rate_limit_sync_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            auth: AuthMode::Auto,
+            insecure_no_auth: false,
+            expose_tracebacks: false,
+            rate_limits: Vec::new(),
+            agent_rate_limits: Vec::new(),
+            rate_limit_postgres: None,
+            rate_limit_sync_ms: 100,
+        }
+    }
+}
+
+impl GatewayConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.caller_rate_limits()?;
+        self.per_agent_rate_limits()?;
+        if !(10..=60_000).contains(&self.rate_limit_sync_ms) {
+            return Err(bad(
+                "gateway.rate_limit_sync_ms",
+                "must be from 10 to 60000 milliseconds",
+            ));
+        }
+        if let Some(url) = &self.rate_limit_postgres
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(bad(
+                "gateway.rate_limit_postgres",
+                "must be a postgres:// URL",
+            ));
+        }
+        Ok(())
+    }
+
+    fn rules(key: &str, list: &[String]) -> Result<Vec<(String, RateSpec)>, ConfigError> {
+        list.iter()
+            .map(|r| RateSpec::parse_rule(r).map_err(|m| bad(key, m)))
+            .collect()
+    }
+
+    /// The rate limits per caller (API key, or client IP without authentication).
+    pub fn caller_rate_limits(&self) -> Result<Vec<(String, RateSpec)>, ConfigError> {
+        Self::rules("gateway.rate_limits", &self.rate_limits)
+    }
+
+    /// The rate limits per agent.
+    pub fn per_agent_rate_limits(&self) -> Result<Vec<(String, RateSpec)>, ConfigError> {
+        Self::rules("gateway.agent_rate_limits", &self.agent_rate_limits)
+    }
+
+    pub fn auth_required(&self) -> bool {
+        self.auth == AuthMode::Required
+    }
+
+    pub fn rate_limit_sync(&self) -> Duration {
+        Duration::from_millis(self.rate_limit_sync_ms.clamp(10, 60_000))
+    }
+}
+
+/// Settings of one agent, in `agentry.toml` under `[agents.<name>]`. They win over the agent
+/// folder's own `agentry` key, and over the global settings unless those were given on the
+/// command line or in the environment.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentSettings {
+    pub workers: Option<usize>,
+    pub python: Option<PathBuf>,
+    pub timeout_s: Option<f64>,
+    pub memory_mb: Option<u64>,
+    pub max_running_runs: Option<usize>,
+    pub entrypoints: BTreeMap<String, EntrypointSettings>,
+}
+
+/// Settings of one entrypoint, under `[agents.<name>.entrypoints.<tag>]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EntrypointSettings {
+    pub timeout_s: Option<f64>,
+}
+
+impl AgentSettings {
+    fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        if self.workers == Some(0) {
+            return Err(bad(&format!("{at}.workers"), "must be at least 1"));
+        }
+        if self.max_running_runs == Some(0) {
+            return Err(bad(&format!("{at}.max_running_runs"), "must be at least 1"));
+        }
+        if self.memory_mb == Some(0) {
+            return Err(bad(&format!("{at}.memory_mb"), "must be at least 1"));
+        }
+        if let Some(t) = self.timeout_s {
+            positive_secs(&format!("{at}.timeout_s"), t)?;
+        }
+        for (tag, e) in &self.entrypoints {
+            if let Some(t) = e.timeout_s {
+                positive_secs(&format!("{at}.entrypoints.{tag}.timeout_s"), t)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a setting's environment variable or flag turns into its value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// A number.
+    Number,
+    /// A boolean: a flag without a value; in the environment, anything but an empty value,
+    /// `0`, `false`, `no` or `off` is true.
+    Flag,
+    /// Text (a path, a name, a URL), taken as it is written.
+    Text,
+    /// A list: comma-separated in the environment, repeatable on the command line.
+    List,
+    /// A boolean whose variable or flag says the opposite (`--no-runagent-db`).
+    Negated,
+}
+
+/// One setting: where it is in `agentry.toml`, its flag and variable, and what it means.
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    /// The dotted key (`runs.lease_ttl_s`).
+    pub key: &'static str,
+    /// The `agentry serve` flag, without dashes.
+    pub flag: Option<&'static str>,
+    pub env: Option<&'static str>,
+    pub kind: FieldKind,
+    /// Never printed (`config show` redacts it).
+    pub secret: bool,
+    /// The default, when `Config::default()` cannot say it (it depends on the machine or on
+    /// other settings).
+    pub default_doc: Option<&'static str>,
+    pub doc: &'static str,
+}
+
+const fn field(
+    key: &'static str,
+    flag: &'static str,
+    env: &'static str,
+    doc: &'static str,
+) -> Field {
+    Field {
+        key,
+        flag: Some(flag),
+        env: Some(env),
+        kind: FieldKind::Number,
+        secret: false,
+        default_doc: None,
+        doc,
+    }
+}
+
+const fn file_only(key: &'static str, doc: &'static str) -> Field {
+    Field {
+        key,
+        flag: None,
+        env: None,
+        kind: FieldKind::Number,
+        secret: false,
+        default_doc: None,
+        doc,
+    }
+}
+
+impl Field {
+    const fn flag(mut self) -> Self {
+        self.kind = FieldKind::Flag;
+        self
+    }
+    const fn text(mut self) -> Self {
+        self.kind = FieldKind::Text;
+        self
+    }
+    const fn list(mut self) -> Self {
+        self.kind = FieldKind::List;
+        self
+    }
+    const fn negated(mut self) -> Self {
+        self.kind = FieldKind::Negated;
+        self
+    }
+    const fn secret(mut self) -> Self {
+        self.secret = true;
+        self
+    }
+    const fn default_doc(mut self, text: &'static str) -> Self {
+        self.default_doc = Some(text);
+        self
+    }
+    const fn no_env(mut self) -> Self {
+        self.env = None;
+        self
+    }
+
+    /// The field with this dotted key.
+    pub fn find(key: &str) -> Option<&'static Field> {
+        FIELDS.iter().find(|f| f.key == key)
+    }
+}
+
+/// Every setting of [`Config`] but the per-agent table, in documentation order.
+pub const FIELDS: &[Field] = &[
+    file_only("agent_dirs", "agent folders to serve; on the command line, the `PATH...` of `agentry serve` (which replace the file's)")
+        .list()
+        .default_doc("none"),
+    field("state_dir", "state-dir", "AGENTRY_STATE_DIR", "Agentry's state: the run database, the node id, the worker shim, the remembered interpreter probes")
+        .text(),
+    field("node_name", "node-name", "AGENTRY_NODE_NAME", "this node's name in run leases; a restarted node requeues its previous life's runs at once")
+        .text()
+        .default_doc("a random id kept in `<state_dir>/node-id`"),
+    field("shutdown_grace_s", "shutdown-grace-s", "AGENTRY_SHUTDOWN_GRACE_S", "time in-flight calls and runs get after SIGINT/SIGTERM"),
+    field("http.host", "host", "AGENTRY_HOST", "address to bind; a non-loopback address needs an API key to exist (or `--insecure-no-auth`)")
+        .text(),
+    field("http.port", "port", "AGENTRY_PORT", "port; `0` picks any; without it, the first free port from 8450 up that no agent in RunAgent's database has recorded (RunAgent's own policy; an explicit port that is taken is an error, not a fallback)")
+        .default_doc("RunAgent's policy"),
+    field("http.io_threads", "io-threads", "AGENTRY_IO_THREADS", "threads serving HTTP; the other cores are left to the Python workers")
+        .default_doc("half the cores, at least 1"),
+    field("http.max_body_bytes", "max-body-bytes", "AGENTRY_MAX_BODY_BYTES", "largest request body (413 beyond), and largest WebSocket frame and message (the connection is closed with 1009 beyond); a run-event WebSocket takes at most 64 KiB from its client"),
+    field("http.max_connections", "max-connections", "AGENTRY_MAX_CONNECTIONS", "connections open at once; further ones wait in the kernel's backlog until one closes"),
+    field("http.header_read_timeout_s", "header-read-timeout-s", "AGENTRY_HEADER_READ_TIMEOUT_S", "time a client has to send a request's headers, counted from when the server starts waiting for them: slow clients and idle keep-alive connections are closed after it"),
+    field("http.max_header_bytes", "max-header-bytes", "AGENTRY_MAX_HEADER_BYTES", "largest request head (request line and headers); 431 beyond it"),
+    field("http.cors_origins", "cors-origin", "AGENTRY_CORS_ORIGINS", "an origin browsers may call the API from (repeatable or comma-separated; `*` for any); none: CORS off. Preflights are answered before authentication; `Authorization`, `Content-Type` and `Last-Event-ID` may be sent, `Location`, `Retry-After`, `RateLimit-*` and `Idempotent-Replayed` are exposed")
+        .list(),
+    file_only("http.ws_start_timeout_s", "time a WebSocket client has to send its start frame"),
+    field("workers.count", "workers", "AGENTRY_WORKERS", "warm workers per agent")
+        .default_doc("the number of cores"),
+    field("workers.python", "python", "AGENTRY_PYTHON", "interpreter for every agent (see \"Which Python runs an agent\")")
+        .text()
+        .default_doc("discovered"),
+    field("workers.max_async_per_worker", "max-async-per-worker", "AGENTRY_MAX_ASYNC_PER_WORKER", "async calls sharing one worker"),
+    field("workers.pipeline_depth", "pipeline-depth", "AGENTRY_PIPELINE_DEPTH", "short sync calls that may queue on one busy worker (1 turns pipelining off); see docs/architecture.md"),
+    file_only("workers.pipeline_below_ms", "only entrypoints whose calls average less than this are pipelined"),
+    field("workers.timeout_s", "timeout-s", "AGENTRY_TIMEOUT_S", "default call deadline"),
+    field("workers.max_timeout_s", "max-timeout-s", "AGENTRY_MAX_TIMEOUT_S", "cap on any requested deadline"),
+    field("workers.max_frame_bytes", "max-frame-bytes", "AGENTRY_MAX_FRAME_BYTES", "largest worker frame: one result or chunk"),
+    field("workers.memory_mb", "worker-memory-mb", "AGENTRY_WORKER_MEMORY_MB", "`RLIMIT_AS` per worker; a hog gets `MemoryError`")
+        .default_doc("none"),
+    file_only("workers.stream_window", "stream chunks a generator may run ahead of its client (the window starts at 4 and doubles while the client keeps up)"),
+    file_only("workers.start_timeout_s", "time a worker has to import its agent and become ready"),
+    file_only("workers.call_cancel_grace_s", "time a call whose client left (or a stream that was cancelled) gets to stop before its worker is killed"),
+    field("runs.max_input_bytes", "max-run-input-bytes", "AGENTRY_MAX_RUN_INPUT_BYTES", "largest run input (413 beyond)"),
+    field("runs.max_running", "max-running-runs", "AGENTRY_MAX_RUNNING_RUNS", "runs leased by this node at once, all agents together"),
+    field("runs.max_running_per_agent", "max-running-runs-per-agent", "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT", "runs of one agent leased at once; those the workers cannot run yet wait in the pool in order, their deadline not yet started")
+        .default_doc("workers × 16 × pipeline depth (sync agents), workers × async calls per worker (agents with async entrypoints)"),
+    field("runs.lease_ttl_s", "lease-ttl-s", "AGENTRY_LEASE_TTL_S", "a run lease's lifetime; renewed every third of it; a node silent for longer loses its runs to other nodes' reapers (checked every sixth of it)"),
+    field("runs.heartbeat_event_s", "heartbeat-event-s", "AGENTRY_HEARTBEAT_EVENT_S", "least time between two `run.heartbeat` events of a run"),
+    field("runs.cancel_grace_s", "cancel-grace-s", "AGENTRY_CANCEL_GRACE_S", "time a cancelled running run gets to stop before its worker is killed"),
+    field("runs.retention_h", "run-retention-h", "AGENTRY_RUN_RETENTION_H", "hours finished runs (with events and checkpoints) are kept; 0 keeps them forever"),
+    field("store.path", "runs-db", "AGENTRY_RUNS_DB", "the run database (SQLite, WAL)")
+        .text()
+        .default_doc("`<state_dir>/agentry.db`"),
+    field("store.fsync", "runs-db-no-fsync", "AGENTRY_RUNS_DB_NO_FSYNC", "fsync every commit of the run database (`synchronous=FULL`); the flag turns it off: runs then survive a crash of the server, not a power loss")
+        .negated(),
+    field("store.busy_timeout_s", "runs-db-busy-timeout-s", "AGENTRY_RUNS_DB_BUSY_TIMEOUT_S", "how long a write waits for another process's lock on the database before the request gets 503"),
+    field("store.runagent_db", "no-runagent-db", "AGENTRY_NO_RUNAGENT_DB", "keep RunAgent's database up to date (discovery row, invocation history); the flag turns it off")
+        .negated(),
+    field("store.runagent_db_path", "runagent-db", "AGENTRY_RUNAGENT_DB", "RunAgent's database file")
+        .text()
+        .default_doc("`$RUNAGENT_CACHE_DIR/runagent_local.db` (`~/.runagent/…`)"),
+    field("gateway.auth", "auth", "AGENTRY_AUTH", "`auto`: API keys are required once one exists; `required`: always, even before the first")
+        .text(),
+    field("gateway.insecure_no_auth", "insecure-no-auth", "", "allow a non-loopback `--host` while authentication is off (no API key exists)")
+        .flag()
+        .no_env(),
+    field("gateway.expose_tracebacks", "expose-tracebacks", "AGENTRY_EXPOSE_TRACEBACKS", "include Python tracebacks in native errors for every caller (development); admin keys always see them")
+        .flag(),
+    field("gateway.rate_limits", "rate-limit", "AGENTRY_RATE_LIMIT", "`CLASS=RATE[:BURST]` per caller (API key, or client IP without keys); classes `invoke`, `runs`, `other`; repeatable or comma-separated")
+        .list(),
+    field("gateway.agent_rate_limits", "agent-rate-limit", "AGENTRY_AGENT_RATE_LIMIT", "`CLASS=RATE[:BURST]` per agent")
+        .list(),
+    field("gateway.rate_limit_postgres", "rate-limit-postgres", "AGENTRY_RATE_LIMIT_POSTGRES", "a `postgres://` URL through which every node shares its rate limits (table `agentry_rate_buckets`, created on start); `?sslmode=require` for TLS. Never logged. Start-up fails if the database cannot be used")
+        .text()
+        .secret()
+        .default_doc("none (each node on its own)"),
+    field("gateway.rate_limit_sync_ms", "rate-limit-sync-ms", "AGENTRY_RATE_LIMIT_SYNC_MS", "how often a node exchanges its use with the others (10 to 60000); the accuracy of shared limits depends on it (docs/api.md)"),
+];
+
+/// The settings of one agent after every layer: `agentry.toml`'s `[agents.<name>]`, the
+/// folder's own `agentry` key, then the global settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedAgentSettings {
+    pub workers: usize,
+    /// An explicit interpreter and why it was chosen; `None`: discover one.
+    pub python: Option<(PathBuf, &'static str)>,
+    pub memory_limit_bytes: Option<u64>,
+    pub max_running_runs: Option<usize>,
+}
+
+impl Config {
+    /// Resolves one agent's settings: a global setting given on the command line or in the
+    /// environment wins, then `[agents.<name>]`, then the folder's `agentry` key, then the
+    /// global setting from `agentry.toml` or its default.
+    pub fn resolve_agent(&self, agent: &crate::AgentConfig) -> ResolvedAgentSettings {
+        let global_is_explicit = |key: &str| self.command_line_keys.contains(key);
+        let own = self.agent(&agent.agent_name, &agent.agent_id);
+        let folder = &agent.overrides;
+        let workers = match self.workers.count {
+            Some(n) if global_is_explicit("workers.count") => n,
+            global => own
+                .and_then(|a| a.workers)
+                .or(folder.workers)
+                .or(global)
+                .unwrap_or_else(|| self.workers.count()),
+        };
+        let python = match &self.workers.python {
+            Some(p) if global_is_explicit("workers.python") => {
+                Some((p.clone(), "--python / AGENTRY_PYTHON"))
+            }
+            global => own
+                .and_then(|a| a.python.as_ref())
+                .map(|p| (agent.dir.join(p), "the agent's settings in agentry.toml"))
+                .or_else(|| {
+                    folder
+                        .python
+                        .as_ref()
+                        .map(|p| (agent.dir.join(p), "the agent's `agentry.python` setting"))
+                })
+                .or_else(|| {
+                    global
+                        .clone()
+                        .map(|p| (p, "`workers.python` in agentry.toml"))
+                }),
+        };
+        let memory_mb = match self.workers.memory_mb {
+            Some(m) if global_is_explicit("workers.memory_mb") => Some(m),
+            global => own.and_then(|a| a.memory_mb).or(global),
+        };
+        let max_running_runs = match self.runs.max_running_per_agent {
+            Some(n) if global_is_explicit("runs.max_running_per_agent") => Some(n),
+            global => own.and_then(|a| a.max_running_runs).or(global),
+        };
+        ResolvedAgentSettings {
+            workers: workers.max(1),
+            python,
+            memory_limit_bytes: memory_mb.map(|mb| mb.saturating_mul(1024 * 1024)),
+            max_running_runs,
+        }
+    }
+
+    /// Applies `[agents.<name>]` timeouts to the agent's entrypoints (they win over the
+    /// folder's own). Fails on a tag the agent does not have.
+    pub fn apply_entrypoint_settings(
+        &self,
+        agent: &mut crate::AgentConfig,
+    ) -> Result<(), ConfigError> {
+        let Some(own) = self.agent(&agent.agent_name, &agent.agent_id).cloned() else {
+            return Ok(());
+        };
+        for tag in own.entrypoints.keys() {
+            if agent.entrypoint(tag).is_none() {
+                return Err(bad(
+                    &format!("agents.{}.entrypoints.{tag}", agent.agent_name),
+                    format!("agent {} has no entrypoint with that tag", agent.agent_name),
+                ));
+            }
+        }
+        for e in &mut agent.entrypoints {
+            if let Some(t) = own.entrypoints.get(&e.tag).and_then(|s| s.timeout_s) {
+                e.timeout_s = Some(t);
+            } else if let Some(t) = own.timeout_s
+                && agent
+                    .overrides
+                    .entrypoints
+                    .get(&e.tag)
+                    .and_then(|o| o.timeout_s)
+                    .is_none()
+            {
+                e.timeout_s = Some(t);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -208,7 +893,7 @@ mod tests {
 
     #[test]
     fn call_timeout_precedence_and_cap() {
-        let s = ServeSettings::default();
+        let s = WorkersConfig::default();
         assert_eq!(s.call_timeout(None, None), Duration::from_secs(300));
         assert_eq!(s.call_timeout(None, Some(2.0)), Duration::from_secs(2));
         assert_eq!(s.call_timeout(Some(5.0), Some(2.0)), Duration::from_secs(5));
@@ -218,5 +903,66 @@ mod tests {
             s.call_timeout(Some(f64::NAN), Some(7.0)),
             Duration::from_secs(7)
         );
+    }
+
+    #[test]
+    fn defaults_validate_and_bad_values_name_their_key() {
+        Config::default().validate().unwrap();
+        let mut c = Config::default();
+        c.runs.lease_ttl_s = 0.0;
+        assert_eq!(c.validate().unwrap_err().key, "runs.lease_ttl_s");
+        let mut c = Config::default();
+        c.gateway.rate_limits = vec!["bogus".into()];
+        assert_eq!(c.validate().unwrap_err().key, "gateway.rate_limits");
+        let mut c = Config::default();
+        c.agents.insert(
+            "echo".into(),
+            AgentSettings {
+                workers: Some(0),
+                ..Default::default()
+            },
+        );
+        assert_eq!(c.validate().unwrap_err().key, "agents.echo.workers");
+    }
+
+    /// Every leaf of the serialised default configuration is documented in `FIELDS`, once,
+    /// and every documented key exists.
+    #[test]
+    fn fields_list_exactly_the_settings() {
+        fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) if prefix != "agents" => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        leaves(&key, v, out);
+                    }
+                }
+                _ if prefix == "agents" => {}
+                _ => out.push(prefix.to_string()),
+            }
+        }
+        let mut keys = Vec::new();
+        leaves(
+            "",
+            &serde_json::to_value(Config::default()).unwrap(),
+            &mut keys,
+        );
+        let mut documented: Vec<String> = FIELDS.iter().map(|f| f.key.to_string()).collect();
+        keys.sort();
+        documented.sort();
+        assert_eq!(keys, documented);
+        let mut flags: Vec<&str> = FIELDS
+            .iter()
+            .filter_map(|f| f.flag)
+            .filter(|f| !f.is_empty())
+            .collect();
+        let n = flags.len();
+        flags.sort_unstable();
+        flags.dedup();
+        assert_eq!(flags.len(), n, "a flag is used twice");
     }
 }

@@ -113,7 +113,7 @@ async fn attempt(
     if *signal.borrow() == Signal::Cancel {
         return Some(cancelled("the run was cancelled before it started"));
     }
-    let Some(agent) = inner.agents.get(&run.agent) else {
+    let Some(agent) = inner.agents.by_id(&run.agent) else {
         return Some(Outcome::Failed {
             error: error_json(
                 ErrorCode::AgentNotFound,

@@ -22,18 +22,20 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentry_core::AgentConfig;
 use agentry_core::runs::{
     CancelOutcome, ClaimRequest, CreateOutcome, DirectClaim, NewRun, Run, RunEvent, now_ms,
 };
+use agentry_core::settings::RunsConfig;
 use agentry_core::store::{RunStore, StoreError};
-use agentry_runner::AgentPool;
+use agentry_runner::{AgentPool, ResolvedPython};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
 pub use hub::{EventHub, Published, Subscription};
 
-/// Tuning of the engine. `docs/configuration.md` documents each as a flag.
+/// Tuning of the engine, derived from the `runs` section of the configuration.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
     /// This node's stable name (its previous incarnation's runs are requeued at start-up).
@@ -59,30 +61,79 @@ pub struct EngineSettings {
     pub idle_poll: Duration,
 }
 
-impl Default for EngineSettings {
-    fn default() -> Self {
+impl EngineSettings {
+    /// The engine's settings for this node, from the configuration's `runs` section.
+    pub fn new(node: String, runs: &RunsConfig) -> Self {
         Self {
-            node: "local".into(),
-            max_running: 1024,
-            lease_ttl: Duration::from_secs(30),
-            heartbeat_every: Duration::from_secs(10),
-            heartbeat_event_every: Duration::from_secs(30),
-            reap_every: Duration::from_secs(5),
-            cancel_grace: Duration::from_secs(5),
-            retention: Some(Duration::from_secs(7 * 24 * 3600)),
-            retention_every: Duration::from_secs(60),
+            node,
+            max_running: runs.max_running,
+            lease_ttl: runs.lease_ttl(),
+            heartbeat_every: runs.heartbeat_every(),
+            heartbeat_event_every: runs.heartbeat_event_every(),
+            reap_every: runs.reap_every(),
+            cancel_grace: runs.cancel_grace(),
+            retention: runs.retention(),
+            retention_every: runs.retention_every(),
             purge_batch: 200,
             idle_poll: Duration::from_secs(1),
         }
     }
 }
 
-/// An agent the engine may run, with its cap.
-#[derive(Clone)]
-pub struct EngineAgent {
+/// One served agent: its configuration, its warm workers, the interpreter they run, and how
+/// many of its runs this node leases at once. The API and the engine share it.
+pub struct ServedAgent {
+    pub config: AgentConfig,
     pub pool: AgentPool,
+    pub python: ResolvedPython,
     /// Runs of this agent executing at once on this node.
-    pub max_running: usize,
+    pub max_running_runs: usize,
+}
+
+/// The agents a node serves, found by id or name.
+#[derive(Default)]
+pub struct Agents {
+    list: Vec<Arc<ServedAgent>>,
+}
+
+impl Agents {
+    pub fn new(list: Vec<Arc<ServedAgent>>) -> Self {
+        Self { list }
+    }
+
+    /// The agent with this id, else the one with this name.
+    pub fn get(&self, key: &str) -> Option<&Arc<ServedAgent>> {
+        self.by_id(key)
+            .or_else(|| self.list.iter().find(|a| a.config.agent_name == key))
+    }
+
+    /// The agent with this id (runs are stored by id).
+    pub fn by_id(&self, id: &str) -> Option<&Arc<ServedAgent>> {
+        self.list.iter().find(|a| a.config.agent_id == id)
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Arc<ServedAgent>> {
+        self.list.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The first agent: RunAgent's server serves one agent, and its agent-less routes
+    /// describe that one. `None` only for a node that serves no agent.
+    pub fn primary(&self) -> Option<&Arc<ServedAgent>> {
+        self.list.first()
+    }
+
+    /// Stops every agent's workers (see `AgentPool::shutdown`).
+    pub async fn shutdown(&self, grace: Duration) {
+        futures_util::future::join_all(self.list.iter().map(|a| a.pool.shutdown(grace))).await;
+    }
 }
 
 /// What an executor listens to besides its call.
@@ -105,8 +156,8 @@ struct Running {
 
 struct Inner {
     store: Arc<dyn RunStore>,
-    agents: HashMap<String, EngineAgent>,
-    /// Agents in a fixed order, for fair claims.
+    agents: Arc<Agents>,
+    /// Agent ids in a fixed order, for fair claims.
     order: Vec<String>,
     settings: EngineSettings,
     /// `node/incarnation`: the lease owner of everything this process claims.
@@ -141,11 +192,11 @@ impl Engine {
     /// maintenance loops.
     pub async fn start(
         store: Arc<dyn RunStore>,
-        agents: HashMap<String, EngineAgent>,
+        agents: Arc<Agents>,
         settings: EngineSettings,
     ) -> Result<Self, StoreError> {
         let owner = format!("{}/{}", settings.node, uuid::Uuid::new_v4().simple());
-        let mut order: Vec<String> = agents.keys().cloned().collect();
+        let mut order: Vec<String> = agents.iter().map(|a| a.config.agent_id.clone()).collect();
         order.sort();
         let inner = Arc::new(Inner {
             store,
@@ -189,6 +240,11 @@ impl Engine {
 
     pub fn store(&self) -> &Arc<dyn RunStore> {
         &self.inner.store
+    }
+
+    /// The agents this node serves.
+    pub fn agents(&self) -> &Arc<Agents> {
+        &self.inner.agents
     }
 
     pub fn hub(&self) -> &Arc<EventHub> {
@@ -313,7 +369,7 @@ impl Inner {
 
     /// Holds one slot of `agent`'s capacity for a submission that may lease its run directly.
     fn reserve(self: &Arc<Self>, agent: &str) -> Option<Reservation> {
-        let cap = self.agents.get(agent)?.max_running;
+        let cap = self.agents.by_id(agent)?.max_running_runs;
         let running = self.running.lock();
         let mut reserved = self.reserved.lock();
         let total_reserved: usize = reserved.values().sum();
@@ -353,11 +409,11 @@ impl Inner {
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             let name = &self.order[(start + i) % n.max(1)];
-            let Some(agent) = self.agents.get(name) else {
+            let Some(agent) = self.agents.by_id(name) else {
                 continue;
             };
             let used = per_agent.get(name.as_str()).copied().unwrap_or(0);
-            let free = agent.max_running.saturating_sub(used).min(global_free);
+            let free = agent.max_running_runs.saturating_sub(used).min(global_free);
             global_free -= free;
             if free > 0 {
                 out.push((name.clone(), free));

@@ -23,7 +23,7 @@ use crate::error::CallError;
 use crate::protocol::{EntrypointReport, ImportFailure, Payload};
 use crate::worker::{RunItem, SpawnError, StreamItem, Worker, WorkerSpec};
 
-/// Tuning of a pool.
+/// Tuning of a pool, from the configuration's `workers` and `runs` sections.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
     /// Warm workers kept for the agent.
@@ -37,27 +37,11 @@ pub struct PoolConfig {
     pub pipeline_below: Duration,
     /// Stream chunks a worker may send ahead of the consumer (backpressure window).
     pub stream_window: u32,
-    /// How long a cancelled call may take to stop before its worker is killed.
+    /// How long a cancelled call (its client left, or its shared worker's deadline passed)
+    /// may take to stop before its worker is killed.
     pub cancel_grace: Duration,
-    /// Consecutive early deaths after which the agent is reported as crash-looping.
-    pub crash_loop_after: u32,
-    /// Longest wait between two respawns.
-    pub max_respawn_backoff: Duration,
-}
-
-impl Default for PoolConfig {
-    fn default() -> Self {
-        Self {
-            workers: 2,
-            max_async_per_worker: 64,
-            pipeline_depth: 8,
-            pipeline_below: Duration::from_millis(5),
-            stream_window: 64,
-            cancel_grace: Duration::from_secs(2),
-            crash_loop_after: 5,
-            max_respawn_backoff: Duration::from_secs(30),
-        }
-    }
+    /// The same for the call of a durable run (`runs.cancel_grace_s`).
+    pub run_cancel_grace: Duration,
 }
 
 /// Why a pool could not start.
@@ -74,6 +58,12 @@ const INITIAL_STREAM_CREDIT: u32 = 4;
 
 /// A worker that lived less than this counts as an early death for crash-loop detection.
 const EARLY_DEATH: Duration = Duration::from_secs(5);
+
+/// Consecutive early deaths after which the agent is reported as crash-looping.
+const CRASH_LOOP_AFTER: u32 = 5;
+
+/// Longest wait between two respawns.
+const MAX_RESPAWN_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How a call uses its worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,6 +271,7 @@ impl AgentPool {
             rx: Some(rx),
             deadline,
             timeout,
+            grace: self.inner.config.cancel_grace,
         };
         let result = pending.wait().await;
         if !matches!(result, Err(CallError::Timeout(_) | CallError::Crashed(_))) {
@@ -354,7 +345,7 @@ impl AgentPool {
             finished: false,
             sent: std::time::Instant::now(),
             tag: tag.to_string(),
-            grace: self.inner.config.cancel_grace,
+            grace: self.inner.config.run_cancel_grace,
         })
     }
 
@@ -614,7 +605,7 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, mut worker: Arc<Worker>) {
         };
         let mut last_error = reason;
         loop {
-            if early_deaths >= pool.config.crash_loop_after {
+            if early_deaths >= CRASH_LOOP_AFTER {
                 let mut state = pool.state.lock();
                 if state.crash_loop.is_none() {
                     tracing::error!(
@@ -628,7 +619,7 @@ async fn supervise(pool: Arc<PoolInner>, slot: usize, mut worker: Arc<Worker>) {
             }
             let backoff = Duration::from_millis(100)
                 .saturating_mul(1u32 << early_deaths.min(16))
-                .min(pool.config.max_respawn_backoff);
+                .min(MAX_RESPAWN_BACKOFF);
             if early_deaths > 0 {
                 tokio::time::sleep(backoff).await;
             }
@@ -716,6 +707,7 @@ struct PendingUnary {
     rx: Option<oneshot::Receiver<Result<Payload, CallError>>>,
     deadline: tokio::time::Instant,
     timeout: Duration,
+    grace: Duration,
 }
 
 impl PendingUnary {
@@ -731,7 +723,7 @@ impl PendingUnary {
             Ok(Err(_)) => Err(CallError::Crashed("the worker went away".into())),
             Err(_) => {
                 if let Some(lease) = lease {
-                    expire(lease, self.id, self.timeout, Duration::from_secs(2));
+                    expire(lease, self.id, self.timeout, self.grace);
                 }
                 Err(CallError::Timeout(self.timeout))
             }
@@ -747,13 +739,13 @@ impl Drop for PendingUnary {
         let (Some(rx), Some(lease)) = (self.rx.take(), self.lease.take()) else {
             return;
         };
-        let (id, deadline, timeout) = (self.id, self.deadline, self.timeout);
+        let (id, deadline, timeout, grace) = (self.id, self.deadline, self.timeout, self.grace);
         if lease.mode == Mode::Shared {
             lease.worker.cancel(id);
         }
         tokio::spawn(async move {
             if tokio::time::timeout_at(deadline, rx).await.is_err() {
-                expire(lease, id, timeout, Duration::from_secs(2));
+                expire(lease, id, timeout, grace);
             }
         });
     }

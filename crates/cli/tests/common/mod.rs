@@ -40,9 +40,15 @@ pub struct ServerBuilder {
     envs: Vec<(String, String)>,
     cache_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
+    default_workers: bool,
 }
 
 impl ServerBuilder {
+    /// Leave the worker count to the configuration (the harness passes `--workers 2`).
+    pub fn without_default_workers(mut self) -> Self {
+        self.default_workers = false;
+        self
+    }
     /// Use this state directory (to restart a server on the same state).
     pub fn state_dir(mut self, p: &Path) -> Self {
         self.state_dir = Some(p.to_path_buf());
@@ -97,7 +103,7 @@ impl ServerBuilder {
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if !self.args.iter().any(|a| a == "--workers") {
+        if self.default_workers && !self.args.iter().any(|a| a == "--workers") {
             cmd.args(["--workers", "2"]);
         }
         for (k, v) in &self.envs {
@@ -151,6 +157,7 @@ pub fn server(agent: PathBuf) -> ServerBuilder {
         envs: Vec::new(),
         cache_dir: None,
         state_dir: None,
+        default_workers: true,
     }
 }
 

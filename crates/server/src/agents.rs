@@ -1,0 +1,235 @@
+//! Starting the served agents: each folder's configuration is read (with its settings from
+//! `agentry.toml` applied), its interpreter resolved, and its warm workers started, all agents
+//! at once. Every problem is reported, not just the first.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentry_core::{AgentConfig, Config, EntrypointKind};
+use agentry_engine::ServedAgent;
+use agentry_runner::{
+    AgentPool, PoolConfig, PythonResolver, ResolvedPython, StartError, WorkerSpec,
+};
+use anyhow::{Context, bail};
+
+/// The agents started, and what is worth a warning about them.
+pub struct Started {
+    pub agents: Vec<Arc<ServedAgent>>,
+    pub warnings: Vec<String>,
+}
+
+/// Loads every agent folder of `config.agent_dirs`.
+fn load_configs(config: &Config) -> anyhow::Result<Vec<AgentConfig>> {
+    let mut configs: Vec<AgentConfig> = Vec::new();
+    let mut problems = Vec::new();
+    for path in &config.agent_dirs {
+        let mut c = match AgentConfig::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.push(format!("configuration error: {e}"));
+                continue;
+            }
+        };
+        if let Some(e) = c
+            .entrypoints
+            .iter()
+            .find(|e| matches!(e.kind, EntrypointKind::Webhook { .. }))
+        {
+            problems.push(format!(
+                "agent {} ({}): entrypoint `{}` is a webhook (n8n) entrypoint; Agentry does not serve those yet",
+                c.agent_name,
+                c.file.display(),
+                e.tag
+            ));
+            continue;
+        }
+        if let Some(other) = configs.iter().find(|o| o.agent_id == c.agent_id) {
+            problems.push(format!(
+                "agents {} and {} share the agent_id {}; each served agent needs its own",
+                other.dir.display(),
+                c.dir.display(),
+                c.agent_id
+            ));
+            continue;
+        }
+        if let Err(e) = config.apply_entrypoint_settings(&mut c) {
+            problems.push(format!("configuration error: {e}"));
+            continue;
+        }
+        configs.push(c);
+    }
+    for name in config.agents.keys() {
+        if !configs
+            .iter()
+            .any(|c| &c.agent_name == name || &c.agent_id == name)
+            && problems.is_empty()
+        {
+            problems.push(format!(
+                "configuration error: agents.{name}: no agent served here has that name or id"
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(configs)
+}
+
+fn describe_start_error(config: &AgentConfig, err: StartError) -> String {
+    match err {
+        StartError::Import(failures) => failures
+            .iter()
+            .map(|f| {
+                let (file, module) = f.r#where.split_once(':').unwrap_or((&f.r#where, ""));
+                let tb = f.traceback.trim_end();
+                format!(
+                    "agent {}: entrypoint `{}` (file {}, module {module}) cannot be loaded: {}: {}\n{}",
+                    config.agent_name,
+                    f.tag,
+                    config.dir.join(file).display(),
+                    f.r#type,
+                    f.message,
+                    indent(tb)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        StartError::Spawn(e) => format!("agent {}: cannot start a worker: {e}", config.agent_name),
+    }
+}
+
+fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Checks that each `_stream` entrypoint can stream: a generator, or something returning an
+/// iterable (only known at call time for plain functions, which RunAgent also accepts).
+fn check_stream_kinds(config: &AgentConfig, pool: &AgentPool) -> Vec<String> {
+    config
+        .entrypoints
+        .iter()
+        .filter_map(|e| {
+            let report = pool.entrypoint(&e.tag)?;
+            (!e.is_streaming() && (report.kind == "generator" || report.kind == "asyncgen")).then(|| {
+                format!(
+                    "agent {}: entrypoint `{}` is a generator but its tag does not end in `_stream`, so RunAgent clients would receive the generator's repr instead of its chunks; rename the tag to `{}_stream`",
+                    config.agent_name, e.tag, e.tag
+                )
+            })
+        })
+        .collect()
+}
+
+/// Loads, resolves and starts every agent's pool, concurrently. `state_dir` is absolute.
+/// `workers` overrides every agent's worker count (`validate` starts one each).
+pub async fn start(
+    config: &Config,
+    state_dir: &Path,
+    workers: Option<usize>,
+) -> anyhow::Result<Started> {
+    let configs = load_configs(config)?;
+    let shim = agentry_runner::install_shim(&state_dir.join("python"))
+        .with_context(|| format!("cannot write the worker shim into {}", state_dir.display()))?;
+    let resolver = PythonResolver::with_cache_file(state_dir.join("python-interpreters.json"));
+    let mut pending = Vec::new();
+    for agent in configs {
+        let settings = config.resolve_agent(&agent);
+        let python = resolver
+            .resolve(
+                settings.python.as_ref().map(|(p, why)| (p.as_path(), *why)),
+                &agent.dir,
+            )
+            .with_context(|| format!("agent {} ({})", agent.agent_name, agent.dir.display()))?;
+        tracing::info!(
+            agent.name = %agent.agent_name,
+            python = %python.executable.display(),
+            "agent {} uses Python {} at {} ({})",
+            agent.agent_name,
+            python.version,
+            python.executable.display(),
+            python.reason
+        );
+        let w = &config.workers;
+        let pool_config = PoolConfig {
+            workers: workers.unwrap_or(settings.workers).max(1),
+            max_async_per_worker: w.max_async_per_worker,
+            pipeline_depth: w.pipeline_depth,
+            pipeline_below: w.pipeline_below(),
+            stream_window: w.stream_window,
+            cancel_grace: w.call_cancel_grace(),
+            run_cancel_grace: config.runs.cancel_grace(),
+        };
+        let spec = WorkerSpec {
+            agent: agent.agent_name.clone(),
+            python: python.executable.clone(),
+            shim: shim.clone(),
+            agent_dir: agent.dir.clone(),
+            spec_json: agentry_runner::shim_spec(&agent),
+            env: agent.env_vars.clone(),
+            memory_limit_bytes: settings.memory_limit_bytes,
+            max_frame: w.max_frame_bytes,
+            start_timeout: w.start_timeout(),
+        };
+        pending.push(async move {
+            let pool = AgentPool::start(spec, pool_config).await;
+            (agent, python, settings, pool)
+        });
+    }
+    let mut agents = Vec::new();
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    for (agent, python, settings, pool) in futures_util::future::join_all(pending).await {
+        match pool {
+            Ok(pool) => {
+                warnings.extend(check_stream_kinds(&agent, &pool));
+                agents.push(served(
+                    config,
+                    agent,
+                    pool,
+                    python,
+                    settings.max_running_runs,
+                ));
+            }
+            Err(e) => problems.push(describe_start_error(&agent, e)),
+        }
+    }
+    if !problems.is_empty() {
+        for a in &agents {
+            a.pool.shutdown(Duration::ZERO).await;
+        }
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(Started { agents, warnings })
+}
+
+fn served(
+    config: &Config,
+    agent: AgentConfig,
+    pool: AgentPool,
+    python: ResolvedPython,
+    max_running_runs: Option<usize>,
+) -> Arc<ServedAgent> {
+    let has_async = agent
+        .entrypoints
+        .iter()
+        .filter_map(|e| pool.entrypoint(&e.tag))
+        .any(|r| r.is_async());
+    // Runs beyond what the workers run at once wait in the pool, already leased, in FIFO
+    // order; their deadline starts when a worker takes them. Claiming well ahead keeps the
+    // workers busy between two claims.
+    let max_running_runs = max_running_runs.unwrap_or_else(|| {
+        config
+            .runs
+            .max_running_for(pool.live_workers(), has_async, &config.workers)
+    });
+    Arc::new(ServedAgent {
+        config: agent,
+        pool,
+        python,
+        max_running_runs,
+    })
+}

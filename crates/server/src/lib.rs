@@ -1,0 +1,16 @@
+//! The Agentry application: the one place where the parts are wired together.
+//!
+//! * `config`: the layered configuration (defaults, `agentry.toml`, `AGENTRY_*` variables,
+//!   flags), with the source of every value.
+//! * `agents`: reading agent folders and starting their warm workers.
+//! * `startup`: [`Application`], which opens the stores, starts the agents and the run engine,
+//!   binds, serves, and shuts everything down in order.
+//!
+//! The `agentry` binary parses flags into a [`Config`], calls this crate, and prints.
+
+pub mod agents;
+pub mod config;
+mod startup;
+
+pub use agentry_core::Config;
+pub use startup::{Application, open_store, state_dir};

@@ -1,0 +1,315 @@
+//! The application: `Application::build(config)` opens the stores, starts the agents, binds,
+//! starts the engine and the background tasks; `run_until_stopped(shutdown)` serves until the
+//! shutdown future resolves, then stops in order (readiness off, no new connections, the
+//! engine and the workers get the grace period, history is flushed).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use agentry_api::AppState;
+use agentry_api::auth::Auth;
+use agentry_api::limits::RateLimits;
+use agentry_api::server::ConnectionLimits;
+use agentry_core::{Config, KeyStore, SharedBuckets};
+use agentry_engine::{Agents, Engine, EngineSettings};
+use agentry_store::{Durability, InvocationLog, RunAgentDb, SqliteOptions, SqliteStore};
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+
+/// First port of RunAgent's policy.
+const RUNAGENT_FIRST_PORT: u16 = 8450;
+
+/// A built application, bound and ready to serve.
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    history: Option<InvocationLog>,
+}
+
+/// The state directory, absolute: workers run inside their agent folders, not where the
+/// server was started.
+pub fn state_dir(config: &Config) -> anyhow::Result<PathBuf> {
+    std::path::absolute(&config.state_dir)
+        .with_context(|| format!("bad state directory {}", config.state_dir.display()))
+}
+
+/// Opens the database of runs and keys (`store.path`, else `<state_dir>/agentry.db`).
+pub async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
+    let path = config.store.runs_db_path(&state_dir(config)?);
+    let options = SqliteOptions {
+        durability: if config.store.fsync {
+            Durability::Full
+        } else {
+            Durability::Normal
+        },
+        busy_timeout: config.store.busy_timeout(),
+        ..SqliteOptions::default()
+    };
+    let shown = path.display().to_string();
+    let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, options))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot open the database {shown}: {e}"))?;
+    Ok(Arc::new(store))
+}
+
+/// This node's name: as configured, else a random id created once in the state directory, so
+/// that a restarted server recognises the runs its previous life held.
+fn node_name(config: &Config, state_dir: &Path) -> anyhow::Result<String> {
+    if let Some(n) = &config.node_name {
+        return Ok(n.clone());
+    }
+    let file = state_dir.join("node-id");
+    if let Ok(id) = std::fs::read_to_string(&file)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_string());
+    }
+    let id = format!("node_{}", uuid::Uuid::new_v4().simple());
+    std::fs::create_dir_all(state_dir)
+        .and_then(|_| std::fs::write(&file, &id))
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(id)
+}
+
+async fn bind(config: &Config, db: Option<&RunAgentDb>) -> anyhow::Result<TcpListener> {
+    let host = config.http.host;
+    if let Some(port) = config.http.port {
+        let addr = SocketAddr::new(host, port);
+        return TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen on {addr}"));
+    }
+    // RunAgent's policy: the first free port from 8450 that no agent row has recorded.
+    let recorded = match db {
+        Some(db) => db.recorded_ports().await.unwrap_or_default(),
+        None => Default::default(),
+    };
+    for port in RUNAGENT_FIRST_PORT..=u16::MAX {
+        if recorded.contains(&port) {
+            continue;
+        }
+        if let Ok(listener) = TcpListener::bind(SocketAddr::new(host, port)).await {
+            return Ok(listener);
+        }
+    }
+    bail!("no free port from {RUNAGENT_FIRST_PORT} upward on {host}")
+}
+
+/// Connects the shared rate-limit store, when one is configured and there is something to
+/// share.
+async fn shared_buckets(
+    config: &Config,
+    limits: &RateLimits,
+) -> anyhow::Result<Option<Arc<dyn SharedBuckets>>> {
+    let Some(url) = &config.gateway.rate_limit_postgres else {
+        return Ok(None);
+    };
+    if limits.is_empty() {
+        tracing::warn!(
+            "--rate-limit-postgres is set but no rate limit is configured: nothing to share"
+        );
+        return Ok(None);
+    }
+    let store = agentry_store::PgBuckets::connect(url)
+        .await
+        .map_err(|e| anyhow::anyhow!("--rate-limit-postgres: cannot use the database: {e}"))?;
+    tracing::info!(
+        "rate limits are shared with the other nodes through PostgreSQL, synced every {} ms",
+        config.gateway.rate_limit_sync().as_millis()
+    );
+    Ok(Some(Arc::new(store)))
+}
+
+impl Application {
+    /// Opens the stores, starts the agents' workers, binds the listener and starts the run
+    /// engine. Nothing is served until `run_until_stopped`.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let t0 = Instant::now();
+        let state_dir = state_dir(&config)?;
+        let store = open_store(&config).await?;
+        let auth = Auth::load(
+            Arc::clone(&store) as Arc<dyn KeyStore>,
+            config.gateway.auth_required(),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the API keys: {e}"))?;
+        let host = config.http.host;
+        if !auth.enabled() && !host.is_loopback() && !config.gateway.insecure_no_auth {
+            bail!(
+                "refusing to serve {host} without authentication: no API key exists, so anyone who can reach this address could run your agents. Create one with `agentry keys create --scope invoke` (authentication turns on with the first key), bind 127.0.0.1 (the default), or pass --insecure-no-auth if a trusted proxy guards it"
+            );
+        }
+        let caller_limits = config.gateway.caller_rate_limits()?;
+        let agent_limits = config.gateway.per_agent_rate_limits()?;
+        let db_path = config
+            .store
+            .runagent_db_path
+            .clone()
+            .unwrap_or_else(RunAgentDb::default_path);
+        let db_open = async {
+            if config.store.runagent_db {
+                Some(RunAgentDb::open(&db_path).await)
+            } else {
+                None
+            }
+        };
+        let (started, db) = tokio::join!(crate::agents::start(&config, &state_dir, None), db_open);
+        let started = started?;
+        for w in &started.warnings {
+            tracing::warn!("{w}");
+        }
+        let agents = Arc::new(Agents::new(started.agents));
+        let db = match db {
+            Some(Ok(db)) => Some(db),
+            Some(Err(e)) => {
+                tracing::warn!(
+                    "RunAgent's database {} is unavailable ({e}); serving without discovery and invocation history",
+                    db_path.display()
+                );
+                None
+            }
+            None => None,
+        };
+        let listener = match bind(&config, db.as_ref()).await {
+            Ok(l) => l,
+            Err(e) => {
+                agents.shutdown(Duration::ZERO).await;
+                return Err(e);
+            }
+        };
+        let addr = listener.local_addr()?;
+        let engine_settings = EngineSettings::new(node_name(&config, &state_dir)?, &config.runs);
+        let engine = match Engine::start(store, Arc::clone(&agents), engine_settings).await {
+            Ok(e) => e,
+            Err(e) => {
+                agents.shutdown(Duration::ZERO).await;
+                bail!("cannot start the run engine: {e}");
+            }
+        };
+        if let Some(db) = &db {
+            for a in agents.iter() {
+                if let Err(e) = db
+                    .register_serving(&a.config, &addr.ip().to_string(), addr.port())
+                    .await
+                {
+                    tracing::warn!(
+                        "cannot record agent {} in RunAgent's database: {e}",
+                        a.config.agent_id
+                    );
+                }
+            }
+        }
+        let history = db.as_ref().map(|db| db.start_invocation_log(16_384));
+        let limits = RateLimits::new(&caller_limits, &agent_limits);
+        let shared = shared_buckets(&config, &limits).await?;
+        let state = Arc::new(AppState {
+            agents,
+            config: Arc::new(config),
+            started: Instant::now(),
+            runagent_db: db,
+            history: history.clone(),
+            bound: addr,
+            draining: Default::default(),
+            engine,
+            auth: Arc::clone(&auth),
+            limits,
+            openapi: Default::default(),
+        });
+        if !state.limits.is_empty() {
+            let st = Arc::clone(&state);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(60));
+                loop {
+                    tick.tick().await;
+                    st.limits.shrink();
+                }
+            });
+            if let Some(store) = shared {
+                let st = Arc::clone(&state);
+                let every = st.config.gateway.rate_limit_sync();
+                tokio::spawn(async move { st.limits.share(store, every).await });
+            }
+        }
+        auth.spawn_maintenance();
+        for a in state.agents.iter() {
+            tracing::info!(
+                "serving agent {} ({}) with {} warm worker(s): http://{addr}/v1/agents/{}  (RunAgent: http://{addr}/api/v1/agents/{}/run)",
+                a.config.agent_name,
+                a.config.agent_id,
+                a.pool.live_workers(),
+                a.config.agent_name,
+                a.config.agent_id
+            );
+        }
+        let auth_line = if auth.enabled() {
+            format!(
+                "authentication is on: {} active API key(s)",
+                auth.active_keys()
+            )
+        } else if addr.ip().is_loopback() {
+            "authentication is off: no API key exists; it turns on with the first `agentry keys create`"
+                .to_string()
+        } else {
+            "authentication is OFF on a non-loopback address (--insecure-no-auth)".to_string()
+        };
+        tracing::info!(
+            "ready on http://{addr} in {} ms ({auth_line})",
+            t0.elapsed().as_millis()
+        );
+        Ok(Self {
+            listener,
+            addr,
+            state,
+            history,
+        })
+    }
+
+    /// The address the listener is bound to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What the handlers share (the engine, the agents, the configuration).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down: readiness turns off, the listener
+    /// stops accepting, in-flight calls and runs get the grace period, then every worker is
+    /// stopped. Runs still executing are left leased: the next start of this node requeues
+    /// them at once without using up an attempt.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Self {
+            listener,
+            state,
+            history,
+            ..
+        } = self;
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let limits = ConnectionLimits {
+            max_connections: state.config.http.max_connections,
+            header_read_timeout: state.config.http.header_read_timeout(),
+            max_header_bytes: state.config.http.max_header_bytes,
+        };
+        let app = agentry_api::router(Arc::clone(&state));
+        let server = tokio::spawn(agentry_api::server::serve(listener, app, limits, stop_rx));
+        shutdown.await;
+        let grace = state.config.shutdown_grace();
+        tracing::info!("shutting down: no new connections; in-flight calls get {grace:?}");
+        state.draining.store(true, Ordering::SeqCst);
+        let _ = stop_tx.send(true);
+        tokio::join!(state.engine.shutdown(grace), state.agents.shutdown(grace));
+        // Workers are gone, so every request still open ends promptly; don't wait on idle sockets.
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        if let Some(h) = &history {
+            let _ = tokio::time::timeout(Duration::from_secs(2), h.flush()).await;
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
