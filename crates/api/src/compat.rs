@@ -8,7 +8,7 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Instant;
 
-use agentry_runner::{CallError, Payload};
+use agentry_core::executor::{CallError, ChunkStream, Payload};
 use agentry_store::Invocation;
 use axum::Router;
 use axum::body::Bytes;
@@ -326,7 +326,7 @@ async fn run(
     let started = Instant::now();
     let request_ts = chrono::Utc::now().naive_utc();
     let result = agent
-        .pool
+        .executor
         .call(&req.tag, &req.args, &req.kwargs, timeout)
         .await;
     let response = match &result {
@@ -520,7 +520,7 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
     );
     // Start the call first, so the worker begins while the status frame is on its way.
     let stream = agent
-        .pool
+        .executor
         .stream(&req.tag, &req.args, &req.kwargs, timeout)
         .await;
     if sender.send(Message::Text(hello.into())).await.is_err() {
@@ -539,7 +539,7 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
             let _ = sender.send(Message::Text(done.into())).await;
             close_with(&mut sender, 1000).await;
             Ok(Payload {
-                ty: agentry_runner::ValueType::Object,
+                ty: agentry_core::executor::ValueType::Object,
                 json: Bytes::from(format!("{{\"total_chunks\": {count}}}")),
             })
         }
@@ -582,7 +582,7 @@ enum StreamOutcome {
 /// Forwards chunks to the client while watching the client: if it goes away, the stream is
 /// dropped, which cancels the generator in its worker.
 async fn pump_stream(
-    mut stream: agentry_runner::CallStream,
+    mut stream: Box<dyn ChunkStream>,
     sender: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     receiver: &mut futures_util::stream::SplitStream<WebSocket>,
 ) -> StreamOutcome {

@@ -2,8 +2,8 @@
 //! "request_id"}}`, and the one place where an error code becomes an HTTP status.
 
 use agentry_core::ErrorCode;
+use agentry_core::executor::CallError;
 use agentry_core::schema::SchemaViolation;
-use agentry_runner::CallError;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};

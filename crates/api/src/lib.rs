@@ -161,14 +161,19 @@ pub(crate) async fn readyz(
         .agents
         .iter()
         .map(|a| {
+            let health = a.executor.health();
             (
                 a.config.agent_name.clone(),
-                serde_json::json!({"live_workers": a.pool.live_workers(), "crash_loop": a.pool.crash_loop()}),
+                serde_json::json!({"live_workers": health.live_workers, "crash_loop": health.crash_loop}),
             )
         })
         .collect();
     let draining = state.draining.load(Ordering::SeqCst);
-    let ready = !draining && state.agents.iter().all(|a| a.pool.live_workers() > 0);
+    let ready = !draining
+        && state
+            .agents
+            .iter()
+            .all(|a| a.executor.health().live_workers > 0);
     let status = if ready {
         StatusCode::OK
     } else {

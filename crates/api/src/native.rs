@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentry_core::ErrorCode;
+use agentry_core::executor::ChunkStream;
 use agentry_core::schema::{self, Parameters};
-use agentry_runner::CallStream;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -113,19 +113,22 @@ fn agent_view(agent: &Agent) -> AgentView<'_> {
         framework: &c.framework,
         version: &c.version,
         python: PythonView {
-            executable: &agent.python.executable,
-            version: &agent.python.version,
-            chosen_because: &agent.python.reason,
+            executable: &agent.runtime.executable,
+            version: &agent.runtime.version,
+            chosen_because: &agent.runtime.reason,
         },
-        workers: WorkersView {
-            live: agent.pool.live_workers(),
-            crash_loop: agent.pool.crash_loop(),
+        workers: {
+            let health = agent.executor.health();
+            WorkersView {
+                live: health.live_workers,
+                crash_loop: health.crash_loop,
+            }
         },
         entrypoints: c
             .entrypoints
             .iter()
             .map(|e| {
-                let report = agent.pool.entrypoint(&e.tag);
+                let report = agent.executor.entrypoint(&e.tag);
                 EntrypointView {
                     tag: &e.tag,
                     streaming: e.is_streaming(),
@@ -334,7 +337,7 @@ pub(crate) fn conform_arguments(
             "`args` must be a list of positional arguments",
         )
     })?;
-    let coerced = match agent.pool.entrypoint(tag) {
+    let coerced = match agent.executor.entrypoint(tag) {
         // Workers that never reported (the import failed) leave the call to fail in Python.
         None => false,
         Some(report) => {
@@ -395,7 +398,7 @@ async fn invoke(
     let call = prepare(&state, &key, &tag, &body, Some(false))?;
     let payload = call
         .agent
-        .pool
+        .executor
         .call(&call.tag, &call.args, &call.kwargs, call.timeout)
         .await
         .map_err(|e| {
@@ -439,7 +442,7 @@ async fn stream(
     // Errors before the first byte (no worker, deadline while queued) are plain HTTP errors.
     let calls = call
         .agent
-        .pool
+        .executor
         .stream(&call.tag, &call.args, &call.kwargs, call.timeout)
         .await
         .map_err(|e| ApiError::from_call(e, expose))?;
@@ -560,7 +563,7 @@ async fn ws_session(socket: WebSocket, state: S, key: String, tag: String, expos
         .is_some_and(|e| e.is_streaming())
     {
         let result = tokio::select! {
-            r = call.agent.pool.call(&call.tag, &call.args, &call.kwargs, call.timeout) => r,
+            r = call.agent.executor.call(&call.tag, &call.args, &call.kwargs, call.timeout) => r,
             _ = wait_closed(&mut receiver) => return,
         };
         let frame = match result {
@@ -570,9 +573,9 @@ async fn ws_session(socket: WebSocket, state: S, key: String, tag: String, expos
         finish(&mut sender, frame, 1000).await;
         return;
     }
-    let mut calls: CallStream = match call
+    let mut calls: Box<dyn ChunkStream> = match call
         .agent
-        .pool
+        .executor
         .stream(&call.tag, &call.args, &call.kwargs, call.timeout)
         .await
     {

@@ -218,7 +218,7 @@ pub fn with_entrypoints(base: &Value, state: &AppState) -> Value {
                 if ep.is_streaming() != (kind == "stream") {
                     continue;
                 }
-                let report = agent.pool.entrypoint(&ep.tag);
+                let report = agent.executor.entrypoint(&ep.tag);
                 let mut op = Value::Object(template.clone());
                 let name = &agent.config.agent_name;
                 let doc = report.and_then(|r| r.doc.as_deref()).unwrap_or("");
@@ -245,7 +245,7 @@ pub fn with_entrypoints(base: &Value, state: &AppState) -> Value {
 /// parameters, `args` its positional ones in order (`prefixItems`); a required parameter must
 /// come one way or the other, and no parameter both ways. The body is required when the
 /// entrypoint has required parameters.
-fn entrypoint_body(report: Option<&agentry_runner::EntrypointReport>) -> Value {
+fn entrypoint_body(report: Option<&agentry_core::executor::EntrypointReport>) -> Value {
     let mut body = json!({
         "type": "object",
         "additionalProperties": false,

@@ -40,7 +40,7 @@ pub async fn validate(loaded: Option<Loaded>, json: bool) -> anyhow::Result<()> 
             .entrypoints
             .iter()
             .map(|e| {
-                let r = a.pool.entrypoint(&e.tag);
+                let r = a.executor.entrypoint(&e.tag);
                 serde_json::json!({
                     "tag": e.tag, "streaming": e.is_streaming(), "kind": r.map(|r| r.kind.clone()),
                     "input_schema": r.map(|r| r.schema.clone()), "doc": r.and_then(|r| r.doc.clone()),
@@ -49,10 +49,10 @@ pub async fn validate(loaded: Option<Loaded>, json: bool) -> anyhow::Result<()> 
             .collect();
         report.push(serde_json::json!({
             "agent_id": c.agent_id, "agent_name": c.agent_name, "dir": c.dir, "config_file": c.file,
-            "python": {"executable": a.python.executable, "version": a.python.version, "chosen_because": a.python.reason},
+            "python": {"executable": a.runtime.executable, "version": a.runtime.version, "chosen_because": a.runtime.reason},
             "entrypoints": entrypoints,
         }));
-        a.pool.shutdown(Duration::ZERO).await;
+        a.executor.drain(Duration::ZERO).await;
     }
     if json {
         let all = serde_json::json!({"agents": report, "warnings": started.warnings});
@@ -68,9 +68,9 @@ pub async fn validate(loaded: Option<Loaded>, json: bool) -> anyhow::Result<()> 
         );
         println!(
             "  python {} at {} ({})",
-            a.python.version,
-            a.python.executable.display(),
-            a.python.reason
+            a.runtime.version,
+            a.runtime.executable.display(),
+            a.runtime.reason
         );
         for e in r["entrypoints"].as_array().into_iter().flatten() {
             let params = e["input_schema"]["properties"]

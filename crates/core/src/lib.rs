@@ -2,8 +2,10 @@
 //! taxonomy every layer maps into, and the small value types shared by the runner, the API and
 //! the CLI. This crate does no networking and spawns nothing; it only reads configuration files.
 
+pub mod agent;
 pub mod config;
 pub mod error;
+pub mod executor;
 pub mod settings;
 pub mod time;
 

@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentry_core::ErrorCode;
+use agentry_core::executor::{CallError, RunItem};
 use agentry_core::runs::{ClaimedRun, LeaseRef, NewEvent, Outcome, Run, now_ms};
 use agentry_core::store::StoreError;
-use agentry_runner::{CallError, RunItem};
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
@@ -130,7 +130,7 @@ async fn attempt(
     );
     let timeout = Duration::from_millis(run.timeout_ms.max(1) as u64);
     let call = tokio::select! {
-        call = agent.pool.run(&run.entrypoint, &run.input, &context, timeout) => call,
+        call = agent.executor.run(&run.entrypoint, &run.input, &context, timeout) => call,
         _ = signal.changed() => {
             return match *signal.borrow() {
                 Signal::Abandon => None,

@@ -22,13 +22,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentry_core::AgentConfig;
+pub use agentry_core::agent::{Agents, ServedAgent};
 use agentry_core::runs::{
     CancelOutcome, ClaimRequest, CreateOutcome, DirectClaim, NewRun, Run, RunEvent, now_ms,
 };
 use agentry_core::settings::RunsConfig;
 use agentry_core::store::{RunStore, StoreError};
-use agentry_runner::{AgentPool, ResolvedPython};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -77,62 +76,6 @@ impl EngineSettings {
             purge_batch: 200,
             idle_poll: Duration::from_secs(1),
         }
-    }
-}
-
-/// One served agent: its configuration, its warm workers, the interpreter they run, and how
-/// many of its runs this node leases at once. The API and the engine share it.
-pub struct ServedAgent {
-    pub config: AgentConfig,
-    pub pool: AgentPool,
-    pub python: ResolvedPython,
-    /// Runs of this agent executing at once on this node.
-    pub max_running_runs: usize,
-}
-
-/// The agents a node serves, found by id or name.
-#[derive(Default)]
-pub struct Agents {
-    list: Vec<Arc<ServedAgent>>,
-}
-
-impl Agents {
-    pub fn new(list: Vec<Arc<ServedAgent>>) -> Self {
-        Self { list }
-    }
-
-    /// The agent with this id, else the one with this name.
-    pub fn get(&self, key: &str) -> Option<&Arc<ServedAgent>> {
-        self.by_id(key)
-            .or_else(|| self.list.iter().find(|a| a.config.agent_name == key))
-    }
-
-    /// The agent with this id (runs are stored by id).
-    pub fn by_id(&self, id: &str) -> Option<&Arc<ServedAgent>> {
-        self.list.iter().find(|a| a.config.agent_id == id)
-    }
-
-    pub fn iter(&self) -> std::slice::Iter<'_, Arc<ServedAgent>> {
-        self.list.iter()
-    }
-
-    pub fn len(&self) -> usize {
-        self.list.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.list.is_empty()
-    }
-
-    /// The first agent: RunAgent's server serves one agent, and its agent-less routes
-    /// describe that one. `None` only for a node that serves no agent.
-    pub fn primary(&self) -> Option<&Arc<ServedAgent>> {
-        self.list.first()
-    }
-
-    /// Stops every agent's workers (see `AgentPool::shutdown`).
-    pub async fn shutdown(&self, grace: Duration) {
-        futures_util::future::join_all(self.list.iter().map(|a| a.pool.shutdown(grace))).await;
     }
 }
 

@@ -13,11 +13,11 @@ pub mod worker;
 
 use std::path::{Path, PathBuf};
 
-pub use error::CallError;
+pub use agentry_core::executor::{CallError, EntrypointReport, Payload, RunItem, ValueType};
 pub use pool::{AgentPool, CallStream, PoolConfig, RunCall, StartError};
-pub use protocol::{EntrypointReport, ImportFailure, Payload, ValueType};
+pub use protocol::ImportFailure;
 pub use python::{PythonResolver, ResolvedPython};
-pub use worker::{RunItem, SpawnError, WorkerSpec};
+pub use worker::{SpawnError, WorkerSpec};
 
 /// The worker shim's source, embedded at build time.
 pub const SHIM_SOURCE: &str = include_str!("../python/agentry_worker.py");

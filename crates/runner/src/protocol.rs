@@ -5,6 +5,7 @@
 //! neither side escapes or re-parses a payload it only passes through. The Python side of this
 //! contract is `python/agentry_worker.py`; `docs/protocol.md` describes both.
 
+pub use agentry_core::executor::{EntrypointReport, Payload, ValueType};
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
@@ -13,90 +14,18 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// Default limit on one frame, both directions.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
-/// RunAgent's value types (`CoreSerializer._determine_type`), in wire order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ValueType {
-    Null,
-    Boolean,
-    Integer,
-    Number,
-    String,
-    Array,
-    Object,
-}
-
-impl ValueType {
-    fn from_code(code: u8) -> Option<Self> {
-        Some(match code {
-            0 => Self::Null,
-            1 => Self::Boolean,
-            2 => Self::Integer,
-            3 => Self::Number,
-            4 => Self::String,
-            5 => Self::Array,
-            6 => Self::Object,
-            _ => return None,
-        })
-    }
-
-    /// The name RunAgent puts in `{"type": …}`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Null => "null",
-            Self::Boolean => "boolean",
-            Self::Integer => "integer",
-            Self::Number => "number",
-            Self::String => "string",
-            Self::Array => "array",
-            Self::Object => "object",
-        }
-    }
-}
-
-/// A value produced by an agent: its RunAgent type and its JSON text as Python's `json.dumps`
-/// wrote it (`", "` and `": "` separators, `ensure_ascii=False`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Payload {
-    pub ty: ValueType,
-    pub json: Bytes,
-}
-
-impl Payload {
-    /// The JSON text. The worker encodes it as UTF-8 and the decoder checked it.
-    pub fn as_str(&self) -> &str {
-        // Checked in `decode`; a failure here would be a bug, and an empty string is harmless.
-        std::str::from_utf8(&self.json).unwrap_or_default()
-    }
-}
-
-/// What an entrypoint is, as the worker found it at import.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-pub struct EntrypointReport {
-    pub tag: String,
-    /// `function`, `coroutine`, `generator` or `asyncgen`.
-    pub kind: String,
-    pub stream: bool,
-    /// JSON Schema of the keyword arguments.
-    pub schema: serde_json::Value,
-    pub doc: Option<String>,
-    /// The parameters positional arguments fill, in order (keyword-only ones excluded). The
-    /// name is the wire protocol's.
-    #[serde(default)]
-    pub positional_only: Vec<String>,
-    #[serde(default)]
-    pub var_args: bool,
-    #[serde(default)]
-    pub var_kwargs: bool,
-    /// The parameter that receives the run context (`ctx`), if the entrypoint takes one.
-    #[serde(default)]
-    pub context: Option<String>,
-}
-
-impl EntrypointReport {
-    /// Async entrypoints may share a worker; everything else needs the worker to itself.
-    pub fn is_async(&self) -> bool {
-        self.kind == "coroutine" || self.kind == "asyncgen"
-    }
+/// RunAgent's value type of a wire code (the order of `CoreSerializer._determine_type`).
+fn value_type(code: u8) -> Option<ValueType> {
+    Some(match code {
+        0 => ValueType::Null,
+        1 => ValueType::Boolean,
+        2 => ValueType::Integer,
+        3 => ValueType::Number,
+        4 => ValueType::String,
+        5 => ValueType::Array,
+        6 => ValueType::Object,
+        _ => return None,
+    })
 }
 
 /// An entrypoint the worker could not import.
@@ -204,7 +133,7 @@ fn read_u32(body: &[u8], at: usize, kind: &'static str) -> Result<u32, ProtocolE
 fn payload_at(body: &Bytes, kind: &'static str) -> Result<(u32, Payload), ProtocolError> {
     let id = read_u32(body, 1, kind)?;
     let code = *body.get(5).ok_or(ProtocolError::Truncated(kind))?;
-    let ty = ValueType::from_code(code).ok_or(ProtocolError::UnknownValueType(code))?;
+    let ty = value_type(code).ok_or(ProtocolError::UnknownValueType(code))?;
     let json = body.slice(6..);
     if std::str::from_utf8(&json).is_err() {
         return Err(ProtocolError::NotUtf8);

@@ -12,15 +12,7 @@ use std::process::Command;
 use parking_lot::Mutex;
 
 /// The interpreter chosen for an agent, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ResolvedPython {
-    /// What the workers execute.
-    pub executable: PathBuf,
-    /// `3.11.7`.
-    pub version: String,
-    /// A sentence saying why this one was chosen.
-    pub reason: String,
-}
+pub type ResolvedPython = agentry_core::executor::Runtime;
 
 /// Why no interpreter could be used.
 #[derive(Debug, thiserror::Error)]

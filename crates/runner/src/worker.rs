@@ -20,8 +20,9 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, LengthDelimitedCodec};
 
-use crate::error::CallError;
-use crate::protocol::{self, Hello, Payload, PyFailure, WorkerMessage};
+use agentry_core::executor::{CallError, Payload, RunItem};
+
+use crate::protocol::{self, Hello, PyFailure, WorkerMessage};
 
 /// Everything needed to start a worker for one agent.
 #[derive(Debug, Clone)]
@@ -46,26 +47,6 @@ pub struct WorkerSpec {
 #[derive(Debug)]
 pub enum StreamItem {
     Chunk(Payload),
-    End(u32),
-    Failed(CallError),
-}
-
-/// What a durable run's call receives, in order: chunks and context messages, then exactly one
-/// `Result`, `End` or `Failed`.
-#[derive(Debug)]
-pub enum RunItem {
-    Chunk(Payload),
-    Event {
-        kind: String,
-        data: Bytes,
-    },
-    Log {
-        level: String,
-        message: String,
-    },
-    /// The worker waits for `Worker::ack` before the agent goes on.
-    Checkpoint(Bytes),
-    Result(Payload),
     End(u32),
     Failed(CallError),
 }

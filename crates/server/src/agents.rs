@@ -199,7 +199,7 @@ pub async fn start(
     }
     if !problems.is_empty() {
         for a in &agents {
-            a.pool.shutdown(Duration::ZERO).await;
+            a.executor.drain(Duration::ZERO).await;
         }
         bail!("{}", problems.join("\n"));
     }
@@ -228,8 +228,8 @@ fn served(
     });
     Arc::new(ServedAgent {
         config: agent,
-        pool,
-        python,
+        executor: Arc::new(pool),
+        runtime: python,
         max_running_runs,
     })
 }

@@ -241,7 +241,7 @@ impl Application {
                 "serving agent {} ({}) with {} warm worker(s): http://{addr}/v1/agents/{}  (RunAgent: http://{addr}/api/v1/agents/{}/run)",
                 a.config.agent_name,
                 a.config.agent_id,
-                a.pool.live_workers(),
+                a.executor.health().live_workers,
                 a.config.agent_name,
                 a.config.agent_id
             );

@@ -1,0 +1,66 @@
+//! A served agent: its folder's configuration and the executor that runs its code, and the
+//! set of agents a node serves, found by id or name.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::AgentConfig;
+use crate::executor::{AgentExecutor, Runtime};
+
+/// One served agent: its configuration, the executor that runs its code, and how many of its
+/// runs this node leases at once. The API and the engine share it.
+pub struct ServedAgent {
+    pub config: AgentConfig,
+    /// Where its code runs.
+    pub executor: Arc<dyn AgentExecutor>,
+    /// What runs it (the Python interpreter), and why that one.
+    pub runtime: Runtime,
+    /// Runs of this agent executing at once on this node.
+    pub max_running_runs: usize,
+}
+
+/// The agents a node serves, found by id or name.
+#[derive(Default)]
+pub struct Agents {
+    list: Vec<Arc<ServedAgent>>,
+}
+
+impl Agents {
+    pub fn new(list: Vec<Arc<ServedAgent>>) -> Self {
+        Self { list }
+    }
+
+    /// The agent with this id, else the one with this name.
+    pub fn get(&self, key: &str) -> Option<&Arc<ServedAgent>> {
+        self.by_id(key)
+            .or_else(|| self.list.iter().find(|a| a.config.agent_name == key))
+    }
+
+    /// The agent with this id (runs are stored by id).
+    pub fn by_id(&self, id: &str) -> Option<&Arc<ServedAgent>> {
+        self.list.iter().find(|a| a.config.agent_id == id)
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, Arc<ServedAgent>> {
+        self.list.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.list.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.list.is_empty()
+    }
+
+    /// The first agent: RunAgent's server serves one agent, and its agent-less routes
+    /// describe that one. `None` only for a node that serves no agent.
+    pub fn primary(&self) -> Option<&Arc<ServedAgent>> {
+        self.list.first()
+    }
+
+    /// Drains every agent's executor at once: calls in flight get `grace`.
+    pub async fn shutdown(&self, grace: Duration) {
+        futures_util::future::join_all(self.list.iter().map(|a| a.executor.drain(grace))).await;
+    }
+}

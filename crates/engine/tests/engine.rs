@@ -1,0 +1,522 @@
+//! The engine against a fake executor (scripted entrypoints, no Python) and a real SQLite
+//! file: claims under the caps, retries with backoff, deadlines, cancellation, a lost lease,
+//! and recovery of a previous incarnation's runs. The end-to-end tests with real workers are
+//! in `crates/cli/tests/runs.rs`.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use agentry_core::AgentConfig;
+use agentry_core::agent::{Agents, ServedAgent};
+use agentry_core::executor::{
+    AgentExecutor, CallError, ChunkStream, EntrypointReport, Health, Payload, RunCall, RunItem,
+    Runtime, ValueType,
+};
+use agentry_core::runs::{
+    Backoff, ClaimRequest, LeaseRef, NewRun, Outcome, Run, RunStatus, new_run_id, now_ms,
+};
+use agentry_core::settings::RunsConfig;
+use agentry_core::store::RunStore;
+use agentry_engine::{Engine, EngineSettings};
+use agentry_store::{SqliteOptions, SqliteStore};
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, watch};
+
+const AGENT: &str = "11111111-0000-0000-0000-00000000fake";
+
+/// What the fake saw happen to one call.
+#[derive(Debug, Clone, Default)]
+struct CallLog {
+    tag: String,
+    attempt: u32,
+    cancelled: bool,
+    killed: Option<String>,
+}
+
+/// An executor whose entrypoints follow a script:
+/// `ok` answers at once; `flaky` fails (retriably) on its first attempt, then answers;
+/// `fatal` fails non-retriably; `hang` runs until cancelled (then ends cancelled) or killed;
+/// `stubborn` ignores cancellation and ends only when killed.
+#[derive(Default)]
+struct FakeExecutor {
+    calls: Arc<Mutex<Vec<CallLog>>>,
+}
+
+struct FakeCall {
+    rx: mpsc::UnboundedReceiver<RunItem>,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+    done: bool,
+    cancel: watch::Sender<bool>,
+    index: usize,
+    calls: Arc<Mutex<Vec<CallLog>>>,
+}
+
+impl RunCall for FakeCall {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<RunItem>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        if let Poll::Ready(item) = self.rx.poll_recv(cx) {
+            self.done = true;
+            return Poll::Ready(item.or(Some(RunItem::Failed(CallError::Crashed(
+                "the fake went away".into(),
+            )))));
+        }
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            self.done = true;
+            self.kill("past its deadline");
+            return Poll::Ready(Some(RunItem::Failed(CallError::Timeout(self.timeout))));
+        }
+        Poll::Pending
+    }
+
+    fn ack(&self, _saved: bool) {}
+
+    fn cancel(&self) {
+        self.calls.lock()[self.index].cancelled = true;
+        self.cancel.send_replace(true);
+    }
+
+    fn kill(&mut self, reason: &str) {
+        self.calls.lock()[self.index]
+            .killed
+            .get_or_insert_with(|| reason.to_string());
+        self.done = true;
+    }
+}
+
+fn payload(json: &str) -> Payload {
+    Payload {
+        ty: ValueType::Object,
+        json: json.as_bytes().to_vec().into(),
+    }
+}
+
+#[async_trait]
+impl AgentExecutor for FakeExecutor {
+    fn entrypoint(&self, _tag: &str) -> Option<&EntrypointReport> {
+        None
+    }
+
+    async fn call(&self, _: &str, _: &str, _: &str, _: Duration) -> Result<Payload, CallError> {
+        Err(CallError::Unavailable("runs only".into()))
+    }
+
+    async fn stream(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: Duration,
+    ) -> Result<Box<dyn ChunkStream>, CallError> {
+        Err(CallError::Unavailable("runs only".into()))
+    }
+
+    async fn run(
+        &self,
+        tag: &str,
+        _kwargs: &str,
+        context: &str,
+        timeout: Duration,
+    ) -> Result<Box<dyn RunCall>, CallError> {
+        let ctx: serde_json::Value = serde_json::from_str(context).expect("context");
+        let attempt = ctx["attempt"].as_u64().unwrap_or(0) as u32;
+        let index = {
+            let mut calls = self.calls.lock();
+            calls.push(CallLog {
+                tag: tag.to_string(),
+                attempt,
+                ..Default::default()
+            });
+            calls.len() - 1
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (cancel, mut cancelled) = watch::channel(false);
+        let agent_error = |retriable| {
+            RunItem::Failed(CallError::Agent {
+                exc_type: "RuntimeError".into(),
+                message: "scripted failure".into(),
+                traceback: String::new(),
+                retriable,
+            })
+        };
+        match tag {
+            "ok" => drop(tx.send(RunItem::Result(payload("{\"ok\": true}")))),
+            "flaky" if attempt == 1 => drop(tx.send(agent_error(true))),
+            "flaky" => drop(tx.send(RunItem::Result(payload("{\"attempt\": 2}")))),
+            "fatal" => drop(tx.send(agent_error(false))),
+            "hang" => {
+                tokio::spawn(async move {
+                    if cancelled.wait_for(|c| *c).await.is_ok() {
+                        let _ = tx.send(RunItem::Failed(CallError::Cancelled));
+                    }
+                });
+            }
+            "stubborn" => {
+                // Holds the channel open and never answers.
+                tokio::spawn(async move {
+                    let _keep = tx;
+                    std::future::pending::<()>().await;
+                });
+            }
+            other => return Err(CallError::NoSuchEntrypoint(other.to_string())),
+        }
+        Ok(Box::new(FakeCall {
+            rx,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+            done: false,
+            cancel,
+            index,
+            calls: Arc::clone(&self.calls),
+        }))
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            live_workers: 1,
+            crash_loop: None,
+        }
+    }
+
+    async fn drain(&self, _grace: Duration) {}
+}
+
+fn agent_config() -> AgentConfig {
+    let tags = ["ok", "flaky", "fatal", "hang", "stubborn"];
+    let entrypoints: Vec<serde_json::Value> = tags
+        .iter()
+        .map(|t| serde_json::json!({"file": "agent.py", "module": t, "tag": t}))
+        .collect();
+    let doc = serde_json::json!({
+        "agent_name": "fake", "description": "", "framework": "default", "template": "",
+        "version": "1", "created_at": "2025-01-01",
+        "template_source": {"repo_url": "", "author": "", "path": ""},
+        "agent_architecture": {"entrypoints": entrypoints}, "agent_id": AGENT,
+    });
+    let dir = std::path::Path::new("/nonexistent/fake");
+    AgentConfig::from_value(dir, &dir.join("runagent.config.json"), doc).expect("config")
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    store: Arc<SqliteStore>,
+    engine: Engine,
+    calls: Arc<Mutex<Vec<CallLog>>>,
+}
+
+fn settings(node: &str) -> EngineSettings {
+    let mut s = EngineSettings::new(node.to_string(), &RunsConfig::default());
+    // Leases long enough that no renewal is missed on a busy machine; heartbeats often.
+    s.lease_ttl = Duration::from_secs(5);
+    s.heartbeat_every = Duration::from_millis(100);
+    s.reap_every = Duration::from_millis(200);
+    s.cancel_grace = Duration::from_millis(300);
+    s
+}
+
+async fn harness_on(dir: tempfile::TempDir, node: &str, max_running_runs: usize) -> Harness {
+    let store = Arc::new(
+        SqliteStore::open(&dir.path().join("runs.db"), SqliteOptions::default()).expect("open"),
+    );
+    let fake = FakeExecutor::default();
+    let calls = Arc::clone(&fake.calls);
+    let agents = Arc::new(Agents::new(vec![Arc::new(ServedAgent {
+        config: agent_config(),
+        executor: Arc::new(fake),
+        runtime: Runtime {
+            executable: "/bin/false".into(),
+            version: "0".into(),
+            reason: "a fake".into(),
+        },
+        max_running_runs,
+    })]));
+    let engine = Engine::start(
+        Arc::clone(&store) as Arc<dyn RunStore>,
+        agents,
+        settings(node),
+    )
+    .await
+    .expect("engine");
+    Harness {
+        _dir: dir,
+        store,
+        engine,
+        calls,
+    }
+}
+
+async fn harness(max_running_runs: usize) -> Harness {
+    harness_on(
+        tempfile::tempdir().expect("dir"),
+        "node-a",
+        max_running_runs,
+    )
+    .await
+}
+
+fn new_run(tag: &str) -> NewRun {
+    let now = now_ms();
+    NewRun {
+        id: new_run_id(),
+        agent: AGENT.into(),
+        entrypoint: tag.into(),
+        input: "{}".into(),
+        idempotency_key: None,
+        request_hash: None,
+        priority: 0,
+        run_at: now,
+        timeout_ms: 30_000,
+        max_attempts: 3,
+        backoff: Backoff {
+            base: 1.0,
+            max_s: 0.0,
+            jitter: 0.0,
+        },
+        concurrency_key: None,
+        metadata: "{}".into(),
+        created_at: now,
+    }
+}
+
+impl Harness {
+    async fn submit(&self, run: NewRun) -> Run {
+        self.engine.submit(run).await.ok().expect("submit").0
+    }
+
+    async fn finished(&self, id: &str) -> Run {
+        let run = self
+            .engine
+            .wait(id, Duration::from_secs(20))
+            .await
+            .expect("wait")
+            .expect("run");
+        assert!(run.status.is_terminal(), "not finished in time: {run:?}");
+        run
+    }
+
+    async fn kinds(&self, id: &str) -> Vec<String> {
+        self.store
+            .events_after(id, 0, 1000)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    fn calls_of(&self, tag: &str) -> Vec<CallLog> {
+        self.calls
+            .lock()
+            .iter()
+            .filter(|c| c.tag == tag)
+            .cloned()
+            .collect()
+    }
+
+    /// Waits until the fake saw `what` happen to its calls of `tag`.
+    async fn until(&self, what: impl Fn(&[CallLog]) -> bool) {
+        for _ in 0..400 {
+            if what(&self.calls.lock()) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the fake never saw it: {:?}", self.calls.lock());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn claims_respect_the_agents_cap_and_run_each_run_once() {
+    let h = harness(1).await;
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(h.submit(new_run("ok")).await.id);
+    }
+    for id in &ids {
+        let run = h.finished(id).await;
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+        assert_eq!(run.attempt, 1);
+        assert_eq!(run.result.as_deref(), Some("{\"ok\": true}"));
+    }
+    assert_eq!(h.calls_of("ok").len(), 6, "each run ran exactly once");
+    assert_eq!(h.engine.running(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retriable_failure_is_retried_and_a_fatal_one_is_not() {
+    let h = harness(4).await;
+    let flaky = h.submit(new_run("flaky")).await.id;
+    let fatal = h.submit(new_run("fatal")).await.id;
+    let run = h.finished(&flaky).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.attempt, 2);
+    let attempts: Vec<u32> = h.calls_of("flaky").iter().map(|c| c.attempt).collect();
+    assert_eq!(
+        attempts,
+        [1, 2],
+        "the retry is the second attempt, with the context saying so"
+    );
+    let kinds = h.kinds(&flaky).await;
+    assert_eq!(
+        kinds,
+        [
+            "run.queued",
+            "run.started",
+            "run.retrying",
+            "run.started",
+            "run.succeeded"
+        ]
+    );
+    let run = h.finished(&fatal).await;
+    assert_eq!(run.status, RunStatus::Failed, "{run:?}");
+    assert_eq!(run.attempt, 1, "a non-retriable error is not retried");
+    assert!(run.error.unwrap_or_default().contains("scripted failure"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_past_its_deadline_times_out() {
+    let h = harness(4).await;
+    let mut run = new_run("stubborn");
+    run.timeout_ms = 300;
+    let id = h.submit(run).await.id;
+    let run = h.finished(&id).await;
+    assert_eq!(run.status, RunStatus::TimedOut, "{run:?}");
+    assert_eq!(run.attempt, 1, "a deadline is final");
+    assert!(h.calls_of("stubborn")[0].killed.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_asks_the_call_to_stop_and_kills_it_past_the_grace() {
+    let h = harness(4).await;
+    let polite = h.submit(new_run("hang")).await.id;
+    let stubborn = h.submit(new_run("stubborn")).await.id;
+    h.until(|c| c.len() == 2).await;
+    h.engine.cancel(&polite).await.expect("cancel");
+    h.engine.cancel(&stubborn).await.expect("cancel");
+    for id in [&polite, &stubborn] {
+        let run = h.finished(id).await;
+        assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");
+        assert!(run.cancel_requested);
+    }
+    let polite_call = &h.calls_of("hang")[0];
+    assert!(
+        polite_call.cancelled && polite_call.killed.is_none(),
+        "{polite_call:?}"
+    );
+    let stubborn_call = &h.calls_of("stubborn")[0];
+    assert!(
+        stubborn_call.cancelled && stubborn_call.killed.is_some(),
+        "{stubborn_call:?}"
+    );
+    // A queued run is cancelled at once, without ever running.
+    let mut later = new_run("ok");
+    later.run_at = now_ms() + 60_000;
+    let queued = h.submit(later).await.id;
+    h.engine.cancel(&queued).await.expect("cancel");
+    assert_eq!(h.finished(&queued).await.status, RunStatus::Cancelled);
+    assert_eq!(h.calls_of("ok").len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_lease_stops_the_attempt_without_writing_anything() {
+    // One slot: while the first attempt still holds it, this node cannot claim the run again.
+    let h = harness(1).await;
+    let id = h.submit(new_run("stubborn")).await.id;
+    h.until(|c| c.len() == 1).await;
+    // Another node, its clock an hour ahead, finds the lease expired, requeues the run and
+    // claims its next attempt. To this node the run is not due yet (its clock is behind), so
+    // only node-b can take it.
+    let ahead = now_ms() + 3_600_000;
+    let recovered = h.store.recover_leases(ahead, None).await.expect("recover");
+    assert_eq!(recovered.len(), 1);
+    let now = ahead;
+    let claimed = h
+        .store
+        .claim_runs(ClaimRequest {
+            node: "node-b".into(),
+            owner: "node-b/1".into(),
+            now,
+            lease_until: now + 60_000,
+            per_agent: vec![(AGENT.into(), 1)],
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.runs.len(), 1);
+    assert_eq!(claimed.runs[0].run.attempt, 2);
+    // This node's next heartbeat finds the lease gone and stops its attempt.
+    h.until(|c| c[0].killed.is_some()).await;
+    let before = h.kinds(&id).await;
+    h.store
+        .finish_run(
+            LeaseRef {
+                run_id: id.clone(),
+                owner: "node-b/1".into(),
+                attempt: 2,
+            },
+            Outcome::Succeeded {
+                result: "{\"by\": \"node-b\"}".into(),
+            },
+        )
+        .await
+        .expect("node-b finishes the run");
+    let run = h.store.get_run(&id).await.expect("read").expect("run");
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.result.as_deref(), Some("{\"by\": \"node-b\"}"));
+    assert!(!run.cancel_requested);
+    assert_eq!(
+        before,
+        ["run.queued", "run.started", "run.retrying", "run.started"],
+        "the stale attempt wrote nothing"
+    );
+    assert_eq!(
+        h.calls_of("stubborn").len(),
+        1,
+        "this node did not run it again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_node_requeues_and_runs_its_previous_lifes_runs_without_using_an_attempt() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("runs.db");
+    // The previous life of node-a claimed two runs and died.
+    let mut ids = Vec::new();
+    {
+        let store = SqliteStore::open(&path, SqliteOptions::default()).expect("open");
+        for _ in 0..2 {
+            let run = new_run("ok");
+            ids.push(run.id.clone());
+            store.create_run(run, None).await.expect("create");
+        }
+        let now = now_ms();
+        let claimed = store
+            .claim_runs(ClaimRequest {
+                node: "node-a".into(),
+                owner: "node-a/previous".into(),
+                now,
+                lease_until: now + 3_600_000,
+                per_agent: vec![(AGENT.into(), 10)],
+            })
+            .await
+            .expect("claim");
+        assert_eq!(claimed.runs.len(), 2);
+        store.close();
+    }
+    let h = harness_on(dir, "node-a", 4).await;
+    let mut seen = HashMap::new();
+    for id in &ids {
+        let run = h.finished(id).await;
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+        // The lost attempt does not count: two attempts of three remain.
+        assert_eq!((run.attempt, run.lease_losses), (2, 1), "{run:?}");
+        assert_eq!(run.attempt - run.lease_losses, 1);
+        seen.insert(id.clone(), run);
+    }
+    assert_eq!(h.calls_of("ok").len(), 2, "each ran once in this life");
+}
