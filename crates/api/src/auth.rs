@@ -1,5 +1,6 @@
-//! Authentication and authorisation: every request but `/healthz` and `/readyz` needs an API
-//! key with the route's scope once any key exists (or `--auth required`).
+//! Authentication: the key ring, and who a request's caller is. Once any key exists (or with
+//! `--auth required`) every route but the open ones needs a key with the scope its entry in the
+//! route table (`routes.rs`) names.
 //!
 //! Keys travel as `Authorization: Bearer <key>`, or as `?token=<key>` on WebSocket upgrades
 //! (browsers cannot set headers there; RunAgent's SDKs send both). Checking a key touches no
@@ -16,14 +17,14 @@ use std::time::Duration;
 use agentry_core::keys::{self, ApiKey, Scope};
 use agentry_core::runs::now_ms;
 use agentry_core::{ErrorCode, KeyStore, StoreError};
-use axum::extract::{Request, State};
-use axum::http::{HeaderValue, Method, header};
-use axum::middleware::Next;
+use axum::extract::Request;
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use parking_lot::RwLock;
 
+use crate::Agent;
 use crate::error::ApiError;
-use crate::{Agent, AppState};
+use crate::routes::QueryToken;
 
 /// A key known to the server, with its last use.
 pub struct KeyEntry {
@@ -184,7 +185,7 @@ impl Auth {
     }
 
     /// The key behind a presented token, if it is a valid one.
-    fn check(&self, token: &str) -> Option<Arc<KeyEntry>> {
+    pub(crate) fn check(&self, token: &str) -> Option<Arc<KeyEntry>> {
         let id = keys::key_id(token)?;
         let entry = Arc::clone(self.keys.read().get(id)?);
         let now = now_ms();
@@ -196,51 +197,8 @@ impl Auth {
     }
 }
 
-/// What a route needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Access {
-    Public,
-    /// Any valid key (listing agents, unknown routes).
-    AnyKey,
-    Scope(Scope),
-}
-
-fn access_for(method: &Method, path: &str) -> Access {
-    // Swagger UI's files are the same for everyone and carry no data; the description they
-    // load, `/openapi.json`, needs a key like everything else.
-    if path == "/healthz" || path == "/readyz" || path == "/docs" || path.starts_with("/docs/") {
-        return Access::Public;
-    }
-    if path.starts_with("/v1/keys") {
-        return Access::Scope(Scope::Admin);
-    }
-    if path.starts_with("/v1/runs") {
-        return if method == Method::GET {
-            Access::Scope(Scope::RunsRead)
-        } else {
-            Access::Scope(Scope::RunsWrite)
-        };
-    }
-    if path.starts_with("/v1/agents/")
-        && (path.ends_with("/invoke") || path.ends_with("/stream") || path.ends_with("/ws"))
-    {
-        return Access::Scope(Scope::Invoke);
-    }
-    if path.starts_with("/api/v1") {
-        return Access::Scope(Scope::Invoke);
-    }
-    Access::AnyKey
-}
-
-/// The agent a path names (`/v1/agents/{agent}/…`, `/api/v1/agents/{agent_id}/…`).
-pub(crate) fn path_agent(path: &str) -> Option<&str> {
-    let rest = path
-        .strip_prefix("/v1/agents/")
-        .or_else(|| path.strip_prefix("/api/v1/agents/"))?;
-    rest.split('/').next().filter(|s| !s.is_empty())
-}
-
-fn presented_token(req: &Request) -> Option<&str> {
+/// The key a request presents: `Authorization: Bearer`, or `?token=` where the route takes one.
+pub(crate) fn presented_token(req: &Request, query: QueryToken) -> Option<&str> {
     if let Some(v) = req.headers().get(header::AUTHORIZATION)
         && let Ok(v) = v.to_str()
         && let Some(token) = v
@@ -250,12 +208,19 @@ fn presented_token(req: &Request) -> Option<&str> {
         return Some(token.trim());
     }
     // Browsers cannot set headers on a WebSocket handshake, nor on the spec Swagger UI loads
-    // (typed into Swagger UI's top bar as `/openapi.json?token=...`); there, and only there, a query token is taken.
-    let is_upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    if is_upgrade || req.uri().path() == "/openapi.json" {
+    // (typed into Swagger UI's top bar as `/openapi.json?token=...`); there, and only there, a
+    // query token is taken.
+    let is_upgrade = || {
+        req.headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+    };
+    let taken = match query {
+        QueryToken::No => false,
+        QueryToken::OnUpgrade => is_upgrade(),
+        QueryToken::Always => true,
+    };
+    if taken {
         return req
             .uri()
             .query()
@@ -265,8 +230,8 @@ fn presented_token(req: &Request) -> Option<&str> {
 }
 
 /// A refusal, shaped for the route: RunAgent's routes answer as FastAPI does (`{"detail"}`).
-fn refuse(path: &str, code: ErrorCode, message: &str) -> Response {
-    let mut resp = if path.starts_with("/api/") {
+pub(crate) fn refuse(runagent: bool, code: ErrorCode, message: &str) -> Response {
+    let mut resp = if runagent {
         (
             crate::error::status_of(code),
             axum::Json(serde_json::json!({"detail": message})),
@@ -280,101 +245,4 @@ fn refuse(path: &str, code: ErrorCode, message: &str) -> Response {
             .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     resp
-}
-
-/// The middleware in front of every route. With authentication off it only classifies the
-/// path (no allocation); with it on, one map lookup and one SHA-256 per request.
-pub async fn require_key(
-    State(state): State<Arc<AppState>>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let access = access_for(req.method(), req.uri().path());
-    if access == Access::Public {
-        return next.run(req).await;
-    }
-    if !state.auth.enabled() {
-        req.extensions_mut().insert(Principal(None));
-        return next.run(req).await;
-    }
-    let path = req.uri().path();
-    let Some(token) = presented_token(&req) else {
-        return refuse(
-            path,
-            ErrorCode::AuthenticationError,
-            "an API key is required: send `Authorization: Bearer <key>`",
-        );
-    };
-    let Some(entry) = state.auth.check(token) else {
-        return refuse(
-            path,
-            ErrorCode::AuthenticationError,
-            "the API key is not valid (unknown, revoked or expired)",
-        );
-    };
-    if let Access::Scope(scope) = access
-        && !entry.key.grants(scope)
-    {
-        return refuse(
-            path,
-            ErrorCode::PermissionError,
-            &format!(
-                "the API key {} lacks the `{}` scope",
-                entry.key.id,
-                scope.as_str()
-            ),
-        );
-    }
-    let principal = Principal(Some(entry));
-    if let Some(agent) = path_agent(path).and_then(|a| state.agent(a))
-        && !principal.allows(agent)
-    {
-        return refuse(
-            path,
-            ErrorCode::PermissionError,
-            "the API key is limited to other agents",
-        );
-    }
-    req.extensions_mut().insert(principal);
-    next.run(req).await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn routes_map_to_scopes() {
-        let get = Method::GET;
-        let post = Method::POST;
-        assert_eq!(access_for(&get, "/healthz"), Access::Public);
-        assert_eq!(access_for(&get, "/docs/"), Access::Public);
-        assert_eq!(access_for(&get, "/docs/swagger-ui.css"), Access::Public);
-        assert_eq!(access_for(&get, "/openapi.json"), Access::AnyKey);
-        assert_eq!(access_for(&get, "/docsx"), Access::AnyKey);
-        assert_eq!(access_for(&get, "/v1/agents"), Access::AnyKey);
-        assert_eq!(
-            access_for(&post, "/v1/agents/a/entrypoints/t/invoke"),
-            Access::Scope(Scope::Invoke)
-        );
-        assert_eq!(
-            access_for(&get, "/v1/agents/a/entrypoints/t/ws"),
-            Access::Scope(Scope::Invoke)
-        );
-        assert_eq!(
-            access_for(&post, "/api/v1/agents/x/run"),
-            Access::Scope(Scope::Invoke)
-        );
-        assert_eq!(
-            access_for(&get, "/v1/runs/r/events"),
-            Access::Scope(Scope::RunsRead)
-        );
-        assert_eq!(
-            access_for(&post, "/v1/runs/r/cancel"),
-            Access::Scope(Scope::RunsWrite)
-        );
-        assert_eq!(access_for(&get, "/v1/keys"), Access::Scope(Scope::Admin));
-        assert_eq!(path_agent("/api/v1/agents/abc/run"), Some("abc"));
-        assert_eq!(path_agent("/v1/agents"), None);
-    }
 }

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agentry_core::executor::{CallError, ChunkStream, Payload};
-use agentry_store::Invocation;
+use agentry_core::{Invocation, InvocationHistory};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,6 +24,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::pyjson::{push_json_str, python_json_error, structured};
+use crate::request_id::RequestId;
 use crate::{Agent, AppState};
 
 type S = Arc<AppState>;
@@ -42,10 +43,12 @@ pub fn agent_routes(state: &AppState, agent: &Arc<Agent>) -> Router<S> {
     .to_string()
     .into();
     let run = post(
-        move |State(s): State<S>, body: Result<Bytes, BytesRejection>| {
+        move |State(s): State<S>,
+              Extension(id): Extension<RequestId>,
+              body: Result<Bytes, BytesRejection>| {
             let a = Arc::clone(&a);
             let client_info = Arc::clone(&client_info);
-            async move { run(s, a, client_info, body).await }
+            async move { run(s, a, client_info, id, body).await }
         },
     )
     .fallback(|| async { method_not_allowed("POST") });
@@ -59,20 +62,26 @@ pub fn agent_routes(state: &AppState, agent: &Arc<Agent>) -> Router<S> {
         }
     });
     let a = Arc::clone(agent);
-    let architecture = get(move || {
+    let architecture = get(move |Extension(id): Extension<RequestId>| {
         let a = Arc::clone(&a);
-        async move { architecture(&a) }
+        async move { architecture(&a, id) }
     });
     let a = Arc::clone(agent);
-    let invocations = get(move |State(s): State<S>, q: Query<Vec<(String, String)>>| {
-        let a = Arc::clone(&a);
-        async move { invocations(s, a, q.0).await }
-    });
+    let invocations = get(
+        move |State(s): State<S>,
+              Extension(id): Extension<RequestId>,
+              q: Query<Vec<(String, String)>>| {
+            let a = Arc::clone(&a);
+            async move { invocations(s, a, q.0, id).await }
+        },
+    );
     let a = Arc::clone(agent);
-    let stats = get(move |State(s): State<S>| {
-        let a = Arc::clone(&a);
-        async move { invocation_stats(s, a).await }
-    });
+    let stats = get(
+        move |State(s): State<S>, Extension(id): Extension<RequestId>| {
+            let a = Arc::clone(&a);
+            async move { invocation_stats(s, a, id).await }
+        },
+    );
     Router::new()
         .route(&format!("/api/v1/agents/{id}/run"), run)
         .route(&format!("/api/v1/agents/{id}/run-stream"), stream)
@@ -92,6 +101,8 @@ pub fn routes() -> Router<S> {
             "/api/v1/agents/{agent_id}/run-stream",
             get(|| async { StatusCode::FORBIDDEN }),
         )
+        // Anything else under RunAgent's prefix: its 404, behind the same gate as its routes.
+        .route("/api/v1/{*rest}", axum::routing::any(not_found))
 }
 
 /// Starlette's 404.
@@ -123,28 +134,25 @@ fn json_response(status: StatusCode, body: String) -> Response {
 }
 
 /// `AgentRunResponseMinimal` with `success: false`.
-fn error_envelope(status: StatusCode, code: &str, message: &str) -> Response {
+fn error_envelope(status: StatusCode, code: &str, message: &str, id: RequestId) -> Response {
     let mut body = String::with_capacity(message.len() + 200);
     body.push_str("{\"success\":false,\"data\":null,\"message\":null,\"error\":{\"code\":");
     push_json_str(&mut body, code);
     body.push_str(",\"message\":");
     push_json_str(&mut body, message);
     body.push_str(",\"details\":null,\"field\":null},");
-    push_stamp(&mut body);
+    push_stamp(&mut body, id);
     json_response(status, body)
 }
 
-/// `"timestamp": …, "request_id": …}` closing every RunAgent envelope.
-fn push_stamp(body: &mut String) {
+/// `"timestamp": …, "request_id": …}` closing every RunAgent envelope: the request's id, as
+/// in its `x-request-id` header.
+fn push_stamp(body: &mut String, id: RequestId) {
     body.push_str("\"timestamp\":\"");
     body.push_str(&agentry_core::time::python_now_isoformat());
-    body.push_str("\",\"request_id\":\"");
-    body.push_str(
-        uuid::Uuid::new_v4()
-            .hyphenated()
-            .encode_lower(&mut uuid::Uuid::encode_buffer()),
-    );
-    body.push_str("\"}");
+    body.push_str("\",\"request_id\":");
+    push_json_str(body, id.as_str());
+    body.push('}');
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -292,6 +300,7 @@ async fn run(
     state: S,
     agent: Arc<Agent>,
     client_info: Arc<str>,
+    id: RequestId,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let body = match body {
@@ -307,6 +316,7 @@ async fn run(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
             &format!("Entrypoint {} not found", req.tag),
+            id,
         );
     };
     if entrypoint.is_streaming() {
@@ -317,6 +327,7 @@ async fn run(
                 "Can't use Streaming Entrypoint `{}` through non-streaming endpoint.",
                 req.tag
             ),
+            id,
         );
     }
     let timeout = state
@@ -338,7 +349,7 @@ async fn run(
             body.push_str(
                 ",\"message\":\"Agent execution completed successfully\",\"error\":null,",
             );
-            push_stamp(&mut body);
+            push_stamp(&mut body, id);
             json_response(StatusCode::OK, body)
         }
         Err(e) => {
@@ -348,7 +359,7 @@ async fn run(
                 agent.config.agent_id,
                 e.runagent_text()
             );
-            error_envelope(StatusCode::OK, code, &message)
+            error_envelope(StatusCode::OK, code, &message, id)
         }
     };
     if let Some(log) = &state.history {
@@ -660,31 +671,34 @@ async fn info(State(state): State<S>) -> Response {
     json_response(StatusCode::OK, body.to_string())
 }
 
-fn architecture(agent: &Agent) -> Response {
+fn architecture(agent: &Agent, id: RequestId) -> Response {
     let entrypoints = agent.config.info_json()["agent_architecture"]["entrypoints"].clone();
     let data = json!({"agent_id": agent.config.agent_id, "entrypoints": entrypoints});
     let mut body = String::from("{\"success\":true,\"data\":");
     body.push_str(&data.to_string());
     body.push_str(",\"message\":\"Agent architecture retrieved successfully\",\"error\":null,");
-    push_stamp(&mut body);
+    push_stamp(&mut body, id);
     json_response(StatusCode::OK, body)
 }
 
-async fn history_db(state: &S) -> Result<&agentry_store::RunAgentDb, Response> {
-    let Some(db) = &state.runagent_db else {
+async fn history_db(state: &S, id: RequestId) -> Result<&dyn InvocationHistory, Response> {
+    let Some(db) = state.history.as_deref() else {
         return Err(error_envelope(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
             "Invocation history is not kept by this server (started with --no-runagent-db)",
+            id,
         ));
     };
-    if let Some(log) = &state.history {
-        let _ = log.flush().await;
-    }
     Ok(db)
 }
 
-async fn invocations(state: S, agent: Arc<Agent>, query: Vec<(String, String)>) -> Response {
+async fn invocations(
+    state: S,
+    agent: Arc<Agent>,
+    query: Vec<(String, String)>,
+    id: RequestId,
+) -> Response {
     let mut limit: i64 = 50;
     let mut status: Option<String> = None;
     for (k, v) in query {
@@ -702,12 +716,12 @@ async fn invocations(state: S, agent: Arc<Agent>, query: Vec<(String, String)>) 
             _ => {}
         }
     }
-    let db = match history_db(&state).await {
+    let db = match history_db(&state, id).await {
         Ok(db) => db,
         Err(r) => return r,
     };
     match db
-        .list_invocations(&agent.config.agent_id, status.as_deref(), limit)
+        .list(&agent.config.agent_id, status.as_deref(), limit)
         .await
     {
         Ok(list) => {
@@ -722,16 +736,17 @@ async fn invocations(state: S, agent: Arc<Agent>, query: Vec<(String, String)>) 
             StatusCode::INTERNAL_SERVER_ERROR,
             "INTERNAL_ERROR",
             &format!("Failed to get invocations: {e}"),
+            id,
         ),
     }
 }
 
-async fn invocation_stats(state: S, agent: Arc<Agent>) -> Response {
-    let db = match history_db(&state).await {
+async fn invocation_stats(state: S, agent: Arc<Agent>, id: RequestId) -> Response {
+    let db = match history_db(&state, id).await {
         Ok(db) => db,
         Err(r) => return r,
     };
-    match db.invocation_stats(&agent.config.agent_id).await {
+    match db.stats(&agent.config.agent_id).await {
         Ok(stats) => json_response(
             StatusCode::OK,
             json!({"agent_id": agent.config.agent_id, "stats": stats}).to_string(),
@@ -740,26 +755,33 @@ async fn invocation_stats(state: S, agent: Arc<Agent>) -> Response {
             StatusCode::INTERNAL_SERVER_ERROR,
             "INTERNAL_ERROR",
             &format!("Failed to get invocation stats: {e}"),
+            id,
         ),
     }
 }
 
-async fn invocation(State(state): State<S>, Path(invocation_id): Path<String>) -> Response {
-    let db = match history_db(&state).await {
+async fn invocation(
+    State(state): State<S>,
+    Extension(id): Extension<RequestId>,
+    Path(invocation_id): Path<String>,
+) -> Response {
+    let db = match history_db(&state, id).await {
         Ok(db) => db,
         Err(r) => return r,
     };
-    match db.invocation(&invocation_id).await {
+    match db.get(&invocation_id).await {
         Ok(Some(inv)) => json_response(StatusCode::OK, inv.to_string()),
         Ok(None) => error_envelope(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
             &format!("Invocation {invocation_id} not found"),
+            id,
         ),
         Err(e) => error_envelope(
             StatusCode::INTERNAL_SERVER_ERROR,
             "INTERNAL_ERROR",
             &format!("Failed to get invocation: {e}"),
+            id,
         ),
     }
 }

@@ -8,8 +8,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-/// An error answered by a native route.
-#[derive(Debug)]
+/// An error answered by a native route. As a response it is rendered by the request-id
+/// middleware (`request_id.rs`), which knows the request's id.
+#[derive(Debug, Clone)]
 pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
@@ -69,13 +70,14 @@ impl ApiError {
         }
     }
 
-    /// The envelope as a JSON value (also sent inside SSE and WebSocket error events).
-    pub fn body(&self) -> Value {
+    /// The envelope as a JSON value (also sent inside SSE and WebSocket error events), with
+    /// the id of the request it answers.
+    pub fn body(&self, request_id: &str) -> Value {
         json!({"error": {
             "code": self.code.as_str(),
             "message": self.message,
             "details": self.details,
-            "request_id": uuid::Uuid::new_v4().to_string(),
+            "request_id": request_id,
         }})
     }
 }
@@ -93,6 +95,61 @@ pub fn schema_violations(tag: &str, violations: &[SchemaViolation]) -> ApiError 
         format!("the input does not match entrypoint `{tag}`: {first}"),
     )
     .with_details(json!({"errors": errors}))
+}
+
+/// A call's arguments that do not fit the entrypoint: 422.
+pub fn arguments_rejected(tag: &str, err: agentry_core::agent::ArgumentsError) -> ApiError {
+    use agentry_core::agent::ArgumentsError;
+    match err {
+        ArgumentsError::NotAnObject => invalid(
+            "input",
+            "object",
+            "`input` must be an object of keyword arguments",
+        ),
+        ArgumentsError::NotAList => invalid(
+            "args",
+            "array",
+            "`args` must be a list of positional arguments",
+        ),
+        ArgumentsError::Schema(violations) => schema_violations(tag, &violations),
+    }
+}
+
+/// A run refused before anything was stored.
+pub fn run_rejected(rejection: agentry_core::runs::RunRejection) -> ApiError {
+    use agentry_core::runs::RunRejection;
+    match rejection {
+        RunRejection::AgentNotFound(key) => agent_not_found(&key),
+        RunRejection::EntrypointNotFound { agent, tag } => entrypoint_not_found(&agent, &tag),
+        RunRejection::InputTooLarge { size, limit } => ApiError::new(
+            ErrorCode::PayloadTooLarge,
+            format!(
+                "the run's input is {size} bytes, more than the limit of {limit} (--max-run-input-bytes)"
+            ),
+        ),
+        RunRejection::Invalid {
+            field,
+            expected,
+            message,
+        } => invalid(field, expected, message),
+        RunRejection::Arguments { tag, error } => arguments_rejected(&tag, error),
+    }
+}
+
+/// No agent with that id or name.
+pub fn agent_not_found(key: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::AgentNotFound,
+        format!("no agent with id or name `{key}` is served here"),
+    )
+}
+
+/// The agent has no entrypoint with that tag.
+pub fn entrypoint_not_found(agent_name: &str, tag: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::EntrypointNotFound,
+        format!("agent `{agent_name}` has no entrypoint `{tag}`"),
+    )
 }
 
 /// A `validation_error` naming one field and what it should have been.
@@ -153,7 +210,10 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
 }
 
 impl IntoResponse for ApiError {
+    /// The status now; the body once the request-id middleware adds the request's id.
     fn into_response(self) -> Response {
-        (status_of(self.code), axum::Json(self.body())).into_response()
+        let mut resp = status_of(self.code).into_response();
+        resp.extensions_mut().insert(self);
+        resp
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use agentry_core::ErrorCode;
-use agentry_core::keys::{self, ApiKey, Scope};
+use agentry_core::keys::{ApiKey, KeyRequest};
 use agentry_core::runs::now_ms;
 use axum::Json;
 use axum::body::Bytes;
@@ -14,8 +14,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::auth::{Caller, principal};
@@ -25,12 +23,6 @@ use crate::openapi::{ErrorEnvelope, ScopeView};
 use crate::rfc3339;
 
 type S = Arc<AppState>;
-
-pub fn routes() -> OpenApiRouter<S> {
-    OpenApiRouter::new()
-        .routes(routes!(create_key, list_keys))
-        .routes(routes!(revoke_key))
-}
 
 /// A key as the API shows it: never the key itself, nor its hash.
 #[derive(Serialize, ToSchema)]
@@ -79,29 +71,6 @@ pub struct KeyList {
     pub keys: Vec<KeyView>,
 }
 
-/// Builds a new key; the token is returned once and only its hash is kept.
-pub fn new_key(
-    name: Option<String>,
-    scopes: Vec<Scope>,
-    agents: Option<Vec<String>>,
-    expires_in_s: Option<u64>,
-) -> (ApiKey, String) {
-    let (id, token) = keys::generate_key();
-    let now = now_ms();
-    let key = ApiKey {
-        id,
-        name,
-        hash: keys::hash_token(&token),
-        scopes,
-        agents,
-        created_at: now,
-        expires_at: expires_in_s.map(|s| now.saturating_add((s as i64).saturating_mul(1000))),
-        revoked_at: None,
-        last_used_at: None,
-    };
-    (key, token)
-}
-
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 #[schema(as = KeyRequest)]
@@ -130,49 +99,21 @@ struct CreateBody {
         (status = 422, description = "`validation_error`", body = ErrorEnvelope),
         (status = 503, description = "`unavailable`", body = ErrorEnvelope),
     ))]
-async fn create_key(
+pub(crate) async fn create_key(
     State(state): State<S>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body, state.config.http.max_body_bytes)?;
     let b: CreateBody = crate::de::object_body(&body)?;
-    let mut scopes = Vec::new();
-    for s in &b.scopes {
-        let scope = Scope::parse(s).ok_or_else(|| {
-            invalid(
-                "scopes",
-                "invoke, runs:read, runs:write, schedules or admin",
-                format!("unknown scope `{s}`"),
-            )
-        })?;
-        if !scopes.contains(&scope) {
-            scopes.push(scope);
-        }
-    }
-    if scopes.is_empty() {
-        return Err(invalid(
-            "scopes",
-            "at least one scope",
-            "a key needs at least one scope",
-        ));
-    }
-    if b.expires_in_s == Some(0) {
-        return Err(invalid(
-            "expires_in_s",
-            "positive seconds",
-            "`expires_in_s` must be positive",
-        ));
-    }
-    if let Some(agents) = &b.agents
-        && agents.is_empty()
-    {
-        return Err(invalid(
-            "agents",
-            "at least one agent, or absent",
-            "`agents` is empty",
-        ));
-    }
-    let (key, token) = new_key(b.name, scopes, b.agents, b.expires_in_s);
+    let request = KeyRequest {
+        name: b.name,
+        scopes: b.scopes,
+        agents: b.agents,
+        expires_in_s: b.expires_in_s,
+    };
+    let (key, token) = request
+        .create(now_ms())
+        .map_err(|r| invalid(r.field, r.expected, r.message))?;
     state
         .auth
         .store()
@@ -190,7 +131,7 @@ async fn create_key(
 /// Every key: ids, scopes and times, never the keys.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys",
     responses((status = 200, description = "The keys", body = KeyList)))]
-async fn list_keys(State(state): State<S>) -> Result<Response, ApiError> {
+pub(crate) async fn list_keys(State(state): State<S>) -> Result<Response, ApiError> {
     let keys = state
         .auth
         .store()
@@ -213,7 +154,7 @@ async fn list_keys(State(state): State<S>) -> Result<Response, ApiError> {
         (status = 403, description = "`permission_error`: a key cannot revoke itself", body = ErrorEnvelope),
         (status = 404, description = "`key_not_found`", body = ErrorEnvelope),
     ))]
-async fn revoke_key(
+pub(crate) async fn revoke_key(
     State(state): State<S>,
     caller: Caller,
     Path(id): Path<String>,

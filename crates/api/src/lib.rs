@@ -12,6 +12,8 @@ pub mod limits;
 pub mod native;
 pub mod openapi;
 pub mod pyjson;
+pub mod request_id;
+pub mod routes;
 pub mod runs;
 pub mod server;
 
@@ -22,7 +24,6 @@ use std::time::Instant;
 
 use agentry_core::Config;
 use agentry_engine::{Agents, ServedAgent};
-use agentry_store::{InvocationLog, RunAgentDb};
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
@@ -36,9 +37,8 @@ pub struct AppState {
     pub agents: Arc<Agents>,
     pub config: Arc<Config>,
     pub started: Instant,
-    /// RunAgent's database, when kept (discovery and invocation history).
-    pub runagent_db: Option<RunAgentDb>,
-    pub history: Option<InvocationLog>,
+    /// RunAgent's invocation history, when kept.
+    pub history: Option<Arc<dyn agentry_core::InvocationHistory>>,
     /// The address actually bound (RunAgent's info route reports it).
     pub bound: SocketAddr,
     /// Set when shutdown starts: readiness fails so load balancers drain us.
@@ -113,27 +113,11 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
 /// The whole HTTP surface.
 pub fn router(state: Arc<AppState>) -> Router {
     let body_limit = state.config.http.max_body_bytes;
-    let (native, spec) = openapi::native_routes().split_for_parts();
-    let _ = state.openapi.set(openapi::refined(spec));
-    let mut router = Router::new();
-    for agent in state.agents.iter() {
-        router = router.merge(compat::agent_routes(&state, agent));
-    }
+    let (router, spec, policies) = routes::build(&state);
+    let _ = state.openapi.set(openapi::refined(spec, &policies));
     router
-        .merge(compat::routes())
-        .merge(native)
-        .merge(openapi::swagger_ui())
-        .fallback(compat::not_found)
-        // Inner: rate limits need the caller that authentication found.
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
-            limits::rate_limit,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            Arc::clone(&state),
-            auth::require_key,
-        ))
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(request_id::middleware))
         // Outermost: a browser's preflight is answered before authentication.
         .layer(tower::util::option_layer(cors(
             &state.config.http.cors_origins,
@@ -142,14 +126,14 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Alive: answers as long as the process serves HTTP.
-#[utoipa::path(get, path = "/healthz", tag = "operations", security(()),
+#[utoipa::path(get, path = "/healthz", tag = "operations",
     responses((status = 200, description = "Alive", body = openapi::Health)))]
 pub(crate) async fn healthz() -> impl IntoResponse {
     axum::Json(serde_json::json!({"status": "ok"}))
 }
 
 /// Ready when every agent has at least one warm worker and the server is not draining.
-#[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
+#[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = openapi::Readiness),
         (status = 503, description = "Not ready, or draining", body = openapi::Readiness),

@@ -11,7 +11,6 @@
 //! (`docs/api.md`, "Rate limits").
 
 use std::hash::{BuildHasher, BuildHasherDefault};
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,14 +18,10 @@ use std::time::{Duration, Instant};
 use agentry_core::ErrorCode;
 use agentry_core::settings::RateSpec;
 use agentry_core::{SharedBuckets, StoreError};
-use axum::extract::{ConnectInfo, Request, State};
 use axum::http::HeaderValue;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use dashmap::DashMap;
 
-use crate::AppState;
-use crate::auth::Principal;
 use crate::error::ApiError;
 
 /// The classes of routes that have their own buckets.
@@ -52,23 +47,6 @@ impl RouteClass {
             "runs" => Some(Self::Runs),
             "other" => Some(Self::Other),
             _ => None,
-        }
-    }
-
-    fn of(path: &str) -> Option<Self> {
-        if path == "/healthz" || path == "/readyz" {
-            None
-        } else if path.starts_with("/v1/runs") {
-            Some(Self::Runs)
-        } else if path.starts_with("/api/v1")
-            || (path.starts_with("/v1/agents/")
-                && (path.ends_with("/invoke")
-                    || path.ends_with("/stream")
-                    || path.ends_with("/ws")))
-        {
-            Some(Self::Invoke)
-        } else {
-            Some(Self::Other)
         }
     }
 }
@@ -377,7 +355,8 @@ fn check(buckets: &[Bucket], class: RouteClass, key: &str, shared: bool) -> Resu
 
 impl Limited {
     /// The 429 answer: `Retry-After` in whole seconds (rounded up) and the bucket's numbers.
-    pub fn into_response(self, path: &str) -> Response {
+    /// `runagent`: shaped as RunAgent's routes answer (`{"detail"}`).
+    pub fn into_response(self, runagent: bool) -> Response {
         let message = format!(
             "rate limit of {} requests/s (burst {}) per {} exceeded; retry in {:.3} s",
             self.spec.per_second,
@@ -385,7 +364,7 @@ impl Limited {
             self.what,
             self.wait.as_secs_f64()
         );
-        let mut resp = if path.starts_with("/api/") {
+        let mut resp = if runagent {
             (
                 axum::http::StatusCode::TOO_MANY_REQUESTS,
                 axum::Json(serde_json::json!({"detail": message})),
@@ -423,36 +402,4 @@ impl Limited {
         }
         resp
     }
-}
-
-/// The middleware (inside authentication, so the caller is known).
-pub async fn rate_limit(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
-    if state.limits.is_empty() {
-        return next.run(req).await;
-    }
-    let path = req.uri().path();
-    let Some(class) = RouteClass::of(path) else {
-        return next.run(req).await;
-    };
-    // The key's id is borrowed from the request; only an IP address is formatted.
-    let principal = req
-        .extensions()
-        .get::<Principal>()
-        .and_then(|p| p.0.as_ref());
-    let caller: std::borrow::Cow<'_, str> = match principal {
-        Some(entry) => std::borrow::Cow::Borrowed(&entry.key.id),
-        None => req
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map_or("unknown".into(), |c| c.0.ip().to_string().into()),
-    };
-    if let Err(limited) = state.limits.check_caller(class, &caller) {
-        return limited.into_response(path);
-    }
-    if let Some(agent) = crate::auth::path_agent(path).and_then(|a| state.agent(a))
-        && let Err(limited) = state.limits.check_agent(class, &agent.config.agent_id)
-    {
-        return limited.into_response(path);
-    }
-    next.run(req).await
 }

@@ -7,49 +7,38 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentry_core::ErrorCode;
+use agentry_core::agent::Arguments;
 use agentry_core::executor::ChunkStream;
-use agentry_core::schema::{self, Parameters};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use utoipa::{IntoParams, IntoResponses, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use crate::auth::{Caller, principal};
-use crate::error::{ApiError, invalid, schema_violations, upgrade_required, ws_read_close_code};
+use crate::error::{ApiError, upgrade_required, ws_read_close_code};
 use crate::openapi::{ErrorEnvelope, InvokeResponse, SseEvent};
+use crate::request_id::RequestId;
 use crate::{Agent, AppState};
 
 type S = Arc<AppState>;
 
-pub fn routes() -> OpenApiRouter<S> {
-    OpenApiRouter::new()
-        .routes(routes!(list_agents))
-        .routes(routes!(get_agent))
-        .routes(routes!(invoke))
-        .routes(routes!(stream))
-        .routes(routes!(ws))
-        .route(
-            "/v1/{*rest}",
-            axum::routing::any(|| async {
-                ApiError::new(
-                    ErrorCode::AgentNotFound,
-                    "no such route in the native API; see GET /v1/agents",
-                )
-                .with_details(json!({"hint": "routes are listed in docs/api.md"}))
-            }),
-        )
+/// Any route under `/v1` that is not one.
+pub(crate) async fn no_such_route() -> ApiError {
+    ApiError::new(
+        ErrorCode::AgentNotFound,
+        "no such route in the native API; see GET /v1/agents",
+    )
+    .with_details(json!({"hint": "routes are listed in docs/api.md"}))
 }
 
 /// An agent as the API shows it.
@@ -146,7 +135,7 @@ fn agent_view(agent: &Agent) -> AgentView<'_> {
 /// The agents served here, with their entrypoints, parameter schemas and docstrings.
 #[utoipa::path(get, path = "/v1/agents", tag = "agents",
     responses((status = 200, description = "The agents served here", body = AgentList)))]
-async fn list_agents(State(state): State<S>) -> Response {
+pub(crate) async fn list_agents(State(state): State<S>) -> Response {
     Json(AgentList {
         agents: state.agents.iter().map(|a| agent_view(a)).collect(),
     })
@@ -154,12 +143,9 @@ async fn list_agents(State(state): State<S>) -> Response {
 }
 
 pub(crate) fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, ApiError> {
-    state.agent(key).ok_or_else(|| {
-        ApiError::new(
-            ErrorCode::AgentNotFound,
-            format!("no agent with id or name `{key}` is served here"),
-        )
-    })
+    state
+        .agent(key)
+        .ok_or_else(|| crate::error::agent_not_found(key))
 }
 
 /// One agent, by id or name.
@@ -169,7 +155,10 @@ pub(crate) fn find_agent<'a>(state: &'a S, key: &str) -> Result<&'a Arc<Agent>, 
         (status = 200, description = "The agent", body = AgentView),
         (status = 404, description = "`agent_not_found`", body = ErrorEnvelope),
     ))]
-async fn get_agent(State(state): State<S>, Path(key): Path<String>) -> Result<Response, ApiError> {
+pub(crate) async fn get_agent(
+    State(state): State<S>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(Json(agent_view(find_agent(&state, &key)?)).into_response())
 }
 
@@ -199,7 +188,7 @@ enum CallRefused {
 /// The path of the invoke, stream and WebSocket routes.
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Path)]
-struct EntrypointPath {
+pub(crate) struct EntrypointPath {
     /// The agent's id or name.
     agent: String,
     /// The entrypoint's tag.
@@ -242,12 +231,9 @@ fn prepare(
 ) -> Result<Call, ApiError> {
     let agent = find_agent(state, key)?;
     let Some(entrypoint) = agent.config.entrypoint(tag) else {
-        return Err(ApiError::new(
-            ErrorCode::EntrypointNotFound,
-            format!(
-                "agent `{}` has no entrypoint `{tag}`",
-                agent.config.agent_name
-            ),
+        return Err(crate::error::entrypoint_not_found(
+            &agent.config.agent_name,
+            tag,
         ));
     };
     match want_stream {
@@ -286,7 +272,9 @@ fn prepare(
         Some(raw) if raw.get() == "null" => "[]",
         Some(raw) => raw.get(),
     };
-    let Arguments { args, kwargs } = conform_arguments(agent, tag, args, kwargs)?;
+    let Arguments { args, kwargs } = agent
+        .conform(tag, args, kwargs)
+        .map_err(|e| crate::error::arguments_rejected(tag, e))?;
     if let Some(t) = parsed.timeout_s
         && !(t.is_finite() && t > 0.0)
     {
@@ -305,60 +293,6 @@ fn prepare(
             .config
             .workers
             .call_timeout(parsed.timeout_s, entrypoint.timeout_s),
-    })
-}
-
-/// A call's arguments as JSON text, ready for the worker.
-pub(crate) struct Arguments {
-    pub args: String,
-    pub kwargs: String,
-}
-
-/// Checks a call's arguments against the entrypoint's parameters (a 422 naming each failing
-/// field) and applies the safe coercions of `agentry_core::schema`. The text goes to the worker
-/// as it came unless something was coerced.
-pub(crate) fn conform_arguments(
-    agent: &Agent,
-    tag: &str,
-    args: &str,
-    kwargs: &str,
-) -> Result<Arguments, ApiError> {
-    let mut kwargs_map: Map<String, Value> = serde_json::from_str(kwargs).map_err(|_| {
-        invalid(
-            "input",
-            "object",
-            "`input` must be an object of keyword arguments",
-        )
-    })?;
-    let mut args_list: Vec<Value> = serde_json::from_str(args).map_err(|_| {
-        invalid(
-            "args",
-            "array",
-            "`args` must be a list of positional arguments",
-        )
-    })?;
-    let coerced = match agent.executor.entrypoint(tag) {
-        // Workers that never reported (the import failed) leave the call to fail in Python.
-        None => false,
-        Some(report) => {
-            let params = Parameters {
-                schema: &report.schema,
-                order: &report.positional_only,
-                var_args: report.var_args,
-            };
-            schema::conform_call(&mut args_list, &mut kwargs_map, params)
-                .map_err(|violations| schema_violations(tag, &violations))?
-        }
-    };
-    if !coerced {
-        return Ok(Arguments {
-            args: args.to_string(),
-            kwargs: kwargs.to_string(),
-        });
-    }
-    Ok(Arguments {
-        args: Value::Array(args_list).to_string(),
-        kwargs: Value::Object(kwargs_map).to_string(),
     })
 }
 
@@ -388,7 +322,7 @@ pub(crate) fn body_or_error(
         (status = 500, description = "`agent_error`: the Python code raised", body = ErrorEnvelope),
         (status = 502, description = "`agent_crashed`", body = ErrorEnvelope),
     ))]
-async fn invoke(
+pub(crate) async fn invoke(
     State(state): State<S>,
     caller: Caller,
     Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
@@ -430,9 +364,10 @@ async fn invoke(
         (status = 200, description = "`chunk` events, then one `done` or `error` event", content_type = "text/event-stream", body = SseEvent),
         CallRefused,
     ))]
-async fn stream(
+pub(crate) async fn stream(
     State(state): State<S>,
     caller: Caller,
+    Extension(request_id): Extension<RequestId>,
     Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -457,7 +392,7 @@ async fn stream(
                 Some((Ok::<_, Infallible>(event), Some((calls, n + 1))))
             }
             Some(Err(e)) => {
-                let body = ApiError::from_call(e, expose).body();
+                let body = ApiError::from_call(e, expose).body(request_id.as_str());
                 Some((
                     Ok(Event::default().event("error").data(body.to_string())),
                     None,
@@ -488,21 +423,19 @@ async fn stream(
         (status = 404, description = "`agent_not_found`, `entrypoint_not_found`", body = ErrorEnvelope),
         (status = 426, description = "`upgrade_required`: not a WebSocket handshake", body = ErrorEnvelope),
     ))]
-async fn ws(
+pub(crate) async fn ws(
     State(state): State<S>,
     caller: Caller,
+    Extension(request_id): Extension<RequestId>,
     Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // Unknown agents and tags are refused before the upgrade, with a normal HTTP error.
     let agent = Arc::clone(find_agent(&state, &key)?);
     if agent.config.entrypoint(&tag).is_none() {
-        return Err(ApiError::new(
-            ErrorCode::EntrypointNotFound,
-            format!(
-                "agent `{}` has no entrypoint `{tag}`",
-                agent.config.agent_name
-            ),
+        return Err(crate::error::entrypoint_not_found(
+            &agent.config.agent_name,
+            &tag,
         ));
     }
     let limit = state.config.http.max_body_bytes;
@@ -511,10 +444,18 @@ async fn ws(
         .map_err(upgrade_required)?
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| ws_session(socket, state, key, tag, expose)))
+        .on_upgrade(move |socket| ws_session(socket, state, key, tag, expose, request_id)))
 }
 
-async fn ws_session(socket: WebSocket, state: S, key: String, tag: String, expose: bool) {
+pub(crate) async fn ws_session(
+    socket: WebSocket,
+    state: S,
+    key: String,
+    tag: String,
+    expose: bool,
+    request_id: RequestId,
+) {
+    let ws_error = |err: &ApiError| ws_error(err, request_id);
     let (mut sender, mut receiver) = socket.split();
     let start =
         match tokio::time::timeout(state.config.http.ws_start_timeout(), receiver.next()).await {
@@ -611,7 +552,7 @@ async fn ws_session(socket: WebSocket, state: S, key: String, tag: String, expos
     }
 }
 
-async fn wait_closed(receiver: &mut futures_util::stream::SplitStream<WebSocket>) {
+pub(crate) async fn wait_closed(receiver: &mut futures_util::stream::SplitStream<WebSocket>) {
     loop {
         match receiver.next().await {
             None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
@@ -620,13 +561,13 @@ async fn wait_closed(receiver: &mut futures_util::stream::SplitStream<WebSocket>
     }
 }
 
-fn ws_error(err: &ApiError) -> String {
-    let mut body = err.body();
+fn ws_error(err: &ApiError, request_id: RequestId) -> String {
+    let mut body = err.body(request_id.as_str());
     body["type"] = Value::String("error".into());
     body.to_string()
 }
 
-async fn finish(
+pub(crate) async fn finish(
     sender: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     frame: String,
     code: u16,

@@ -16,6 +16,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::AppState;
+use crate::routes::{Access, Policies, Policy};
 use agentry_core::ErrorCode;
 use axum::extract::State;
 use axum::http::{HeaderValue, header};
@@ -24,10 +26,6 @@ use serde_json::{Value, json};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{OpenApi as Spec, RefOr, Schema};
 use utoipa::{Modify, OpenApi, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
-
-use crate::AppState;
 
 type S = Arc<AppState>;
 
@@ -75,20 +73,14 @@ impl Modify for Security {
     }
 }
 
-/// The native API's paths: everything `crate::router` serves under `/v1`, the probes and this.
-pub fn native_routes() -> OpenApiRouter<S> {
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
-        .merge(crate::native::routes())
-        .merge(crate::runs::routes())
-        .merge(crate::keys::routes())
-        .routes(routes!(crate::healthz))
-        .routes(routes!(crate::readyz))
-        .routes(routes!(openapi_json))
+/// The document's base: title, tags, security scheme. The paths come from the route table.
+pub(crate) fn base() -> Spec {
+    ApiDoc::openapi()
 }
 
 /// The spec as JSON, with the constraints the derive cannot state: `delay_s` and `run_at`
 /// exclude each other, and `backoff` takes no other fields.
-pub fn refined(spec: Spec) -> Value {
+pub fn refined(spec: Spec, policies: &Policies) -> Value {
     let mut spec = serde_json::to_value(&spec).unwrap_or_else(|_| json!({}));
     let schemas = &mut spec["components"]["schemas"];
     schemas["RunRequest"]["not"] = json!({
@@ -109,25 +101,24 @@ pub fn refined(spec: Spec) -> Value {
             let Some(item) = item.as_object_mut() else {
                 continue;
             };
-            for op in item.values_mut() {
-                add_shared_responses(path, op);
+            for (method, op) in item.iter_mut() {
+                if let Some(policy) = policies.get(&(path.clone(), method.clone())) {
+                    add_shared_responses(policy, op);
+                }
             }
         }
     }
     spec
 }
 
-/// The answers an operation shares with others, because they come from what sits in front of
-/// every handler: authentication and rate limits (on every operation that needs a key, that is
-/// all but those with `security: [{}]`), the body limit (on every operation with a body), and
-/// the store (on every operation that reads or writes it: locked database, full disk).
-fn add_shared_responses(path: &str, op: &mut Value) {
-    let open = op["security"].as_array().is_some_and(|s| {
-        s.iter()
-            .any(|r| r.as_object().is_some_and(|o| o.is_empty()))
-    });
+/// What an operation's entry in the route table says about it: open ones need no key
+/// (`security: [{}]`); the others share the answers of what sits in front of every handler,
+/// authentication and rate limits; an operation with a body shares the body limit's 413, and
+/// one that uses the store its 503 (locked database, full disk).
+fn add_shared_responses(policy: &Policy, op: &mut Value) {
+    let open = policy.access == Access::Public;
     let has_body = op.get("requestBody").is_some();
-    let uses_store = path.starts_with("/v1/runs") || path.starts_with("/v1/keys");
+    let uses_store = policy.uses_store;
     let Some(responses) = op["responses"].as_object_mut() else {
         return;
     };
@@ -143,7 +134,7 @@ fn add_shared_responses(path: &str, op: &mut Value) {
             "`permission_error`: the key lacks the scope, or is limited to other agents",
         ),
         (
-            !open,
+            !open && policy.limit.is_some(),
             "429",
             "`rate_limit_error`: see `Retry-After` and the `RateLimit-*` headers",
         ),
@@ -174,6 +165,9 @@ fn add_shared_responses(path: &str, op: &mut Value) {
         }
         responses.entry(status).or_insert(response);
     }
+    if open {
+        op["security"] = json!([{}]);
+    }
 }
 
 /// Swagger UI's files (vendored into the binary), pointed at `/openapi.json`. Query
@@ -188,7 +182,7 @@ pub fn swagger_ui() -> utoipa_swagger_ui::SwaggerUi {
 /// This API's OpenAPI 3.1 description, with a path for each served entrypoint.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 description", body = Object)))]
-async fn openapi_json(State(state): State<S>) -> Response {
+pub(crate) async fn openapi_json(State(state): State<S>) -> Response {
     let body = state.openapi.get().map_or_else(
         || "{}".to_string(),
         |base| with_entrypoints(base, &state).to_string(),

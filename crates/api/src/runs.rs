@@ -8,32 +8,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentry_core::ErrorCode;
-use agentry_core::runs::{Backoff, NewRun, Run, RunEvent, RunQuery, RunStatus, new_run_id, now_ms};
-use agentry_engine::{Engine, SubmitError};
+use agentry_core::runs::{Backoff, NewRun, Run, RunEvent, RunQuery, RunRequest, RunStatus, now_ms};
+use agentry_engine::{Engine, Follow, SubmitError};
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use utoipa::{IntoParams, IntoResponses, ToSchema};
-use utoipa_axum::router::OpenApiRouter;
-use utoipa_axum::routes;
 
 use crate::AppState;
 use crate::auth::{Caller, Principal, principal};
 use crate::error::{ApiError, invalid, upgrade_required};
-use crate::native::{body_or_error, find_agent};
+use crate::native::body_or_error;
 use crate::openapi::{BackoffView, ErrorEnvelope, RunErrorView, RunStatusView, SseEvent};
+use crate::request_id::RequestId;
 use crate::{rfc3339, time};
 
 type S = Arc<AppState>;
@@ -47,20 +43,6 @@ fn visible(state: &S, who: &Principal, run: Run) -> Result<Run, ApiError> {
 
 /// Longest `wait` a client may ask for, in seconds.
 const MAX_WAIT_S: f64 = 600.0;
-/// Events read from the store per page while catching up.
-const EVENT_PAGE: usize = 500;
-
-pub fn routes() -> OpenApiRouter<S> {
-    OpenApiRouter::new()
-        .routes(routes!(create_run, list_runs))
-        .routes(routes!(create_and_wait))
-        .routes(routes!(create_and_stream))
-        .routes(routes!(get_run))
-        .routes(routes!(wait_run))
-        .routes(routes!(cancel_run))
-        .routes(routes!(run_events))
-        .routes(routes!(run_events_ws))
-}
 
 /// Why a run is refused before anything is stored: the error answers of every route that
 /// creates one (the spec's; the body limit's 413 and the store's 503 are added to every
@@ -132,140 +114,33 @@ fn not_found(id: &str) -> ApiError {
     ApiError::new(ErrorCode::RunNotFound, format!("no run `{id}`"))
 }
 
-/// Parses and checks a create request; nothing is stored unless all of it is valid.
+/// Parses a create request; `NewRun::build` checks it. Nothing is stored unless all of it is
+/// valid.
 fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
     let b: CreateBody<'_> = crate::de::object_body(body)?;
-    let agent = find_agent(state, &b.agent)?;
-    let Some(entrypoint) = agent.config.entrypoint(&b.entrypoint) else {
-        return Err(ApiError::new(
-            ErrorCode::EntrypointNotFound,
-            format!(
-                "agent `{}` has no entrypoint `{}`",
-                agent.config.agent_name, b.entrypoint
-            ),
-        ));
-    };
-    let input_text = match b.input {
-        None => "{}",
-        Some(raw) if raw.get() == "null" => "{}",
-        Some(raw) => raw.get(),
-    };
-    if input_text.len() > state.config.runs.max_input_bytes {
-        return Err(ApiError::new(
-            ErrorCode::PayloadTooLarge,
-            format!(
-                "the run's input is {} bytes, more than the limit of {} (--max-run-input-bytes)",
-                input_text.len(),
-                state.config.runs.max_input_bytes
-            ),
-        ));
-    }
-    let input = crate::native::conform_arguments(agent, &b.entrypoint, "[]", input_text)?.kwargs;
-    let metadata = match b.metadata {
-        None => "{}".to_string(),
-        Some(raw) if raw.get().starts_with('{') => raw.get().to_string(),
-        Some(raw) if raw.get() == "null" => "{}".to_string(),
-        Some(_) => {
-            return Err(invalid(
-                "metadata",
-                "object",
-                "`metadata` must be an object",
-            ));
-        }
-    };
-    let now = now_ms();
-    let run_at = match (b.delay_s, &b.run_at) {
-        (Some(_), Some(_)) => {
-            return Err(invalid(
-                "delay_s",
-                "absent when run_at is given",
-                "give `delay_s` or `run_at`, not both",
-            ));
-        }
-        (Some(d), None) if d.is_finite() && (0.0..=31_536_000.0).contains(&d) => {
-            now + (d * 1000.0) as i64
-        }
-        (Some(_), None) => {
-            return Err(invalid(
-                "delay_s",
-                "number of seconds between 0 and 31536000",
-                "`delay_s` is out of range",
-            ));
-        }
-        (None, Some(at)) => chrono::DateTime::parse_from_rfc3339(at)
-            .map_err(|e| {
-                invalid(
-                    "run_at",
-                    "RFC 3339 timestamp",
-                    format!("`run_at` is not an RFC 3339 time: {e}"),
-                )
-            })?
-            .timestamp_millis()
-            .max(now),
-        (None, None) => now,
-    };
-    if let Some(t) = b.timeout_s
-        && !(t.is_finite() && t > 0.0)
-    {
-        return Err(invalid(
-            "timeout_s",
-            "positive number",
-            "`timeout_s` must be a positive number of seconds",
-        ));
-    }
-    let timeout = state
-        .config
-        .workers
-        .call_timeout(b.timeout_s, entrypoint.timeout_s);
-    let max_attempts = b.max_attempts.unwrap_or(3);
-    if !(1..=100).contains(&max_attempts) {
-        return Err(invalid(
-            "max_attempts",
-            "integer from 1 to 100",
-            "`max_attempts` must be from 1 to 100",
-        ));
-    }
-    let backoff = b.backoff.unwrap_or_default();
-    backoff
-        .validate()
-        .map_err(|m| invalid("backoff", "base 1..60, max_s 0..86400, jitter 0..1", m))?;
-    for (name, key) in [
-        ("idempotency_key", &b.idempotency_key),
-        ("concurrency_key", &b.concurrency_key),
-    ] {
-        if let Some(k) = key
-            && (k.is_empty() || k.chars().count() > 256)
-        {
-            return Err(invalid(
-                name,
-                "string of 1 to 256 characters",
-                format!("`{name}` must be 1 to 256 characters"),
-            ));
-        }
-    }
-    let request_hash = b.idempotency_key.as_ref().map(|_| {
-        let digest = Sha256::digest(body);
-        digest
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    });
-    Ok(NewRun {
-        id: new_run_id(),
-        agent: agent.config.agent_id.clone(),
-        entrypoint: b.entrypoint,
-        input,
-        idempotency_key: b.idempotency_key,
-        request_hash,
+    let request = RunRequest {
+        agent: &b.agent,
+        entrypoint: &b.entrypoint,
+        input: b.input.map(RawValue::get),
+        idempotency_key: b.idempotency_key.as_deref(),
         priority: b.priority,
-        run_at,
-        timeout_ms: timeout.as_millis().min(i64::MAX as u128) as i64,
-        max_attempts,
-        backoff,
-        concurrency_key: b.concurrency_key,
-        metadata,
-        created_at: now,
-    })
+        delay_s: b.delay_s,
+        run_at: b.run_at.as_deref(),
+        timeout_s: b.timeout_s,
+        max_attempts: b.max_attempts,
+        backoff: b.backoff,
+        concurrency_key: b.concurrency_key.as_deref(),
+        metadata: b.metadata.map(RawValue::get),
+    };
+    let config = &state.config;
+    NewRun::build(
+        &request,
+        &state.agents,
+        &config.workers,
+        &config.runs,
+        now_ms(),
+    )
+    .map_err(crate::error::run_rejected)
 }
 
 /// Stored JSON text as it is, without building a tree (`null` if it is not JSON, which the
@@ -389,14 +264,7 @@ fn event_json(e: &RunEvent, tracebacks: bool) -> String {
     )
 }
 
-fn is_terminal_event(kind: &str) -> bool {
-    matches!(
-        kind,
-        "run.succeeded" | "run.failed" | "run.timed_out" | "run.cancelled"
-    )
-}
-
-async fn submit(
+pub(crate) async fn submit(
     state: &S,
     who: &Principal,
     body: Result<Bytes, BytesRejection>,
@@ -462,7 +330,7 @@ fn run_response(
             headers(("Idempotent-Replayed" = String, description = "`true`"))),
         RunRefused,
     ))]
-async fn create_run(
+pub(crate) async fn create_run(
     State(state): State<S>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
@@ -484,7 +352,7 @@ async fn create_run(
         (status = 200, description = "The run", body = RunView),
         (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
     ))]
-async fn get_run(
+pub(crate) async fn get_run(
     State(state): State<S>,
     caller: Caller,
     Path(id): Path<String>,
@@ -495,7 +363,7 @@ async fn get_run(
 }
 
 /// The run, if it exists and the caller may see it.
-async fn find_run(state: &S, who: &Principal, id: &str) -> Result<Run, ApiError> {
+pub(crate) async fn find_run(state: &S, who: &Principal, id: &str) -> Result<Run, ApiError> {
     let run = state
         .engine
         .store()
@@ -509,7 +377,7 @@ async fn find_run(state: &S, who: &Principal, id: &str) -> Result<Run, ApiError>
 #[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-struct ListQuery {
+pub(crate) struct ListQuery {
     /// Only this agent's runs (id or name).
     agent: Option<String>,
     /// Only runs of this entrypoint.
@@ -536,7 +404,7 @@ struct ListQuery {
         (status = 404, description = "`agent_not_found`", body = ErrorEnvelope),
         (status = 422, description = "`validation_error`", body = ErrorEnvelope),
     ))]
-async fn list_runs(
+pub(crate) async fn list_runs(
     State(state): State<S>,
     caller: Caller,
     q: QueryResult<ListQuery>,
@@ -617,7 +485,7 @@ async fn list_runs(
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct WaitQuery {
+pub(crate) struct WaitQuery {
     /// How long to wait, in seconds (0 to 600; default 30).
     #[param(minimum = 0.0, maximum = 600.0)]
     timeout_s: Option<f64>,
@@ -643,7 +511,7 @@ fn wait_for(q: &WaitQuery) -> Result<Duration, ApiError> {
         (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
         (status = 422, description = "`validation_error`", body = ErrorEnvelope),
     ))]
-async fn wait_run(
+pub(crate) async fn wait_run(
     State(state): State<S>,
     caller: Caller,
     Path(id): Path<String>,
@@ -669,7 +537,7 @@ async fn wait_run(
         (status = 200, description = "The run: finished, or as it is when the wait ended", body = RunView),
         RunRefused,
     ))]
-async fn create_and_wait(
+pub(crate) async fn create_and_wait(
     State(state): State<S>,
     caller: Caller,
     q: QueryResult<WaitQuery>,
@@ -697,7 +565,7 @@ async fn create_and_wait(
         (status = 202, description = "The run is running and was asked to stop", body = RunView),
         (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
     ))]
-async fn cancel_run(
+pub(crate) async fn cancel_run(
     State(state): State<S>,
     caller: Caller,
     Path(id): Path<String>,
@@ -738,7 +606,7 @@ struct ResumeHeader {
 
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
-struct EventsQuery {
+pub(crate) struct EventsQuery {
     /// Start after this sequence number (`Last-Event-ID` wins).
     after: Option<i64>,
 }
@@ -762,79 +630,29 @@ fn resume_point(headers: &HeaderMap, q: &EventsQuery) -> Result<i64, ApiError> {
     Ok(q.after.unwrap_or(0).max(0))
 }
 
-/// Sends the run's events after `after` to `tx`, in order and without gaps: first from the
-/// store, then live from the hub (subscribed before the first read), re-reading the store
-/// whenever the live feed skips or stalls. Ends after the terminal event.
-async fn follow(engine: Engine, id: String, mut after: i64, tx: mpsc::Sender<RunEvent>) {
-    let mut sub = engine.hub().subscribe(&id);
-    loop {
-        // Catch up from the store.
-        loop {
-            let page = match engine.store().events_after(&id, after, EVENT_PAGE).await {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(run.id = %id, "reading run events failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
-            let full = page.len() == EVENT_PAGE;
-            for e in page {
-                after = e.seq;
-                let terminal = is_terminal_event(&e.kind);
-                if tx.send(e).await.is_err() || terminal {
-                    return;
-                }
-            }
-            if !full {
-                break;
-            }
-        }
-        // A run that is over (and whose terminal event is gone, e.g. purged) ends the feed.
-        match engine.store().get_run(&id).await {
-            Ok(Some(run)) if !run.status.is_terminal() => {}
-            Ok(_) => return,
-            Err(_) => {}
-        }
-        // Live.
-        loop {
-            match tokio::time::timeout(Duration::from_secs(5), sub.recv()).await {
-                Ok(Ok(Some(p))) => {
-                    let e = &p.event;
-                    if e.seq <= after {
-                        continue;
-                    }
-                    if e.seq != after + 1 {
-                        break; // a gap: the store has it
-                    }
-                    after = e.seq;
-                    let terminal = is_terminal_event(&e.kind);
-                    if tx.send((*p.event).clone()).await.is_err() || terminal {
-                        return;
-                    }
-                }
-                Ok(Ok(None)) => return,
-                // Lagged, or quiet for a while (events may come from another node): re-read.
-                Ok(Err(_)) | Err(_) => break,
-            }
-        }
-    }
-}
-
-fn sse_of(engine: Engine, id: String, after: i64, tracebacks: bool) -> Response {
-    let (tx, rx) = mpsc::channel::<RunEvent>(64);
-    tokio::spawn(follow(engine, id, after, tx));
-    let events = tokio_stream::StreamExt::map(ReceiverStream::new(rx), move |e| {
-        Ok::<_, Infallible>(
-            Event::default()
-                .id(e.seq.to_string())
-                .event(e.kind.clone())
-                .data(event_json(&e, tracebacks)),
-        )
+/// The run's event log as Server-Sent Events, from `after` on, until its terminal event.
+pub(crate) async fn sse_of(
+    engine: &Engine,
+    id: &str,
+    after: i64,
+    tracebacks: bool,
+) -> Result<Response, ApiError> {
+    let feed = engine
+        .follow(id, Follow::After(after))
+        .await
+        .map_err(ApiError::from_store)?;
+    let events = futures_util::stream::unfold(feed, move |mut feed| async move {
+        let p = feed.next().await?;
+        let e = &p.event;
+        let event = Event::default()
+            .id(e.seq.to_string())
+            .event(e.kind.as_str())
+            .data(event_json(e, tracebacks));
+        Some((Ok::<_, Infallible>(event), feed))
     });
-    Sse::new(events)
+    Ok(Sse::new(events)
         .keep_alive(KeepAlive::default())
-        .into_response()
+        .into_response())
 }
 
 type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
@@ -857,7 +675,7 @@ fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
         (status = 404, description = "`run_not_found`", body = ErrorEnvelope),
         (status = 422, description = "`validation_error`: a bad `Last-Event-ID` or `after`", body = ErrorEnvelope),
     ))]
-async fn run_events(
+pub(crate) async fn run_events(
     State(state): State<S>,
     caller: Caller,
     Path(id): Path<String>,
@@ -868,7 +686,7 @@ async fn run_events(
     let who = principal(caller);
     find_run(&state, &who, &id).await?;
     let tracebacks = who.sees_tracebacks(state.config.gateway.expose_tracebacks);
-    Ok(sse_of(state.engine.clone(), id, after, tracebacks))
+    sse_of(&state.engine, &id, after, tracebacks).await
 }
 
 /// Enqueue a run and follow its event log (Server-Sent Events) until it finishes.
@@ -878,7 +696,7 @@ async fn run_events(
         (status = 200, description = "The run's events", content_type = "text/event-stream", body = SseEvent),
         RunRefused,
     ))]
-async fn create_and_stream(
+pub(crate) async fn create_and_stream(
     State(state): State<S>,
     caller: Caller,
     body: Result<Bytes, BytesRejection>,
@@ -886,7 +704,7 @@ async fn create_and_stream(
     let who = principal(caller);
     let (run, _) = submit(&state, &who, body).await?;
     let tracebacks = who.sees_tracebacks(state.config.gateway.expose_tracebacks);
-    Ok(sse_of(state.engine.clone(), run.id, 0, tracebacks))
+    sse_of(&state.engine, &run.id, 0, tracebacks).await
 }
 
 /// The run's event log over a WebSocket: one text frame per event, then close.
@@ -898,9 +716,10 @@ async fn create_and_stream(
         (status = 426, description = "`upgrade_required`: not a WebSocket handshake", body = ErrorEnvelope),
         (status = 422, description = "`validation_error`", body = ErrorEnvelope),
     ))]
-async fn run_events_ws(
+pub(crate) async fn run_events_ws(
     State(state): State<S>,
     caller: Caller,
+    Extension(request_id): Extension<RequestId>,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: QueryResult<EventsQuery>,
@@ -915,23 +734,33 @@ async fn run_events_ws(
         .map_err(upgrade_required)?
         .max_message_size(64 * 1024)
         .max_frame_size(64 * 1024)
-        .on_upgrade(move |socket| ws_follow(socket, engine, id, after, tracebacks)))
+        .on_upgrade(move |socket| ws_follow(socket, engine, id, after, tracebacks, request_id)))
 }
 
-async fn ws_follow(
+pub(crate) async fn ws_follow(
     mut socket: WebSocket,
     engine: Engine,
     id: String,
     after: i64,
     tracebacks: bool,
+    request_id: RequestId,
 ) {
-    let (tx, mut rx) = mpsc::channel::<RunEvent>(64);
-    let feeder = tokio::spawn(follow(engine, id, after, tx));
+    let mut feed = match engine.follow(&id, Follow::After(after)).await {
+        Ok(feed) => feed,
+        Err(e) => {
+            let body = ApiError::from_store(e)
+                .body(request_id.as_str())
+                .to_string();
+            let _ = socket.send(Message::Text(body.into())).await;
+            let _ = socket.send(Message::Close(None)).await;
+            return;
+        }
+    };
     loop {
         tokio::select! {
-            e = rx.recv() => match e {
-                Some(e) => {
-                    if socket.send(Message::Text(event_json(&e, tracebacks).into())).await.is_err() {
+            p = feed.next() => match p {
+                Some(p) => {
+                    if socket.send(Message::Text(event_json(&p.event, tracebacks).into())).await.is_err() {
                         break;
                     }
                 }
@@ -946,5 +775,4 @@ async fn ws_follow(
             },
         }
     }
-    feeder.abort();
 }

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use agentry_core::KeyStore;
-use agentry_core::keys::{Scope, parse_duration_s};
+use agentry_core::keys::{KeyRequest, parse_duration_s};
 use agentry_core::runs::now_ms;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
@@ -50,6 +50,16 @@ enum KeysCommand {
     Revoke { id: String },
 }
 
+/// The flag that gives a key request's field.
+fn flag_of(field: &str) -> &str {
+    match field {
+        "scopes" => "scope",
+        "agents" => "agent",
+        "expires_in_s" => "expires",
+        other => other,
+    }
+}
+
 pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
     let mut flags = Vec::new();
     if let Some(dir) = &args.state_dir {
@@ -71,15 +81,6 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
             expires,
             name,
         } => {
-            let mut parsed = Vec::new();
-            for s in &scopes {
-                let scope = Scope::parse(s).with_context(|| {
-                    format!("unknown scope `{s}` (invoke, runs:read, runs:write, schedules, admin)")
-                })?;
-                if !parsed.contains(&scope) {
-                    parsed.push(scope);
-                }
-            }
             let expires_in_s = match expires.as_deref() {
                 None => None,
                 Some(e) => Some(
@@ -87,8 +88,20 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                         .with_context(|| format!("--expires {e}: use 30d, 12h, 15m or 90s"))?,
                 ),
             };
-            let agents = (!agents.is_empty()).then_some(agents);
-            let (key, token) = agentry_api::keys::new_key(name, parsed, agents, expires_in_s);
+            let request = KeyRequest {
+                name,
+                scopes,
+                agents: (!agents.is_empty()).then_some(agents),
+                expires_in_s,
+            };
+            let (key, token) = request.create(now_ms()).map_err(|r| {
+                anyhow::anyhow!(
+                    "--{}: {} (expected {})",
+                    flag_of(r.field),
+                    r.message,
+                    r.expected
+                )
+            })?;
             store
                 .create_key(key.clone())
                 .await

@@ -613,3 +613,68 @@ async fn refuses_a_public_address_without_auth() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("without authentication"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_carries_the_request_id_of_its_header_and_its_log_line() {
+    let srv = server(fixture("compat")).start();
+    let client = client();
+    let header = |r: &reqwest::Response| {
+        r.headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .expect("x-request-id")
+    };
+    // A native error: the body's id is the header's, and the log line of the request has it.
+    let r = client
+        .get(srv.url("/v1/agents/nobody"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 404);
+    let id = header(&r);
+    let body = json(&r.text().await.expect("body"));
+    assert_eq!(body["error"]["request_id"], id.as_str());
+    assert!(
+        srv.wait_log(&id, Duration::from_secs(5)),
+        "no log line names {id}:\n{}",
+        srv.log_text()
+    );
+    // A client's own id is kept.
+    let r = client
+        .post(srv.url(&format!("/api/v1/agents/{COMPAT_ID}/run")))
+        .header("x-request-id", "client-req-7")
+        .json(&json!({"entrypoint_tag": "nope", "input_args": [], "input_kwargs": {}}))
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 404);
+    assert_eq!(header(&r), "client-req-7");
+    let body = json(&r.text().await.expect("body"));
+    assert_eq!(
+        body["request_id"], "client-req-7",
+        "RunAgent's envelope too"
+    );
+    // One that is not sane is replaced; successes carry an id as well.
+    let r = client
+        .get(srv.url("/v1/agents"))
+        .header("x-request-id", "has space")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_ne!(header(&r), "has space");
+    // Refusals in front of the handler too.
+    let r = client
+        .post(srv.url("/v1/agents/compat_fixture/entrypoints/echo/invoke"))
+        .body("{not json")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 422);
+    let id = header(&r);
+    assert_eq!(
+        json(&r.text().await.expect("body"))["error"]["request_id"],
+        id.as_str()
+    );
+}

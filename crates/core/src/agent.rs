@@ -64,3 +64,62 @@ impl Agents {
         futures_util::future::join_all(self.list.iter().map(|a| a.executor.drain(grace))).await;
     }
 }
+
+/// A call's arguments as JSON text, ready for the executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Arguments {
+    pub args: String,
+    pub kwargs: String,
+}
+
+/// Why a call's arguments were refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArgumentsError {
+    /// `input` is not an object of keyword arguments.
+    NotAnObject,
+    /// `args` is not a list of positional arguments.
+    NotAList,
+    /// They do not match the entrypoint's parameters.
+    Schema(Vec<crate::schema::SchemaViolation>),
+}
+
+impl ServedAgent {
+    /// Checks a call's arguments (JSON texts of a list and an object) against the
+    /// entrypoint's parameters, and applies the safe coercions of `crate::schema`. The text
+    /// goes to the executor as it came unless something was coerced. An entrypoint its
+    /// executor never reported (its import failed) is left to fail where it runs.
+    pub fn conform(
+        &self,
+        tag: &str,
+        args: &str,
+        kwargs: &str,
+    ) -> Result<Arguments, ArgumentsError> {
+        use serde_json::{Map, Value};
+        let mut kwargs_map: Map<String, Value> =
+            serde_json::from_str(kwargs).map_err(|_| ArgumentsError::NotAnObject)?;
+        let mut args_list: Vec<Value> =
+            serde_json::from_str(args).map_err(|_| ArgumentsError::NotAList)?;
+        let coerced = match self.executor.entrypoint(tag) {
+            None => false,
+            Some(report) => {
+                let params = crate::schema::Parameters {
+                    schema: &report.schema,
+                    order: &report.positional_only,
+                    var_args: report.var_args,
+                };
+                crate::schema::conform_call(&mut args_list, &mut kwargs_map, params)
+                    .map_err(ArgumentsError::Schema)?
+            }
+        };
+        if !coerced {
+            return Ok(Arguments {
+                args: args.to_string(),
+                kwargs: kwargs.to_string(),
+            });
+        }
+        Ok(Arguments {
+            args: Value::Array(args_list).to_string(),
+            kwargs: Value::Object(kwargs_map).to_string(),
+        })
+    }
+}

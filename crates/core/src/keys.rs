@@ -95,6 +95,82 @@ impl ApiKey {
     }
 }
 
+/// A key as its creator asks for it, before any check.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRequest {
+    /// A label for people.
+    pub name: Option<String>,
+    /// Scope names (`invoke`, `runs:read`, …); at least one.
+    pub scopes: Vec<String>,
+    /// Agents (ids or names) the key is limited to; `None`: every agent.
+    pub agents: Option<Vec<String>>,
+    /// Expire this many seconds after creation.
+    pub expires_in_s: Option<u64>,
+}
+
+/// Why a key was not created: the field, what it should be, and a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct KeyRejection {
+    pub field: &'static str,
+    pub expected: &'static str,
+    pub message: String,
+}
+
+impl KeyRequest {
+    /// Checks the request and makes the key: the stored record (its hash, never the key) and
+    /// the key itself, to be shown once.
+    pub fn create(self, now: i64) -> Result<(ApiKey, String), KeyRejection> {
+        let mut scopes = Vec::new();
+        for s in &self.scopes {
+            let scope = Scope::parse(s).ok_or_else(|| KeyRejection {
+                field: "scopes",
+                expected: "invoke, runs:read, runs:write, schedules or admin",
+                message: format!("unknown scope `{s}`"),
+            })?;
+            if !scopes.contains(&scope) {
+                scopes.push(scope);
+            }
+        }
+        if scopes.is_empty() {
+            return Err(KeyRejection {
+                field: "scopes",
+                expected: "at least one scope",
+                message: "a key needs at least one scope".into(),
+            });
+        }
+        if self.expires_in_s == Some(0) {
+            return Err(KeyRejection {
+                field: "expires_in_s",
+                expected: "positive seconds",
+                message: "`expires_in_s` must be positive".into(),
+            });
+        }
+        if self.agents.as_ref().is_some_and(Vec::is_empty) {
+            return Err(KeyRejection {
+                field: "agents",
+                expected: "at least one agent, or absent",
+                message: "`agents` is empty".into(),
+            });
+        }
+        let (id, token) = generate_key();
+        let key = ApiKey {
+            id,
+            name: self.name,
+            hash: hash_token(&token),
+            scopes,
+            agents: self.agents,
+            created_at: now,
+            expires_at: self
+                .expires_in_s
+                .map(|s| now.saturating_add((s.min(i64::MAX as u64) as i64).saturating_mul(1000))),
+            revoked_at: None,
+            last_used_at: None,
+        };
+        Ok((key, token))
+    }
+}
+
 const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 fn random_base62(n: usize) -> String {
@@ -170,6 +246,47 @@ mod tests {
         assert!(key.is_active(9) && !key.is_active(10));
         assert_eq!(key_id("ak__x"), None);
         assert_eq!(key_id("Bearer"), None);
+    }
+
+    #[test]
+    fn key_requests_are_checked_before_a_key_is_made() {
+        let ok = KeyRequest {
+            scopes: vec!["invoke".into(), "invoke".into(), "runs:read".into()],
+            expires_in_s: Some(60),
+            ..Default::default()
+        };
+        let (key, token) = ok.create(1_000).unwrap();
+        assert_eq!(key.scopes, [Scope::Invoke, Scope::RunsRead]);
+        assert_eq!(key.expires_at, Some(61_000));
+        assert!(key.matches(&token));
+        for (req, field) in [
+            (
+                KeyRequest {
+                    scopes: vec!["root".into()],
+                    ..Default::default()
+                },
+                "scopes",
+            ),
+            (KeyRequest::default(), "scopes"),
+            (
+                KeyRequest {
+                    scopes: vec!["admin".into()],
+                    expires_in_s: Some(0),
+                    ..Default::default()
+                },
+                "expires_in_s",
+            ),
+            (
+                KeyRequest {
+                    scopes: vec!["admin".into()],
+                    agents: Some(vec![]),
+                    ..Default::default()
+                },
+                "agents",
+            ),
+        ] {
+            assert_eq!(req.create(0).unwrap_err().field, field);
+        }
     }
 
     #[test]

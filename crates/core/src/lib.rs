@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod executor;
 pub mod settings;
 pub mod time;
@@ -17,4 +18,6 @@ pub mod runs;
 pub mod schema;
 pub mod store;
 
-pub use store::{InUse, KeyStore, RunStore, SharedBuckets, SharedTats, StoreError};
+pub use store::{
+    InUse, Invocation, InvocationHistory, KeyStore, RunStore, SharedBuckets, SharedTats, StoreError,
+};

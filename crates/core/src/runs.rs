@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::events::EventKind;
+
 /// Unix time in milliseconds, now.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -66,15 +68,15 @@ impl RunStatus {
         !matches!(self, Self::Queued | Self::Running)
     }
 
-    /// The event that records reaching this terminal state.
-    pub fn terminal_event(self) -> &'static str {
+    /// The event that records reaching this state.
+    pub fn event(self) -> EventKind {
         match self {
-            Self::Succeeded => "run.succeeded",
-            Self::Failed => "run.failed",
-            Self::TimedOut => "run.timed_out",
-            Self::Cancelled => "run.cancelled",
-            Self::Queued => "run.queued",
-            Self::Running => "run.started",
+            Self::Succeeded => EventKind::Succeeded,
+            Self::Failed => EventKind::Failed,
+            Self::TimedOut => EventKind::TimedOut,
+            Self::Cancelled => EventKind::Cancelled,
+            Self::Queued => EventKind::Queued,
+            Self::Running => EventKind::Started,
         }
     }
 }
@@ -161,6 +163,234 @@ pub struct NewRun {
     pub created_at: i64,
 }
 
+/// What a client asks for when it creates a run (`POST /v1/runs`; later a schedule's fire or
+/// a trigger), before any check. [`NewRun::build`] checks it.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest<'a> {
+    /// The agent's id or name.
+    pub agent: &'a str,
+    pub entrypoint: &'a str,
+    /// The input object's JSON text; `None` or `null` is `{}`.
+    pub input: Option<&'a str>,
+    pub idempotency_key: Option<&'a str>,
+    pub priority: i32,
+    pub delay_s: Option<f64>,
+    /// RFC 3339.
+    pub run_at: Option<&'a str>,
+    pub timeout_s: Option<f64>,
+    pub max_attempts: Option<u32>,
+    pub backoff: Option<Backoff>,
+    pub concurrency_key: Option<&'a str>,
+    /// A JSON object's text; `None` or `null` is `{}`.
+    pub metadata: Option<&'a str>,
+}
+
+/// Why a run was refused before anything was stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunRejection {
+    AgentNotFound(String),
+    EntrypointNotFound {
+        agent: String,
+        tag: String,
+    },
+    InputTooLarge {
+        size: usize,
+        limit: usize,
+    },
+    /// One field is out of range or malformed.
+    Invalid {
+        field: &'static str,
+        expected: &'static str,
+        message: String,
+    },
+    /// The input does not match the parameters of entrypoint `tag`.
+    Arguments {
+        tag: String,
+        error: crate::agent::ArgumentsError,
+    },
+}
+
+fn invalid(
+    field: &'static str,
+    expected: &'static str,
+    message: impl Into<String>,
+) -> RunRejection {
+    RunRejection::Invalid {
+        field,
+        expected,
+        message: message.into(),
+    }
+}
+
+/// Longest delay a run may ask for: a year.
+const MAX_DELAY_S: f64 = 31_536_000.0;
+/// Attempts a run may ask for, the first included.
+const MAX_ATTEMPTS: std::ops::RangeInclusive<u32> = 1..=100;
+const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Longest idempotency or concurrency key, in characters.
+const MAX_KEY_CHARS: usize = 256;
+
+impl NewRun {
+    /// Checks a request against the served agents and the configuration, and builds the run to
+    /// store: the agent resolved to its id, the input checked against the entrypoint (with its
+    /// safe coercions), the due time, the deadline, attempts and backoff, and the request's
+    /// digest for its idempotency key. Nothing is stored unless all of it is valid.
+    pub fn build(
+        req: &RunRequest<'_>,
+        agents: &crate::agent::Agents,
+        workers: &crate::settings::WorkersConfig,
+        runs: &crate::settings::RunsConfig,
+        now: i64,
+    ) -> Result<NewRun, RunRejection> {
+        let agent = agents
+            .get(req.agent)
+            .ok_or_else(|| RunRejection::AgentNotFound(req.agent.to_string()))?;
+        let Some(entrypoint) = agent.config.entrypoint(req.entrypoint) else {
+            return Err(RunRejection::EntrypointNotFound {
+                agent: agent.config.agent_name.clone(),
+                tag: req.entrypoint.to_string(),
+            });
+        };
+        let input_text = match req.input {
+            None | Some("null") => "{}",
+            Some(text) => text,
+        };
+        if input_text.len() > runs.max_input_bytes {
+            return Err(RunRejection::InputTooLarge {
+                size: input_text.len(),
+                limit: runs.max_input_bytes,
+            });
+        }
+        let input = agent
+            .conform(req.entrypoint, "[]", input_text)
+            .map_err(|error| RunRejection::Arguments {
+                tag: req.entrypoint.to_string(),
+                error,
+            })?
+            .kwargs;
+        let metadata = match req.metadata {
+            None | Some("null") => "{}",
+            Some(text) if text.starts_with('{') => text,
+            Some(_) => {
+                return Err(invalid(
+                    "metadata",
+                    "object",
+                    "`metadata` must be an object",
+                ));
+            }
+        };
+        let run_at = match (req.delay_s, req.run_at) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "delay_s",
+                    "absent when run_at is given",
+                    "give `delay_s` or `run_at`, not both",
+                ));
+            }
+            (Some(d), None) if d.is_finite() && (0.0..=MAX_DELAY_S).contains(&d) => {
+                now + (d * 1000.0) as i64
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "delay_s",
+                    "number of seconds between 0 and 31536000",
+                    "`delay_s` is out of range",
+                ));
+            }
+            (None, Some(at)) => chrono::DateTime::parse_from_rfc3339(at)
+                .map_err(|e| {
+                    invalid(
+                        "run_at",
+                        "RFC 3339 timestamp",
+                        format!("`run_at` is not an RFC 3339 time: {e}"),
+                    )
+                })?
+                .timestamp_millis()
+                .max(now),
+            (None, None) => now,
+        };
+        if let Some(t) = req.timeout_s
+            && !(t.is_finite() && t > 0.0)
+        {
+            return Err(invalid(
+                "timeout_s",
+                "positive number",
+                "`timeout_s` must be a positive number of seconds",
+            ));
+        }
+        let timeout = workers.call_timeout(req.timeout_s, entrypoint.timeout_s);
+        let max_attempts = req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        if !MAX_ATTEMPTS.contains(&max_attempts) {
+            return Err(invalid(
+                "max_attempts",
+                "integer from 1 to 100",
+                "`max_attempts` must be from 1 to 100",
+            ));
+        }
+        let backoff = req.backoff.unwrap_or_default();
+        backoff
+            .validate()
+            .map_err(|m| invalid("backoff", "base 1..60, max_s 0..86400, jitter 0..1", m))?;
+        for (name, key) in [
+            ("idempotency_key", req.idempotency_key),
+            ("concurrency_key", req.concurrency_key),
+        ] {
+            if let Some(k) = key
+                && (k.is_empty() || k.chars().count() > MAX_KEY_CHARS)
+            {
+                return Err(invalid(
+                    name,
+                    "string of 1 to 256 characters",
+                    format!("`{name}` must be 1 to 256 characters"),
+                ));
+            }
+        }
+        let request_hash = req
+            .idempotency_key
+            .map(|_| request_digest(req, &agent.config.agent_id, input_text, metadata));
+        Ok(NewRun {
+            id: new_run_id(),
+            agent: agent.config.agent_id.clone(),
+            entrypoint: req.entrypoint.to_string(),
+            input,
+            idempotency_key: req.idempotency_key.map(str::to_string),
+            request_hash,
+            priority: req.priority,
+            run_at,
+            timeout_ms: timeout.as_millis().min(i64::MAX as u128) as i64,
+            max_attempts,
+            backoff,
+            concurrency_key: req.concurrency_key.map(str::to_string),
+            metadata: metadata.to_string(),
+            created_at: now,
+        })
+    }
+}
+
+/// The digest that tells whether a reused idempotency key comes with the same request: every
+/// field as the client gave it (the agent as its id, so its name and id are the same request).
+fn request_digest(req: &RunRequest<'_>, agent_id: &str, input: &str, metadata: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let canonical = serde_json::json!([
+        agent_id,
+        req.entrypoint,
+        input,
+        req.idempotency_key,
+        req.priority,
+        req.delay_s,
+        req.run_at,
+        req.timeout_s,
+        req.max_attempts,
+        req.backoff.map(|b| [b.base, b.max_s, b.jitter]),
+        req.concurrency_key,
+        metadata,
+    ]);
+    Sha256::digest(canonical.to_string().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// A stored run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Run {
@@ -209,7 +439,7 @@ pub struct RunEvent {
     pub run_id: String,
     /// 1, 2, 3, … per run, without gaps.
     pub seq: i64,
-    pub kind: String,
+    pub kind: EventKind,
     /// JSON text.
     pub data: String,
     pub at: i64,
@@ -218,12 +448,12 @@ pub struct RunEvent {
 /// An event to append.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
-    pub kind: String,
+    pub kind: EventKind,
     pub data: String,
 }
 
 impl NewEvent {
-    pub fn new(kind: impl Into<String>, data: impl Into<String>) -> Self {
+    pub fn new(kind: impl Into<EventKind>, data: impl Into<String>) -> Self {
         Self {
             kind: kind.into(),
             data: data.into(),

@@ -77,6 +77,9 @@ pub trait RunStore: Send + Sync + 'static {
     /// Cancels a queued run at once; marks a running one for cancellation.
     async fn cancel_run(&self, id: &str, now: i64) -> Result<CancelOutcome, StoreError>;
 
+    /// The sequence number of the run's last event (0: none, or no such run).
+    async fn last_event_seq(&self, id: &str) -> Result<i64, StoreError>;
+
     /// Events with `seq > after`, in order, at most `limit`.
     async fn events_after(
         &self,
@@ -147,4 +150,50 @@ pub struct SharedTats {
 pub struct InUse {
     pub now_us: i64,
     pub buckets: Vec<(String, i64)>,
+}
+
+/// One finished call on RunAgent's routes, as RunAgent records it in its invocation history.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub invocation_id: String,
+    pub agent_id: String,
+    /// `{"input_args": …, "input_kwargs": …}` as JSON text.
+    pub input_data: String,
+    /// The result's JSON text (success only).
+    pub output_data: Option<String>,
+    pub error_detail: Option<String>,
+    pub request_timestamp: chrono::NaiveDateTime,
+    pub response_timestamp: chrono::NaiveDateTime,
+    pub execution_time_ms: f64,
+    /// `completed` or `failed`.
+    pub status: &'static str,
+    pub entrypoint_tag: String,
+    /// `local_server` (REST) or `websocket_stream`.
+    pub sdk_type: &'static str,
+    pub client_info: String,
+}
+
+/// RunAgent's invocation history (its `/api/v1/.../invocations` routes). Recording never
+/// waits: it is off the request path, and a full queue drops history rather than slowing
+/// calls. Reads see every call recorded before them. Rows are RunAgent's JSON objects.
+#[async_trait]
+pub trait InvocationHistory: Send + Sync + 'static {
+    /// Queues a record; false when it was dropped.
+    fn record(&self, invocation: Invocation) -> bool;
+
+    /// An agent's invocations, newest first, optionally of one status.
+    async fn list(
+        &self,
+        agent_id: &str,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<serde_json::Value>, StoreError>;
+
+    async fn get(&self, invocation_id: &str) -> Result<Option<serde_json::Value>, StoreError>;
+
+    /// RunAgent's counts and averages for an agent.
+    async fn stats(&self, agent_id: &str) -> Result<serde_json::Value, StoreError>;
+
+    /// Waits until everything recorded so far is stored.
+    async fn flush(&self);
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use agentry_core::ErrorCode;
 use agentry_core::executor::{CallError, RunItem};
-use agentry_core::runs::{ClaimedRun, LeaseRef, NewEvent, Outcome, Run, now_ms};
+use agentry_core::runs::{ClaimedRun, EventKind, LeaseRef, NewEvent, Outcome, Run, now_ms};
 use agentry_core::store::StoreError;
 use futures_util::FutureExt;
 use tokio::sync::watch;
@@ -54,7 +54,7 @@ fn step(item: RunItem, chunks: &mut u64, batch: &mut Vec<NewEvent>) -> Step {
     match item {
         RunItem::Chunk(p) => {
             batch.push(NewEvent::new(
-                "run.chunk",
+                EventKind::Chunk,
                 format!("{{\"index\":{chunks},\"value\":{}}}", p.as_str()),
             ));
             *chunks += 1;
@@ -62,12 +62,12 @@ fn step(item: RunItem, chunks: &mut u64, batch: &mut Vec<NewEvent>) -> Step {
         }
         RunItem::Event { kind, data } => {
             let data = String::from_utf8_lossy(&data).into_owned();
-            batch.push(NewEvent::new(kind, data));
+            batch.push(NewEvent::new(EventKind::Custom(kind), data));
             Step::Continue
         }
         RunItem::Log { level, message } => {
             let data = serde_json::json!({"level": level, "message": message}).to_string();
-            batch.push(NewEvent::new("run.log", data));
+            batch.push(NewEvent::new(EventKind::Log, data));
             Step::Continue
         }
         RunItem::Checkpoint(state) => {

@@ -15,6 +15,7 @@
 //! group-committed write.
 
 mod execute;
+mod follow;
 mod hub;
 mod maintenance;
 
@@ -32,6 +33,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+pub use follow::{EventFeed, Follow};
 pub use hub::{EventHub, Published, Subscription};
 
 /// Tuning of the engine, derived from the `runs` section of the configuration.
@@ -255,34 +257,33 @@ impl Engine {
         Ok(outcome)
     }
 
+    /// The run's events from `from` on, in order and each once, live until its terminal event
+    /// (see `follow.rs`). Subscribes before it reads, so nothing is missed in between.
+    pub async fn follow(&self, id: &str, from: Follow) -> Result<EventFeed, StoreError> {
+        let sub = self.inner.hub.subscribe(id);
+        EventFeed::start(Arc::clone(&self.inner.store), sub, id, from).await
+    }
+
     /// Waits until the run is terminal or `timeout` passes; returns the run as it then stands
     /// (`None`: no such run).
     pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<Run>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut sub = self.inner.hub.subscribe(id);
-        let Some(mut run) = self.inner.store.get_run(id).await? else {
+        let mut feed = self.follow(id, Follow::Now).await?;
+        let Some(run) = self.inner.store.get_run(id).await? else {
             return Ok(None);
         };
-        while !run.status.is_terminal() {
-            match tokio::time::timeout_at(deadline, sub.recv()).await {
-                Err(_) => break,
-                Ok(Ok(Some(p))) => {
-                    if let Some(r) = p.run {
-                        run = (*r).clone();
-                    }
+        if run.status.is_terminal() {
+            return Ok(Some(run));
+        }
+        while let Ok(Some(p)) = tokio::time::timeout_at(deadline, feed.next()).await {
+            if p.event.kind.is_terminal() {
+                if let Some(run) = p.run {
+                    return Ok(Some((*run).clone()));
                 }
-                // Missed messages, or the hub closed: the store knows.
-                Ok(_) => {
-                    if let Some(r) = self.inner.store.get_run(id).await? {
-                        run = r;
-                    }
-                    if !run.status.is_terminal() {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
+                break;
             }
         }
-        Ok(Some(run))
+        self.inner.store.get_run(id).await
     }
 
     /// Stops dispatching, lets running attempts finish within `grace`, then abandons the rest

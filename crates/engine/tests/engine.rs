@@ -306,7 +306,7 @@ impl Harness {
             .await
             .expect("events")
             .into_iter()
-            .map(|e| e.kind)
+            .map(|e| e.kind.to_string())
             .collect()
     }
 

@@ -14,9 +14,10 @@ use agentry_api::AppState;
 use agentry_api::auth::Auth;
 use agentry_api::limits::RateLimits;
 use agentry_api::server::ConnectionLimits;
+use agentry_core::InvocationHistory;
 use agentry_core::{Config, KeyStore, SharedBuckets};
 use agentry_engine::{Agents, Engine, EngineSettings};
-use agentry_store::{Durability, InvocationLog, RunAgentDb, SqliteOptions, SqliteStore};
+use agentry_store::{Durability, History, RunAgentDb, SqliteOptions, SqliteStore};
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
@@ -28,7 +29,7 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     state: Arc<AppState>,
-    history: Option<InvocationLog>,
+    history: Option<Arc<dyn InvocationHistory>>,
 }
 
 /// The state directory, absolute: workers run inside their agent folders, not where the
@@ -204,14 +205,14 @@ impl Application {
                 }
             }
         }
-        let history = db.as_ref().map(|db| db.start_invocation_log(16_384));
+        let history: Option<Arc<dyn InvocationHistory>> =
+            db.map(|db| Arc::new(History::start(db, 16_384)) as Arc<dyn InvocationHistory>);
         let limits = RateLimits::new(&caller_limits, &agent_limits);
         let shared = shared_buckets(&config, &limits).await?;
         let state = Arc::new(AppState {
             agents,
             config: Arc::new(config),
             started: Instant::now(),
-            runagent_db: db,
             history: history.clone(),
             bound: addr,
             draining: Default::default(),

@@ -14,7 +14,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use agentry_core::AgentConfig;
+use agentry_core::{AgentConfig, Invocation, InvocationHistory};
+use async_trait::async_trait;
 use chrono::{NaiveDateTime, Utc};
 use serde_json::{Value, json};
 use sqlx::sqlite::{
@@ -35,27 +36,6 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("the invocation log writer has stopped")]
     WriterGone,
-}
-
-/// One finished invocation, as RunAgent records it.
-#[derive(Debug, Clone)]
-pub struct Invocation {
-    pub invocation_id: String,
-    pub agent_id: String,
-    /// `{"input_args": …, "input_kwargs": …}` as JSON text.
-    pub input_data: String,
-    /// The result's JSON text (success only).
-    pub output_data: Option<String>,
-    pub error_detail: Option<String>,
-    pub request_timestamp: NaiveDateTime,
-    pub response_timestamp: NaiveDateTime,
-    pub execution_time_ms: f64,
-    /// `completed` or `failed`.
-    pub status: &'static str,
-    pub entrypoint_tag: String,
-    /// `local_server` (REST) or `websocket_stream`.
-    pub sdk_type: &'static str,
-    pub client_info: String,
 }
 
 /// The RunAgent database.
@@ -416,4 +396,59 @@ async fn insert_batch(
         .await?;
     }
     Ok(())
+}
+
+/// RunAgent's invocation history: the database, and the writer that batches records into it.
+pub struct History {
+    db: RunAgentDb,
+    log: InvocationLog,
+}
+
+impl History {
+    /// Starts the batching writer (its queue holds `capacity` records).
+    pub fn start(db: RunAgentDb, capacity: usize) -> Self {
+        let log = db.start_invocation_log(capacity);
+        Self { db, log }
+    }
+}
+
+fn unavailable(e: StoreError) -> agentry_core::StoreError {
+    agentry_core::StoreError::Unavailable(e.to_string())
+}
+
+#[async_trait]
+impl InvocationHistory for History {
+    fn record(&self, invocation: Invocation) -> bool {
+        self.log.record(invocation)
+    }
+
+    async fn list(
+        &self,
+        agent_id: &str,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Value>, agentry_core::StoreError> {
+        self.flush().await;
+        self.db
+            .list_invocations(agent_id, status, limit)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn get(&self, invocation_id: &str) -> Result<Option<Value>, agentry_core::StoreError> {
+        self.flush().await;
+        self.db.invocation(invocation_id).await.map_err(unavailable)
+    }
+
+    async fn stats(&self, agent_id: &str) -> Result<Value, agentry_core::StoreError> {
+        self.flush().await;
+        self.db
+            .invocation_stats(agent_id)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn flush(&self) {
+        let _ = self.log.flush().await;
+    }
 }

@@ -361,6 +361,11 @@ impl RunStore for SqliteStore {
             .await
     }
 
+    async fn last_event_seq(&self, id: &str) -> Result<i64, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| ops::last_event_seq(c, &id)).await
+    }
+
     async fn events_after(
         &self,
         id: &str,

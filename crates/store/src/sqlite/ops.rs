@@ -4,8 +4,8 @@
 use agentry_core::keys::ApiKey;
 use agentry_core::runs::{
     Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome, DirectClaim,
-    Finished, LeaseRef, MAX_LEASE_LOSSES, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent,
-    RunQuery, RunStatus,
+    EventKind, Finished, LeaseRef, MAX_LEASE_LOSSES, NewEvent, NewRun, Outcome, Renewal, Run,
+    RunEvent, RunQuery, RunStatus,
 };
 use agentry_core::store::StoreError;
 use rusqlite::types::Type;
@@ -59,17 +59,17 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
 fn insert_event(
     c: &Connection,
     run_id: &str,
-    kind: &str,
+    kind: EventKind,
     data: &str,
     at: i64,
 ) -> rusqlite::Result<RunEvent> {
     let seq: i64 = c
         .prepare_cached(sql!("insert_event"))?
-        .query_row(params![run_id, kind, data, at], |r| r.get(0))?;
+        .query_row(params![run_id, kind.as_str(), data, at], |r| r.get(0))?;
     Ok(RunEvent {
         run_id: run_id.to_string(),
         seq,
-        kind: kind.to_string(),
+        kind,
         data: data.to_string(),
         at,
     })
@@ -130,7 +130,7 @@ pub fn create_run(
         stored.priority,
         iso(stored.run_at)
     );
-    let event = insert_event(c, &stored.id, "run.queued", &data, run.created_at)?;
+    let event = insert_event(c, &stored.id, EventKind::Queued, &data, run.created_at)?;
     let claimed = match claim {
         Some(claim) if may_claim_directly(c, &stored)? => {
             let request = ClaimRequest {
@@ -180,7 +180,7 @@ fn claim_one(c: &Connection, id: &str, req: &ClaimRequest) -> rusqlite::Result<C
         run.attempt,
         json_str(&req.node)
     );
-    let started = insert_event(c, &run.id, "run.started", &data, req.now)?;
+    let started = insert_event(c, &run.id, EventKind::Started, &data, req.now)?;
     Ok(ClaimedRun {
         run,
         checkpoint,
@@ -253,7 +253,7 @@ pub fn renew_leases(
             .optional()?;
         if cancel.is_some() && heartbeat.contains(&lease.run_id) {
             let data = format!("{{\"attempt\":{}}}", lease.attempt);
-            insert_event(c, &lease.run_id, "run.heartbeat", &data, now)?;
+            insert_event(c, &lease.run_id, EventKind::Heartbeat, &data, now)?;
         }
         out.push(Renewal {
             run_id: lease.run_id.clone(),
@@ -275,7 +275,7 @@ pub fn append_events(
     }
     let stored = events
         .iter()
-        .map(|e| insert_event(c, &lease.run_id, &e.kind, &e.data, now))
+        .map(|e| insert_event(c, &lease.run_id, e.kind.clone(), &e.data, now))
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Ok(stored))
 }
@@ -295,7 +295,7 @@ pub fn save_checkpoint(
             r.get(0)
         })?;
     let data = format!("{{\"checkpoint\":{seq},\"state\":{state}}}");
-    insert_event(c, &lease.run_id, "run.checkpoint", &data, now).map(Ok)
+    insert_event(c, &lease.run_id, EventKind::Checkpoint, &data, now).map(Ok)
 }
 
 /// The terminal (or retry) event of an outcome and the columns it sets.
@@ -305,7 +305,7 @@ struct Transition<'a> {
     error: Option<&'a str>,
     finished_at: Option<i64>,
     run_at: Option<i64>,
-    event: &'static str,
+    event: EventKind,
     data: String,
 }
 
@@ -318,7 +318,7 @@ fn transition(outcome: &Outcome, attempt: u32, now: i64) -> Transition<'_> {
             error: None,
             finished_at: Some(now),
             run_at: None,
-            event: "run.succeeded",
+            event: EventKind::Succeeded,
             data: format!("{{\"attempt\":{attempt},\"result\":{result}}}"),
         },
         Outcome::Failed { error } | Outcome::TimedOut { error } | Outcome::Cancelled { error } => {
@@ -328,7 +328,7 @@ fn transition(outcome: &Outcome, attempt: u32, now: i64) -> Transition<'_> {
                 error: Some(error),
                 finished_at: Some(now),
                 run_at: None,
-                event: status.terminal_event(),
+                event: status.event(),
                 data: format!("{{\"attempt\":{attempt},\"error\":{error}}}"),
             }
         }
@@ -342,7 +342,7 @@ fn transition(outcome: &Outcome, attempt: u32, now: i64) -> Transition<'_> {
             error: Some(error),
             finished_at: None,
             run_at: Some(*run_at),
-            event: "run.retrying",
+            event: EventKind::Retrying,
             data: format!(
                 "{{\"attempt\":{attempt},\"retry_at\":{},\"delay_ms\":{},\"error\":{error}}}",
                 iso(*run_at),
@@ -394,7 +394,7 @@ pub fn cancel_run(c: &Connection, id: &str, now: i64) -> rusqlite::Result<Cancel
         .optional()?;
     if let Some(run) = queued {
         let data = format!("{{\"attempt\":{},\"error\":{error}}}", run.attempt);
-        let event = insert_event(c, id, "run.cancelled", &data, now)?;
+        let event = insert_event(c, id, EventKind::Cancelled, &data, now)?;
         return Ok(CancelOutcome::Cancelled(Finished {
             run,
             events: vec![event],
@@ -405,7 +405,7 @@ pub fn cancel_run(c: &Connection, id: &str, now: i64) -> rusqlite::Result<Cancel
         .query_row(params![id, now], run_from_row)
         .optional()?;
     if let Some(run) = requested {
-        let event = insert_event(c, id, "run.cancel_requested", "{}", now)?;
+        let event = insert_event(c, id, EventKind::CancelRequested, "{}", now)?;
         return Ok(CancelOutcome::Requested {
             run,
             event: Some(event),
@@ -421,6 +421,11 @@ pub fn cancel_run(c: &Connection, id: &str, now: i64) -> rusqlite::Result<Cancel
     })
 }
 
+pub fn last_event_seq(c: &Connection, id: &str) -> rusqlite::Result<i64> {
+    c.prepare_cached(sql!("last_event_seq"))?
+        .query_row(params![id], |r| r.get(0))
+}
+
 pub fn events_after(
     c: &Connection,
     id: &str,
@@ -432,7 +437,7 @@ pub fn events_after(
         Ok(RunEvent {
             run_id: r.get(0)?,
             seq: r.get(1)?,
-            kind: r.get(2)?,
+            kind: EventKind::parse(&r.get::<_, String>(2)?),
             data: r.get(3)?,
             at: r.get(4)?,
         })
@@ -461,12 +466,17 @@ pub fn recover_leases(
         let (status, error, finished_at, event) = if run.cancel_requested {
             let e =
                 r#"{"code":"cancelled","message":"the run was cancelled while its node was down"}"#;
-            (RunStatus::Cancelled, Some(e), Some(now), "run.cancelled")
+            (
+                RunStatus::Cancelled,
+                Some(e),
+                Some(now),
+                EventKind::Cancelled,
+            )
         } else if run.lease_losses + 1 >= MAX_LEASE_LOSSES {
             let e = r#"{"code":"lease_lost","message":"the run's node died or lost its lease too many times"}"#;
-            (RunStatus::Failed, Some(e), Some(now), "run.failed")
+            (RunStatus::Failed, Some(e), Some(now), EventKind::Failed)
         } else {
-            (RunStatus::Queued, None, None, "run.retrying")
+            (RunStatus::Queued, None, None, EventKind::Retrying)
         };
         let updated = c
             .prepare_cached(sql!("requeue_lost"))?

@@ -1,0 +1,380 @@
+//! The route table. Every route declares, once, what it needs: who may call it (open, any
+//! key, or a scope), its rate-limit class, whether it needs the store, and where a key may
+//! come from; its OpenAPI operation is its handler's `#[utoipa::path]`. The gate in front of
+//! each route (authentication, the agent restriction, rate limits) and the OpenAPI document
+//! (security, shared error answers) read these declarations; nothing classifies requests by
+//! their path. Adding a route means adding one line here.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use agentry_core::ErrorCode;
+use agentry_core::keys::Scope;
+use axum::Router;
+use axum::extract::{ConnectInfo, RawPathParams, Request, State};
+use axum::handler::Handler;
+use axum::middleware::{Next, from_fn_with_state};
+use axum::response::Response;
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
+use utoipa_axum::routes;
+
+use crate::auth::{Principal, presented_token, refuse};
+use crate::limits::RouteClass;
+use crate::{AppState, compat, keys, native, openapi, runs};
+
+type S = Arc<AppState>;
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, even with authentication on.
+    Public,
+    /// Any valid key.
+    AnyKey,
+    /// A key with this scope (admin has every scope).
+    Scope(Scope),
+}
+
+/// Where a route takes a key from besides `Authorization: Bearer`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryToken {
+    No,
+    /// `?token=` on a WebSocket handshake (browsers cannot set headers there).
+    OnUpgrade,
+    /// `?token=` always (the spec Swagger UI loads).
+    Always,
+}
+
+/// What a route needs, declared once in the table below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    pub access: Access,
+    /// The rate-limit class its requests draw on; `None`: never limited.
+    pub limit: Option<RouteClass>,
+    /// It reads or writes the store (so it can answer 503 when the store cannot).
+    pub uses_store: bool,
+    pub query_token: QueryToken,
+}
+
+impl Policy {
+    const fn new(access: Access, limit: RouteClass) -> Self {
+        Self {
+            access,
+            limit: Some(limit),
+            uses_store: false,
+            query_token: QueryToken::No,
+        }
+    }
+    const fn store(mut self) -> Self {
+        self.uses_store = true;
+        self
+    }
+    const fn websocket(mut self) -> Self {
+        self.query_token = QueryToken::OnUpgrade;
+        self
+    }
+}
+
+/// The probes: open, never limited.
+pub const PROBE: Policy = Policy {
+    access: Access::Public,
+    limit: None,
+    uses_store: false,
+    query_token: QueryToken::No,
+};
+/// Swagger UI's files: the same for everyone, no data.
+pub const DOCS: Policy = Policy::new(Access::Public, RouteClass::Other);
+/// The OpenAPI description: any key, in the header or the query.
+pub const SPEC: Policy = Policy {
+    query_token: QueryToken::Always,
+    ..Policy::new(Access::AnyKey, RouteClass::Other)
+};
+/// Reading what is served (agents), and anything unknown.
+pub const ANY_KEY: Policy = Policy::new(Access::AnyKey, RouteClass::Other);
+pub const INVOKE: Policy = Policy::new(Access::Scope(Scope::Invoke), RouteClass::Invoke);
+pub const INVOKE_WS: Policy = INVOKE.websocket();
+pub const RUNS_READ: Policy = Policy::new(Access::Scope(Scope::RunsRead), RouteClass::Runs).store();
+pub const RUNS_READ_WS: Policy = RUNS_READ.websocket();
+pub const RUNS_WRITE: Policy =
+    Policy::new(Access::Scope(Scope::RunsWrite), RouteClass::Runs).store();
+pub const KEYS: Policy = Policy::new(Access::Scope(Scope::Admin), RouteClass::Other).store();
+
+/// The native API: each route with its policy. The OpenAPI document is generated from these.
+fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
+    vec![
+        (ANY_KEY, routes!(native::list_agents)),
+        (ANY_KEY, routes!(native::get_agent)),
+        (INVOKE, routes!(native::invoke)),
+        (INVOKE, routes!(native::stream)),
+        (INVOKE_WS, routes!(native::ws)),
+        (RUNS_WRITE, routes!(runs::create_run)),
+        (RUNS_READ, routes!(runs::list_runs)),
+        (RUNS_WRITE, routes!(runs::create_and_wait)),
+        (RUNS_WRITE, routes!(runs::create_and_stream)),
+        (RUNS_READ, routes!(runs::get_run)),
+        (RUNS_READ, routes!(runs::wait_run)),
+        (RUNS_WRITE, routes!(runs::cancel_run)),
+        (RUNS_READ, routes!(runs::run_events)),
+        (RUNS_READ_WS, routes!(runs::run_events_ws)),
+        (KEYS, routes!(keys::create_key)),
+        (KEYS, routes!(keys::list_keys)),
+        (KEYS, routes!(keys::revoke_key)),
+        (PROBE, routes!(crate::healthz)),
+        (PROBE, routes!(crate::readyz)),
+        (SPEC, routes!(openapi::openapi_json)),
+    ]
+}
+
+/// Which agent a route's requests are about, for the agent restriction of keys and the
+/// per-agent rate limits.
+#[derive(Debug, Clone)]
+enum AgentOf {
+    /// None (or the handler checks it on what it loads, as the run routes do).
+    Unnamed,
+    /// The `{agent}` path parameter, as the handler decodes and resolves it.
+    Param,
+    /// This agent (RunAgent's routes carry the agent id literally).
+    Fixed(Arc<str>),
+}
+
+#[derive(Clone)]
+struct Gate {
+    state: S,
+    policy: Policy,
+    agent: AgentOf,
+    /// Refusals are shaped as RunAgent's server shapes them (`{"detail"}`).
+    runagent: bool,
+}
+
+/// The policies of the native API's operations, by path and method (for the OpenAPI
+/// document).
+pub type Policies = HashMap<(String, String), Policy>;
+
+/// The whole HTTP surface but the global layers: every route behind its gate.
+pub(crate) fn build(state: &S) -> (Router<S>, utoipa::openapi::OpenApi, Policies) {
+    let mut api = OpenApiRouter::with_openapi(openapi::base());
+    let mut policies = Policies::new();
+    for (policy, (schemas, paths, method_router)) in native_routes() {
+        if let Ok(serde_json::Value::Object(items)) = serde_json::to_value(&paths) {
+            for (path, item) in items {
+                for method in item.as_object().into_iter().flat_map(|m| m.keys()) {
+                    policies.insert((path.clone(), method.clone()), policy);
+                }
+            }
+        }
+        let gated = method_router.layer(from_fn_with_state(
+            gate(state, policy, AgentOf::Param),
+            check,
+        ));
+        api = api.routes((schemas, paths, gated));
+    }
+    // Unknown routes under /v1 answer the native 404.
+    api = api.route(
+        "/v1/{*rest}",
+        axum::routing::any(native::no_such_route).layer(from_fn_with_state(
+            gate(state, ANY_KEY, AgentOf::Unnamed),
+            check,
+        )),
+    );
+    let (native, spec) = api.split_for_parts();
+    let mut router = Router::new();
+    for agent in state.agents.iter() {
+        let id: Arc<str> = agent.config.agent_id.as_str().into();
+        router = router.merge(
+            compat::agent_routes(state, agent).route_layer(from_fn_with_state(
+                runagent_gate(state, INVOKE_WS, AgentOf::Fixed(id)),
+                check,
+            )),
+        );
+    }
+    let router = router
+        .merge(compat::routes().route_layer(from_fn_with_state(
+            runagent_gate(state, INVOKE_WS, AgentOf::Unnamed),
+            check,
+        )))
+        .merge(native)
+        .merge(
+            Router::from(openapi::swagger_ui()).route_layer(from_fn_with_state(
+                gate(state, DOCS, AgentOf::Unnamed),
+                check,
+            )),
+        )
+        .fallback(compat::not_found.layer(from_fn_with_state(
+            runagent_gate(state, ANY_KEY, AgentOf::Unnamed),
+            check,
+        )));
+    (router, spec, policies)
+}
+
+fn gate(state: &S, policy: Policy, agent: AgentOf) -> Gate {
+    Gate {
+        state: Arc::clone(state),
+        policy,
+        agent,
+        runagent: false,
+    }
+}
+
+/// The gate of a RunAgent route (and of unknown paths, which answer as RunAgent's does).
+fn runagent_gate(state: &S, policy: Policy, agent: AgentOf) -> Gate {
+    Gate {
+        runagent: true,
+        ..gate(state, policy, agent)
+    }
+}
+
+/// The gate in front of every route: authentication and scope, the key's agent restriction,
+/// then the caller's and the agent's rate limits. With authentication off it costs one check
+/// of a flag (and a rate limit when one is configured).
+async fn check(
+    State(gate): State<Gate>,
+    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    let Gate {
+        state,
+        policy,
+        agent,
+        runagent,
+    } = gate;
+    let agent_id: Option<Arc<str>> = match &agent {
+        AgentOf::Unnamed => None,
+        AgentOf::Fixed(id) => Some(Arc::clone(id)),
+        AgentOf::Param => params.ok().and_then(|p| {
+            p.iter()
+                .find(|(k, _)| *k == "agent")
+                .and_then(|(_, v)| state.agent(v))
+                .map(|a| a.config.agent_id.as_str().into())
+        }),
+    };
+    let mut principal = Principal(None);
+    if policy.access != Access::Public && state.auth.enabled() {
+        let Some(token) = presented_token(&req, policy.query_token) else {
+            return refuse(
+                runagent,
+                ErrorCode::AuthenticationError,
+                "an API key is required: send `Authorization: Bearer <key>`",
+            );
+        };
+        let Some(entry) = state.auth.check(token) else {
+            return refuse(
+                runagent,
+                ErrorCode::AuthenticationError,
+                "the API key is not valid (unknown, revoked or expired)",
+            );
+        };
+        if let Access::Scope(scope) = policy.access
+            && !entry.key.grants(scope)
+        {
+            return refuse(
+                runagent,
+                ErrorCode::PermissionError,
+                &format!(
+                    "the API key {} lacks the `{}` scope",
+                    entry.key.id,
+                    scope.as_str()
+                ),
+            );
+        }
+        principal = Principal(Some(entry));
+        if let Some(agent) = agent_id.as_deref().and_then(|id| state.agents.by_id(id))
+            && !principal.allows(agent)
+        {
+            return refuse(
+                runagent,
+                ErrorCode::PermissionError,
+                "the API key is limited to other agents",
+            );
+        }
+    }
+    if let Some(class) = policy.limit
+        && !state.limits.is_empty()
+    {
+        // The key's id is borrowed; only an IP address is formatted.
+        let caller: std::borrow::Cow<'_, str> = match principal.0.as_ref() {
+            Some(entry) => std::borrow::Cow::Borrowed(&entry.key.id),
+            None => req
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or("unknown".into(), |c| c.0.ip().to_string().into()),
+        };
+        if let Err(limited) = state.limits.check_caller(class, &caller) {
+            return limited.into_response(runagent);
+        }
+        if let Some(id) = agent_id.as_deref()
+            && let Err(limited) = state.limits.check_agent(class, id)
+        {
+            return limited.into_response(runagent);
+        }
+    }
+    req.extensions_mut().insert(principal);
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What each kind of route needs, as the table declares it.
+    #[test]
+    fn routes_map_to_scopes() {
+        let table: Vec<(String, String, Policy)> = native_routes()
+            .into_iter()
+            .flat_map(|(policy, (_, paths, _))| {
+                let items = serde_json::to_value(&paths).unwrap_or_default();
+                items
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .flat_map(|(path, item)| {
+                        item.as_object()
+                            .into_iter()
+                            .flatten()
+                            .map(|(method, _)| (path.clone(), method.clone(), policy))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let of = |method: &str, path: &str| {
+            table
+                .iter()
+                .find(|(p, m, _)| p == path && m == method)
+                .map(|(_, _, policy)| policy.access)
+                .unwrap_or_else(|| panic!("{method} {path} is not in the table"))
+        };
+        assert_eq!(of("get", "/healthz"), Access::Public);
+        assert_eq!(of("get", "/readyz"), Access::Public);
+        assert_eq!(of("get", "/openapi.json"), Access::AnyKey);
+        assert_eq!(of("get", "/v1/agents"), Access::AnyKey);
+        assert_eq!(
+            of("post", "/v1/agents/{agent}/entrypoints/{tag}/invoke"),
+            Access::Scope(Scope::Invoke)
+        );
+        assert_eq!(
+            of("get", "/v1/agents/{agent}/entrypoints/{tag}/ws"),
+            Access::Scope(Scope::Invoke)
+        );
+        assert_eq!(
+            of("get", "/v1/runs/{id}/events"),
+            Access::Scope(Scope::RunsRead)
+        );
+        assert_eq!(
+            of("post", "/v1/runs/{id}/cancel"),
+            Access::Scope(Scope::RunsWrite)
+        );
+        assert_eq!(of("get", "/v1/keys"), Access::Scope(Scope::Admin));
+        assert_eq!(of("delete", "/v1/keys/{id}"), Access::Scope(Scope::Admin));
+        // Every route of the store says so; the probes and the spec are never limited by
+        // the store.
+        for (path, method, policy) in &table {
+            assert_eq!(
+                policy.uses_store,
+                path.starts_with("/v1/runs") || path.starts_with("/v1/keys"),
+                "{method} {path}"
+            );
+        }
+    }
+}
