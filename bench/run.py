@@ -3,6 +3,9 @@ same agent, same clients, same load, one run, on loopback. Prints ratios; writes
 bench/results/serving-<time>.json and .md.
 
 usage: python bench/run.py --agentry target/release/agentry --venv VENV [--rounds 3] [--no-runagent]
+                          [--baseline-agentry OLD_BINARY]
+With --baseline-agentry, an older build is measured too, in the same rounds (`agentry_old`), and
+the new/old ratios are printed: the A/B for a change that must not move the figures.
 VENV must hold runagent==0.1.49 (which brings fastapi, uvicorn and websockets). wrk must be on PATH.
 
 The machine is noisy: every load figure is measured in `rounds` interleaved rounds (one server
@@ -128,6 +131,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-runagent", action="store_true", help="skip RunAgent itself (it is slow)")
+    ap.add_argument("--baseline-agentry", help="an older agentry binary, measured alongside (A/B)")
     args = ap.parse_args()
     python = os.path.join(args.venv, "bin", "python")
     runagent = os.path.join(args.venv, "bin", "runagent")
@@ -153,6 +157,10 @@ def main():
         "agentry": startup(python, ours_cmd(p), p, 5),
         "fastapi": startup(python, [python, os.path.join(KIT, "fastapi_echo.py"), str(p)], p, 5),
     }
+    old_cmd = lambda port, *extra: [args.baseline_agentry, "serve", agent, "--port", str(port), "--workers",
+                                    str(args.workers), "--state-dir", os.path.join(work, "state-old"), *extra]
+    if args.baseline_agentry:
+        results["startup"]["agentry_old"] = startup(python, old_cmd(p), p, 5)
     if with_runagent:
         subprocess.run([runagent, "config", "--register-agent", agent], env=env, capture_output=True, check=True)
         results["startup"]["runagent"] = startup(python, [runagent, "serve", "--no-animation", "--port", str(p),
@@ -161,6 +169,9 @@ def main():
     servers = {}
     port = free_port()
     servers["agentry"] = Server("agentry", ours_cmd(port), port, env)
+    if args.baseline_agentry:
+        port = free_port()
+        servers["agentry_old"] = Server("agentry_old", old_cmd(port), port, env)
     port = free_port()
     servers["agentry_no_history"] = Server("agentry_no_history", ours_cmd(port, "--no-runagent-db"), port, env)
     # The same server with authentication on (an `invoke` key on every request) and a rate limit
@@ -243,6 +254,15 @@ def main():
     ratios["c1_rps_auth_vs_off"] = auth["c1_rps"] / ours["c1_rps"]
     if "runagent" in load:
         ratios["c64_rps_vs_runagent"] = ours["c64_rps"] / load["runagent"]["c64_rps"]
+    if "agentry_old" in load:
+        old = load["agentry_old"]
+        ratios["new_vs_old_c64_rps"] = ours["c64_rps"] / old["c64_rps"]
+        ratios["new_vs_old_c1_rps"] = ours["c1_rps"] / old["c1_rps"]
+        ratios["new_vs_old_c1_p50"] = ours["c1_p50_ms"] / old["c1_p50_ms"]
+        ratios["new_vs_old_ttfc"] = ours["ttfc_ms"] / old["ttfc_ms"]
+        ratios["new_vs_old_chunks_per_s"] = ours["chunks_per_s"] / old["chunks_per_s"]
+        ratios["new_vs_old_startup"] = (results["startup"]["agentry"]["startup_s_median"]
+                                        / results["startup"]["agentry_old"]["startup_s_median"])
     results["ratios"] = ratios
 
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
@@ -258,9 +278,10 @@ def main():
 
 def render(r):
     load, st = r["load"], r["startup"]
-    names = [n for n in ["agentry", "agentry_no_history", "agentry_auth", "fastapi", "runagent"] if n in load]
+    names = [n for n in ["agentry", "agentry_old", "agentry_no_history", "agentry_auth", "fastapi", "runagent"]
+             if n in load]
     rows = [
-        ("start-up to first 200 (s)", lambda n: st.get(n.replace("_no_history", "").replace("_auth", ""), {}).get("startup_s_median")),
+        ("start-up to first 200 (s)", lambda n: st.get(n if n == "agentry_old" else n.replace("_no_history", "").replace("_auth", ""), {}).get("startup_s_median")),
         ("RSS idle, server process (MiB)", lambda n: r["rss_idle_mib"].get(n)),
         ("wrk c=1 p50 (ms)", lambda n: load[n]["c1_p50_ms"]),
         ("wrk c=1 req/s", lambda n: load[n]["c1_rps"]),
@@ -285,6 +306,8 @@ def render(r):
         "c64_rps_vs_fastapi": "≥ 6", "c64_rps_no_history_vs_fastapi": "(info)", "c1_p50_vs_fastapi": "≤ 0.25",
         "ttfc_vs_fastapi": "≤ 0.5", "chunks_per_s_vs_fastapi": "≥ 1", "startup_vs_fastapi": "≤ 0.5",
         "c64_rps_vs_runagent": "≥ 500", "c64_rps_auth_vs_off": "≥ 0.9", "c1_rps_auth_vs_off": "≥ 0.9",
+        "new_vs_old_c64_rps": "≈ 1", "new_vs_old_c1_rps": "≈ 1", "new_vs_old_c1_p50": "≈ 1",
+        "new_vs_old_ttfc": "≈ 1", "new_vs_old_chunks_per_s": "≈ 1", "new_vs_old_startup": "≈ 1",
     }
     for k, v in r["ratios"].items():
         out.append(f"| {k} | {v:.2f} | {targets.get(k, '')} |")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The serving benchmark, side by side with the baselines, in one run on loopback.
-# usage: bench/run.sh [--rounds N] [--no-runagent]      (about 6 minutes with RunAgent)
+# usage: bench/run.sh [--rounds N] [--no-runagent] [--baseline-agentry OLD_BINARY]   (about 6 minutes with RunAgent)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v wrk >/dev/null || { echo "installing wrk"; apt-get install -y -qq wrk >/dev/null; }

@@ -5,7 +5,8 @@ its `prefork-durable` configuration) and then Agentry (bench/loadgen against a f
 fresh state directory, fsync on every commit), with the same load: warm-up, 200 sequential
 enqueue->start samples, then N no-op runs submitted by 32 concurrent submitters, every result
 fetched and checked. Prints per-round figures, medians, ratios (Agentry / Celery), and writes
-everything to bench/results/runs-<time>.json.
+everything to bench/results/runs-<time>.json. With --baseline-agentry, an older build runs the
+same load in every round too (`agentry_old`), and the new/old ratios are printed (an A/B).
 """
 import argparse
 import json
@@ -116,6 +117,7 @@ def main():
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--agentry-arg", action="append", default=[], help="extra flag for agentry serve")
+    ap.add_argument("--baseline-agentry", help="an older agentry binary, run in every round too (A/B)")
     a = ap.parse_args()
     outdir = tempfile.mkdtemp(prefix="runs-bench-")
     rounds = []
@@ -127,9 +129,24 @@ def main():
         log(f"round {r} agentry: e2e {g['e2e_runs_per_s']}/s submit {g['submit_runs_per_s']}/s "
             f"enq->start p50 {g['enqueue_to_start_ms']['p50']} ms cpu {g['cpu_us_per_run']} us/run "
             f"errors {g['errors']}")
-        rounds.append({"celery": c, "agentry": g})
+        row = {"celery": c, "agentry": g}
+        if a.baseline_agentry:
+            o = agentry_round(a.baseline_agentry, a.loadgen, a.n, a.threads, outdir, f"{r}-old", a.agentry_arg)
+            log(f"round {r} old    : e2e {o['e2e_runs_per_s']}/s submit {o['submit_runs_per_s']}/s "
+                f"enq->start p50 {o['enqueue_to_start_ms']['p50']} ms cpu {o['cpu_us_per_run']} us/run "
+                f"errors {o['errors']}")
+            row["agentry_old"] = o
+        rounds.append(row)
     cel = [x["celery"] for x in rounds]
     agt = [x["agentry"] for x in rounds]
+    old = [x["agentry_old"] for x in rounds if "agentry_old" in x]
+
+    def figures(rows):
+        return {"e2e_runs_per_s": med(rows, "e2e_runs_per_s"), "submit_runs_per_s": med(rows, "submit_runs_per_s"),
+                "enqueue_to_start_p50_ms": med(rows, "enqueue_to_start_ms", "p50"),
+                "enqueue_to_start_p99_ms": med(rows, "enqueue_to_start_ms", "p99"),
+                "round_trip_p50_ms": med(rows, "round_trip_ms", "p50"),
+                "cpu_us_per_run": med(rows, "cpu_us_per_run")}
     summary = {
         "n": a.n, "threads": a.threads, "rounds": a.rounds,
         "celery": {"e2e_runs_per_s": med(cel, "e2e_runs_per_s"), "submit_runs_per_s": med(cel, "submit_runs_per_s"),
@@ -150,6 +167,13 @@ def main():
         "enqueue_to_start_p50": round(s["agentry"]["enqueue_to_start_p50_ms"] / s["celery"]["enqueue_to_start_p50_ms"], 2),
         "cpu_per_run": round(s["agentry"]["cpu_us_per_run"] / s["celery"]["cpu_us_per_run"], 2),
     }
+    if old:
+        s["agentry_old"] = figures(old)
+        s["errors"] += [e for o in old for e in o["errors"]]
+        s["new_vs_old"] = {
+            k: round(s["agentry"][k] / s["agentry_old"][k], 3) if s["agentry_old"][k] else None
+            for k in ["e2e_runs_per_s", "submit_runs_per_s", "enqueue_to_start_p50_ms", "cpu_us_per_run"]
+        }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     path = os.path.join(HERE, "results", time.strftime("runs-%Y%m%d-%H%M%S.json"))
     with open(path, "w") as f:
@@ -162,6 +186,15 @@ def main():
 | enqueue→start p50 / p99, ms (idle) | {s['celery']['enqueue_to_start_p50_ms']} / {s['celery']['enqueue_to_start_p99_ms']} | {s['agentry']['enqueue_to_start_p50_ms']} / {s['agentry']['enqueue_to_start_p99_ms']} | {s['ratios']['enqueue_to_start_p50']}× |
 | round trip p50, ms (idle) | {s['celery']['round_trip_p50_ms']} | {s['agentry']['round_trip_p50_ms']} | |
 | CPU µs per run (client + server/worker + broker) | {s['celery']['cpu_us_per_run']:,.0f} | {s['agentry']['cpu_us_per_run']:,.0f} | {s['ratios']['cpu_per_run']}× |
+""")
+    if old:
+        o, n_ = s["agentry_old"], s["agentry"]
+        print(f"""| A/B (same rounds) | old | new | new / old |
+|---|---|---|---|
+| submit→all results, runs/s | {o['e2e_runs_per_s']:,.0f} | {n_['e2e_runs_per_s']:,.0f} | {s['new_vs_old']['e2e_runs_per_s']} |
+| submit only, runs/s | {o['submit_runs_per_s']:,.0f} | {n_['submit_runs_per_s']:,.0f} | {s['new_vs_old']['submit_runs_per_s']} |
+| enqueue→start p50, ms | {o['enqueue_to_start_p50_ms']} | {n_['enqueue_to_start_p50_ms']} | {s['new_vs_old']['enqueue_to_start_p50_ms']} |
+| CPU µs per run | {o['cpu_us_per_run']:,.0f} | {n_['cpu_us_per_run']:,.0f} | {s['new_vs_old']['cpu_us_per_run']} |
 """)
     print(f"errors: {summary['errors']}\nfull results: {path}\nlogs: {outdir}")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The durable-runs benchmark: Agentry's /v1/runs against Celery + Redis, same load, same run.
-# usage: bench/runs.sh [--rounds N] [--n 10000] [--threads 32]      (about 2 minutes for 3 rounds)
+# usage: bench/runs.sh [--rounds N] [--n 10000] [--threads 32] [--baseline-agentry OLD_BINARY]   (about 2 minutes for 3 rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${AGENTRY_CELERY_VENV:-$PWD/target/celery-venv}"

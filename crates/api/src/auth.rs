@@ -22,9 +22,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use parking_lot::RwLock;
 
-use crate::Agent;
 use crate::error::ApiError;
-use crate::routes::QueryToken;
+use crate::policy::QueryToken;
 
 /// A key known to the server, with its last use.
 pub struct KeyEntry {
@@ -40,7 +39,7 @@ pub struct Principal(pub Option<Arc<KeyEntry>>);
 
 impl Principal {
     /// Whether the caller may touch this agent.
-    pub fn allows(&self, agent: &Agent) -> bool {
+    pub fn allows(&self, agent: &agentry_core::agent::ServedAgent) -> bool {
         self.0.as_ref().is_none_or(|k| {
             k.key
                 .allows_agent(&agent.config.agent_id, &agent.config.agent_name)

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use crate::pyjson::{push_json_str, python_json_error, structured};
 use crate::request_id::RequestId;
-use crate::{Agent, AppState};
+use crate::state::{Agent, AppState};
 
 type S = Arc<AppState>;
 

@@ -7,6 +7,10 @@ use agentry_core::ErrorCode;
 use serde::{Deserialize, Deserializer, de::Error};
 use serde_json::json;
 
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::http::StatusCode;
+
 use crate::error::ApiError;
 
 /// A request body as `T`, refusing anything but a JSON object.
@@ -49,4 +53,21 @@ pub fn opt_int<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<Optio
     Option::<serde_json::Number>::deserialize(d)?
         .map(integral::<D, T>)
         .transpose()
+}
+
+/// A request body, or the error for one the body limit or the connection cut off.
+pub(crate) fn body_or_error(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("the request body is larger than the limit of {limit} bytes"),
+            )
+        } else {
+            ApiError::new(ErrorCode::ValidationError, rejection.body_text())
+        }
+    })
 }

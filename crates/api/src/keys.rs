@@ -15,12 +15,11 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::AppState;
 use crate::auth::{Caller, principal};
+use crate::de::body_or_error;
 use crate::error::{ApiError, invalid};
-use crate::native::body_or_error;
-use crate::openapi::{ErrorEnvelope, ScopeView};
-use crate::rfc3339;
+use crate::state::AppState;
+use crate::views::{ErrorEnvelope, ScopeView, rfc3339};
 
 type S = Arc<AppState>;
 

@@ -15,7 +15,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Extension, Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
@@ -25,10 +25,11 @@ use serde_json::{Value, json};
 use utoipa::{IntoParams, IntoResponses, ToSchema};
 
 use crate::auth::{Caller, principal};
+use crate::de::body_or_error;
 use crate::error::{ApiError, upgrade_required, ws_read_close_code};
-use crate::openapi::{ErrorEnvelope, InvokeResponse, SseEvent};
 use crate::request_id::RequestId;
-use crate::{Agent, AppState};
+use crate::state::{Agent, AppState};
+use crate::views::{ErrorEnvelope, InvokeResponse, SseEvent};
 
 type S = Arc<AppState>;
 
@@ -293,22 +294,6 @@ fn prepare(
             .config
             .workers
             .call_timeout(parsed.timeout_s, entrypoint.timeout_s),
-    })
-}
-
-pub(crate) fn body_or_error(
-    body: Result<Bytes, BytesRejection>,
-    limit: usize,
-) -> Result<Bytes, ApiError> {
-    body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("the request body is larger than the limit of {limit} bytes"),
-            )
-        } else {
-            ApiError::new(ErrorCode::ValidationError, rejection.body_text())
-        }
     })
 }
 

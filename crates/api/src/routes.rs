@@ -5,12 +5,10 @@
 //! (security, shared error answers) read these declarations; nothing classifies requests by
 //! their path. Adding a route means adding one line here.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use agentry_core::ErrorCode;
-use agentry_core::keys::Scope;
 use axum::Router;
 use axum::extract::{ConnectInfo, RawPathParams, Request, State};
 use axum::handler::Handler;
@@ -20,85 +18,11 @@ use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouter};
 use utoipa_axum::routes;
 
 use crate::auth::{Principal, presented_token, refuse};
-use crate::limits::RouteClass;
-use crate::{AppState, compat, keys, native, openapi, runs};
+pub use crate::policy::*;
+use crate::state::AppState;
+use crate::{compat, keys, native, openapi, probes, runs};
 
 type S = Arc<AppState>;
-
-/// Who may call a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Anyone, even with authentication on.
-    Public,
-    /// Any valid key.
-    AnyKey,
-    /// A key with this scope (admin has every scope).
-    Scope(Scope),
-}
-
-/// Where a route takes a key from besides `Authorization: Bearer`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueryToken {
-    No,
-    /// `?token=` on a WebSocket handshake (browsers cannot set headers there).
-    OnUpgrade,
-    /// `?token=` always (the spec Swagger UI loads).
-    Always,
-}
-
-/// What a route needs, declared once in the table below.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    pub access: Access,
-    /// The rate-limit class its requests draw on; `None`: never limited.
-    pub limit: Option<RouteClass>,
-    /// It reads or writes the store (so it can answer 503 when the store cannot).
-    pub uses_store: bool,
-    pub query_token: QueryToken,
-}
-
-impl Policy {
-    const fn new(access: Access, limit: RouteClass) -> Self {
-        Self {
-            access,
-            limit: Some(limit),
-            uses_store: false,
-            query_token: QueryToken::No,
-        }
-    }
-    const fn store(mut self) -> Self {
-        self.uses_store = true;
-        self
-    }
-    const fn websocket(mut self) -> Self {
-        self.query_token = QueryToken::OnUpgrade;
-        self
-    }
-}
-
-/// The probes: open, never limited.
-pub const PROBE: Policy = Policy {
-    access: Access::Public,
-    limit: None,
-    uses_store: false,
-    query_token: QueryToken::No,
-};
-/// Swagger UI's files: the same for everyone, no data.
-pub const DOCS: Policy = Policy::new(Access::Public, RouteClass::Other);
-/// The OpenAPI description: any key, in the header or the query.
-pub const SPEC: Policy = Policy {
-    query_token: QueryToken::Always,
-    ..Policy::new(Access::AnyKey, RouteClass::Other)
-};
-/// Reading what is served (agents), and anything unknown.
-pub const ANY_KEY: Policy = Policy::new(Access::AnyKey, RouteClass::Other);
-pub const INVOKE: Policy = Policy::new(Access::Scope(Scope::Invoke), RouteClass::Invoke);
-pub const INVOKE_WS: Policy = INVOKE.websocket();
-pub const RUNS_READ: Policy = Policy::new(Access::Scope(Scope::RunsRead), RouteClass::Runs).store();
-pub const RUNS_READ_WS: Policy = RUNS_READ.websocket();
-pub const RUNS_WRITE: Policy =
-    Policy::new(Access::Scope(Scope::RunsWrite), RouteClass::Runs).store();
-pub const KEYS: Policy = Policy::new(Access::Scope(Scope::Admin), RouteClass::Other).store();
 
 /// The native API: each route with its policy. The OpenAPI document is generated from these.
 fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
@@ -120,8 +44,8 @@ fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
         (KEYS, routes!(keys::create_key)),
         (KEYS, routes!(keys::list_keys)),
         (KEYS, routes!(keys::revoke_key)),
-        (PROBE, routes!(crate::healthz)),
-        (PROBE, routes!(crate::readyz)),
+        (PROBE, routes!(probes::healthz)),
+        (PROBE, routes!(probes::readyz)),
         (SPEC, routes!(openapi::openapi_json)),
     ]
 }
@@ -146,10 +70,6 @@ struct Gate {
     /// Refusals are shaped as RunAgent's server shapes them (`{"detail"}`).
     runagent: bool,
 }
-
-/// The policies of the native API's operations, by path and method (for the OpenAPI
-/// document).
-pub type Policies = HashMap<(String, String), Policy>;
 
 /// The whole HTTP surface but the global layers: every route behind its gate.
 pub(crate) fn build(state: &S) -> (Router<S>, utoipa::openapi::OpenApi, Policies) {
@@ -315,6 +235,8 @@ async fn check(
 
 #[cfg(test)]
 mod tests {
+    use agentry_core::keys::Scope;
+
     use super::*;
 
     /// What each kind of route needs, as the table declares it.

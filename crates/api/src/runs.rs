@@ -24,13 +24,14 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use utoipa::{IntoParams, IntoResponses, ToSchema};
 
-use crate::AppState;
 use crate::auth::{Caller, Principal, principal};
+use crate::de::body_or_error;
 use crate::error::{ApiError, invalid, upgrade_required};
-use crate::native::body_or_error;
-use crate::openapi::{BackoffView, ErrorEnvelope, RunErrorView, RunStatusView, SseEvent};
 use crate::request_id::RequestId;
-use crate::{rfc3339, time};
+use crate::state::AppState;
+use crate::views::{
+    BackoffView, ErrorEnvelope, RunErrorView, RunStatusView, SseEvent, rfc3339, time,
+};
 
 type S = Arc<AppState>;
 /// A run the caller's key may not see is, to it, no run at all.

@@ -1,10 +1,12 @@
 //! Replays every request captured from RunAgent 0.1.49's own server (tests/compat/golden.json,
 //! made by tests/compat/capture_golden.py) against `agentry serve`, and compares status codes,
 //! headers and bodies byte for byte. Only values that differ on every call are redacted:
-//! timestamps, request and invocation ids, durations, the port, and object addresses.
+//! timestamps, request and invocation ids, durations, the port, and object addresses. The
+//! application runs in the test process (`TestApp`).
 
 mod common;
 
+use common::app::TestApp;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -40,7 +42,7 @@ fn golden() -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http_responses_match_runagent_byte_for_byte() {
-    let srv = server(fixture("compat")).start();
+    let srv = TestApp::serve(fixture("compat")).await;
     let golden = golden();
     let client = client();
     let mut failures = Vec::new();
@@ -101,7 +103,7 @@ async fn http_responses_match_runagent_byte_for_byte() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_frames_match_runagent() {
-    let srv = server(fixture("compat")).start();
+    let srv = TestApp::serve(fixture("compat")).await;
     let golden = golden();
     let mut failures = Vec::new();
     for case in golden["ws"].as_array().expect("ws cases") {

@@ -1,9 +1,11 @@
 //! Input validation before Python: every native invoke, stream, WebSocket call and run input is
 //! checked against the entrypoint's schema (422 naming each field), with the documented safe
-//! coercions applied; the RunAgent routes pass input through untouched.
+//! coercions applied; the RunAgent routes pass input through untouched. The application runs in
+//! the test process (`TestApp`).
 
 mod common;
 
+use common::app::TestApp;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -15,14 +17,14 @@ fn typed() -> std::path::PathBuf {
     fixture("typed")
 }
 
-async fn invoke(srv: &Server, path: &str, body: Value) -> (u16, Value) {
+async fn invoke(srv: &TestApp, path: &str, body: Value) -> (u16, Value) {
     let (status, text) = post(&srv.url(path), &body.to_string()).await;
     (status, json(&text))
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn safe_coercions_reach_python_as_the_declared_types() {
-    let srv = server(typed()).start();
+    let srv = TestApp::serve(typed()).await;
     let (status, v) = invoke(
         &srv,
         PROFILE,
@@ -62,7 +64,7 @@ async fn safe_coercions_reach_python_as_the_declared_types() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_422_names_each_failing_field_before_python_runs() {
-    let srv = server(typed()).start();
+    let srv = TestApp::serve(typed()).await;
     let (status, v) = invoke(
         &srv,
         PROFILE,
@@ -141,7 +143,7 @@ async fn the_422_names_each_failing_field_before_python_runs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn streams_websockets_and_runs_are_validated_too() {
-    let srv = server(typed()).start();
+    let srv = TestApp::serve(typed()).await;
     // SSE: a bad input is a plain 422 before any event.
     let (status, text) = post(
         &srv.url("/v1/agents/typed_fixture/entrypoints/count_stream/stream"),
@@ -213,7 +215,7 @@ async fn streams_websockets_and_runs_are_validated_too() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn runagent_routes_pass_input_through_uncoerced() {
-    let srv = server(typed()).start();
+    let srv = TestApp::serve(typed()).await;
     let (status, text) = post(
         &srv.url("/api/v1/agents/33333333-4444-5555-6666-777777777777/run"),
         &json!({"entrypoint_tag": "profile", "input_args": [], "input_kwargs": {"name": "x", "age": "41"}}).to_string(),

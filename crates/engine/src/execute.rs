@@ -15,7 +15,7 @@ use agentry_core::store::StoreError;
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
-use crate::{Inner, Running, Signal};
+use crate::state::{Inner, Running, Signal};
 
 /// Registers the claimed run and spawns its executor.
 pub(crate) fn start(inner: &Arc<Inner>, claimed: ClaimedRun) {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use agentry_core::runs::{LeaseRef, now_ms};
 
-use crate::{Inner, Signal};
+use crate::state::{Inner, Signal};
 
 /// Renews every lease this node holds, one write for all. A lease found lost (the run was
 /// requeued because this node looked dead, or finished elsewhere) abandons its executor; a

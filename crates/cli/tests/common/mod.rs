@@ -2,6 +2,8 @@
 //! with its own state directory and its own RunAgent cache directory.
 #![allow(dead_code)]
 
+pub mod app;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -28,31 +28,11 @@ use tokio::sync::Notify;
 
 pub use calls::{CallStream, RunCall};
 use calls::{Credit, InFlight, PendingUnary};
+pub use slots::PoolConfig;
 use slots::{Mode, PoolInner, PoolState, Slot, Waiter};
 
 use crate::protocol::ImportFailure;
 use crate::worker::{SpawnError, Worker, WorkerSpec};
-
-/// Tuning of a pool, from the configuration's `workers` and `runs` sections.
-#[derive(Debug, Clone)]
-pub struct PoolConfig {
-    /// Warm workers kept for the agent.
-    pub workers: usize,
-    /// Async calls that may share one worker.
-    pub max_async_per_worker: usize,
-    /// Sync calls that may queue on one busy worker (1 disables pipelining).
-    pub pipeline_depth: usize,
-    /// Only entrypoints whose calls average less than this are pipelined, so that a short call
-    /// never waits behind a long one.
-    pub pipeline_below: Duration,
-    /// Stream chunks a worker may send ahead of the consumer (backpressure window).
-    pub stream_window: u32,
-    /// How long a cancelled call (its client left, or its shared worker's deadline passed)
-    /// may take to stop before its worker is killed.
-    pub cancel_grace: Duration,
-    /// The same for the call of a durable run (`runs.cancel_grace_s`).
-    pub run_cancel_grace: Duration,
-}
 
 /// Why a pool could not start.
 #[derive(Debug, thiserror::Error)]

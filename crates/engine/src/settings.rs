@@ -1,0 +1,50 @@
+//! The engine's tuning, derived from the `runs` section of the configuration.
+
+use std::time::Duration;
+
+use agentry_core::settings::RunsConfig;
+
+/// Tuning of the engine, derived from the `runs` section of the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// This node's stable name (its previous incarnation's runs are requeued at start-up).
+    pub node: String,
+    /// Runs executing at once on this node, all agents together.
+    pub max_running: usize,
+    /// How long a claim holds a run without renewal.
+    pub lease_ttl: Duration,
+    /// How often leases are renewed.
+    pub heartbeat_every: Duration,
+    /// Least time between two `run.heartbeat` events of one run.
+    pub heartbeat_event_every: Duration,
+    /// How often expired leases of other (dead) nodes are looked for.
+    pub reap_every: Duration,
+    /// How long a cancelled running run may take to stop before its worker is killed.
+    pub cancel_grace: Duration,
+    /// Finished runs older than this are deleted. `None`: kept forever.
+    pub retention: Option<Duration>,
+    pub retention_every: Duration,
+    /// Runs deleted per retention transaction (small, so dispatch never waits long).
+    pub purge_batch: usize,
+    /// Longest sleep of an idle dispatcher (a safety net; wake-ups are immediate).
+    pub idle_poll: Duration,
+}
+
+impl EngineSettings {
+    /// The engine's settings for this node, from the configuration's `runs` section.
+    pub fn new(node: String, runs: &RunsConfig) -> Self {
+        Self {
+            node,
+            max_running: runs.max_running,
+            lease_ttl: runs.lease_ttl(),
+            heartbeat_every: runs.heartbeat_every(),
+            heartbeat_event_every: runs.heartbeat_event_every(),
+            reap_every: runs.reap_every(),
+            cancel_grace: runs.cancel_grace(),
+            retention: runs.retention(),
+            retention_every: runs.retention_every(),
+            purge_batch: 200,
+            idle_poll: Duration::from_secs(1),
+        }
+    }
+}

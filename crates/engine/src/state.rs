@@ -1,0 +1,132 @@
+//! What the engine's tasks share: the store, the agents, this node's lease owner, the live
+//! hub, and the bookkeeping of the attempts running here and the slots held for direct leases.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use agentry_core::agent::Agents;
+use agentry_core::runs::{Run, RunEvent};
+use agentry_core::store::RunStore;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+
+use crate::hub::EventHub;
+use crate::settings::EngineSettings;
+
+/// What an executor listens to besides its call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Signal {
+    None,
+    /// Someone asked to cancel the run.
+    Cancel,
+    /// The lease is gone (another node took the run, or the engine is stopping): stop without
+    /// writing anything.
+    Abandon,
+}
+
+pub(crate) struct Running {
+    pub(crate) agent: String,
+    pub(crate) attempt: u32,
+    pub(crate) signal: watch::Sender<Signal>,
+    pub(crate) last_heartbeat_event: std::time::Instant,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn RunStore>,
+    pub(crate) agents: Arc<Agents>,
+    /// Agent ids in a fixed order, for fair claims.
+    pub(crate) order: Vec<String>,
+    pub(crate) settings: EngineSettings,
+    /// `node/incarnation`: the lease owner of everything this process claims.
+    pub(crate) owner: String,
+    pub(crate) hub: Arc<EventHub>,
+    pub(crate) wake: Notify,
+    pub(crate) running: Mutex<HashMap<String, Running>>,
+    /// Slots held by submissions that may lease their run directly, per agent.
+    pub(crate) reserved: Mutex<HashMap<String, usize>>,
+    /// Rotates which agent claims first.
+    pub(crate) turn: std::sync::atomic::AtomicUsize,
+    pub(crate) stopping: watch::Sender<bool>,
+    pub(crate) tasks: Mutex<JoinSet<()>>,
+}
+
+impl Inner {
+    pub(crate) fn stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
+    /// Holds one slot of `agent`'s capacity for a submission that may lease its run directly.
+    pub(crate) fn reserve(self: &Arc<Self>, agent: &str) -> Option<Reservation> {
+        let cap = self.agents.by_id(agent)?.max_running_runs;
+        let running = self.running.lock();
+        let mut reserved = self.reserved.lock();
+        let total_reserved: usize = reserved.values().sum();
+        if running.len() + total_reserved >= self.settings.max_running {
+            return None;
+        }
+        let used = running.values().filter(|r| r.agent == agent).count()
+            + reserved.get(agent).copied().unwrap_or(0);
+        if used >= cap {
+            return None;
+        }
+        *reserved.entry(agent.to_string()).or_default() += 1;
+        Some(Reservation {
+            inner: Arc::clone(self),
+            agent: agent.to_string(),
+        })
+    }
+
+    /// How many more runs each agent may start now, within the global cap. The agent that
+    /// claims first rotates, so that one busy agent cannot starve the others of the global cap.
+    pub(crate) fn free_capacity(&self) -> Vec<(String, usize)> {
+        let running = self.running.lock();
+        let reserved = self.reserved.lock();
+        let mut global_free = self
+            .settings
+            .max_running
+            .saturating_sub(running.len() + reserved.values().sum::<usize>());
+        let mut per_agent: HashMap<&str, usize> = HashMap::new();
+        for r in running.values() {
+            *per_agent.entry(r.agent.as_str()).or_default() += 1;
+        }
+        for (agent, n) in reserved.iter() {
+            *per_agent.entry(agent.as_str()).or_default() += n;
+        }
+        let n = self.order.len();
+        let start = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let name = &self.order[(start + i) % n.max(1)];
+            let Some(agent) = self.agents.by_id(name) else {
+                continue;
+            };
+            let used = per_agent.get(name.as_str()).copied().unwrap_or(0);
+            let free = agent.max_running_runs.saturating_sub(used).min(global_free);
+            global_free -= free;
+            if free > 0 {
+                out.push((name.clone(), free));
+            }
+        }
+        out
+    }
+
+    pub(crate) fn publish(&self, events: &[RunEvent], run: Option<&Run>) {
+        self.hub.publish(events, run);
+    }
+}
+
+/// A slot held for a direct lease; released on drop.
+pub(crate) struct Reservation {
+    pub(crate) inner: Arc<Inner>,
+    pub(crate) agent: String,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut reserved = self.inner.reserved.lock();
+        if let Some(n) = reserved.get_mut(&self.agent) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
