@@ -36,10 +36,17 @@ use crate::views::{
 type S = Arc<AppState>;
 /// A run the caller's key may not see is, to it, no run at all.
 fn visible(state: &S, who: &Principal, run: Run) -> Result<Run, ApiError> {
-    match state.agent(&run.agent) {
-        Some(agent) if !who.allows(agent) => Err(not_found(&run.id)),
-        _ => Ok(run),
+    if may_see(state, who, &run) {
+        Ok(run)
+    } else {
+        Err(not_found(&run.id))
     }
+}
+
+fn may_see(state: &S, who: &Principal, run: &Run) -> bool {
+    state
+        .agent(&run.agent)
+        .is_none_or(|agent| who.allows(agent))
 }
 
 /// Longest `wait` a client may ask for, in seconds.
@@ -520,10 +527,9 @@ pub(crate) async fn wait_run(
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let who = principal(caller);
-    find_run(&state, &who, &id).await?;
     let run = state
         .engine
-        .wait(&id, wait_for(&q)?)
+        .wait(&id, wait_for(&q)?, |run| may_see(&state, &who, run))
         .await
         .map_err(ApiError::from_store)?
         .ok_or_else(|| not_found(&id))?;
@@ -550,7 +556,7 @@ pub(crate) async fn create_and_wait(
     let (run, _) = submit(&state, &who, body).await?;
     let run = state
         .engine
-        .wait(&run.id, wait)
+        .wait(&run.id, wait, |_| true)
         .await
         .map_err(ApiError::from_store)?
         .unwrap_or(run);

@@ -4,6 +4,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::app::app;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -11,7 +12,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_list_entrypoints_with_schemas_and_docs() {
-    let srv = server(fixture("compat")).start();
+    let srv = app(fixture("compat")).start().await;
     let (status, body) = get(&srv.url("/v1/agents")).await;
     assert_eq!(status, 200);
     let v = json(&body);
@@ -70,7 +71,7 @@ def typed(s: str, i: int, f: float, b: bool, names: List[str], opts: Dict[str, A
             "agent_id": "66666666-0000-0000-0000-000000000000"}"#,
     )
     .expect("config");
-    let srv = server(dir.path().to_path_buf()).start();
+    let srv = app(dir.path().to_path_buf()).start().await;
     let (_, body) = get(&srv.url("/v1/agents/typed")).await;
     let ep = &json(&body)["entrypoints"][0];
     assert_eq!(
@@ -92,7 +93,7 @@ def typed(s: str, i: int, f: float, b: bool, names: List[str], opts: Dict[str, A
 
 #[tokio::test(flavor = "multi_thread")]
 async fn native_invoke_errors_carry_their_status_and_code() {
-    let srv = server(fixture("compat")).start();
+    let srv = app(fixture("compat")).start().await;
     let invoke =
         |agent: &str, tag: &str| srv.url(&format!("/v1/agents/{agent}/entrypoints/{tag}/invoke"));
     let cases = [
@@ -189,7 +190,10 @@ async fn native_invoke_errors_carry_their_status_and_code() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tracebacks_are_shown_when_asked_for() {
-    let srv = server(fixture("compat")).arg("--expose-tracebacks").start();
+    let srv = app(fixture("compat"))
+        .arg("--expose-tracebacks")
+        .start()
+        .await;
     let (_, text) = post(
         &srv.url("/v1/agents/compat_fixture/entrypoints/boom/invoke"),
         r#"{"input": {}}"#,
@@ -211,7 +215,7 @@ async fn tracebacks_are_shown_when_asked_for() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sse_streams_chunks_then_done_or_error() {
-    let srv = server(fixture("compat")).start();
+    let srv = app(fixture("compat")).start().await;
     let resp = client()
         .post(srv.url("/v1/agents/compat_fixture/entrypoints/echo_stream/stream"))
         .body(r#"{"input": {"message": "m", "n": 3}}"#)
@@ -273,7 +277,7 @@ async fn sse_streams_chunks_then_done_or_error() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn native_websocket_streams_and_answers_unary_calls() {
-    let srv = server(fixture("compat")).start();
+    let srv = app(fixture("compat")).start().await;
     let (mut ws, _) = tokio_tungstenite::connect_async(
         srv.ws_url("/v1/agents/compat_fixture/entrypoints/echo_stream/ws"),
     )
@@ -330,9 +334,10 @@ async fn native_websocket_streams_and_answers_unary_calls() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_bodies_get_413_and_the_server_stays_up() {
-    let srv = server(fixture("compat"))
+    let srv = app(fixture("compat"))
         .args(["--max-body-bytes", "2000"])
-        .start();
+        .start()
+        .await;
     let big = format!(
         r#"{{"entrypoint_tag":"echo","input_kwargs":{{"message":"{}"}}}}"#,
         "x".repeat(5000)
@@ -455,7 +460,7 @@ async fn garbage_never_takes_the_server_down() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invocation_history_is_recorded_and_served() {
-    let srv = server(fixture("compat")).start();
+    let srv = app(fixture("compat")).start().await;
     let run = srv.url(&format!("/api/v1/agents/{COMPAT_ID}/run"));
     post(
         &run,
@@ -578,7 +583,10 @@ async fn without_a_port_runagents_policy_picks_8450_upward_skipping_recorded_por
 
 #[tokio::test(flavor = "multi_thread")]
 async fn several_agents_are_served_at_once() {
-    let srv = server(fixture("compat")).agent(fixture("faulty")).start();
+    let srv = app(fixture("compat"))
+        .agent(fixture("faulty"))
+        .start()
+        .await;
     let (_, text) = get(&srv.url("/v1/agents")).await;
     assert_eq!(json(&text)["agents"].as_array().map(Vec::len), Some(2));
     let (s1, _) = post(

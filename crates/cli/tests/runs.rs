@@ -1,10 +1,12 @@
-//! Durable runs end to end: real server, real SQLite file, real Python workers.
+//! Durable runs end to end: real server, real SQLite file, real Python workers. Most tests run
+//! the application in the test process (`app`); those that kill or restart it spawn the binary.
 
 mod common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use common::app::app;
 use common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
@@ -13,13 +15,13 @@ fn durable() -> std::path::PathBuf {
     fixture("durable")
 }
 
-async fn create(srv: &Server, body: Value) -> Value {
+async fn create(srv: &impl Served, body: Value) -> Value {
     let (status, text) = post(&srv.url("/v1/runs"), &body.to_string()).await;
     assert_eq!(status, 202, "{text}");
     json(&text)
 }
 
-async fn wait(srv: &Server, id: &str) -> Value {
+async fn wait(srv: &impl Served, id: &str) -> Value {
     let (status, text) = get(&srv.url(&format!("/v1/runs/{id}/wait?timeout_s=60"))).await;
     assert_eq!(status, 200, "{text}");
     json(&text)
@@ -47,7 +49,7 @@ fn sse(text: &str) -> Vec<(i64, String, Value)> {
 }
 
 /// The whole event log of a finished run.
-async fn events(srv: &Server, id: &str) -> Vec<(i64, String, Value)> {
+async fn events(srv: &impl Served, id: &str) -> Vec<(i64, String, Value)> {
     let (status, text) = get(&srv.url(&format!("/v1/runs/{id}/events?after=0"))).await;
     assert_eq!(status, 200, "{text}");
     sse(&text)
@@ -66,7 +68,7 @@ const TERMINAL: [&str; 4] = [
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_run_is_stored_executed_listed_and_logged() {
-    let srv = server(durable()).start();
+    let srv = app(durable()).start().await;
     let run = create(&srv, json!({"agent": "durable", "entrypoint": "work", "input": {"i": 7}, "metadata": {"who": "test"}})).await;
     let id = run["id"].as_str().expect("id").to_string();
     assert!(id.starts_with("run_"));
@@ -156,10 +158,11 @@ async fn a_run_is_stored_executed_listed_and_logged() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_is_refused_before_anything_is_stored() {
-    let srv = server(durable())
+    let srv = app(durable())
         .arg("--max-run-input-bytes")
         .arg("1000")
-        .start();
+        .start()
+        .await;
     let cases: Vec<(Value, u16, &str)> = vec![
         (
             json!({"agent": "nope", "entrypoint": "work", "input": {"i": 1}}),
@@ -256,7 +259,7 @@ async fn bad_input_is_refused_before_anything_is_stored() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn idempotency_keys_return_the_same_run_or_conflict() {
-    let srv = server(durable()).start();
+    let srv = app(durable()).start().await;
     let body = json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}, "idempotency_key": "order-42"});
     let first = create(&srv, body.clone()).await;
     let r = client()
@@ -284,7 +287,7 @@ async fn idempotency_keys_return_the_same_run_or_conflict() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn retriable_failures_retry_with_backoff_until_attempts_run_out() {
-    let srv = server(durable()).start();
+    let srv = app(durable()).start().await;
     let backoff = json!({"base": 1.0, "max_s": 0.3, "jitter": 0.0});
     let run = create(&srv, json!({"agent": "durable", "entrypoint": "flaky", "input": {"fail_times": 2}, "backoff": backoff})).await;
     let id = run["id"].as_str().expect("id");
@@ -339,7 +342,7 @@ async fn retriable_failures_retry_with_backoff_until_attempts_run_out() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_non_retriable_error_fails_at_once() {
-    let srv = server(durable()).start();
+    let srv = app(durable()).start().await;
     let run = create(
         &srv,
         json!({"agent": "durable", "entrypoint": "fatal", "max_attempts": 5}),
@@ -353,7 +356,7 @@ async fn a_non_retriable_error_fails_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hanging_run_times_out_and_its_worker_is_replaced() {
-    let srv = server(durable()).start();
+    let srv = app(durable()).start().await;
     let t = Instant::now();
     let run = create(
         &srv,
@@ -370,7 +373,7 @@ async fn a_hanging_run_times_out_and_its_worker_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn queued_and_running_runs_can_be_cancelled() {
-    let srv = server(durable()).args(["--cancel-grace-s", "1"]).start();
+    let srv = app(durable()).args(["--cancel-grace-s", "1"]).start().await;
     // Queued (delayed): cancelled at once.
     let run = create(
         &srv,
@@ -439,7 +442,7 @@ async fn queued_and_running_runs_can_be_cancelled() {
 
 /// After a refused write (runs 1 was stored before, 2 refused): run 3 succeeds, and the store
 /// holds exactly runs 3 and 1.
-async fn assert_recovered_and_nothing_stored(srv: &Server) {
+async fn assert_recovered_and_nothing_stored(srv: &impl Served) {
     let again = create(
         srv,
         json!({"agent": "durable", "entrypoint": "work", "input": {"i": 3}}),
@@ -460,7 +463,7 @@ async fn assert_recovered_and_nothing_stored(srv: &Server) {
 }
 
 /// A plain run still succeeds (the workers survived what the test did).
-async fn assert_workers_fine(srv: &Server) {
+async fn assert_workers_fine(srv: &impl Served) {
     let next = create(
         srv,
         json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}}),
@@ -472,7 +475,7 @@ async fn assert_workers_fine(srv: &Server) {
     );
 }
 
-async fn wait_status(srv: &Server, id: &str, status: &str) {
+async fn wait_status(srv: &impl Served, id: &str, status: &str) {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         let v = json(&get(&srv.url(&format!("/v1/runs/{id}"))).await.1);
@@ -544,7 +547,7 @@ async fn runs_sharing_a_concurrency_key_run_one_at_a_time_in_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_reattaching_with_last_event_id_gets_every_event_once_in_order() {
-    let srv = server(durable()).start();
+    let srv = app(durable()).start().await;
     let run = create(
         &srv,
         json!({"agent": "durable", "entrypoint": "chatty", "input": {"n": 60, "ms": 15}}),
@@ -643,7 +646,7 @@ async fn a_client_reattaching_with_last_event_id_gets_every_event_once_in_order(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_context_reaches_plain_invocations_inert() {
-    let srv = server(durable()).start();
+    let srv = app(durable()).start().await;
     let (status, text) = post(
         &srv.url("/v1/agents/durable/entrypoints/whoami/invoke"),
         "{}",
@@ -677,7 +680,7 @@ async fn the_context_reaches_plain_invocations_inert() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn create_and_wait_and_create_and_stream() {
-    let srv = server(durable()).start();
+    let srv = app(durable()).start().await;
     let (status, text) = post(
         &srv.url("/v1/runs/wait?timeout_s=30"),
         &json!({"agent": "durable", "entrypoint": "work", "input": {"i": 5}}).to_string(),
@@ -719,9 +722,10 @@ async fn create_and_wait_and_create_and_stream() {
 #[tokio::test(flavor = "multi_thread")]
 async fn finished_runs_are_deleted_after_the_retention_age() {
     // 0.0003 h ≈ 1 s.
-    let srv = server(durable())
+    let srv = app(durable())
         .args(["--run-retention-h", "0.0003"])
-        .start();
+        .start()
+        .await;
     let done = create(
         &srv,
         json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}}),
@@ -753,10 +757,11 @@ async fn finished_runs_are_deleted_after_the_retention_age() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_database_answers_503_and_loses_nothing() {
     let state = tempfile::tempdir().expect("state");
-    let srv = server(durable())
+    let srv = app(durable())
         .state_dir(state.path())
         .args(["--runs-db-busy-timeout-s", "0.3"])
-        .start();
+        .start()
+        .await;
     let ok = create(
         &srv,
         json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}}),
@@ -993,9 +998,10 @@ impl Drop for Tmpfs {
 async fn a_full_disk_answers_503_and_loses_nothing() {
     let disk = Tmpfs::new("1m");
     let db = disk.0.path().join("agentry.db");
-    let srv = server(durable())
+    let srv = app(durable())
         .args(["--runs-db", db.to_str().expect("path")])
-        .start();
+        .start()
+        .await;
     let ok = create(
         &srv,
         json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}}),
@@ -1022,9 +1028,10 @@ async fn a_full_disk_answers_503_and_loses_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn leases_are_renewed_with_spaced_heartbeats_and_delays_are_honoured() {
     // A run three times longer than its lease: renewals keep it, nobody requeues it.
-    let srv = server(durable())
+    let srv = app(durable())
         .args(["--lease-ttl-s", "0.6", "--heartbeat-event-s", "0.4"])
-        .start();
+        .start()
+        .await;
     let run = create(
         &srv,
         json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 2000}}),

@@ -186,14 +186,23 @@ impl Engine {
         EventFeed::start(Arc::clone(&self.inner.store), sub, id, from).await
     }
 
-    /// Waits until the run is terminal or `timeout` passes; returns the run as it then stands
-    /// (`None`: no such run).
-    pub async fn wait(&self, id: &str, timeout: Duration) -> Result<Option<Run>, StoreError> {
+    /// Waits until the run is terminal or `timeout` passes; returns the run as it then stands.
+    /// `None`: no such run, or `allow` refused it (seen as it was when the wait began), so a
+    /// caller never waits on a run it may not see.
+    pub async fn wait(
+        &self,
+        id: &str,
+        timeout: Duration,
+        allow: impl FnOnce(&Run) -> bool,
+    ) -> Result<Option<Run>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut feed = self.follow(id, Follow::Now).await?;
         let Some(run) = self.inner.store.get_run(id).await? else {
             return Ok(None);
         };
+        if !allow(&run) {
+            return Ok(None);
+        }
         if run.status.is_terminal() {
             return Ok(Some(run));
         }

@@ -292,7 +292,7 @@ impl Harness {
     async fn finished(&self, id: &str) -> Run {
         let run = self
             .engine
-            .wait(id, Duration::from_secs(20))
+            .wait(id, Duration::from_secs(20), |_| true)
             .await
             .expect("wait")
             .expect("run");

@@ -27,6 +27,21 @@ pub fn example(name: &str) -> PathBuf {
 
 pub const COMPAT_ID: &str = "22222222-3333-4444-5555-666666666666";
 
+/// A server the tests talk to: the spawned binary (`Server`) or the in-process `TestApp`.
+pub trait Served {
+    fn url(&self, path: &str) -> String;
+    fn ws_url(&self, path: &str) -> String;
+}
+
+impl Served for Server {
+    fn url(&self, path: &str) -> String {
+        Server::url(self, path)
+    }
+    fn ws_url(&self, path: &str) -> String {
+        Server::ws_url(self, path)
+    }
+}
+
 /// A running `agentry serve`.
 pub struct Server {
     pub child: Option<Child>,
