@@ -24,7 +24,7 @@ use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use crate::pyjson::{push_json_str, python_json_error, structured};
-use crate::request_id::RequestId;
+use crate::request_id::{self, RequestId};
 use crate::state::{Agent, AppState};
 
 type S = Arc<AppState>;
@@ -44,11 +44,11 @@ pub fn agent_routes(state: &AppState, agent: &Arc<Agent>) -> Router<S> {
     .into();
     let run = post(
         move |State(s): State<S>,
-              Extension(id): Extension<RequestId>,
+              id: Option<Extension<RequestId>>,
               body: Result<Bytes, BytesRejection>| {
             let a = Arc::clone(&a);
             let client_info = Arc::clone(&client_info);
-            async move { run(s, a, client_info, id, body).await }
+            async move { run(s, a, client_info, request_id::of(id), body).await }
         },
     )
     .fallback(|| async { method_not_allowed("POST") });
@@ -62,24 +62,24 @@ pub fn agent_routes(state: &AppState, agent: &Arc<Agent>) -> Router<S> {
         }
     });
     let a = Arc::clone(agent);
-    let architecture = get(move |Extension(id): Extension<RequestId>| {
+    let architecture = get(move |id: Option<Extension<RequestId>>| {
         let a = Arc::clone(&a);
-        async move { architecture(&a, id) }
+        async move { architecture(&a, request_id::of(id)) }
     });
     let a = Arc::clone(agent);
     let invocations = get(
         move |State(s): State<S>,
-              Extension(id): Extension<RequestId>,
+              id: Option<Extension<RequestId>>,
               q: Query<Vec<(String, String)>>| {
             let a = Arc::clone(&a);
-            async move { invocations(s, a, q.0, id).await }
+            async move { invocations(s, a, q.0, request_id::of(id)).await }
         },
     );
     let a = Arc::clone(agent);
     let stats = get(
-        move |State(s): State<S>, Extension(id): Extension<RequestId>| {
+        move |State(s): State<S>, id: Option<Extension<RequestId>>| {
             let a = Arc::clone(&a);
-            async move { invocation_stats(s, a, id).await }
+            async move { invocation_stats(s, a, request_id::of(id)).await }
         },
     );
     Router::new()
@@ -142,7 +142,7 @@ fn error_envelope(status: StatusCode, code: &str, message: &str, id: RequestId) 
     push_json_str(&mut body, message);
     body.push_str(",\"details\":null,\"field\":null},");
     push_stamp(&mut body, id);
-    json_response(status, body)
+    request_id::with_header(json_response(status, body), id)
 }
 
 /// `"timestamp": …, "request_id": …}` closing every RunAgent envelope: the request's id, as
@@ -150,9 +150,10 @@ fn error_envelope(status: StatusCode, code: &str, message: &str, id: RequestId) 
 fn push_stamp(body: &mut String, id: RequestId) {
     body.push_str("\"timestamp\":\"");
     body.push_str(&agentry_core::time::python_now_isoformat());
-    body.push_str("\",\"request_id\":");
-    push_json_str(body, id.as_str());
-    body.push('}');
+    // The id is ASCII without quotes or backslashes: it needs no escaping.
+    body.push_str("\",\"request_id\":\"");
+    body.push_str(id.as_str());
+    body.push_str("\"}");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -350,6 +351,8 @@ async fn run(
                 ",\"message\":\"Agent execution completed successfully\",\"error\":null,",
             );
             push_stamp(&mut body, id);
+            // A success is not an error: its envelope's id needs no header (RunAgent sends
+            // none), which spares the invoke path the header.
             json_response(StatusCode::OK, body)
         }
         Err(e) => {
@@ -678,7 +681,7 @@ fn architecture(agent: &Agent, id: RequestId) -> Response {
     body.push_str(&data.to_string());
     body.push_str(",\"message\":\"Agent architecture retrieved successfully\",\"error\":null,");
     push_stamp(&mut body, id);
-    json_response(StatusCode::OK, body)
+    request_id::with_header(json_response(StatusCode::OK, body), id)
 }
 
 async fn history_db(state: &S, id: RequestId) -> Result<&dyn InvocationHistory, Response> {
@@ -762,9 +765,10 @@ async fn invocation_stats(state: S, agent: Arc<Agent>, id: RequestId) -> Respons
 
 async fn invocation(
     State(state): State<S>,
-    Extension(id): Extension<RequestId>,
+    id: Option<Extension<RequestId>>,
     Path(invocation_id): Path<String>,
 ) -> Response {
+    let id = request_id::of(id);
     let db = match history_db(&state, id).await {
         Ok(db) => db,
         Err(r) => return r,

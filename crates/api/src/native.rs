@@ -352,10 +352,11 @@ pub(crate) async fn invoke(
 pub(crate) async fn stream(
     State(state): State<S>,
     caller: Caller,
-    Extension(request_id): Extension<RequestId>,
+    request_id: Option<Extension<RequestId>>,
     Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let request_id = crate::request_id::of(request_id);
     let body = body_or_error(body, state.config.http.max_body_bytes)?;
     let call = prepare(&state, &key, &tag, &body, Some(true))?;
     let expose = principal(caller).sees_tracebacks(state.config.gateway.expose_tracebacks);
@@ -394,9 +395,11 @@ pub(crate) async fn stream(
             }
         }
     });
-    Ok(Sse::new(events)
+    // Later `error` events name this id: the answer's header says it.
+    let sse = Sse::new(events)
         .keep_alive(KeepAlive::default())
-        .into_response())
+        .into_response();
+    Ok(crate::request_id::with_header(sse, request_id))
 }
 
 /// Call any entrypoint over a WebSocket: send one start frame (the invoke body); receive
@@ -411,7 +414,7 @@ pub(crate) async fn stream(
 pub(crate) async fn ws(
     State(state): State<S>,
     caller: Caller,
-    Extension(request_id): Extension<RequestId>,
+    request_id: Option<Extension<RequestId>>,
     Path(EntrypointPath { agent: key, tag }): Path<EntrypointPath>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
@@ -425,11 +428,13 @@ pub(crate) async fn ws(
     }
     let limit = state.config.http.max_body_bytes;
     let expose = principal(caller).sees_tracebacks(state.config.gateway.expose_tracebacks);
-    Ok(upgrade
+    let request_id = crate::request_id::of(request_id);
+    let upgraded = upgrade
         .map_err(upgrade_required)?
         .max_message_size(limit)
         .max_frame_size(limit)
-        .on_upgrade(move |socket| ws_session(socket, state, key, tag, expose, request_id)))
+        .on_upgrade(move |socket| ws_session(socket, state, key, tag, expose, request_id));
+    Ok(crate::request_id::with_header(upgraded, request_id))
 }
 
 pub(crate) async fn ws_session(

@@ -1,7 +1,10 @@
-//! Every request gets an id: the client's `x-request-id` when it is a sane one (1 to 64 of
-//! `A-Z a-z 0-9 . _ : -`), else a new UUID. The id is in the response's `x-request-id` header,
-//! in every error body (`request_id`, RunAgent's envelopes too), and in the log line written
-//! for every request that failed, so that a client's report leads to that line.
+//! Request ids: the client's `x-request-id` when it is a sane one (1 to 64 of
+//! `A-Z a-z 0-9 . _ : -`), else a new UUID, made only when an answer needs one. Every error
+//! answer carries its id in the `x-request-id` header, in its body (`request_id`) and in the
+//! log line written for it, so that a client's report leads to that line; so do RunAgent's
+//! envelopes (which always carry an id), streams (whose later errors name it), and every answer
+//! to a request that came with its own id. A successful native answer to a request without one
+//! carries none: making one costs more than the rest of the gateway on the hot path.
 //!
 //! Error bodies are rendered here, where the id is known: a handler's `ApiError` travels to
 //! this middleware as a response extension.
@@ -82,19 +85,41 @@ impl fmt::Debug for RequestId {
     }
 }
 
-/// The outermost middleware but CORS: gives the request its id, renders a handler's error
-/// with it, logs failures, and sends the id back.
+/// The id of a request, for a handler that puts it in a body: the client's, else a new one.
+/// The handler sends it back as `x-request-id` (`with_header`).
+pub fn of(client: Option<axum::Extension<RequestId>>) -> RequestId {
+    client.map_or_else(RequestId::new, |axum::Extension(id)| id)
+}
+
+/// Sets `x-request-id` on an answer.
+pub fn with_header(mut resp: Response, id: RequestId) -> Response {
+    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
+        resp.headers_mut().insert(HEADER, value);
+    }
+    resp
+}
+
+/// The outermost middleware but CORS: keeps the client's id for the handler, renders a
+/// handler's error with the request's id, logs failures, and sends the id back.
 pub async fn middleware(mut req: Request, next: Next) -> Response {
-    let id = req
-        .headers()
-        .get(&HEADER)
-        .and_then(RequestId::from_client)
-        .unwrap_or_default();
-    req.extensions_mut().insert(id);
+    let client = req.headers().get(&HEADER).and_then(RequestId::from_client);
+    if let Some(id) = client {
+        req.extensions_mut().insert(id);
+    }
     let method = req.method().clone();
     let uri = req.uri().clone();
     let mut resp = next.run(req).await;
     let error = resp.extensions_mut().remove::<ApiError>();
+    let status = resp.status();
+    let failed = status.is_server_error() || status.is_client_error();
+    // The id a handler already sent (RunAgent's envelopes), else the client's, else a new one
+    // where it is needed.
+    let sent = resp.headers().get(&HEADER).and_then(RequestId::from_client);
+    let id = match sent.or(client) {
+        Some(id) => id,
+        None if failed || error.is_some() => RequestId::new(),
+        None => return resp,
+    };
     if let Some(err) = &error {
         *resp.body_mut() = Body::from(err.body(id.as_str()).to_string());
         resp.headers_mut().insert(
@@ -102,8 +127,7 @@ pub async fn middleware(mut req: Request, next: Next) -> Response {
             HeaderValue::from_static("application/json"),
         );
     }
-    let status = resp.status();
-    if status.is_server_error() || status.is_client_error() {
+    if failed {
         let (code, message) = error
             .as_ref()
             .map_or(("", ""), |e| (e.code.as_str(), e.message.as_str()));
@@ -114,8 +138,8 @@ pub async fn middleware(mut req: Request, next: Next) -> Response {
             tracing::info!(request_id = %id, method = %method, path = uri.path(), status = status.as_u16(), code, "request refused: {message}");
         }
     }
-    if let Ok(value) = HeaderValue::from_str(id.as_str()) {
-        resp.headers_mut().insert(HEADER, value);
+    if sent.is_none() {
+        resp = with_header(resp, id);
     }
     resp
 }

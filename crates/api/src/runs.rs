@@ -726,7 +726,7 @@ pub(crate) async fn create_and_stream(
 pub(crate) async fn run_events_ws(
     State(state): State<S>,
     caller: Caller,
-    Extension(request_id): Extension<RequestId>,
+    request_id: Option<Extension<RequestId>>,
     Path(id): Path<String>,
     headers: HeaderMap,
     q: QueryResult<EventsQuery>,
@@ -737,11 +737,13 @@ pub(crate) async fn run_events_ws(
     find_run(&state, &who, &id).await?;
     let engine = state.engine.clone();
     let tracebacks = who.sees_tracebacks(state.config.gateway.expose_tracebacks);
-    Ok(ws
+    let request_id = crate::request_id::of(request_id);
+    let upgraded = ws
         .map_err(upgrade_required)?
         .max_message_size(64 * 1024)
         .max_frame_size(64 * 1024)
-        .on_upgrade(move |socket| ws_follow(socket, engine, id, after, tracebacks, request_id)))
+        .on_upgrade(move |socket| ws_follow(socket, engine, id, after, tracebacks, request_id));
+    Ok(crate::request_id::with_header(upgraded, request_id))
 }
 
 pub(crate) async fn ws_follow(

@@ -663,15 +663,39 @@ async fn every_error_carries_the_request_id_of_its_header_and_its_log_line() {
         body["request_id"], "client-req-7",
         "RunAgent's envelope too"
     );
-    // One that is not sane is replaced; successes carry an id as well.
+    // A success carries the client's id back; one that is not sane is not echoed.
     let r = client
         .get(srv.url("/v1/agents"))
-        .header("x-request-id", "has space")
+        .header("x-request-id", "ok-id-1")
         .send()
         .await
         .expect("get");
     assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(header(&r), "ok-id-1");
+    let r = client
+        .get(srv.url("/v1/agents/nobody"))
+        .header("x-request-id", "has space")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 404);
     assert_ne!(header(&r), "has space");
+    // RunAgent's success envelope names the client's id when it sent one.
+    let r = client
+        .post(srv.url(&format!("/api/v1/agents/{COMPAT_ID}/run")))
+        .header("x-request-id", "client-req-8")
+        .json(
+            &json!({"entrypoint_tag": "echo", "input_args": [], "input_kwargs": {"message": "hi"}}),
+        )
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(header(&r), "client-req-8");
+    assert_eq!(
+        json(&r.text().await.expect("body"))["request_id"],
+        "client-req-8"
+    );
     // Refusals in front of the handler too.
     let r = client
         .post(srv.url("/v1/agents/compat_fixture/entrypoints/echo/invoke"))

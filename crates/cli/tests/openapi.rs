@@ -6,10 +6,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::app::app;
 use common::*;
 use serde_json::Value;
 
-async fn spec(srv: &Server) -> Value {
+async fn spec(srv: &impl Served) -> Value {
     let (status, text) = get(&srv.url("/openapi.json")).await;
     assert_eq!(status, 200, "{text}");
     json(&text)
@@ -17,7 +18,7 @@ async fn spec(srv: &Server) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_spec_matches_its_snapshot() {
-    let srv = server(fixture("typed")).start();
+    let srv = app(fixture("typed")).start().await;
     let spec = spec(&srv).await;
     assert_eq!(spec["openapi"], "3.1.0");
     // `cargo insta review` after an intended change; CI (CI=true) fails on any difference.
@@ -26,7 +27,7 @@ async fn the_spec_matches_its_snapshot() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_documented_operation_is_served() {
-    let srv = server(fixture("typed")).start();
+    let srv = app(fixture("typed")).start().await;
     let spec = spec(&srv).await;
     let paths = spec["paths"].as_object().expect("paths");
     assert!(paths.len() >= 20, "{}", paths.len());
@@ -67,7 +68,7 @@ async fn every_documented_operation_is_served() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn each_entrypoint_has_its_own_path_with_schema_and_docstring() {
-    let srv = server(fixture("typed")).start();
+    let srv = app(fixture("typed")).start().await;
     let spec = spec(&srv).await;
     let profile = &spec["paths"]["/v1/agents/typed_fixture/entrypoints/profile/invoke"]["post"];
     assert_eq!(profile["summary"], "Describe a person.");
@@ -160,7 +161,7 @@ async fn swagger_ui_is_served_from_the_binary_and_the_spec_needs_a_key() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_routes_refuse_plain_http_with_426() {
-    let srv = server(fixture("typed")).start();
+    let srv = app(fixture("typed")).start().await;
     for path in [
         "/v1/agents/typed_fixture/entrypoints/count_stream/ws",
         "/v1/runs/run_nope/events/ws",

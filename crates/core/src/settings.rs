@@ -329,13 +329,14 @@ impl WorkersConfig {
     /// The deadline of one call: the request's, else the entrypoint's, else the default,
     /// never more than the maximum. Non-positive or non-finite requests are ignored.
     pub fn call_timeout(&self, requested_s: Option<f64>, entrypoint_s: Option<f64>) -> Duration {
-        let max = self.max_timeout();
-        let pick = requested_s
+        // In seconds first: one conversion to a duration per call (this is on the invoke path).
+        let max_s = self.max_timeout_s;
+        let pick_s = requested_s
             .filter(|s| s.is_finite() && *s > 0.0)
             .or(entrypoint_s)
-            .map(|s| Duration::try_from_secs_f64(s).unwrap_or(max))
-            .unwrap_or_else(|| self.default_timeout());
-        pick.min(max)
+            .unwrap_or(self.timeout_s)
+            .min(max_s);
+        Duration::try_from_secs_f64(pick_s).unwrap_or_else(|_| self.max_timeout())
     }
 }
 

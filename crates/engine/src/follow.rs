@@ -38,6 +38,8 @@ enum Phase {
     CatchUp,
     /// Caught up: is the run still going?
     Check,
+    /// The run is over: read what is left of its log, then end.
+    Drain,
     Live,
     Done,
 }
@@ -90,22 +92,30 @@ impl EventFeed {
             }
             match self.phase {
                 Phase::Done => return None,
-                Phase::CatchUp => match self
-                    .store
-                    .events_after(&self.run_id, self.after, PAGE)
-                    .await
-                {
-                    Ok(page) => {
-                        if page.len() < PAGE {
-                            self.phase = Phase::Check;
+                Phase::CatchUp | Phase::Drain => {
+                    match self
+                        .store
+                        .events_after(&self.run_id, self.after, PAGE)
+                        .await
+                    {
+                        Ok(page) => {
+                            if page.len() < PAGE {
+                                self.phase = match self.phase {
+                                    Phase::Drain => Phase::Done,
+                                    _ => Phase::Check,
+                                };
+                            }
+                            self.page.extend(page);
                         }
-                        self.page.extend(page);
+                        Err(e) => self.store_failed(e).await,
                     }
-                    Err(e) => self.store_failed(e).await,
-                },
+                }
+                // A run that ended after the page was read has its last events (its terminal
+                // one among them) after that page: read them before ending.
                 Phase::Check => match self.store.get_run(&self.run_id).await {
                     Ok(Some(run)) if !run.status.is_terminal() => self.phase = Phase::Live,
-                    Ok(_) => self.phase = Phase::Done,
+                    Ok(Some(_)) => self.phase = Phase::Drain,
+                    Ok(None) => self.phase = Phase::Done,
                     Err(e) => self.store_failed(e).await,
                 },
                 Phase::Live => match tokio::time::timeout(QUIET, self.sub.recv()).await {

@@ -520,3 +520,155 @@ async fn a_restarted_node_requeues_and_runs_its_previous_lifes_runs_without_usin
     }
     assert_eq!(h.calls_of("ok").len(), 2, "each ran once in this life");
 }
+
+/// A store that finishes a run (as another node would) right after a follower's catch-up read,
+/// at its status check: the moment where a run that ends between the two must not lose its
+/// last events.
+struct FinishOnCheck {
+    inner: Arc<SqliteStore>,
+    finish: Mutex<Option<LeaseRef>>,
+}
+
+#[async_trait]
+impl RunStore for FinishOnCheck {
+    async fn create_run(
+        &self,
+        run: NewRun,
+        claim: Option<agentry_core::runs::DirectClaim>,
+    ) -> Result<agentry_core::runs::CreateOutcome, agentry_core::StoreError> {
+        self.inner.create_run(run, claim).await
+    }
+    async fn get_run(&self, id: &str) -> Result<Option<Run>, agentry_core::StoreError> {
+        let lease = self.finish.lock().take();
+        if let Some(lease) = lease {
+            let outcome = Outcome::Succeeded {
+                result: "{\"late\": true}".into(),
+            };
+            self.inner.finish_run(lease, outcome).await?;
+        }
+        self.inner.get_run(id).await
+    }
+    async fn list_runs(
+        &self,
+        query: agentry_core::runs::RunQuery,
+    ) -> Result<Vec<Run>, agentry_core::StoreError> {
+        self.inner.list_runs(query).await
+    }
+    async fn claim_runs(
+        &self,
+        request: ClaimRequest,
+    ) -> Result<agentry_core::runs::Claimed, agentry_core::StoreError> {
+        self.inner.claim_runs(request).await
+    }
+    async fn renew_leases(
+        &self,
+        leases: Vec<LeaseRef>,
+        until: i64,
+        heartbeat: Vec<String>,
+    ) -> Result<Vec<agentry_core::runs::Renewal>, agentry_core::StoreError> {
+        self.inner.renew_leases(leases, until, heartbeat).await
+    }
+    async fn append_events(
+        &self,
+        lease: LeaseRef,
+        events: Vec<agentry_core::runs::NewEvent>,
+    ) -> Result<Vec<agentry_core::runs::RunEvent>, agentry_core::StoreError> {
+        self.inner.append_events(lease, events).await
+    }
+    async fn save_checkpoint(
+        &self,
+        lease: LeaseRef,
+        state: String,
+    ) -> Result<agentry_core::runs::RunEvent, agentry_core::StoreError> {
+        self.inner.save_checkpoint(lease, state).await
+    }
+    async fn finish_run(
+        &self,
+        lease: LeaseRef,
+        outcome: Outcome,
+    ) -> Result<agentry_core::runs::Finished, agentry_core::StoreError> {
+        self.inner.finish_run(lease, outcome).await
+    }
+    async fn cancel_run(
+        &self,
+        id: &str,
+        now: i64,
+    ) -> Result<agentry_core::runs::CancelOutcome, agentry_core::StoreError> {
+        self.inner.cancel_run(id, now).await
+    }
+    async fn last_event_seq(&self, id: &str) -> Result<i64, agentry_core::StoreError> {
+        self.inner.last_event_seq(id).await
+    }
+    async fn events_after(
+        &self,
+        id: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<agentry_core::runs::RunEvent>, agentry_core::StoreError> {
+        self.inner.events_after(id, after, limit).await
+    }
+    async fn recover_leases(
+        &self,
+        now: i64,
+        node: Option<(String, String)>,
+    ) -> Result<Vec<agentry_core::runs::Finished>, agentry_core::StoreError> {
+        self.inner.recover_leases(now, node).await
+    }
+    async fn purge_finished(
+        &self,
+        before: i64,
+        limit: usize,
+    ) -> Result<usize, agentry_core::StoreError> {
+        self.inner.purge_finished(before, limit).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_gets_the_terminal_event_of_a_run_that_ends_while_it_catches_up() {
+    let dir = tempfile::tempdir().expect("dir");
+    let inner = Arc::new(
+        SqliteStore::open(&dir.path().join("runs.db"), SqliteOptions::default()).expect("open"),
+    );
+    let store = Arc::new(FinishOnCheck {
+        inner: Arc::clone(&inner),
+        finish: Mutex::new(None),
+    });
+    let agents = Arc::new(Agents::new(Vec::new()));
+    let engine = Engine::start(
+        Arc::clone(&store) as Arc<dyn RunStore>,
+        agents,
+        settings("node-a"),
+    )
+    .await
+    .expect("engine");
+    // Another node runs it; this node only follows.
+    let run = new_run("ok");
+    let id = run.id.clone();
+    inner.create_run(run, None).await.expect("create");
+    let now = now_ms();
+    let claimed = inner
+        .claim_runs(ClaimRequest {
+            node: "node-b".into(),
+            owner: "node-b/1".into(),
+            now,
+            lease_until: now + 60_000,
+            per_agent: vec![(AGENT.into(), 1)],
+        })
+        .await
+        .expect("claim");
+    assert_eq!(claimed.runs.len(), 1);
+    *store.finish.lock() = Some(LeaseRef {
+        run_id: id.clone(),
+        owner: "node-b/1".into(),
+        attempt: 1,
+    });
+    let mut feed = engine
+        .follow(&id, agentry_engine::Follow::After(0))
+        .await
+        .expect("follow");
+    let mut kinds = Vec::new();
+    while let Ok(Some(p)) = tokio::time::timeout(Duration::from_secs(10), feed.next()).await {
+        kinds.push(p.event.kind.to_string());
+    }
+    assert_eq!(kinds, ["run.queued", "run.started", "run.succeeded"]);
+}

@@ -313,8 +313,8 @@ fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
-/// A secret as `config show` prints it: a URL keeps everything but its password; anything
-/// else is replaced whole.
+/// A secret as `config show` prints it: a URL keeps everything but its password (in the
+/// user part, and `password`/`sslpassword` in the query); anything else is replaced whole.
 fn redact(value: &serde_json::Value) -> serde_json::Value {
     let Some(text) = value.as_str() else {
         return if value.is_null() {
@@ -323,15 +323,43 @@ fn redact(value: &serde_json::Value) -> serde_json::Value {
             json!("***")
         };
     };
-    if let Some((scheme, rest)) = text.split_once("://") {
-        let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return json!("***");
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    // The user part ends at the last `@` (a password may hold `/` or `@` unescaped).
+    let address = match before_query.rsplit_once('@') {
+        Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or_default();
-            return json!(format!("{scheme}://{user}:***@{host}{tail}"));
+            if userinfo.contains(':') {
+                format!("{user}:***@{host}")
+            } else {
+                format!("{user}@{host}")
+            }
         }
-        return json!(format!("{scheme}://{authority}{tail}"));
+        None => before_query.to_string(),
+    };
+    let query = query.map(|q| {
+        q.split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _))
+                    if k.eq_ignore_ascii_case("password")
+                        || k.eq_ignore_ascii_case("sslpassword") =>
+                {
+                    format!("{k}=***")
+                }
+                _ => pair.to_string(),
+            })
+            .collect::<Vec<_>>()
+            .join("&")
+    });
+    match query {
+        Some(q) => json!(format!("{scheme}://{address}?{q}")),
+        None => json!(format!("{scheme}://{address}")),
     }
-    json!("***")
 }
 
 /// The markdown table of every setting, generated from `FIELDS` and the defaults; the
@@ -379,6 +407,17 @@ mod tests {
             json!("postgres://app:***@db.local:5432/x?sslmode=require")
         );
         assert_eq!(redact(&json!("plain")), json!("***"));
+        // A password with `/` or `@` in it, and one in the query, are hidden too.
+        assert_eq!(
+            redact(&json!("postgres://u:p/w@rd@h/db")),
+            json!("postgres://u:***@h/db")
+        );
+        assert_eq!(
+            redact(&json!(
+                "postgres://db/x?user=app&password=s3cret&sslmode=require"
+            )),
+            json!("postgres://db/x?user=app&password=***&sslmode=require")
+        );
         assert_eq!(redact(&serde_json::Value::Null), serde_json::Value::Null);
     }
 

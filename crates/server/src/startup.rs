@@ -29,6 +29,7 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     state: Arc<AppState>,
+    app: axum::Router,
     history: Option<Arc<dyn InvocationHistory>>,
 }
 
@@ -237,6 +238,8 @@ impl Application {
             }
         }
         auth.spawn_maintenance();
+        // Built before "ready" is said: the routes, their gates and the OpenAPI document.
+        let app = agentry_api::router(Arc::clone(&state));
         for a in state.agents.iter() {
             tracing::info!(
                 "serving agent {} ({}) with {} warm worker(s): http://{addr}/v1/agents/{}  (RunAgent: http://{addr}/api/v1/agents/{}/run)",
@@ -266,6 +269,7 @@ impl Application {
             listener,
             addr,
             state,
+            app,
             history,
         })
     }
@@ -288,6 +292,7 @@ impl Application {
         let Self {
             listener,
             state,
+            app,
             history,
             ..
         } = self;
@@ -297,7 +302,6 @@ impl Application {
             header_read_timeout: state.config.http.header_read_timeout(),
             max_header_bytes: state.config.http.max_header_bytes,
         };
-        let app = agentry_api::router(Arc::clone(&state));
         let server = tokio::spawn(agentry_api::server::serve(listener, app, limits, stop_rx));
         shutdown.await;
         let grace = state.config.shutdown_grace();

@@ -3,8 +3,8 @@
 //! A stream and a durable run's call share one implementation, [`InFlight`]: the call's
 //! deadline (one timer per call, armed once), its credit window (how many chunks the worker
 //! may run ahead; it starts small and doubles while the consumer keeps up), and what happens
-//! when the caller goes away before the end (the call is cancelled; a worker that does not
-//! stop within the grace period is stopped as a call past its deadline would be). A unary call
+//! when the caller goes away before the end (the call is cancelled; one that does not stop
+//! within the grace period is stopped: its worker killed, or, still queued, skipped). A unary call
 //! has a oneshot answer and no window, and is handled by [`PendingUnary`].
 
 use std::pin::Pin;
@@ -48,6 +48,22 @@ pub(super) fn expire(lease: Lease, id: u32, timeout: Duration, grace: Duration) 
             }
             drop(lease);
         });
+    }
+}
+
+/// Stops a call now: a worker running it is killed (with its process group), a call still
+/// queued behind another is skipped.
+pub(super) fn stop(lease: Lease, id: u32, reason: &str) {
+    let running = match lease.mode {
+        Mode::Sync { .. } => lease.worker.is_running_first(id),
+        Mode::Exclusive | Mode::Shared => lease.worker.has_call(id),
+    };
+    if running {
+        lease.worker.forget(id);
+        lease.worker.kill(reason.to_string());
+    } else {
+        lease.worker.cancel(id);
+        lease.worker.forget(id);
     }
 }
 
@@ -306,7 +322,7 @@ impl<R: Inbox> Drop for InFlight<R> {
         let Some(mut rx) = self.rx.take() else {
             return;
         };
-        let (id, timeout, grace) = (self.id, self.timeout, self.grace);
+        let (id, grace) = (self.id, self.grace);
         lease.worker.cancel(id);
         tokio::spawn(async move {
             let stopped = tokio::time::timeout(grace, async {
@@ -319,7 +335,11 @@ impl<R: Inbox> Drop for InFlight<R> {
             })
             .await;
             if stopped.is_err() {
-                expire(lease, id, timeout, grace);
+                stop(
+                    lease,
+                    id,
+                    "a cancelled call did not stop within its grace period",
+                );
             }
         });
     }
@@ -415,19 +435,8 @@ impl RunCallApi for RunCall {
     /// queued behind another is skipped.
     fn kill(&mut self, reason: &str) {
         let id = self.call.id();
-        let Some(lease) = self.call.release() else {
-            return;
-        };
-        let running = match lease.mode {
-            Mode::Sync { .. } => lease.worker.is_running_first(id),
-            Mode::Exclusive | Mode::Shared => lease.worker.has_call(id),
-        };
-        if running {
-            lease.worker.forget(id);
-            lease.worker.kill(reason.to_string());
-        } else {
-            lease.worker.cancel(id);
-            lease.worker.forget(id);
+        if let Some(lease) = self.call.release() {
+            stop(lease, id, reason);
         }
     }
 }
