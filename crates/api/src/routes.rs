@@ -76,12 +76,8 @@ pub(crate) fn build(state: &S) -> (Router<S>, utoipa::openapi::OpenApi, Policies
     let mut api = OpenApiRouter::with_openapi(openapi::base());
     let mut policies = Policies::new();
     for (policy, (schemas, paths, method_router)) in native_routes() {
-        if let Ok(serde_json::Value::Object(items)) = serde_json::to_value(&paths) {
-            for (path, item) in items {
-                for method in item.as_object().into_iter().flat_map(|m| m.keys()) {
-                    policies.insert((path.clone(), method.clone()), policy);
-                }
-            }
+        for operation in operations(&paths) {
+            policies.insert(operation, policy);
         }
         let gated = method_router.layer(from_fn_with_state(
             gate(state, policy, AgentOf::Param),
@@ -125,6 +121,26 @@ pub(crate) fn build(state: &S) -> (Router<S>, utoipa::openapi::OpenApi, Policies
             check,
         )));
     (router, spec, policies)
+}
+
+/// The (path, method) of every operation a route's OpenAPI paths describe.
+fn operations(paths: &utoipa::openapi::path::Paths) -> Vec<(String, String)> {
+    let Ok(serde_json::Value::Object(items)) = serde_json::to_value(paths) else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .flat_map(|(path, item)| {
+            let methods: Vec<String> = item
+                .as_object()
+                .into_iter()
+                .flat_map(|m| m.keys().cloned())
+                .collect();
+            methods
+                .into_iter()
+                .map(move |method| (path.clone(), method))
+        })
+        .collect()
 }
 
 fn gate(state: &S, policy: Policy, agent: AgentOf) -> Gate {
@@ -245,19 +261,9 @@ mod tests {
         let table: Vec<(String, String, Policy)> = native_routes()
             .into_iter()
             .flat_map(|(policy, (_, paths, _))| {
-                let items = serde_json::to_value(&paths).unwrap_or_default();
-                items
-                    .as_object()
+                operations(&paths)
                     .into_iter()
-                    .flatten()
-                    .flat_map(|(path, item)| {
-                        item.as_object()
-                            .into_iter()
-                            .flatten()
-                            .map(|(method, _)| (path.clone(), method.clone(), policy))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect::<Vec<_>>()
+                    .map(move |(path, method)| (path, method, policy))
             })
             .collect();
         let of = |method: &str, path: &str| {
