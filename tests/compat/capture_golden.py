@@ -1,7 +1,7 @@
 """Capture golden responses from a running RunAgent 0.1.49 local server.
 
 usage: python capture_golden.py PORT AGENT_ID OUT.json
-The cases here are replayed against `agentry serve` by crates/cli/tests/compat_golden.rs, which
+The cases here are replayed against `agentry serve` by crates/cli/tests/it/compat_golden.rs, which
 compares status, content type and body byte for byte (timestamps, request ids, invocation ids and
 execution times are redacted on both sides).
 """

@@ -1,7 +1,7 @@
 //! The engine against a fake executor (scripted entrypoints, no Python) and a real SQLite
 //! file: claims under the caps, retries with backoff, deadlines, cancellation, a lost lease,
 //! and recovery of a previous incarnation's runs. The end-to-end tests with real workers are
-//! in `crates/cli/tests/runs.rs`.
+//! in `crates/cli/tests/it/runs.rs`.
 
 use std::collections::HashMap;
 use std::pin::Pin;

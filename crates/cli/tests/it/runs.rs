@@ -1,13 +1,11 @@
 //! Durable runs end to end: real server, real SQLite file, real Python workers. Most tests run
 //! the application in the test process (`app`); those that kill or restart it spawn the binary.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::app::app;
-use common::*;
+use crate::common::app::app;
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 

@@ -1,12 +1,10 @@
 //! Start-up validation: every broken agent folder is refused with one clear message naming the
 //! agent, the entrypoint, the file and the cause, and both `serve` and `validate` exit non-zero.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
 fn write_agent(dir: &Path, entrypoints: &str, code: &str) {
     std::fs::create_dir_all(dir).expect("dir");

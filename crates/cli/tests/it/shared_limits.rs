@@ -2,14 +2,12 @@
 //! database `test`, or `AGENTRY_TEST_POSTGRES_URL`): two server processes, one bucket. No
 //! skipping: without PostgreSQL the servers refuse to start and these tests fail.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn pg_url() -> String {
     std::env::var("AGENTRY_TEST_POSTGRES_URL")

@@ -1,13 +1,11 @@
 //! The CLI as a newcomer uses it: `init` makes a working agent, `validate` accepts it, `serve`
 //! serves it, and `run` prints results and stream chunks as they arrive.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn agentry() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agentry"))

@@ -1,12 +1,11 @@
 //! API keys end to end: scopes, agent limits, revocation, expiry, WebSocket tokens, the admin
 //! routes, and that a key never reaches the log.
 
-mod common;
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::app::{TestApp, app};
+use crate::common::*;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 
@@ -237,10 +236,11 @@ async fn keys_limited_to_agents_and_websocket_tokens() {
         ],
     );
     let admin = make_key(state.path(), &["--scope", "admin"]);
-    let srv = server(durable())
+    let srv = app(durable())
         .agent(fixture("compat"))
         .state_dir(state.path())
-        .start();
+        .start()
+        .await;
     let ok = call(
         "POST",
         &srv.url("/v1/agents/durable/entrypoints/work/invoke"),
@@ -368,7 +368,7 @@ async fn keys_limited_to_agents_and_websocket_tokens() {
 async fn keys_are_managed_over_http_by_admins() {
     let state = tempfile::tempdir().expect("state");
     let admin = make_key(state.path(), &["--scope", "admin"]);
-    let srv = server(durable()).state_dir(state.path()).start();
+    let srv = app(durable()).state_dir(state.path()).start().await;
     let (status, text) = call(
         "POST",
         &srv.url("/v1/keys"),
@@ -447,7 +447,7 @@ async fn rate_limits_answer_429_with_retry_after_and_recover() {
     let state = tempfile::tempdir().expect("state");
     let a = make_key(state.path(), &["--scope", "admin"]);
     let b = make_key(state.path(), &["--scope", "admin"]);
-    let srv = server(durable())
+    let srv = app(durable())
         .agent(fixture("compat"))
         .state_dir(state.path())
         .args([
@@ -456,7 +456,8 @@ async fn rate_limits_answer_429_with_retry_after_and_recover() {
             "--agent-rate-limit",
             "runs=0.2:2",
         ])
-        .start();
+        .start()
+        .await;
     let url = srv.url("/v1/agents/durable/entrypoints/work/invoke");
     let body = Some(json!({"input": {"i": 1}}));
     for _ in 0..3 {
@@ -561,7 +562,7 @@ async fn without_keys_rate_limits_apply_per_client_address() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cors_is_off_by_default_and_answers_preflights_for_configured_origins() {
-    let preflight = |srv: &Server, origin: &str| {
+    let preflight = |srv: &TestApp, origin: &str| {
         client()
             .request(reqwest::Method::OPTIONS, srv.url("/v1/runs"))
             .header("origin", origin)
@@ -572,7 +573,7 @@ async fn cors_is_off_by_default_and_answers_preflights_for_configured_origins() 
             )
             .send()
     };
-    let off = server(durable()).start();
+    let off = app(durable()).start().await;
     let r = preflight(&off, "https://app.example")
         .await
         .expect("options");
@@ -587,10 +588,11 @@ async fn cors_is_off_by_default_and_answers_preflights_for_configured_origins() 
 
     let state = tempfile::tempdir().expect("state");
     let key = make_key(state.path(), &["--scope", "admin"]);
-    let on = server(durable())
+    let on = app(durable())
         .state_dir(state.path())
         .args(["--cors-origin", "https://app.example"])
-        .start();
+        .start()
+        .await;
     // The preflight carries no key and is answered before authentication.
     let r = preflight(&on, "https://app.example")
         .await
@@ -639,7 +641,7 @@ async fn only_admin_keys_see_python_tracebacks() {
             "runs:read",
         ],
     );
-    let srv = server(durable()).state_dir(state.path()).start();
+    let srv = app(durable()).state_dir(state.path()).start().await;
     let url = srv.url("/v1/agents/durable/entrypoints/fatal/invoke");
     for (key, shown) in [(&user, false), (&admin, true)] {
         let (status, text) = call("POST", &url, Some(key), Some(json!({}))).await;

@@ -4,10 +4,8 @@
 //! timestamps, request and invocation ids, durations, the port, and object addresses. The
 //! application runs in the test process (`TestApp`).
 
-mod common;
-
-use common::app::TestApp;
-use common::*;
+use crate::common::app::TestApp;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 

@@ -116,15 +116,13 @@ pub struct TestApp {
     pub port: u16,
     stop: Option<oneshot::Sender<()>>,
     serving: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    pub dirs: tempfile::TempDir,
+    /// The state and cache directories, removed when the app is dropped.
+    _dirs: tempfile::TempDir,
 }
 
 impl super::Served for TestApp {
     fn url(&self, path: &str) -> String {
         TestApp::url(self, path)
-    }
-    fn ws_url(&self, path: &str) -> String {
-        TestApp::ws_url(self, path)
     }
 }
 
@@ -160,7 +158,7 @@ impl TestApp {
             port,
             stop: Some(stop),
             serving: Some(serving),
-            dirs,
+            _dirs: dirs,
         }
     }
 

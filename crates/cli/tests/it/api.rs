@@ -1,11 +1,9 @@
 //! The native API, bad input on every route, invocation history and RunAgent discovery.
 
-mod common;
-
 use std::time::Duration;
 
-use common::app::app;
-use common::*;
+use crate::common::app::app;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -708,5 +706,25 @@ async fn every_error_carries_the_request_id_of_its_header_and_its_log_line() {
     assert_eq!(
         json(&r.text().await.expect("body"))["error"]["request_id"],
         id.as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_application_stops_cleanly_and_closes_its_listener() {
+    let app = app(fixture("durable")).start().await;
+    let port = app.port;
+    let r = client()
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(r.status().as_u16(), 200);
+    // `stop` asserts that `run_until_stopped` returned Ok after the shutdown sequence.
+    app.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "nothing listens on {port} after the application stopped"
     );
 }

@@ -3,10 +3,8 @@
 //! coercions applied; the RunAgent routes pass input through untouched. The application runs in
 //! the test process (`TestApp`).
 
-mod common;
-
-use common::app::TestApp;
-use common::*;
+use crate::common::app::TestApp;
+use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;

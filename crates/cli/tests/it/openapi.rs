@@ -2,12 +2,10 @@
 //! every native route is documented by construction), per-entrypoint paths with schemas and
 //! docstrings, a snapshot of the whole document, and Swagger UI served from the binary.
 
-mod common;
-
 use std::time::Duration;
 
-use common::app::app;
-use common::*;
+use crate::common::app::app;
+use crate::common::*;
 use serde_json::Value;
 
 async fn spec(srv: &impl Served) -> Value {

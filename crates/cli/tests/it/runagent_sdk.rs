@@ -4,13 +4,11 @@
 //! Needs a virtualenv with runagent==0.1.49 in AGENTRY_TEST_RUNAGENT_VENV (`.ci/run` makes one).
 //! Under CI a missing venv fails the test; elsewhere the test says it was skipped.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 fn venv() -> Option<PathBuf> {
     match std::env::var_os("AGENTRY_TEST_RUNAGENT_VENV") {

@@ -1,6 +1,5 @@
 //! Test harness: runs the real `agentry` binary on port 0 with real Python workers, each server
 //! with its own state directory and its own RunAgent cache directory.
-#![allow(dead_code)]
 
 pub mod app;
 
@@ -30,15 +29,11 @@ pub const COMPAT_ID: &str = "22222222-3333-4444-5555-666666666666";
 /// A server the tests talk to: the spawned binary (`Server`) or the in-process `TestApp`.
 pub trait Served {
     fn url(&self, path: &str) -> String;
-    fn ws_url(&self, path: &str) -> String;
 }
 
 impl Served for Server {
     fn url(&self, path: &str) -> String {
         Server::url(self, path)
-    }
-    fn ws_url(&self, path: &str) -> String {
-        Server::ws_url(self, path)
     }
 }
 

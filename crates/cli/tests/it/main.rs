@@ -1,0 +1,18 @@
+//! The CLI's integration tests, in one test binary: one link instead of twelve keeps CI short.
+//! Most build the application in this process (`common::app`); the rest spawn the `agentry`
+//! binary where a separate process is the point (signals, crashes, the CLI itself).
+
+mod common;
+
+mod api;
+mod auth;
+mod cli;
+mod compat_golden;
+mod config;
+mod limits;
+mod openapi;
+mod runagent_sdk;
+mod runs;
+mod shared_limits;
+mod validation;
+mod workers;
