@@ -23,6 +23,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
+use crate::auth::{Caller, principal};
 use crate::pyjson::{push_json_str, python_json_error, structured};
 use crate::request_id::{self, RequestId};
 use crate::state::{Agent, AppState};
@@ -104,6 +105,9 @@ pub fn routes() -> Router<S> {
         // Anything else under RunAgent's prefix: its 404, behind the same gate as its routes.
         .route("/api/v1/{*rest}", axum::routing::any(not_found))
 }
+
+/// The most invocations one history request returns.
+const MAX_HISTORY_PAGE: i64 = 1000;
 
 /// Starlette's 404.
 pub async fn not_found() -> Response {
@@ -630,9 +634,25 @@ async fn pump_stream(
 // Health, info, architecture, invocation history
 // ---------------------------------------------------------------------------------------------
 
-async fn health(State(state): State<S>) -> Response {
+/// The agent RunAgent's agent-less routes describe (the first served), if the caller may see
+/// it; else the answer for a key limited to other agents.
+fn primary_for(state: &S, caller: Caller) -> Result<&Arc<Agent>, Response> {
     let Some(agent) = state.agents.primary() else {
-        return not_found().await;
+        return Err(detail(StatusCode::NOT_FOUND, "Not Found"));
+    };
+    if !principal(caller).allows(agent) {
+        return Err(detail(
+            StatusCode::FORBIDDEN,
+            "the API key is limited to other agents",
+        ));
+    }
+    Ok(agent)
+}
+
+async fn health(State(state): State<S>, caller: Caller) -> Response {
+    let agent = match primary_for(&state, caller) {
+        Ok(a) => a,
+        Err(r) => return r,
     };
     let mut body = String::with_capacity(300);
     body.push_str(
@@ -651,9 +671,10 @@ async fn health(State(state): State<S>) -> Response {
     json_response(StatusCode::OK, body)
 }
 
-async fn info(State(state): State<S>) -> Response {
-    let Some(agent) = state.agents.primary() else {
-        return not_found().await;
+async fn info(State(state): State<S>, caller: Caller) -> Response {
+    let agent = match primary_for(&state, caller) {
+        Ok(a) => a,
+        Err(r) => return r,
     };
     let c = &agent.config;
     let bound = Some(&state.bound);
@@ -707,6 +728,25 @@ async fn invocations(
     for (k, v) in query {
         match k.as_str() {
             "limit" => match v.trim().parse::<i64>() {
+                // Bounded, so that one request cannot read the whole history at once.
+                Ok(n) if !(1..=MAX_HISTORY_PAGE).contains(&n) => {
+                    let (kind, msg, bound) = if n < 1 {
+                        (
+                            "greater_than_equal",
+                            "Input should be greater than or equal to 1".to_string(),
+                            json!({"ge": 1}),
+                        )
+                    } else {
+                        (
+                            "less_than_equal",
+                            format!("Input should be less than or equal to {MAX_HISTORY_PAGE}"),
+                            json!({"le": MAX_HISTORY_PAGE}),
+                        )
+                    };
+                    return fastapi_422(vec![json!({
+                        "type": kind, "loc": ["query", "limit"], "msg": msg, "input": v, "ctx": bound,
+                    })]);
+                }
                 Ok(n) => limit = n,
                 Err(_) => {
                     return fastapi_422(vec![json!({
@@ -766,6 +806,7 @@ async fn invocation_stats(state: S, agent: Arc<Agent>, id: RequestId) -> Respons
 async fn invocation(
     State(state): State<S>,
     id: Option<Extension<RequestId>>,
+    caller: Caller,
     Path(invocation_id): Path<String>,
 ) -> Response {
     let id = request_id::of(id);
@@ -773,9 +814,17 @@ async fn invocation(
         Ok(db) => db,
         Err(r) => return r,
     };
+    // An invocation of an agent the key may not touch is answered as one that does not exist.
+    let who = principal(caller);
+    let visible = |inv: &Value| {
+        inv["agent_id"]
+            .as_str()
+            .and_then(|agent| state.agents.by_id(agent))
+            .is_none_or(|agent| who.allows(agent))
+    };
     match db.get(&invocation_id).await {
-        Ok(Some(inv)) => json_response(StatusCode::OK, inv.to_string()),
-        Ok(None) => error_envelope(
+        Ok(Some(inv)) if visible(&inv) => json_response(StatusCode::OK, inv.to_string()),
+        Ok(_) => error_envelope(
             StatusCode::NOT_FOUND,
             "NOT_FOUND",
             &format!("Invocation {invocation_id} not found"),

@@ -198,6 +198,7 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::WrongEntrypointKind => StatusCode::BAD_REQUEST,
         ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         ErrorCode::AgentError | ErrorCode::ConfigurationError | ErrorCode::ServerError => {
             StatusCode::INTERNAL_SERVER_ERROR
         }

@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::auth::{Caller, principal};
+use crate::auth::{Caller, Principal, principal};
 use crate::de::body_or_error;
 use crate::error::{ApiError, invalid};
 use crate::state::AppState;
@@ -95,11 +95,13 @@ struct CreateBody {
     request_body(content = CreateBody),
     responses(
         (status = 201, description = "The new key, with `key` shown this once", body = NewKeyView),
+        (status = 403, description = "`permission_error`: the key lacks the scope, or the key asked for exceeds its own scopes or agents", body = ErrorEnvelope),
         (status = 422, description = "`validation_error`", body = ErrorEnvelope),
         (status = 503, description = "`unavailable`", body = ErrorEnvelope),
     ))]
 pub(crate) async fn create_key(
     State(state): State<S>,
+    caller: Caller,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_or_error(body, state.config.http.max_body_bytes)?;
@@ -113,6 +115,17 @@ pub(crate) async fn create_key(
     let (key, token) = request
         .create(now_ms())
         .map_err(|r| invalid(r.field, r.expected, r.message))?;
+    if let Some(creator) = principal(caller).0 {
+        let same_agent = |a: &str, b: &str| {
+            a == b
+                || state
+                    .agent(a)
+                    .zip(state.agent(b))
+                    .is_some_and(|(x, y)| x.config.agent_id == y.config.agent_id)
+        };
+        key.within(&creator.key, same_agent)
+            .map_err(|why| ApiError::new(ErrorCode::PermissionError, why))?;
+    }
     state
         .auth
         .store()
@@ -129,8 +142,15 @@ pub(crate) async fn create_key(
 
 /// Every key: ids, scopes and times, never the keys.
 #[utoipa::path(get, path = "/v1/keys", tag = "keys",
-    responses((status = 200, description = "The keys", body = KeyList)))]
-pub(crate) async fn list_keys(State(state): State<S>) -> Result<Response, ApiError> {
+    responses(
+        (status = 200, description = "The keys", body = KeyList),
+        (status = 403, description = "`permission_error`: the key lacks the scope, or is limited to agents", body = ErrorEnvelope),
+    ))]
+pub(crate) async fn list_keys(
+    State(state): State<S>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    unrestricted(caller)?;
     let keys = state
         .auth
         .store()
@@ -150,7 +170,7 @@ pub(crate) async fn list_keys(State(state): State<S>) -> Result<Response, ApiErr
     params(("id" = String, Path, description = "The key's id (its `ak_<id>_` part)")),
     responses(
         (status = 200, description = "The revoked key", body = KeyView),
-        (status = 403, description = "`permission_error`: a key cannot revoke itself", body = ErrorEnvelope),
+        (status = 403, description = "`permission_error`: the key lacks the scope, is limited to agents, or is the key being revoked", body = ErrorEnvelope),
         (status = 404, description = "`key_not_found`", body = ErrorEnvelope),
     ))]
 pub(crate) async fn revoke_key(
@@ -158,7 +178,8 @@ pub(crate) async fn revoke_key(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    if principal(caller).0.is_some_and(|k| k.key.id == id) {
+    let who = unrestricted(caller)?;
+    if who.0.is_some_and(|k| k.key.id == id) {
         return Err(ApiError::new(
             ErrorCode::PermissionError,
             "a key cannot revoke itself: use another admin key, or `agentry keys revoke` on the server",
@@ -173,4 +194,16 @@ pub(crate) async fn revoke_key(
         .ok_or_else(|| ApiError::new(ErrorCode::KeyNotFound, format!("no key `{id}`")))?;
     state.auth.reload().await.map_err(ApiError::from_store)?;
     Ok(Json(KeyView::from(&key)).into_response())
+}
+
+/// Listing and revoking see and touch every key, so a key limited to agents may not.
+fn unrestricted(caller: Caller) -> Result<Principal, ApiError> {
+    let who = principal(caller);
+    if who.agent_limit().is_some() {
+        return Err(ApiError::new(
+            ErrorCode::PermissionError,
+            "listing and revoking keys needs an admin key that is not limited to agents",
+        ));
+    }
+    Ok(who)
 }

@@ -8,6 +8,7 @@
 //! below imports the crate root.
 
 pub mod auth;
+mod browser;
 pub mod compat;
 mod de;
 pub mod error;

@@ -136,9 +136,16 @@ fn agent_view(agent: &Agent) -> AgentView<'_> {
 /// The agents served here, with their entrypoints, parameter schemas and docstrings.
 #[utoipa::path(get, path = "/v1/agents", tag = "agents",
     responses((status = 200, description = "The agents served here", body = AgentList)))]
-pub(crate) async fn list_agents(State(state): State<S>) -> Response {
+pub(crate) async fn list_agents(State(state): State<S>, caller: Caller) -> Response {
+    // A key limited to some agents sees only those.
+    let who = principal(caller);
     Json(AgentList {
-        agents: state.agents.iter().map(|a| agent_view(a)).collect(),
+        agents: state
+            .agents
+            .iter()
+            .filter(|a| who.allows(a))
+            .map(|a| agent_view(a))
+            .collect(),
     })
     .into_response()
 }

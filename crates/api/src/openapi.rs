@@ -112,7 +112,8 @@ pub fn refined(spec: Spec, policies: &Policies) -> Value {
 
 /// What an operation's entry in the route table says about it: open ones need no key
 /// (`security: [{}]`); the others share the answers of what sits in front of every handler,
-/// authentication and rate limits; an operation with a body shares the body limit's 413, and
+/// authentication and rate limits; an operation with a body shares the body limit's 413 (and,
+/// behind a gate, the 415 of a non-JSON body while authentication is off), and
 /// one that uses the store its 503 (locked database, full disk).
 fn add_shared_responses(policy: &Policy, op: &mut Value) {
     let open = policy.access == Access::Public;
@@ -141,6 +142,11 @@ fn add_shared_responses(policy: &Policy, op: &mut Value) {
             has_body,
             "413",
             "`payload_too_large`: the body is over `--max-body-bytes`",
+        ),
+        (
+            has_body && !open,
+            "415",
+            "`unsupported_media_type`: with authentication off, a body not sent as JSON",
         ),
         (
             uses_store,

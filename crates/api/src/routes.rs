@@ -186,6 +186,14 @@ async fn check(
         }),
     };
     let mut principal = Principal(None);
+    // Without keys, loopback is open to this machine, not to the web pages its browser shows.
+    if policy.access != Access::Public
+        && !state.auth.enabled()
+        && state.bound.ip().is_loopback()
+        && let Some(refusal) = crate::browser::check(&req, &state.config.http.cors_origins)
+    {
+        return refuse(runagent, refusal.code, &refusal.message);
+    }
     if policy.access != Access::Public && state.auth.enabled() {
         let Some(token) = presented_token(&req, policy.query_token) else {
             return refuse(

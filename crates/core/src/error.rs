@@ -31,6 +31,9 @@ pub enum ErrorCode {
     UpgradeRequired,
     /// The request body is larger than the configured limit.
     PayloadTooLarge,
+    /// With authentication off, a body sent as something other than JSON (what a web page can
+    /// send cross-site).
+    UnsupportedMediaType,
     /// The agent's code raised an exception.
     AgentError,
     /// The worker process running the call died (crash, `os._exit`, OOM kill, signal).
@@ -50,7 +53,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in documentation order.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         Self::AuthenticationError,
         Self::PermissionError,
         Self::RateLimitError,
@@ -63,6 +66,7 @@ impl ErrorCode {
         Self::WrongEntrypointKind,
         Self::UpgradeRequired,
         Self::PayloadTooLarge,
+        Self::UnsupportedMediaType,
         Self::AgentError,
         Self::AgentCrashed,
         Self::TimeoutError,
@@ -87,6 +91,7 @@ impl ErrorCode {
             Self::WrongEntrypointKind => "wrong_entrypoint_kind",
             Self::UpgradeRequired => "upgrade_required",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
             Self::AgentError => "agent_error",
             Self::AgentCrashed => "agent_crashed",
             Self::TimeoutError => "timeout_error",
@@ -129,6 +134,7 @@ mod tests {
                 | ErrorCode::WrongEntrypointKind
                 | ErrorCode::UpgradeRequired
                 | ErrorCode::PayloadTooLarge
+                | ErrorCode::UnsupportedMediaType
                 | ErrorCode::AgentError
                 | ErrorCode::AgentCrashed
                 | ErrorCode::TimeoutError

@@ -23,6 +23,9 @@ pub enum EventKind {
     Retrying,
     /// Someone asked to cancel the running run.
     CancelRequested,
+    /// This node stopped an attempt itself because it could not renew the attempt's lease in
+    /// time (`{"attempt", "reason"}`); the run is requeued when the lease expires.
+    Fenced,
     Succeeded,
     Failed,
     TimedOut,
@@ -33,7 +36,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// The runtime's own kinds.
-    pub const RUNTIME: [EventKind; 12] = [
+    pub const RUNTIME: [EventKind; 13] = [
         Self::Queued,
         Self::Started,
         Self::Heartbeat,
@@ -42,6 +45,7 @@ impl EventKind {
         Self::Log,
         Self::Retrying,
         Self::CancelRequested,
+        Self::Fenced,
         Self::Succeeded,
         Self::Failed,
         Self::TimedOut,
@@ -58,6 +62,7 @@ impl EventKind {
             Self::Log => "run.log",
             Self::Retrying => "run.retrying",
             Self::CancelRequested => "run.cancel_requested",
+            Self::Fenced => "run.fenced",
             Self::Succeeded => "run.succeeded",
             Self::Failed => "run.failed",
             Self::TimedOut => "run.timed_out",

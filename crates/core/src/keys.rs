@@ -76,6 +76,43 @@ impl ApiKey {
         self.scopes.contains(&Scope::Admin) || self.scopes.contains(&scope)
     }
 
+    /// Whether a key with `creator`'s rights may make this one: each scope granted by the
+    /// creator, and, for a creator limited to agents, a limit to some of those
+    /// (`same_agent(a, b)` says whether two ids or names name one agent). The refusal says
+    /// what exceeds, so that no key can mint a key stronger than itself.
+    pub fn within(
+        &self,
+        creator: &ApiKey,
+        same_agent: impl Fn(&str, &str) -> bool,
+    ) -> Result<(), String> {
+        if let Some(scope) = self.scopes.iter().find(|s| !creator.grants(**s)) {
+            return Err(format!(
+                "the key {} cannot grant the `{}` scope, which it lacks",
+                creator.id,
+                scope.as_str()
+            ));
+        }
+        let Some(allowed) = &creator.agents else {
+            return Ok(());
+        };
+        let Some(wanted) = &self.agents else {
+            return Err(format!(
+                "the key {} is limited to agents, so the keys it makes must be limited to some of them",
+                creator.id
+            ));
+        };
+        match wanted
+            .iter()
+            .find(|w| !allowed.iter().any(|a| same_agent(a, w)))
+        {
+            Some(outside) => Err(format!(
+                "the key {} is not allowed agent `{outside}`",
+                creator.id
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the key may touch the agent known by `id` and `name`.
     pub fn allows_agent(&self, id: &str, name: &str) -> bool {
         self.agents
@@ -222,6 +259,69 @@ pub fn parse_duration_s(text: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(scopes: &[Scope], agents: Option<&[&str]>) -> ApiKey {
+        ApiKey {
+            id: "ak_test".into(),
+            name: None,
+            hash: String::new(),
+            scopes: scopes.to_vec(),
+            agents: agents.map(|a| a.iter().map(|s| s.to_string()).collect()),
+            created_at: 0,
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+        }
+    }
+
+    #[test]
+    fn a_key_makes_only_keys_within_its_own_rights() {
+        // "echo" and "id-echo" are one agent, by name and by id.
+        let same = |a: &str, b: &str| {
+            a == b || matches!((a, b), ("echo", "id-echo") | ("id-echo", "echo"))
+        };
+        let admin = key(&[Scope::Admin], None);
+        let limited_admin = key(&[Scope::Admin], Some(&["echo"]));
+        assert!(key(&[Scope::Admin], None).within(&admin, same).is_ok());
+        assert!(
+            key(&[Scope::Invoke], Some(&["other"]))
+                .within(&admin, same)
+                .is_ok()
+        );
+        // A limited admin: only keys limited to its agents, by either form.
+        assert!(
+            key(&[Scope::Invoke], Some(&["id-echo"]))
+                .within(&limited_admin, same)
+                .is_ok()
+        );
+        assert!(
+            key(&[Scope::Invoke], None)
+                .within(&limited_admin, same)
+                .is_err()
+        );
+        assert!(
+            key(&[Scope::Invoke], Some(&["echo", "other"]))
+                .within(&limited_admin, same)
+                .is_err()
+        );
+        // No scope the creator lacks.
+        let runs_reader = key(&[Scope::RunsRead], None);
+        assert!(
+            key(&[Scope::RunsRead], None)
+                .within(&runs_reader, same)
+                .is_ok()
+        );
+        assert!(
+            key(&[Scope::Admin], None)
+                .within(&runs_reader, same)
+                .is_err()
+        );
+        assert!(
+            key(&[Scope::RunsWrite], None)
+                .within(&runs_reader, same)
+                .is_err()
+        );
+    }
 
     #[test]
     fn keys_are_identified_hashed_and_checked() {

@@ -17,6 +17,28 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// The wall clock the run engine decides by (due times, lease expiries, retries): the system
+/// clock, moved by `jump` in tests as NTP, a VM resume or an operator can move it. Leases are
+/// kept by the monotonic clock on the node itself; only what is shared goes by this one.
+#[derive(Debug, Clone, Default)]
+pub struct Clock {
+    offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Clock {
+    /// Unix time in milliseconds, now, by this clock.
+    pub fn now_ms(&self) -> i64 {
+        now_ms() + self.offset_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves this clock (and every clone of it) forward by `by`.
+    pub fn jump(&self, by: Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.offset_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// A new run id: `run_` and a UUIDv7, so ids sort by creation time.
 pub fn new_run_id() -> String {
     format!("run_{}", uuid::Uuid::now_v7().simple())
@@ -590,6 +612,8 @@ pub enum CreateOutcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Renewal {
     pub run_id: String,
+    /// The attempt whose lease this is.
+    pub attempt: u32,
     /// The lease is still this node's.
     pub held: bool,
     /// Someone asked to cancel the run (possibly through another node).

@@ -3,9 +3,9 @@
 //! run is due (at most `idle_poll`).
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use agentry_core::runs::{ClaimRequest, now_ms};
+use agentry_core::runs::ClaimRequest;
 
 use crate::execute;
 use crate::state::Inner;
@@ -24,7 +24,8 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
         let mut sleep_for = inner.settings.idle_poll;
         if !per_agent.is_empty() {
             let wanted: usize = per_agent.iter().map(|(_, n)| n).sum();
-            let now = now_ms();
+            let now = inner.settings.clock.now_ms();
+            let asked_at = Instant::now();
             let request = ClaimRequest {
                 node: inner.settings.node.clone(),
                 owner: inner.owner.clone(),
@@ -37,14 +38,16 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
                     backoff = Duration::from_millis(50);
                     let got = claimed.runs.len();
                     for c in claimed.runs {
-                        execute::start(&inner, c);
+                        execute::start(&inner, c, asked_at);
                     }
                     if got >= wanted {
                         // Maybe more are due: look again once capacity frees up.
                         continue;
                     }
                     if let Some(due) = claimed.next_due {
-                        let wait = Duration::from_millis((due - now_ms()).max(0) as u64);
+                        let wait = Duration::from_millis(
+                            (due - inner.settings.clock.now_ms()).max(0) as u64,
+                        );
                         sleep_for = sleep_for.min(wait);
                     }
                 }

@@ -6,41 +6,56 @@
 //! `finish_run`, refused by the store if the lease was lost meanwhile.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentry_core::ErrorCode;
 use agentry_core::executor::{CallError, RunItem};
-use agentry_core::runs::{ClaimedRun, EventKind, LeaseRef, NewEvent, Outcome, Run, now_ms};
+use agentry_core::runs::{ClaimedRun, EventKind, LeaseRef, NewEvent, Outcome, Run};
 use agentry_core::store::StoreError;
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
-use crate::state::{Inner, Running, Signal};
+use crate::state::{Abandon, AttemptKey, Inner, Running, Signal};
 
-/// Registers the claimed run and spawns its executor.
-pub(crate) fn start(inner: &Arc<Inner>, claimed: ClaimedRun) {
+/// Registers the claimed attempt and spawns its executor. `asked_at` is when the claim was
+/// sent: the lease surely holds until then plus the TTL.
+pub(crate) fn start(inner: &Arc<Inner>, claimed: ClaimedRun, asked_at: Instant) {
     let (signal, rx) = watch::channel(if claimed.run.cancel_requested {
         Signal::Cancel
     } else {
         Signal::None
     });
+    let key = AttemptKey {
+        run_id: claimed.run.id.clone(),
+        attempt: claimed.run.attempt,
+    };
     inner.running.lock().insert(
-        claimed.run.id.clone(),
+        key.clone(),
         Running {
             agent: claimed.run.agent.clone(),
-            attempt: claimed.run.attempt,
             signal,
-            last_heartbeat_event: std::time::Instant::now(),
+            last_heartbeat_event: Instant::now(),
+            lease_until: asked_at + inner.settings.lease_ttl,
         },
     );
     inner.publish(std::slice::from_ref(&claimed.started), Some(&claimed.run));
     let inner = Arc::clone(inner);
     tokio::spawn(async move {
-        let run_id = claimed.run.id.clone();
         execute(&inner, claimed, rx).await;
-        inner.running.lock().remove(&run_id);
+        inner.running.lock().remove(&key);
         inner.wake.notify_one();
     });
+}
+
+/// The signal as it stands after `changed()` answered `changed`: a closed channel abandons.
+fn signal_after(
+    changed: Result<(), watch::error::RecvError>,
+    signal: &watch::Receiver<Signal>,
+) -> Signal {
+    match changed {
+        Ok(()) => *signal.borrow(),
+        Err(_) => Signal::Abandon(Abandon::Closed),
+    }
 }
 
 /// What to do after one item from the call.
@@ -87,8 +102,8 @@ async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Rec
         attempt: run.attempt,
     };
     let outcome = match attempt(inner, &run, &lease, claimed.checkpoint, &mut signal).await {
-        Some(outcome) => outcome,
-        None => return, // abandoned: the lease is not ours any more, or the engine stops
+        Ok(outcome) => outcome,
+        Err(why) => return abandoned(inner, &lease, why).await,
     };
     match inner.store.finish_run(lease, outcome).await {
         Ok(f) => inner.publish(&f.events, Some(&f.run)),
@@ -102,19 +117,42 @@ async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Rec
     }
 }
 
-/// Runs the attempt; `None` when it was abandoned.
+/// Says why an attempt stopped without an outcome: in the log, and for a fenced attempt in
+/// the run's events too (written only while the lease is still this attempt's, so never over
+/// a newer attempt's).
+async fn abandoned(inner: &Inner, lease: &LeaseRef, why: Abandon) {
+    match why {
+        Abandon::Stopping => return,
+        Abandon::Fenced => {
+            tracing::warn!(run.id = %lease.run_id, attempt = lease.attempt, "{}", why.reason());
+        }
+        Abandon::LeaseLost | Abandon::Closed => {
+            tracing::warn!(run.id = %lease.run_id, attempt = lease.attempt, "stopped an attempt: {}", why.reason());
+            return;
+        }
+    }
+    let data = serde_json::json!({"attempt": lease.attempt, "reason": why.reason()}).to_string();
+    let event = NewEvent::new(EventKind::Fenced, data);
+    if let Ok(events) = inner.store.append_events(lease.clone(), vec![event]).await {
+        inner.publish(&events, None);
+    }
+}
+
+/// Runs the attempt to its outcome, or says why it was abandoned.
 async fn attempt(
     inner: &Arc<Inner>,
     run: &Run,
     lease: &LeaseRef,
     checkpoint: Option<String>,
     signal: &mut watch::Receiver<Signal>,
-) -> Option<Outcome> {
-    if *signal.borrow() == Signal::Cancel {
-        return Some(cancelled("the run was cancelled before it started"));
+) -> Result<Outcome, Abandon> {
+    match *signal.borrow() {
+        Signal::Cancel => return Ok(cancelled("the run was cancelled before it started")),
+        Signal::Abandon(why) => return Err(why),
+        Signal::None => {}
     }
     let Some(agent) = inner.agents.by_id(&run.agent) else {
-        return Some(Outcome::Failed {
+        return Ok(Outcome::Failed {
             error: error_json(
                 ErrorCode::AgentNotFound,
                 "the agent is not served here",
@@ -131,10 +169,10 @@ async fn attempt(
     let timeout = Duration::from_millis(run.timeout_ms.max(1) as u64);
     let call = tokio::select! {
         call = agent.executor.run(&run.entrypoint, &run.input, &context, timeout) => call,
-        _ = signal.changed() => {
-            return match *signal.borrow() {
-                Signal::Abandon => None,
-                _ => Some(cancelled("the run was cancelled before it started")),
+        changed = signal.changed() => {
+            return match signal_after(changed, signal) {
+                Signal::Abandon(why) => Err(why),
+                _ => Ok(cancelled("the run was cancelled before it started")),
             };
         }
     };
@@ -142,8 +180,8 @@ async fn attempt(
         Ok(call) => call,
         // The pool closed for shutdown: leave the run leased; the next start requeues it
         // without using up an attempt.
-        Err(_) if inner.stopping() => return None,
-        Err(e) => return Some(decide(inner, run, Err(e), false)),
+        Err(_) if inner.stopping() => return Err(Abandon::Stopping),
+        Err(e) => return Ok(decide(inner, run, Err(e), false)),
     };
     let mut chunks = 0u64;
     let mut batch = Vec::new();
@@ -152,11 +190,10 @@ async fn attempt(
         let item = tokio::select! {
             biased;
             changed = signal.changed() => {
-                let now = if changed.is_err() { Signal::Abandon } else { *signal.borrow() };
-                match now {
-                    Signal::Abandon => {
-                        call.kill("the run's lease was lost");
-                        return None;
+                match signal_after(changed, signal) {
+                    Signal::Abandon(why) => {
+                        call.kill(why.reason());
+                        return Err(why);
                     }
                     Signal::Cancel if cancel_at.is_none() => {
                         call.cancel();
@@ -169,12 +206,12 @@ async fn attempt(
             _ = sleep_until(cancel_at) => {
                 call.kill("a cancelled run did not stop within its grace period");
                 flush(inner, lease, &mut batch).await;
-                return Some(cancelled("the run was cancelled; it did not stop within its grace period and its worker was stopped"));
+                return Ok(cancelled("the run was cancelled; it did not stop within its grace period and its worker was stopped"));
             }
             item = call.next() => item,
         };
         let Some(item) = item else {
-            return Some(decide(
+            return Ok(decide(
                 inner,
                 run,
                 Err(CallError::Crashed(
@@ -192,8 +229,8 @@ async fn attempt(
             }
         }
         if !flush(inner, lease, &mut batch).await {
-            call.kill("the run's lease was lost");
-            return None;
+            call.kill(Abandon::LeaseLost.reason());
+            return Err(Abandon::LeaseLost);
         }
         match next {
             Step::Continue => {}
@@ -204,8 +241,8 @@ async fn attempt(
                         call.ack(true);
                     }
                     Err(StoreError::LeaseLost) => {
-                        call.kill("the run's lease was lost");
-                        return None;
+                        call.kill(Abandon::LeaseLost.reason());
+                        return Err(Abandon::LeaseLost);
                     }
                     Err(e) => {
                         tracing::warn!(run.id = %run.id, "a checkpoint could not be saved: {e}");
@@ -217,9 +254,9 @@ async fn attempt(
             Step::Done(Err(CallError::Crashed(_) | CallError::Unavailable(_)))
                 if inner.stopping() =>
             {
-                return None;
+                return Err(Abandon::Stopping);
             }
-            Step::Done(result) => return Some(decide(inner, run, result, cancel_at.is_some())),
+            Step::Done(result) => return Ok(decide(inner, run, result, cancel_at.is_some())),
         }
     }
 }
@@ -263,7 +300,7 @@ fn cancelled(message: &str) -> Outcome {
 /// Turns the call's answer into the attempt's outcome: retriable failures come back with
 /// backoff while attempts remain; deadlines and cancellations are final.
 fn decide(
-    _inner: &Inner,
+    inner: &Inner,
     run: &Run,
     result: Result<String, CallError>,
     cancel_requested: bool,
@@ -309,7 +346,7 @@ fn decide(
             .as_millis() as i64;
         Outcome::Retry {
             error,
-            run_at: now_ms() + delay_ms,
+            run_at: inner.settings.clock.now_ms() + delay_ms,
             delay_ms,
         }
     } else {

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use agentry_core::agent::{Agents, ServedAgent};
-use agentry_core::runs::{CancelOutcome, CreateOutcome, DirectClaim, NewRun, Run, now_ms};
+use agentry_core::runs::{CancelOutcome, CreateOutcome, DirectClaim, NewRun, Run};
 use agentry_core::store::{RunStore, StoreError};
 use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 pub use follow::{EventFeed, Follow};
 pub use hub::{EventHub, Published, Subscription};
 pub use settings::EngineSettings;
-use state::{Inner, Signal};
+use state::{Abandon, Inner};
 
 /// The engine of one node. Cheap to clone.
 #[derive(Clone)]
@@ -82,7 +82,7 @@ impl Engine {
         let recovered = inner
             .store
             .recover_leases(
-                now_ms(),
+                inner.settings.clock.now_ms(),
                 Some((inner.settings.node.clone(), inner.owner.clone())),
             )
             .await?;
@@ -99,6 +99,7 @@ impl Engine {
             let mut tasks = inner.tasks.lock();
             tasks.spawn(dispatch::dispatch_loop(Arc::clone(&inner)));
             tasks.spawn(maintenance::heartbeat_loop(Arc::clone(&inner)));
+            tasks.spawn(maintenance::fence_loop(Arc::clone(&inner)));
             tasks.spawn(maintenance::reaper_loop(Arc::clone(&inner)));
             tasks.spawn(maintenance::retention_loop(Arc::clone(&inner)));
         }
@@ -132,10 +133,12 @@ impl Engine {
     /// dispatcher is woken.
     pub async fn submit(&self, run: NewRun) -> Result<(Run, bool), SubmitError> {
         let reservation = self.inner.reserve(&run.agent);
+        let asked_at = std::time::Instant::now();
         let claim = reservation.as_ref().map(|_| DirectClaim {
             node: self.inner.settings.node.clone(),
             owner: self.inner.owner.clone(),
-            lease_until: now_ms() + self.inner.settings.lease_ttl.as_millis() as i64,
+            lease_until: self.inner.settings.clock.now_ms()
+                + self.inner.settings.lease_ttl.as_millis() as i64,
         });
         match self.inner.store.create_run(run, claim).await {
             Ok(CreateOutcome::Created {
@@ -145,7 +148,7 @@ impl Engine {
             }) => {
                 self.inner.hub.publish(std::slice::from_ref(&event), None);
                 match claimed {
-                    Some(claimed) => execute::start(&self.inner, claimed),
+                    Some(claimed) => execute::start(&self.inner, claimed, asked_at),
                     None => self.inner.wake.notify_one(),
                 }
                 drop(reservation);
@@ -160,7 +163,11 @@ impl Engine {
     /// Cancels a run: a queued one at once, a running one by signalling its executor (here) or
     /// its node (through the store, seen at that node's next heartbeat).
     pub async fn cancel(&self, id: &str) -> Result<CancelOutcome, StoreError> {
-        let outcome = self.inner.store.cancel_run(id, now_ms()).await?;
+        let outcome = self
+            .inner
+            .store
+            .cancel_run(id, self.inner.settings.clock.now_ms())
+            .await?;
         match &outcome {
             CancelOutcome::Cancelled(f) => {
                 self.inner.hub.publish(&f.events, Some(&f.run));
@@ -170,8 +177,14 @@ impl Engine {
                 if let Some(e) = event {
                     self.inner.hub.publish(std::slice::from_ref(e), None);
                 }
-                if let Some(r) = self.inner.running.lock().get(&run.id) {
-                    r.signal.send_replace(Signal::Cancel);
+                for (_, r) in self
+                    .inner
+                    .running
+                    .lock()
+                    .iter()
+                    .filter(|(k, _)| k.run_id == run.id)
+                {
+                    r.cancel();
                 }
             }
             _ => {}
@@ -227,7 +240,7 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for r in self.inner.running.lock().values() {
-            r.signal.send_replace(Signal::Abandon);
+            r.abandon(Abandon::Stopping);
         }
         let settle = tokio::time::Instant::now() + Duration::from_secs(2);
         while self.running() > 0 && tokio::time::Instant::now() < settle {

@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use agentry_core::runs::{LeaseRef, now_ms};
+use agentry_core::runs::LeaseRef;
 
-use crate::state::{Inner, Signal};
+use crate::state::{Abandon, AttemptKey, Inner};
 
 /// Renews every lease this node holds, one write for all. A lease found lost (the run was
-/// requeued because this node looked dead, or finished elsewhere) abandons its executor; a
+/// requeued because this node looked dead, or finished elsewhere) abandons that attempt; a
 /// cancel requested through another node reaches the executor here.
 pub(crate) async fn heartbeat_loop(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(inner.settings.heartbeat_every);
@@ -21,17 +21,17 @@ pub(crate) async fn heartbeat_loop(inner: Arc<Inner>) {
             let mut heartbeat = Vec::new();
             let leases: Vec<LeaseRef> = running
                 .iter_mut()
-                .map(|(id, r)| {
+                .map(|(key, r)| {
                     if now.duration_since(r.last_heartbeat_event)
                         >= inner.settings.heartbeat_event_every
                     {
                         r.last_heartbeat_event = now;
-                        heartbeat.push(id.clone());
+                        heartbeat.push(key.run_id.clone());
                     }
                     LeaseRef {
-                        run_id: id.clone(),
+                        run_id: key.run_id.clone(),
                         owner: inner.owner.clone(),
-                        attempt: r.attempt,
+                        attempt: key.attempt,
                     }
                 })
                 .collect();
@@ -40,23 +40,54 @@ pub(crate) async fn heartbeat_loop(inner: Arc<Inner>) {
         if leases.is_empty() {
             continue;
         }
-        let until = now_ms() + inner.settings.lease_ttl.as_millis() as i64;
+        let asked_at = Instant::now();
+        let until = inner.settings.clock.now_ms() + inner.settings.lease_ttl.as_millis() as i64;
         match inner.store.renew_leases(leases, until, heartbeat).await {
             Ok(renewals) => {
-                let running = inner.running.lock();
+                let mut running = inner.running.lock();
                 for r in renewals {
-                    let Some(run) = running.get(&r.run_id) else {
+                    let key = AttemptKey {
+                        run_id: r.run_id,
+                        attempt: r.attempt,
+                    };
+                    let Some(run) = running.get_mut(&key) else {
                         continue;
                     };
                     if !r.held {
-                        tracing::warn!(run.id = %r.run_id, "lost the lease of a running run; stopping it here");
-                        run.signal.send_replace(Signal::Abandon);
-                    } else if r.cancel_requested && *run.signal.borrow() == Signal::None {
-                        run.signal.send_replace(Signal::Cancel);
+                        if run.abandon(Abandon::LeaseLost) {
+                            tracing::warn!(run.id = %key.run_id, attempt = key.attempt, "lost the lease of a running attempt; stopping it here");
+                        }
+                        continue;
+                    }
+                    run.lease_until = asked_at + inner.settings.lease_ttl;
+                    if r.cancel_requested {
+                        run.cancel();
                     }
                 }
             }
             Err(e) => tracing::warn!("renewing leases failed: {e}"),
+        }
+    }
+}
+
+/// Stops this node's attempts whose lease it could not renew in time, before the lease
+/// expires and another attempt may start (self-fencing). Apart from the heartbeat, because the
+/// renewal itself may be what hangs.
+pub(crate) async fn fence_loop(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.settings.fence_check_every());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let margin = inner.settings.fence_margin();
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        for (key, r) in inner.running.lock().iter() {
+            if now + margin >= r.lease_until && r.abandon(Abandon::Fenced) {
+                tracing::warn!(
+                    run.id = %key.run_id,
+                    attempt = key.attempt,
+                    "no lease renewal succeeded for too long; stopping the attempt before the lease expires"
+                );
+            }
         }
     }
 }
@@ -67,7 +98,11 @@ pub(crate) async fn reaper_loop(inner: Arc<Inner>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match inner.store.recover_leases(now_ms(), None).await {
+        match inner
+            .store
+            .recover_leases(inner.settings.clock.now_ms(), None)
+            .await
+        {
             Ok(recovered) if !recovered.is_empty() => {
                 tracing::warn!(runs = recovered.len(), "requeued runs whose lease expired");
                 for f in &recovered {
@@ -91,7 +126,7 @@ pub(crate) async fn retention_loop(inner: Arc<Inner>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let before = now_ms() - keep.as_millis() as i64;
+        let before = inner.settings.clock.now_ms() - keep.as_millis() as i64;
         let mut total = 0usize;
         loop {
             match inner

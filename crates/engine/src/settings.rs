@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use agentry_core::runs::Clock;
 use agentry_core::settings::RunsConfig;
 
 /// Tuning of the engine, derived from the `runs` section of the configuration.
@@ -28,6 +29,8 @@ pub struct EngineSettings {
     pub purge_batch: usize,
     /// Longest sleep of an idle dispatcher (a safety net; wake-ups are immediate).
     pub idle_poll: Duration,
+    /// The wall clock of due times and lease expiries (the system's; tests move it).
+    pub clock: Clock,
 }
 
 impl EngineSettings {
@@ -45,6 +48,22 @@ impl EngineSettings {
             retention_every: runs.retention_every(),
             purge_batch: 200,
             idle_poll: Duration::from_secs(1),
+            clock: Clock::default(),
         }
+    }
+}
+
+impl EngineSettings {
+    /// How long before its lease would expire an attempt that could not renew it stops itself.
+    /// A tenth of the TTL: the reaper of any node requeues a run only once its lease expired,
+    /// so an attempt fenced this early is gone before the next one can start.
+    pub fn fence_margin(&self) -> Duration {
+        self.lease_ttl / 10
+    }
+
+    /// How often attempts are checked against their lease (independent of the renewals, which
+    /// may be the thing that hangs).
+    pub fn fence_check_every(&self) -> Duration {
+        (self.lease_ttl / 20).clamp(Duration::from_millis(10), Duration::from_secs(1))
     }
 }

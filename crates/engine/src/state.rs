@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Instant;
 
 use agentry_core::agent::Agents;
 use agentry_core::runs::{Run, RunEvent};
@@ -14,22 +15,83 @@ use tokio::task::JoinSet;
 use crate::hub::EventHub;
 use crate::settings::EngineSettings;
 
+/// One attempt of one run. The engine's bookkeeping is keyed by this, never by the run alone:
+/// when a lease is lost and this node claims the run's next attempt, the old attempt's cleanup
+/// must not touch the new one's entry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct AttemptKey {
+    pub(crate) run_id: String,
+    pub(crate) attempt: u32,
+}
+
 /// What an executor listens to besides its call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Signal {
     None,
     /// Someone asked to cancel the run.
     Cancel,
-    /// The lease is gone (another node took the run, or the engine is stopping): stop without
-    /// writing anything.
-    Abandon,
+    /// Stop without writing an outcome: the attempt is no longer this node's to finish.
+    Abandon(Abandon),
+}
+
+/// Why an attempt is abandoned. None of these is a cancel: the run goes on elsewhere or later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Abandon {
+    /// A renewal found the lease gone (another attempt or node has the run).
+    LeaseLost,
+    /// This node could not renew the lease for so long that it may expire: it stops the attempt
+    /// itself before anyone else may take the run.
+    Fenced,
+    /// The engine is stopping; the next start requeues the run.
+    Stopping,
+    /// The attempt's signal went away. Only ever an abandon, never read as a cancel.
+    Closed,
+}
+
+impl Abandon {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Abandon::LeaseLost => "the run's lease was lost",
+            Abandon::Fenced => {
+                "this node could not renew the run's lease before it would expire, so it stopped the attempt"
+            }
+            Abandon::Stopping => "the server is stopping",
+            Abandon::Closed => "the attempt's bookkeeping went away",
+        }
+    }
 }
 
 pub(crate) struct Running {
     pub(crate) agent: String,
-    pub(crate) attempt: u32,
     pub(crate) signal: watch::Sender<Signal>,
-    pub(crate) last_heartbeat_event: std::time::Instant,
+    pub(crate) last_heartbeat_event: Instant,
+    /// Until when the lease surely holds: the time the last successful claim or renewal was
+    /// *sent*, plus the TTL. Past it (less a margin) the attempt fences itself.
+    pub(crate) lease_until: Instant,
+}
+
+impl Running {
+    /// Asks the attempt to cancel, unless it is already cancelling or abandoned.
+    pub(crate) fn cancel(&self) {
+        self.signal.send_if_modified(|s| {
+            let was_none = *s == Signal::None;
+            if was_none {
+                *s = Signal::Cancel;
+            }
+            was_none
+        });
+    }
+
+    /// Abandons the attempt (the first reason wins); false if it already was.
+    pub(crate) fn abandon(&self, why: Abandon) -> bool {
+        self.signal.send_if_modified(|s| {
+            let fresh = !matches!(s, Signal::Abandon(_));
+            if fresh {
+                *s = Signal::Abandon(why);
+            }
+            fresh
+        })
+    }
 }
 
 pub(crate) struct Inner {
@@ -42,7 +104,7 @@ pub(crate) struct Inner {
     pub(crate) owner: String,
     pub(crate) hub: Arc<EventHub>,
     pub(crate) wake: Notify,
-    pub(crate) running: Mutex<HashMap<String, Running>>,
+    pub(crate) running: Mutex<HashMap<AttemptKey, Running>>,
     /// Slots held by submissions that may lease their run directly, per agent.
     pub(crate) reserved: Mutex<HashMap<String, usize>>,
     /// Rotates which agent claims first.

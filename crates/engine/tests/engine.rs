@@ -16,7 +16,7 @@ use agentry_core::executor::{
     Runtime, ValueType,
 };
 use agentry_core::runs::{
-    Backoff, ClaimRequest, LeaseRef, NewRun, Outcome, Run, RunStatus, new_run_id, now_ms,
+    Backoff, ClaimRequest, Clock, LeaseRef, NewRun, Outcome, Run, RunStatus, new_run_id, now_ms,
 };
 use agentry_core::settings::RunsConfig;
 use agentry_core::store::RunStore;
@@ -40,7 +40,8 @@ struct CallLog {
 /// An executor whose entrypoints follow a script:
 /// `ok` answers at once; `flaky` fails (retriably) on its first attempt, then answers;
 /// `fatal` fails non-retriably; `hang` runs until cancelled (then ends cancelled) or killed;
-/// `stubborn` ignores cancellation and ends only when killed.
+/// `stubborn` ignores cancellation and ends only when killed; `stalls_once` hangs on its first
+/// attempt and answers 300 ms into any later one.
 #[derive(Default)]
 struct FakeExecutor {
     calls: Arc<Mutex<Vec<CallLog>>>,
@@ -157,6 +158,19 @@ impl AgentExecutor for FakeExecutor {
                     }
                 });
             }
+            "stalls_once" if attempt == 1 => {
+                // The first attempt hangs (a node paused mid-run), until killed.
+                tokio::spawn(async move {
+                    let _keep = tx;
+                    std::future::pending::<()>().await;
+                });
+            }
+            "stalls_once" => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let _ = tx.send(RunItem::Result(payload("{\"attempt\": 2}")));
+                });
+            }
             "stubborn" => {
                 // Holds the channel open and never answers.
                 tokio::spawn(async move {
@@ -188,7 +202,7 @@ impl AgentExecutor for FakeExecutor {
 }
 
 fn agent_config() -> AgentConfig {
-    let tags = ["ok", "flaky", "fatal", "hang", "stubborn"];
+    let tags = ["ok", "flaky", "fatal", "hang", "stubborn", "stalls_once"];
     let entrypoints: Vec<serde_json::Value> = tags
         .iter()
         .map(|t| serde_json::json!({"file": "agent.py", "module": t, "tag": t}))
@@ -206,8 +220,11 @@ fn agent_config() -> AgentConfig {
 struct Harness {
     _dir: tempfile::TempDir,
     store: Arc<SqliteStore>,
+    /// The store the engine sees, with its fault hooks.
+    faults: Arc<FaultyStore>,
     engine: Engine,
     calls: Arc<Mutex<Vec<CallLog>>>,
+    clock: Clock,
 }
 
 fn settings(node: &str) -> EngineSettings {
@@ -220,10 +237,15 @@ fn settings(node: &str) -> EngineSettings {
     s
 }
 
-async fn harness_on(dir: tempfile::TempDir, node: &str, max_running_runs: usize) -> Harness {
+async fn harness_with(
+    dir: tempfile::TempDir,
+    settings: EngineSettings,
+    max_running_runs: usize,
+) -> Harness {
     let store = Arc::new(
         SqliteStore::open(&dir.path().join("runs.db"), SqliteOptions::default()).expect("open"),
     );
+    let faults = Arc::new(FaultyStore::new(Arc::clone(&store)));
     let fake = FakeExecutor::default();
     let calls = Arc::clone(&fake.calls);
     let agents = Arc::new(Agents::new(vec![Arc::new(ServedAgent {
@@ -236,19 +258,22 @@ async fn harness_on(dir: tempfile::TempDir, node: &str, max_running_runs: usize)
         },
         max_running_runs,
     })]));
-    let engine = Engine::start(
-        Arc::clone(&store) as Arc<dyn RunStore>,
-        agents,
-        settings(node),
-    )
-    .await
-    .expect("engine");
+    let clock = settings.clock.clone();
+    let engine = Engine::start(Arc::clone(&faults) as Arc<dyn RunStore>, agents, settings)
+        .await
+        .expect("engine");
     Harness {
         _dir: dir,
         store,
+        faults,
         engine,
         calls,
+        clock,
     }
+}
+
+async fn harness_on(dir: tempfile::TempDir, node: &str, max_running_runs: usize) -> Harness {
+    harness_with(dir, settings(node), max_running_runs).await
 }
 
 async fn harness(max_running_runs: usize) -> Harness {
@@ -528,16 +553,30 @@ async fn a_restarted_node_requeues_and_runs_its_previous_lifes_runs_without_usin
     assert_eq!(h.calls_of("ok").len(), 2, "each ran once in this life");
 }
 
-/// A store that finishes a run (as another node would) right after a follower's catch-up read,
-/// at its status check: the moment where a run that ends between the two must not lose its
-/// last events.
-struct FinishOnCheck {
+/// The real SQLite store with fault hooks:
+/// * `finish_at_check`: finishes a run (as another node would) right after a follower's
+///   catch-up read, at its status check: the moment where a run that ends between the two
+///   must not lose its last events;
+/// * `renewals_hang`: lease renewals hang while set, as on a stalled disk or a lost
+///   connection.
+struct FaultyStore {
     inner: Arc<SqliteStore>,
-    finish: Mutex<Option<LeaseRef>>,
+    finish_at_check: Mutex<Option<LeaseRef>>,
+    renewals_hang: watch::Sender<bool>,
+}
+
+impl FaultyStore {
+    fn new(inner: Arc<SqliteStore>) -> Self {
+        Self {
+            inner,
+            finish_at_check: Mutex::new(None),
+            renewals_hang: watch::channel(false).0,
+        }
+    }
 }
 
 #[async_trait]
-impl RunStore for FinishOnCheck {
+impl RunStore for FaultyStore {
     async fn create_run(
         &self,
         run: NewRun,
@@ -546,7 +585,7 @@ impl RunStore for FinishOnCheck {
         self.inner.create_run(run, claim).await
     }
     async fn get_run(&self, id: &str) -> Result<Option<Run>, agentry_core::StoreError> {
-        let lease = self.finish.lock().take();
+        let lease = self.finish_at_check.lock().take();
         if let Some(lease) = lease {
             let outcome = Outcome::Succeeded {
                 result: "{\"late\": true}".into(),
@@ -573,6 +612,7 @@ impl RunStore for FinishOnCheck {
         until: i64,
         heartbeat: Vec<String>,
     ) -> Result<Vec<agentry_core::runs::Renewal>, agentry_core::StoreError> {
+        let _ = self.renewals_hang.subscribe().wait_for(|hang| !*hang).await;
         self.inner.renew_leases(leases, until, heartbeat).await
     }
     async fn append_events(
@@ -636,10 +676,7 @@ async fn a_follower_gets_the_terminal_event_of_a_run_that_ends_while_it_catches_
     let inner = Arc::new(
         SqliteStore::open(&dir.path().join("runs.db"), SqliteOptions::default()).expect("open"),
     );
-    let store = Arc::new(FinishOnCheck {
-        inner: Arc::clone(&inner),
-        finish: Mutex::new(None),
-    });
+    let store = Arc::new(FaultyStore::new(Arc::clone(&inner)));
     let agents = Arc::new(Agents::new(Vec::new()));
     let engine = Engine::start(
         Arc::clone(&store) as Arc<dyn RunStore>,
@@ -664,7 +701,7 @@ async fn a_follower_gets_the_terminal_event_of_a_run_that_ends_while_it_catches_
         .await
         .expect("claim");
     assert_eq!(claimed.runs.len(), 1);
-    *store.finish.lock() = Some(LeaseRef {
+    *store.finish_at_check.lock() = Some(LeaseRef {
         run_id: id.clone(),
         owner: "node-b/1".into(),
         attempt: 1,
@@ -678,4 +715,99 @@ async fn a_follower_gets_the_terminal_event_of_a_run_that_ends_while_it_catches_
         kinds.push(p.event.kind.to_string());
     }
     assert_eq!(kinds, ["run.queued", "run.started", "run.succeeded"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_old_attempts_end_never_touches_the_next_attempt_of_the_same_run_on_this_node() {
+    // Two slots, so that this node can claim the run's next attempt while the first still runs.
+    let h = harness(2).await;
+    let id = h.submit(new_run("stalls_once")).await.id;
+    h.until(|c| c.len() == 1).await;
+    // A paused node as it wakes up: its renewals have not gone through and the wall clock is
+    // an hour on. Its own reaper finds the lease expired and requeues the run, and its
+    // dispatcher claims attempt 2 while attempt 1 is still alive here (by the monotonic clock
+    // its lease is fresh, so it has not fenced itself).
+    h.faults.renewals_hang.send_replace(true);
+    h.clock.jump(Duration::from_secs(3600));
+    h.until(|c| c.len() == 2).await;
+    // Then the renewal that was under way answers: attempt 1's lease is gone.
+    h.faults.renewals_hang.send_replace(false);
+    let run = h.finished(&id).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.attempt, 2, "{run:?}");
+    assert!(!run.cancel_requested);
+    let calls = h.calls_of("stalls_once");
+    assert_eq!(
+        calls[0].killed.as_deref(),
+        Some("the run's lease was lost"),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls[1].killed, None,
+        "the new attempt ran to its end: {calls:?}"
+    );
+    let kinds = h.kinds(&id).await;
+    let ends: Vec<&String> = kinds
+        .iter()
+        .filter(|k| k.as_str() != "run.heartbeat")
+        .collect();
+    assert_eq!(
+        ends,
+        [
+            "run.queued",
+            "run.started",
+            "run.retrying",
+            "run.started",
+            "run.succeeded"
+        ],
+        "one terminal event, never run.cancelled"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_cannot_renew_its_leases_stops_its_attempts_before_they_expire() {
+    let mut s = settings("node-a");
+    s.lease_ttl = Duration::from_secs(3);
+    s.heartbeat_every = Duration::from_millis(100);
+    s.reap_every = Duration::from_millis(100);
+    let h = harness_with(tempfile::tempdir().expect("dir"), s, 2).await;
+    let id = h.submit(new_run("stalls_once")).await.id;
+    h.until(|c| c.len() == 1).await;
+    // Renewals hang from now on: the lease runs out 3 s after the last one that went through;
+    // the attempt stops itself a tenth of that earlier.
+    h.faults.renewals_hang.send_replace(true);
+    h.until(|c| c[0].killed.is_some()).await;
+    let fenced = h.store.get_run(&id).await.expect("read").expect("run");
+    assert_eq!(
+        (fenced.status, fenced.attempt),
+        (RunStatus::Running, 1),
+        "stopped while the lease was still its own: {fenced:?}"
+    );
+    let calls = h.calls_of("stalls_once");
+    assert!(
+        calls[0]
+            .killed
+            .as_deref()
+            .is_some_and(|k| k.contains("could not renew")),
+        "{calls:?}"
+    );
+    // The attempt says why in the run's events (written after it stopped the call).
+    let mut kinds = Vec::new();
+    for _ in 0..200 {
+        kinds = h.kinds(&id).await;
+        if kinds.iter().any(|k| k == "run.fenced") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(kinds.iter().any(|k| k == "run.fenced"), "{kinds:?}");
+    // The store comes back: the expired lease is reaped and the next attempt runs.
+    h.faults.renewals_hang.send_replace(false);
+    let run = h.finished(&id).await;
+    assert_eq!(
+        (run.status, run.attempt),
+        (RunStatus::Succeeded, 2),
+        "{run:?}"
+    );
+    assert!(!run.cancel_requested);
 }

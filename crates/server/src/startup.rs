@@ -21,6 +21,8 @@ use agentry_store::{Durability, History, RunAgentDb, SqliteOptions, SqliteStore}
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
+use crate::lock::StateLock;
+
 /// First port of RunAgent's policy.
 const RUNAGENT_FIRST_PORT: u16 = 8450;
 
@@ -31,6 +33,8 @@ pub struct Application {
     state: Arc<AppState>,
     app: axum::Router,
     history: Option<Arc<dyn InvocationHistory>>,
+    /// Held until the application has stopped.
+    lock: StateLock,
 }
 
 /// The state directory, absolute: workers run inside their agent folders, not where the
@@ -133,6 +137,8 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let t0 = Instant::now();
         let state_dir = state_dir(&config)?;
+        // Before anything is opened: a second server here must not touch the first one's runs.
+        let mut lock = StateLock::acquire(&state_dir, &config.store.runs_db_path(&state_dir))?;
         let store = open_store(&config).await?;
         let auth = Auth::load(
             Arc::clone(&store) as Arc<dyn KeyStore>,
@@ -185,6 +191,7 @@ impl Application {
             }
         };
         let addr = listener.local_addr()?;
+        lock.record_address(addr);
         let engine_settings = EngineSettings::new(node_name(&config, &state_dir)?, &config.runs);
         let engine = match Engine::start(store, Arc::clone(&agents), engine_settings).await {
             Ok(e) => e,
@@ -271,6 +278,7 @@ impl Application {
             state,
             app,
             history,
+            lock,
         })
     }
 
@@ -294,6 +302,7 @@ impl Application {
             state,
             app,
             history,
+            lock,
             ..
         } = self;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -315,6 +324,7 @@ impl Application {
             let _ = tokio::time::timeout(Duration::from_secs(2), h.flush()).await;
         }
         tracing::info!("stopped");
+        drop(lock);
         Ok(())
     }
 }

@@ -680,3 +680,358 @@ async fn only_admin_keys_see_python_tracebacks() {
         assert_eq!(events.contains("traceback"), shown, "{events}");
     }
 }
+
+/// Every route that names an agent or returns an agent's data, with a key limited to another
+/// agent, by every form the path can name it in: refused, or filtered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_limited_to_another_agent_is_refused_on_every_route_in_every_path_form() {
+    const DURABLE_ID: &str = "d0d0d0d0-0000-4000-8000-000000000001";
+    let state = tempfile::tempdir().expect("state");
+    let all = [
+        "--scope",
+        "invoke",
+        "--scope",
+        "runs:read",
+        "--scope",
+        "runs:write",
+    ];
+    let by_name = make_key(
+        state.path(),
+        &[&all[..], &["--agent", "compat_fixture"]].concat(),
+    );
+    let by_id = make_key(state.path(), &[&all[..], &["--agent", COMPAT_ID]].concat());
+    let admin = make_key(state.path(), &["--scope", "admin"]);
+    // `durable` first: it is the agent RunAgent's agent-less routes describe.
+    let srv = app(durable())
+        .agent(fixture("compat"))
+        .state_dir(state.path())
+        .start()
+        .await;
+    // Data of `durable`, made by the admin: a run and a RunAgent invocation.
+    let (status, text) = call(
+        "POST",
+        &srv.url("/v1/runs"),
+        Some(&admin),
+        Some(json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}})),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    let run = json(&text)["id"].as_str().expect("id").to_string();
+    let (status, text) = call(
+        "POST",
+        &srv.url(&format!("/api/v1/agents/{DURABLE_ID}/run")),
+        Some(&admin),
+        Some(json!({"entrypoint_tag": "work", "input_args": [], "input_kwargs": {"i": 1}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let invocation = {
+        let url = srv.url(&format!("/api/v1/agents/{DURABLE_ID}/invocations?limit=1"));
+        let mut found = None;
+        for _ in 0..200 {
+            let list = json(&call("GET", &url, Some(&admin), None).await.1);
+            if let Some(id) = list["invocations"][0]["invocation_id"].as_str() {
+                found = Some(id.to_string());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        found.expect("the admin's invocation is recorded")
+    };
+
+    // Every way a path segment can name `durable`: its name and id, raw and percent-encoded
+    // (some or all of it, either case of hex digit), and double-encoded.
+    let names = [
+        "durable".to_string(),
+        "%64urable".to_string(),
+        "%64%75%72%61%62%6C%65".to_string(),
+        "%64%75%72%61%62%6c%65".to_string(),
+        "%2564urable".to_string(),
+        DURABLE_ID.to_string(),
+        format!("%64{}", &DURABLE_ID[1..]),
+        DURABLE_ID.replace('-', "%2D"),
+    ];
+    let ids = [
+        DURABLE_ID.to_string(),
+        format!("%64{}", &DURABLE_ID[1..]),
+        DURABLE_ID.replace('-', "%2d"),
+    ];
+    let refused = |status: u16| status == 403 || status == 404;
+    for key in [&by_name, &by_id] {
+        // The control: the key does reach its own agent.
+        let (status, text) = call(
+            "GET",
+            &srv.url("/v1/agents/compat_fixture"),
+            Some(key),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        for a in &names {
+            for (method, path, body) in [
+                ("GET", format!("/v1/agents/{a}"), None),
+                (
+                    "POST",
+                    format!("/v1/agents/{a}/entrypoints/work/invoke"),
+                    Some(json!({"input": {"i": 1}})),
+                ),
+                (
+                    "POST",
+                    format!("/v1/agents/{a}/entrypoints/counts_stream/stream"),
+                    Some(json!({"input": {}})),
+                ),
+            ] {
+                let (status, text) = call(method, &srv.url(&path), Some(key), body).await;
+                assert!(refused(status), "{method} {path}: {status} {text}");
+            }
+            let ws = srv.ws_url(&format!(
+                "/v1/agents/{a}/entrypoints/counts_stream/ws?token={key}"
+            ));
+            assert!(
+                tokio_tungstenite::connect_async(ws).await.is_err(),
+                "ws {a} was accepted"
+            );
+            let (status, text) = call(
+                "GET",
+                &srv.url(&format!("/v1/runs?agent={a}")),
+                Some(key),
+                None,
+            )
+            .await;
+            assert!(
+                refused(status) || !text.contains(&run),
+                "runs?agent={a}: {status} {text}"
+            );
+        }
+        // Runs created for `durable`, by name or id.
+        for a in ["durable", DURABLE_ID] {
+            let body = json!({"agent": a, "entrypoint": "work", "input": {"i": 2}});
+            for path in ["/v1/runs", "/v1/runs/wait", "/v1/runs/stream"] {
+                let (status, text) =
+                    call("POST", &srv.url(path), Some(key), Some(body.clone())).await;
+                assert!(refused(status), "POST {path} for {a}: {status} {text}");
+            }
+        }
+        // `durable`'s run, by its id.
+        for (method, path) in [
+            ("GET", format!("/v1/runs/{run}")),
+            ("GET", format!("/v1/runs/{run}/wait?timeout_s=1")),
+            ("GET", format!("/v1/runs/{run}/events?after=0")),
+            ("POST", format!("/v1/runs/{run}/cancel")),
+        ] {
+            let (status, text) = call(method, &srv.url(&path), Some(key), None).await;
+            assert!(refused(status), "{method} {path}: {status} {text}");
+        }
+        let ws = srv.ws_url(&format!("/v1/runs/{run}/events/ws?token={key}"));
+        assert!(tokio_tungstenite::connect_async(ws).await.is_err());
+        // Lists show only the key's agents.
+        let (status, text) = call("GET", &srv.url("/v1/agents"), Some(key), None).await;
+        assert_eq!(status, 200, "{text}");
+        let listed: Vec<String> = json(&text)["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .map(|a| a["name"].as_str().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(listed, ["compat_fixture"], "{text}");
+        // RunAgent's routes, whose agent is in the path by id.
+        for a in &ids {
+            for (method, path, body) in [
+                (
+                    "POST",
+                    format!("/api/v1/agents/{a}/run"),
+                    Some(
+                        json!({"entrypoint_tag": "work", "input_args": [], "input_kwargs": {"i": 1}}),
+                    ),
+                ),
+                ("GET", format!("/api/v1/agents/{a}/architecture"), None),
+                ("GET", format!("/api/v1/agents/{a}/invocations"), None),
+                ("GET", format!("/api/v1/agents/{a}/invocations/stats"), None),
+            ] {
+                let (status, text) = call(method, &srv.url(&path), Some(key), body).await;
+                assert!(refused(status), "{method} {path}: {status} {text}");
+            }
+            let ws = srv.ws_url(&format!("/api/v1/agents/{a}/run-stream?token={key}"));
+            assert!(
+                tokio_tungstenite::connect_async(ws).await.is_err(),
+                "run-stream {a} was accepted"
+            );
+        }
+        for path in [
+            format!("/api/v1/invocations/{invocation}"),
+            "/api/v1".to_string(),
+            "/api/v1/health".to_string(),
+        ] {
+            let (status, text) = call("GET", &srv.url(&path), Some(key), None).await;
+            assert!(refused(status), "GET {path}: {status} {text}");
+        }
+    }
+    // The admin still sees all of it.
+    let (status, _) = call(
+        "GET",
+        &srv.url(&format!("/api/v1/invocations/{invocation}")),
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_makes_only_keys_within_its_rights_and_only_an_unrestricted_admin_lists_or_revokes() {
+    let state = tempfile::tempdir().expect("state");
+    let admin = make_key(state.path(), &["--scope", "admin"]);
+    let limited_admin = make_key(state.path(), &["--scope", "admin", "--agent", "durable"]);
+    let srv = app(durable())
+        .agent(fixture("compat"))
+        .state_dir(state.path())
+        .start()
+        .await;
+    let create = |key: &str, body: Value| {
+        let url = srv.url("/v1/keys");
+        let key = key.to_string();
+        async move { call("POST", &url, Some(&key), Some(body)).await }
+    };
+    // Within its agents (by name or id): made.
+    for agents in [
+        json!(["durable"]),
+        json!(["d0d0d0d0-0000-4000-8000-000000000001"]),
+    ] {
+        let (status, text) = create(
+            &limited_admin,
+            json!({"scopes": ["invoke"], "agents": agents}),
+        )
+        .await;
+        assert_eq!(status, 201, "{text}");
+    }
+    // Beyond them: refused.
+    for body in [
+        json!({"scopes": ["invoke"]}),
+        json!({"scopes": ["admin"]}),
+        json!({"scopes": ["invoke"], "agents": ["compat_fixture"]}),
+        json!({"scopes": ["invoke"], "agents": ["durable", "compat_fixture"]}),
+    ] {
+        let (status, text) = create(&limited_admin, body.clone()).await;
+        assert_eq!(status, 403, "{body}: {text}");
+        assert_eq!(json(&text)["error"]["code"], "permission_error", "{text}");
+    }
+    // Listing and revoking: the unrestricted admin only.
+    let (status, text) = call("GET", &srv.url("/v1/keys"), Some(&limited_admin), None).await;
+    assert_eq!(status, 403, "{text}");
+    let (status, text) = call("GET", &srv.url("/v1/keys"), Some(&admin), None).await;
+    assert_eq!(status, 200, "{text}");
+    let victim = agentry_core_key_id(&admin);
+    let (status, text) = call(
+        "DELETE",
+        &srv.url(&format!("/v1/keys/{victim}")),
+        Some(&limited_admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    let (status, _) = call("GET", &srv.url("/v1/keys"), Some(&admin), None).await;
+    assert_eq!(status, 200, "the admin key was not revoked");
+}
+
+/// What a web page can send to a loopback server with authentication off: a `text/plain` or
+/// form POST, a cross-origin WebSocket, a request by a rebound domain. All refused; curl and
+/// JSON clients are not.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_auth_off_browser_style_requests_are_refused_and_plain_clients_are_not() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let srv = app(durable()).start().await;
+    let invoke = srv.url("/v1/agents/durable/entrypoints/work/invoke");
+    let body = r#"{"input": {"i": 1}}"#;
+    let send = |url: String, headers: Vec<(&'static str, String)>, body: &'static str| async move {
+        let mut r = client().post(url).body(body);
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        let resp = r.send().await.expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.expect("body"))
+    };
+    let ct = |v: &str| ("content-type", v.to_string());
+    // Plain clients: JSON, no type, and curl's default form type.
+    for headers in [
+        vec![ct("application/json")],
+        vec![],
+        vec![ct("application/x-www-form-urlencoded")],
+    ] {
+        let (status, text) = send(invoke.clone(), headers, body).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    // A page's simple requests: text/plain, multipart, a form from a browser.
+    for headers in [
+        vec![ct("text/plain")],
+        vec![ct("multipart/form-data; boundary=x")],
+        vec![
+            ct("application/x-www-form-urlencoded"),
+            ("sec-fetch-site", "cross-site".into()),
+        ],
+    ] {
+        let (status, text) = send(invoke.clone(), headers, body).await;
+        assert!(status == 415 || status == 403, "{status} {text}");
+    }
+    // A foreign origin, even with a JSON body.
+    let (status, text) = send(
+        invoke.clone(),
+        vec![
+            ct("application/json"),
+            ("origin", "https://evil.example".into()),
+        ],
+        body,
+    )
+    .await;
+    assert_eq!(status, 403, "{text}");
+    assert_eq!(json(&text)["error"]["code"], "permission_error");
+    // Minting an admin key cross-site, as a text/plain POST: refused, and no key exists.
+    let (status, _) = send(
+        srv.url("/v1/keys"),
+        vec![ct("text/plain"), ("origin", "https://evil.example".into())],
+        r#"{"scopes": ["admin"]}"#,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = send(
+        srv.url("/v1/keys"),
+        vec![ct("text/plain")],
+        r#"{"scopes": ["admin"]}"#,
+    )
+    .await;
+    assert_eq!(status, 415);
+    let (status, text) = get(&srv.url("/v1/keys")).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["keys"], json!([]), "no key was made");
+    // DNS rebinding: a page on evil.example resolved to 127.0.0.1, reading our answers.
+    let r = client()
+        .get(srv.url("/v1/agents"))
+        .header("host", format!("evil.example:{}", srv.port))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 403);
+    let r = client()
+        .get(srv.url("/v1/agents"))
+        .header("host", format!("localhost:{}", srv.port))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(r.status().as_u16(), 200);
+    // WebSockets: a cross-origin handshake is refused; the server's own origin and none pass.
+    let ws = srv.ws_url("/v1/agents/durable/entrypoints/counts_stream/ws");
+    let mut foreign = ws.clone().into_client_request().expect("request");
+    foreign
+        .headers_mut()
+        .insert("origin", "https://evil.example".parse().expect("header"));
+    assert!(tokio_tungstenite::connect_async(foreign).await.is_err());
+    let mut own = ws.clone().into_client_request().expect("request");
+    own.headers_mut().insert(
+        "origin",
+        format!("http://127.0.0.1:{}", srv.port)
+            .parse()
+            .expect("header"),
+    );
+    assert!(tokio_tungstenite::connect_async(own).await.is_ok());
+    assert!(tokio_tungstenite::connect_async(ws).await.is_ok());
+}

@@ -1107,3 +1107,69 @@ async fn the_per_agent_and_global_caps_limit_runs_at_once() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_server_on_the_same_state_dir_or_database_is_refused_and_touches_no_run() {
+    let state = tempfile::tempdir().expect("state");
+    let first = server(durable()).state_dir(state.path()).start();
+    let run = create(
+        &first,
+        json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 2000}}),
+    )
+    .await;
+    let id = run["id"].as_str().expect("id").to_string();
+    wait_status(&first, &id, "running").await;
+    // The same state directory, and another one over the same database: both refused, naming
+    // the first server, before either could requeue its running run.
+    let db = state.path().join("agentry.db");
+    let other = tempfile::tempdir().expect("other state");
+    for second in [
+        server(durable()).state_dir(state.path()),
+        server(durable())
+            .state_dir(other.path())
+            .args(["--runs-db", db.to_str().expect("path")]),
+    ] {
+        let log = second
+            .try_start()
+            .err()
+            .expect("a second server is refused");
+        assert!(log.contains("already serves from"), "{log}");
+        assert!(log.contains(&format!("pid {}", first.pid())), "{log}");
+    }
+    let done = wait(&first, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["attempt"], 1, "the run was never requeued: {done}");
+    let evs = events(&first, &id).await;
+    assert!(!kinds(&evs).contains(&"run.retrying"), "{:?}", kinds(&evs));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_paused_past_its_lease_ends_the_run_once_and_never_cancelled() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let srv = server(durable()).args(["--lease-ttl-s", "1"]).start();
+    let run = create(
+        &srv,
+        json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 3000}}),
+    )
+    .await;
+    let id = run["id"].as_str().expect("id").to_string();
+    wait_status(&srv, &id, "running").await;
+    // Paused for three lease lifetimes while its run goes on; then it resumes, finds its lease
+    // expired (its own reaper requeues the run) and claims the next attempt itself.
+    let pid = Pid::from_raw(i32::try_from(srv.pid()).expect("pid"));
+    kill(pid, Signal::SIGSTOP).expect("SIGSTOP");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kill(pid, Signal::SIGCONT).expect("SIGCONT");
+    let done = wait(&srv, &id).await;
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["cancel_requested"], false, "{done}");
+    let attempt = done["attempt"].as_u64().expect("attempt");
+    assert!(attempt <= 2, "at most one extra attempt: {done}");
+    let evs = events(&srv, &id).await;
+    let ends: Vec<&str> = kinds(&evs)
+        .into_iter()
+        .filter(|k| TERMINAL.contains(k))
+        .collect();
+    assert_eq!(ends, ["run.succeeded"], "{:?}", kinds(&evs));
+}

@@ -166,7 +166,7 @@ impl AgentPool {
     ) -> Result<Payload, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mode = self.mode(tag, false)?;
-        let lease = self.inner.acquire(mode, deadline, timeout).await?;
+        let lease = self.inner.acquire(mode, Some((deadline, timeout))).await?;
         let sent = std::time::Instant::now();
         let (id, rx) = lease
             .worker
@@ -196,7 +196,7 @@ impl AgentPool {
     ) -> Result<CallStream, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mode = self.mode(tag, true)?;
-        let lease = self.inner.acquire(mode, deadline, timeout).await?;
+        let lease = self.inner.acquire(mode, Some((deadline, timeout))).await?;
         let credit = Credit::new(
             INITIAL_STREAM_CREDIT,
             self.inner.config.stream_window.max(2),
@@ -212,7 +212,8 @@ impl AgentPool {
 
     /// Starts the call of a durable run: `kwargs` is the input object's JSON text and `context`
     /// the run context's (`{"id", "attempt", "state"}`). The deadline starts once a worker took
-    /// the call; waiting for a worker is bounded by the same duration.
+    /// the call: waiting for a worker is not running. The wait has no bound of its own (the
+    /// engine leases only what the workers can start soon, and drops this future to stop it).
     pub async fn run(
         &self,
         tag: &str,
@@ -222,8 +223,7 @@ impl AgentPool {
     ) -> Result<RunCall, CallError> {
         let stream = self.inner.entrypoints.get(tag).is_some_and(|e| e.stream);
         let mode = self.mode(tag, stream)?;
-        let wait_until = tokio::time::Instant::now() + timeout;
-        let lease = self.inner.acquire(mode, wait_until, timeout).await?;
+        let lease = self.inner.acquire(mode, None).await?;
         let window = if stream {
             self.inner.config.stream_window.max(2)
         } else {

@@ -137,11 +137,14 @@ impl PoolInner {
         }
     }
 
+    /// A worker for one call, in FIFO order with the other waiters. A direct call waits at most
+    /// until its `deadline` (its timeout counts from the request); a durable run waits with no
+    /// deadline (`None`): its timeout counts from when its code starts, and the engine stops
+    /// the wait by dropping this future when the run is cancelled or abandoned.
     pub(super) async fn acquire(
         self: &Arc<Self>,
         mode: Mode,
-        deadline: tokio::time::Instant,
-        timeout: Duration,
+        deadline: Option<(tokio::time::Instant, Duration)>,
     ) -> Result<Lease, CallError> {
         let rx = {
             let mut state = self.state.lock();
@@ -164,10 +167,14 @@ impl PoolInner {
             state.waiters.push_back(Waiter { mode, tx });
             rx
         };
-        match tokio::time::timeout_at(deadline, rx).await {
-            Ok(Ok(lease)) => Ok(lease),
-            Ok(Err(_)) => Err(CallError::Unavailable("the server is shutting down".into())),
-            Err(_) => Err(CallError::Timeout(timeout)),
+        let shutting_down = || CallError::Unavailable("the server is shutting down".into());
+        match deadline {
+            Some((deadline, timeout)) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(lease)) => Ok(lease),
+                Ok(Err(_)) => Err(shutting_down()),
+                Err(_) => Err(CallError::Timeout(timeout)),
+            },
+            None => rx.await.map_err(|_| shutting_down()),
         }
     }
 

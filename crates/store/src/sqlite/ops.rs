@@ -312,6 +312,7 @@ pub fn renew_leases(
         }
         out.push(Renewal {
             run_id: lease.run_id.clone(),
+            attempt: lease.attempt,
             held: cancel.is_some(),
             cancel_requested: cancel.unwrap_or(false),
         });
