@@ -1,5 +1,7 @@
 //! The probes: `/healthz` (alive) and `/readyz` (every agent has a warm worker and the server
-//! is not draining). Open to everyone; an unauthenticated caller learns only what they say.
+//! is not draining). Open to everyone; an unauthenticated caller learns only what they say:
+//! the per-agent details of `/readyz` are for a caller with a valid key, or for anyone while
+//! authentication is off on loopback (this machine's own user).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -25,7 +27,14 @@ pub(crate) async fn healthz() -> impl IntoResponse {
     ))]
 pub(crate) async fn readyz(
     axum::extract::State(state): axum::extract::State<Arc<AppState>>,
+    req: axum::extract::Request,
 ) -> impl IntoResponse {
+    let detailed = if state.auth.enabled() {
+        crate::auth::presented_token(&req, crate::policy::QueryToken::No)
+            .is_some_and(|token| state.auth.check(token).is_some())
+    } else {
+        state.bound.ip().is_loopback()
+    };
     let agents: serde_json::Map<String, serde_json::Value> = state
         .agents
         .iter()
@@ -55,8 +64,10 @@ pub(crate) async fn readyz(
     } else {
         "not_ready"
     };
-    (
-        status,
-        axum::Json(serde_json::json!({"status": word, "agents": agents})),
-    )
+    let body = if detailed {
+        serde_json::json!({"status": word, "agents": agents})
+    } else {
+        serde_json::json!({"status": word})
+    };
+    (status, axum::Json(body))
 }

@@ -124,13 +124,14 @@ fn not_found(id: &str) -> ApiError {
 
 /// Parses a create request; `NewRun::build` checks it. Nothing is stored unless all of it is
 /// valid.
-fn new_run(state: &S, body: &[u8]) -> Result<NewRun, ApiError> {
+fn new_run(state: &S, who: &Principal, body: &[u8]) -> Result<NewRun, ApiError> {
     let b: CreateBody<'_> = crate::de::object_body(body)?;
     let request = RunRequest {
         agent: &b.agent,
         entrypoint: &b.entrypoint,
         input: b.input.map(RawValue::get),
         idempotency_key: b.idempotency_key.as_deref(),
+        idempotency_scope: who.0.as_ref().map(|k| k.key.id.as_str()),
         priority: b.priority,
         delay_s: b.delay_s,
         run_at: b.run_at.as_deref(),
@@ -278,7 +279,7 @@ pub(crate) async fn submit(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Run, bool), ApiError> {
     let body = body_or_error(body, state.config.http.max_body_bytes)?;
-    let run = new_run(state, &body)?;
+    let run = new_run(state, who, &body)?;
     if let Some(agent) = state.agent(&run.agent)
         && !who.allows(agent)
     {

@@ -135,6 +135,7 @@ pub struct Health {
 pub struct Readiness {
     /// `ready`, `not_ready` or `draining`.
     status: String,
-    /// Per agent (by name): `live_workers`, `crash_loop`.
-    agents: BTreeMap<String, Value>,
+    /// Per agent (by name): `live_workers`, `crash_loop`. Only for a caller with a valid key,
+    /// or while authentication is off on loopback.
+    agents: Option<BTreeMap<String, Value>>,
 }

@@ -119,6 +119,12 @@ pub struct ServeFlags {
     /// RunAgent's database file (default: $RUNAGENT_CACHE_DIR/runagent_local.db).
     #[arg(long)]
     runagent_db: Option<PathBuf>,
+    /// Most rows of RunAgent's invocation history kept (0: no bound).
+    #[arg(long)]
+    runagent_history_max_rows: Option<u64>,
+    /// Seconds an invocation stays in RunAgent's history (0: no bound).
+    #[arg(long)]
+    runagent_history_max_age_s: Option<f64>,
     /// `auto`: API keys are required once one exists; `required`: always (even before the first).
     #[arg(long, value_enum)]
     auth: Option<AuthMode>,
@@ -214,6 +220,16 @@ impl ServeFlags {
             out.push(("store.runagent_db", json!(false)));
         }
         put(&mut out, "store.runagent_db_path", &self.runagent_db);
+        put(
+            &mut out,
+            "store.runagent_history_max_rows",
+            &self.runagent_history_max_rows,
+        );
+        put(
+            &mut out,
+            "store.runagent_history_max_age_s",
+            &self.runagent_history_max_age_s,
+        );
         if let Some(mode) = self.auth {
             let text = match mode {
                 AuthMode::Auto => "auto",

@@ -242,6 +242,11 @@ impl AgentConfig {
         let template = string_field("template")?;
         let version = string_field("version")?;
         let agent_id = string_field("agent_id")?;
+        if !is_route_segment(&agent_id) {
+            return Err(invalid(format!(
+                "field `agent_id` is `{agent_id}`: it is part of every RunAgent URL, so it may hold only letters, digits and `-`, `_`, `.`, `~`"
+            )));
+        }
         let created_at = match obj.get("created_at") {
             Some(Value::String(s)) => python_created_at(s),
             None => return Err(invalid("field `created_at` is required".into())),
@@ -363,6 +368,16 @@ impl AgentConfig {
     }
 }
 
+/// Whether `s` can stand in a URL path segment as it is (RFC 3986's unreserved characters),
+/// as agent ids and tags do in the routes.
+fn is_route_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~'))
+}
+
 fn parse_entrypoints(
     architecture: Option<&Value>,
     overrides: &AgentOverrides,
@@ -419,6 +434,11 @@ fn parse_entrypoints(
             }
         };
         let tag = text("tag")?;
+        if !is_route_segment(&tag) {
+            return Err(invalid(format!(
+                "entrypoint #{i}: tag `{tag}` is part of its URLs, so it may hold only letters, digits and `-`, `_`, `.`, `~`"
+            )));
+        }
         let kind = if ep.contains_key("webhook_url") {
             let method = match ep.get("method") {
                 None | Some(Value::Null) => "post".to_string(),
@@ -557,6 +577,38 @@ mod tests {
         assert_eq!(c.created_at, "2025-06-25T13:42:03");
         assert_eq!(c.auth_settings, json!({"type": "none"}));
         assert_eq!(c.entrypoints[0].tag, "t");
+    }
+
+    #[test]
+    fn newer_runagent_fields_are_accepted_and_an_empty_entrypoint_list_is_an_error() {
+        let mut v = base();
+        v["persistent_folders"] = json!(["data", "cache"]);
+        v["metadata"] = json!({"runtime": {"python": "3.11"}, "anything": 1});
+        let c = load(v.clone()).unwrap();
+        assert_eq!(c.persistent_folders, ["data", "cache"]);
+        v["agent_architecture"]["entrypoints"] = json!([]);
+        let err = load(v).unwrap_err().to_string();
+        assert!(err.contains("needs at least one entrypoint"), "{err}");
+    }
+
+    #[test]
+    fn ids_and_tags_that_cannot_be_url_segments_are_configuration_errors() {
+        for id in ["a/b", "{id}", "*x", "a b", "..", "é"] {
+            let mut v = base();
+            v["agent_id"] = json!(id);
+            let err = load(v).unwrap_err().to_string();
+            assert!(err.contains("agent_id"), "{id}: {err}");
+        }
+        for tag in ["a/b", "{t}", "*", "x?y"] {
+            let mut v = base();
+            v["agent_architecture"]["entrypoints"][0]["tag"] = json!(tag);
+            let err = load(v).unwrap_err().to_string();
+            assert!(err.contains("tag"), "{tag}: {err}");
+        }
+        let mut v = base();
+        v["agent_id"] = json!("22222222-3333-4444-5555-666666666666");
+        v["agent_architecture"]["entrypoints"][0]["tag"] = json!("main_stream.v2");
+        load(v).unwrap();
     }
 
     #[test]

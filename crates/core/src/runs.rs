@@ -171,6 +171,9 @@ pub struct NewRun {
     /// The keyword arguments, as a JSON object's text.
     pub input: String,
     pub idempotency_key: Option<String>,
+    /// Whose idempotency keys `idempotency_key` is one of: the calling API key's id (empty while
+    /// authentication is off). One tenant's keys never find, or squat, another's runs.
+    pub idempotency_scope: String,
     /// A digest of the request, so that a reused idempotency key with another body is a conflict.
     pub request_hash: Option<String>,
     /// Higher runs first.
@@ -195,6 +198,8 @@ pub struct RunRequest<'a> {
     /// The input object's JSON text; `None` or `null` is `{}`.
     pub input: Option<&'a str>,
     pub idempotency_key: Option<&'a str>,
+    /// The calling API key's id, which scopes `idempotency_key` (`None`: authentication off).
+    pub idempotency_scope: Option<&'a str>,
     pub priority: i32,
     pub delay_s: Option<f64>,
     /// RFC 3339.
@@ -376,6 +381,7 @@ impl NewRun {
             entrypoint: req.entrypoint.to_string(),
             input,
             idempotency_key: req.idempotency_key.map(str::to_string),
+            idempotency_scope: req.idempotency_scope.unwrap_or_default().to_string(),
             request_hash,
             priority: req.priority,
             run_at,
@@ -499,8 +505,15 @@ pub struct ClaimedRun {
     pub run: Run,
     /// The last checkpoint's state (JSON text), which the new attempt resumes from.
     pub checkpoint: Option<String>,
-    /// The `run.started` event written by the claim.
-    pub started: RunEvent,
+}
+
+/// When and where an attempt's code started: its `run.started` event and `started_at`. Written
+/// once the executor has handed the call to a worker, never at the claim, because waiting for a
+/// worker is not running.
+#[derive(Debug, Clone)]
+pub struct AttemptStart {
+    pub at: i64,
+    pub node: String,
 }
 
 /// Lease a new run to its creating node in the same commit, when nothing is queued ahead of it:

@@ -428,9 +428,9 @@ impl RunsConfig {
         })
     }
 
-    /// Runs of one agent this node leases at once: as configured, else enough to keep its
-    /// workers busy between two claims (each worker's async calls, or 16 pipelines' worth of
-    /// short sync calls).
+    /// Runs of one agent this node leases at once: as configured, else what its workers can
+    /// hold at once (each worker's async calls, or a pipeline of sync calls per worker), so
+    /// that a leased run starts soon and the rest stay queued for whichever node is free.
     pub fn max_running_for(
         &self,
         workers: usize,
@@ -440,7 +440,7 @@ impl RunsConfig {
         let per_worker = if has_async {
             workers_cfg.max_async_per_worker
         } else {
-            workers_cfg.pipeline_depth * 16
+            workers_cfg.pipeline_depth
         };
         self.max_running_per_agent
             .unwrap_or(workers.max(1) * per_worker.max(1))
@@ -457,6 +457,10 @@ pub struct StoreConfig {
     pub busy_timeout_s: f64,
     pub runagent_db: bool,
     pub runagent_db_path: Option<PathBuf>,
+    /// Most rows of RunAgent's invocation history kept (0: no bound).
+    pub runagent_history_max_rows: u64,
+    /// Oldest invocation kept, in seconds (0: no bound).
+    pub runagent_history_max_age_s: f64,
 }
 
 impl Default for StoreConfig {
@@ -467,6 +471,8 @@ impl Default for StoreConfig {
             busy_timeout_s: 5.0,
             runagent_db: true,
             runagent_db_path: None,
+            runagent_history_max_rows: 100_000,
+            runagent_history_max_age_s: 7.0 * 86_400.0,
         }
     }
 }
@@ -474,6 +480,13 @@ impl Default for StoreConfig {
 impl StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         positive_secs("store.busy_timeout_s", self.busy_timeout_s)?;
+        if !(self.runagent_history_max_age_s >= 0.0 && self.runagent_history_max_age_s.is_finite())
+        {
+            return Err(bad(
+                "store.runagent_history_max_age_s",
+                "must be 0 (no bound) or a positive number of seconds",
+            ));
+        }
         Ok(())
     }
 
@@ -486,6 +499,14 @@ impl StoreConfig {
 
     pub fn busy_timeout(&self) -> Duration {
         secs_or(self.busy_timeout_s, Duration::from_secs(5))
+    }
+
+    /// The invocation history's bounds: at most this many rows, none older than this.
+    pub fn runagent_history_bounds(&self) -> (Option<u64>, Option<Duration>) {
+        let rows = (self.runagent_history_max_rows > 0).then_some(self.runagent_history_max_rows);
+        let age = (self.runagent_history_max_age_s > 0.0)
+            .then(|| Duration::from_secs_f64(self.runagent_history_max_age_s));
+        (rows, age)
     }
 }
 
@@ -756,7 +777,7 @@ pub const FIELDS: &[Field] = &[
     file_only("workers.call_cancel_grace_s", "time a call whose client left (or a stream that was cancelled) gets to stop before its worker is killed"),
     field("runs.max_input_bytes", "max-run-input-bytes", "AGENTRY_MAX_RUN_INPUT_BYTES", "largest run input (413 beyond)"),
     field("runs.max_running", "max-running-runs", "AGENTRY_MAX_RUNNING_RUNS", "runs leased by this node at once, all agents together"),
-    field("runs.max_running_per_agent", "max-running-runs-per-agent", "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT", "runs of one agent leased at once; those the workers cannot run yet wait in the pool in order, their deadline not yet started")
+    field("runs.max_running_per_agent", "max-running-runs-per-agent", "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT", "runs of one agent leased at once; default: what its workers hold at once (`max_async_per_worker` each for an agent with async entrypoints, else `pipeline_depth` each). A leased run waiting for a worker has not started: its timeout and its `run.started` wait for its code")
         .default_doc("workers × 16 × pipeline depth (sync agents), workers × async calls per worker (agents with async entrypoints)"),
     field("runs.lease_ttl_s", "lease-ttl-s", "AGENTRY_LEASE_TTL_S", "a run lease's lifetime; renewed every third of it; a node silent for longer loses its runs to other nodes' reapers (checked every sixth of it)"),
     field("runs.heartbeat_event_s", "heartbeat-event-s", "AGENTRY_HEARTBEAT_EVENT_S", "least time between two `run.heartbeat` events of a run"),
@@ -770,6 +791,8 @@ pub const FIELDS: &[Field] = &[
     field("store.busy_timeout_s", "runs-db-busy-timeout-s", "AGENTRY_RUNS_DB_BUSY_TIMEOUT_S", "how long a write waits for another process's lock on the database before the request gets 503"),
     field("store.runagent_db", "no-runagent-db", "AGENTRY_NO_RUNAGENT_DB", "keep RunAgent's database up to date (discovery row, invocation history); the flag turns it off")
         .negated(),
+    field("store.runagent_history_max_rows", "runagent-history-max-rows", "AGENTRY_RUNAGENT_HISTORY_MAX_ROWS", "most rows of RunAgent's invocation history kept (one per call on RunAgent's routes, about 0.5 KB each; 0: no bound); the oldest go first, pruned in small batches off the request path"),
+    field("store.runagent_history_max_age_s", "runagent-history-max-age-s", "AGENTRY_RUNAGENT_HISTORY_MAX_AGE_S", "invocations older than this are pruned from RunAgent's history (0: no bound)"),
     field("store.runagent_db_path", "runagent-db", "AGENTRY_RUNAGENT_DB", "RunAgent's database file")
         .text()
         .default_doc("`$RUNAGENT_CACHE_DIR/runagent_local.db` (`~/.runagent/…`)"),

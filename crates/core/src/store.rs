@@ -11,8 +11,8 @@ use async_trait::async_trait;
 use crate::keys::ApiKey;
 
 use crate::runs::{
-    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent,
-    NewRun, Outcome, Renewal, Run, RunEvent, RunQuery,
+    AttemptStart, CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished,
+    LeaseRef, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent, RunQuery,
 };
 
 /// Why a store operation failed.
@@ -35,7 +35,7 @@ pub enum StoreError {
 pub trait RunStore: Send + Sync + 'static {
     /// Stores a new run (`queued`) and its `run.queued` event, honouring the idempotency key.
     /// With `claim`, a run that is due, has no concurrency key and has no due run of its agent
-    /// queued ahead of it is leased at once (`running`, with its `run.started` event).
+    /// queued ahead of it is leased at once (`running`; its code has not started yet).
     async fn create_run(
         &self,
         run: NewRun,
@@ -47,7 +47,8 @@ pub trait RunStore: Send + Sync + 'static {
     /// Runs, newest first.
     async fn list_runs(&self, query: RunQuery) -> Result<Vec<Run>, StoreError>;
 
-    /// Leases due runs to `request.owner` (status `running`, attempt + 1, `run.started`).
+    /// Leases due runs to `request.owner` (status `running`, attempt + 1, `started_at` cleared
+    /// until `start_attempt`).
     /// At most one run per concurrency key runs at a time, in enqueue order.
     async fn claim_runs(&self, request: ClaimRequest) -> Result<Claimed, StoreError>;
 
@@ -60,6 +61,13 @@ pub trait RunStore: Send + Sync + 'static {
         heartbeat: Vec<String>,
     ) -> Result<Vec<Renewal>, StoreError>;
 
+    /// Records that the attempt's code started: `started_at` and the `run.started` event.
+    async fn start_attempt(
+        &self,
+        lease: LeaseRef,
+        start: AttemptStart,
+    ) -> Result<RunEvent, StoreError>;
+
     /// Appends events of a running run, in order.
     async fn append_events(
         &self,
@@ -71,8 +79,15 @@ pub trait RunStore: Send + Sync + 'static {
     async fn save_checkpoint(&self, lease: LeaseRef, state: String)
     -> Result<RunEvent, StoreError>;
 
-    /// Ends the current attempt: a terminal state, or back to `queued` for a retry.
-    async fn finish_run(&self, lease: LeaseRef, outcome: Outcome) -> Result<Finished, StoreError>;
+    /// Ends the current attempt: a terminal state, or back to `queued` for a retry. With
+    /// `start`, the attempt's start is recorded first, in the same commit (an attempt that ends
+    /// quickly costs one write, not two).
+    async fn finish_run(
+        &self,
+        lease: LeaseRef,
+        outcome: Outcome,
+        start: Option<AttemptStart>,
+    ) -> Result<Finished, StoreError>;
 
     /// Cancels a queued run at once; marks a running one for cancellation.
     async fn cancel_run(&self, id: &str, now: i64) -> Result<CancelOutcome, StoreError>;

@@ -2,15 +2,17 @@
 //!
 //! Events the agent produces (chunks, `ctx.emit`, `ctx.log`) are committed in order; while a
 //! commit is in flight the next ones gather, so a chatty agent costs one commit per batch, not
-//! per event. A checkpoint is committed before the agent is let go on. The attempt ends with
-//! `finish_run`, refused by the store if the lease was lost meanwhile.
+//! per event. A checkpoint is committed before the agent is let go on. The attempt's start
+//! (`run.started`) is written once a worker has the call, with the attempt's first other write
+//! or alone shortly after. The attempt ends with `finish_run`, refused by the store if the
+//! lease was lost meanwhile.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentry_core::ErrorCode;
 use agentry_core::executor::{CallError, RunItem};
-use agentry_core::runs::{ClaimedRun, EventKind, LeaseRef, NewEvent, Outcome, Run};
+use agentry_core::runs::{AttemptStart, ClaimedRun, EventKind, LeaseRef, NewEvent, Outcome, Run};
 use agentry_core::store::StoreError;
 use futures_util::FutureExt;
 use tokio::sync::watch;
@@ -38,7 +40,6 @@ pub(crate) fn start(inner: &Arc<Inner>, claimed: ClaimedRun, asked_at: Instant) 
             lease_until: asked_at + inner.settings.lease_ttl,
         },
     );
-    inner.publish(std::slice::from_ref(&claimed.started), Some(&claimed.run));
     let inner = Arc::clone(inner);
     tokio::spawn(async move {
         execute(&inner, claimed, rx).await;
@@ -101,11 +102,21 @@ async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Rec
         owner: inner.owner.clone(),
         attempt: run.attempt,
     };
-    let outcome = match attempt(inner, &run, &lease, claimed.checkpoint, &mut signal).await {
+    let mut start = None;
+    let outcome = match attempt(
+        inner,
+        &run,
+        &lease,
+        claimed.checkpoint,
+        &mut signal,
+        &mut start,
+    )
+    .await
+    {
         Ok(outcome) => outcome,
         Err(why) => return abandoned(inner, &lease, why).await,
     };
-    match inner.store.finish_run(lease, outcome).await {
+    match inner.store.finish_run(lease, outcome, start).await {
         Ok(f) => inner.publish(&f.events, Some(&f.run)),
         Err(StoreError::LeaseLost) => {
             tracing::warn!(run.id = %run.id, "the run's lease was taken over; its result is dropped");
@@ -138,13 +149,20 @@ async fn abandoned(inner: &Inner, lease: &LeaseRef, why: Abandon) {
     }
 }
 
-/// Runs the attempt to its outcome, or says why it was abandoned.
+/// How long after its code started an attempt that has written nothing else writes its
+/// `run.started` event alone. An attempt that ends or emits sooner writes it with that write,
+/// so a short run costs one commit for its start and end together.
+const START_EVENT_AFTER: Duration = Duration::from_millis(10);
+
+/// Runs the attempt to its outcome, or says why it was abandoned. `start` is the attempt's
+/// start while it is not yet written (the caller writes it with the outcome).
 async fn attempt(
     inner: &Arc<Inner>,
     run: &Run,
     lease: &LeaseRef,
     checkpoint: Option<String>,
     signal: &mut watch::Receiver<Signal>,
+    start: &mut Option<AttemptStart>,
 ) -> Result<Outcome, Abandon> {
     match *signal.borrow() {
         Signal::Cancel => return Ok(cancelled("the run was cancelled before it started")),
@@ -183,6 +201,12 @@ async fn attempt(
         Err(_) if inner.stopping() => return Err(Abandon::Stopping),
         Err(e) => return Ok(decide(inner, run, Err(e), false)),
     };
+    // A worker has the call: the code starts now (waiting for a worker was not running).
+    *start = Some(AttemptStart {
+        at: inner.settings.clock.now_ms(),
+        node: inner.settings.node.clone(),
+    });
+    let mut start_due = Some(tokio::time::Instant::now() + START_EVENT_AFTER);
     let mut chunks = 0u64;
     let mut batch = Vec::new();
     let mut cancel_at: Option<tokio::time::Instant> = None;
@@ -203,9 +227,19 @@ async fn attempt(
                 }
                 continue;
             }
+            _ = sleep_until(start_due) => {
+                start_due = None;
+                if let Err(why) = record_start(inner, lease, start).await {
+                    call.kill(why.reason());
+                    return Err(why);
+                }
+                continue;
+            }
             _ = sleep_until(cancel_at) => {
                 call.kill("a cancelled run did not stop within its grace period");
-                flush(inner, lease, &mut batch).await;
+                if record_start(inner, lease, start).await.is_ok() {
+                    flush(inner, lease, &mut batch).await;
+                }
                 return Ok(cancelled("the run was cancelled; it did not stop within its grace period and its worker was stopped"));
             }
             item = call.next() => item,
@@ -227,6 +261,13 @@ async fn attempt(
                 Some(Some(item)) => next = step(item, &mut chunks, &mut batch),
                 _ => break,
             }
+        }
+        // The start goes before the first event or checkpoint; a result carries it itself.
+        if (!batch.is_empty() || matches!(next, Step::Checkpoint(_)))
+            && let Err(why) = record_start(inner, lease, start).await
+        {
+            call.kill(why.reason());
+            return Err(why);
         }
         if !flush(inner, lease, &mut batch).await {
             call.kill(Abandon::LeaseLost.reason());
@@ -257,6 +298,30 @@ async fn attempt(
                 return Err(Abandon::Stopping);
             }
             Step::Done(result) => return Ok(decide(inner, run, result, cancel_at.is_some())),
+        }
+    }
+}
+
+/// Writes the attempt's start if it is not written yet. A store that fails leaves it pending
+/// (the outcome's commit carries it); a lost lease abandons the attempt.
+async fn record_start(
+    inner: &Inner,
+    lease: &LeaseRef,
+    start: &mut Option<AttemptStart>,
+) -> Result<(), Abandon> {
+    let Some(pending) = start.clone() else {
+        return Ok(());
+    };
+    match inner.store.start_attempt(lease.clone(), pending).await {
+        Ok(event) => {
+            *start = None;
+            inner.publish(std::slice::from_ref(&event), None);
+            Ok(())
+        }
+        Err(StoreError::LeaseLost) => Err(Abandon::LeaseLost),
+        Err(e) => {
+            tracing::warn!(run.id = %lease.run_id, "the start of an attempt could not be saved yet: {e}");
+            Ok(())
         }
     }
 }

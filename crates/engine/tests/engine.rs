@@ -293,6 +293,7 @@ fn new_run(tag: &str) -> NewRun {
         entrypoint: tag.into(),
         input: "{}".into(),
         idempotency_key: None,
+        idempotency_scope: String::new(),
         request_hash: None,
         priority: 0,
         run_at: now,
@@ -342,6 +343,18 @@ impl Harness {
             .filter(|c| c.tag == tag)
             .cloned()
             .collect()
+    }
+
+    /// Waits until the run's log has an event of `kind`; returns the log's kinds.
+    async fn until_event(&self, id: &str, kind: &str) -> Vec<String> {
+        for _ in 0..400 {
+            let kinds = self.kinds(id).await;
+            if kinds.iter().any(|k| k == kind) {
+                return kinds;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("no {kind} event: {:?}", self.kinds(id).await);
     }
 
     /// Waits until the fake saw `what` happen to its calls of `tag`.
@@ -460,7 +473,7 @@ async fn a_lost_lease_stops_the_attempt_without_writing_anything() {
     // One slot: while the first attempt still holds it, this node cannot claim the run again.
     let h = harness(1).await;
     let id = h.submit(new_run("stubborn")).await.id;
-    h.until(|c| c.len() == 1).await;
+    h.until_event(&id, "run.started").await;
     // Another node, its clock an hour ahead, finds the lease expired, requeues the run and
     // claims its next attempt. To this node the run is not due yet (its clock is behind), so
     // only node-b can take it.
@@ -494,6 +507,7 @@ async fn a_lost_lease_stops_the_attempt_without_writing_anything() {
             Outcome::Succeeded {
                 result: "{\"by\": \"node-b\"}".into(),
             },
+            None,
         )
         .await
         .expect("node-b finishes the run");
@@ -503,8 +517,8 @@ async fn a_lost_lease_stops_the_attempt_without_writing_anything() {
     assert!(!run.cancel_requested);
     assert_eq!(
         before,
-        ["run.queued", "run.started", "run.retrying", "run.started"],
-        "the stale attempt wrote nothing"
+        ["run.queued", "run.started", "run.retrying"],
+        "the stale attempt wrote nothing (node-b's claim is not a start)"
     );
     assert_eq!(
         h.calls_of("stubborn").len(),
@@ -590,7 +604,11 @@ impl RunStore for FaultyStore {
             let outcome = Outcome::Succeeded {
                 result: "{\"late\": true}".into(),
             };
-            self.inner.finish_run(lease, outcome).await?;
+            let start = agentry_core::runs::AttemptStart {
+                at: now_ms(),
+                node: "node-b".into(),
+            };
+            self.inner.finish_run(lease, outcome, Some(start)).await?;
         }
         self.inner.get_run(id).await
     }
@@ -629,12 +647,20 @@ impl RunStore for FaultyStore {
     ) -> Result<agentry_core::runs::RunEvent, agentry_core::StoreError> {
         self.inner.save_checkpoint(lease, state).await
     }
+    async fn start_attempt(
+        &self,
+        lease: LeaseRef,
+        start: agentry_core::runs::AttemptStart,
+    ) -> Result<agentry_core::runs::RunEvent, agentry_core::StoreError> {
+        self.inner.start_attempt(lease, start).await
+    }
     async fn finish_run(
         &self,
         lease: LeaseRef,
         outcome: Outcome,
+        start: Option<agentry_core::runs::AttemptStart>,
     ) -> Result<agentry_core::runs::Finished, agentry_core::StoreError> {
-        self.inner.finish_run(lease, outcome).await
+        self.inner.finish_run(lease, outcome, start).await
     }
     async fn cancel_run(
         &self,
@@ -792,15 +818,7 @@ async fn a_node_that_cannot_renew_its_leases_stops_its_attempts_before_they_expi
         "{calls:?}"
     );
     // The attempt says why in the run's events (written after it stopped the call).
-    let mut kinds = Vec::new();
-    for _ in 0..200 {
-        kinds = h.kinds(&id).await;
-        if kinds.iter().any(|k| k == "run.fenced") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(kinds.iter().any(|k| k == "run.fenced"), "{kinds:?}");
+    h.until_event(&id, "run.fenced").await;
     // The store comes back: the expired lease is reaped and the next attempt runs.
     h.faults.renewals_hang.send_replace(false);
     let run = h.finished(&id).await;

@@ -180,6 +180,13 @@ impl Worker {
                 source,
             })?;
         let mut cmd = tokio::process::Command::new(&spec.python);
+        // The server's own settings (`AGENTRY_*`: database URLs, keys, whatever else was
+        // configured through the environment) are not the agent's business.
+        for (name, _) in std::env::vars_os() {
+            if name.as_encoded_bytes().starts_with(b"AGENTRY_") {
+                cmd.env_remove(&name);
+            }
+        }
         cmd.arg(&spec.shim)
             .current_dir(&spec.agent_dir)
             .env("AGENTRY_FD", "3")

@@ -17,7 +17,7 @@ use agentry_api::server::ConnectionLimits;
 use agentry_core::InvocationHistory;
 use agentry_core::{Config, KeyStore, SharedBuckets};
 use agentry_engine::{Agents, Engine, EngineSettings};
-use agentry_store::{Durability, History, RunAgentDb, SqliteOptions, SqliteStore};
+use agentry_store::{Durability, History, HistoryBounds, RunAgentDb, SqliteOptions, SqliteStore};
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
@@ -213,8 +213,10 @@ impl Application {
                 }
             }
         }
+        let (max_rows, max_age) = config.store.runagent_history_bounds();
+        let bounds = HistoryBounds { max_rows, max_age };
         let history: Option<Arc<dyn InvocationHistory>> =
-            db.map(|db| Arc::new(History::start(db, 16_384)) as Arc<dyn InvocationHistory>);
+            db.map(|db| Arc::new(History::start(db, 16_384, bounds)) as Arc<dyn InvocationHistory>);
         let limits = RateLimits::new(&caller_limits, &agent_limits);
         let shared = shared_buckets(&config, &limits).await?;
         let state = Arc::new(AppState {

@@ -9,5 +9,5 @@ pub mod runagent;
 pub mod sqlite;
 
 pub use postgres::PgBuckets;
-pub use runagent::{History, InvocationLog, RunAgentDb};
+pub use runagent::{History, HistoryBounds, InvocationLog, RunAgentDb};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};

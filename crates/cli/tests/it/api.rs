@@ -728,3 +728,81 @@ async fn the_application_stops_cleanly_and_closes_its_listener() {
         "nothing listens on {port} after the application stopped"
     );
 }
+
+/// RunAgent's current SDKs send `user_id` and `persistent_memory` with every request.
+#[tokio::test(flavor = "multi_thread")]
+async fn runagent_requests_with_user_id_and_persistent_memory_work_as_without() {
+    let srv = app(fixture("compat")).start().await;
+    let url = srv.url(&format!("/api/v1/agents/{COMPAT_ID}/run"));
+    let plain =
+        json!({"entrypoint_tag": "echo", "input_args": [], "input_kwargs": {"message": "hi"}});
+    let mut extra = plain.clone();
+    extra["user_id"] = json!("user-1");
+    extra["persistent_memory"] = json!(true);
+    let (a, a_text) = post(&url, &plain.to_string()).await;
+    let (b, b_text) = post(&url, &extra.to_string()).await;
+    assert_eq!((a, b), (200, 200), "{a_text} / {b_text}");
+    let (a, b) = (json(&a_text), json(&b_text));
+    assert_eq!(a["success"], true, "{a}");
+    assert_eq!(
+        (&a["success"], &a["output_data"]),
+        (&b["success"], &b["output_data"])
+    );
+    // The WebSocket stream, with the same fields in its start message.
+    let (mut ws, _) = tokio_tungstenite::connect_async(
+        srv.ws_url(&format!("/api/v1/agents/{COMPAT_ID}/run-stream")),
+    )
+    .await
+    .expect("ws");
+    let start = json!({"entrypoint_tag": "echo_stream", "input_args": [], "input_kwargs": {"message": "hi", "n": 3},
+        "user_id": "user-1", "persistent_memory": true});
+    ws.send(Message::Text(start.to_string().into()))
+        .await
+        .expect("send");
+    let mut chunks = 0;
+    while let Some(Ok(m)) = ws.next().await {
+        if let Message::Text(t) = m {
+            if t.contains("\"type\":\"data\"") {
+                chunks += 1;
+            }
+            if t.contains("stream_completed") {
+                break;
+            }
+            assert!(!t.contains("\"type\":\"error\""), "{t}");
+        }
+    }
+    assert_eq!(chunks, 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invocation_history_is_kept_within_its_row_bound() {
+    let srv = app(fixture("compat"))
+        .args(["--runagent-history-max-rows", "20"])
+        .start()
+        .await;
+    let run = srv.url(&format!("/api/v1/agents/{COMPAT_ID}/run"));
+    for i in 0..60 {
+        let body = json!({"entrypoint_tag": "echo", "input_kwargs": {"message": format!("m{i}")}});
+        assert_eq!(post(&run, &body.to_string()).await.0, 200);
+    }
+    let list = srv.url(&format!(
+        "/api/v1/agents/{COMPAT_ID}/invocations?limit=1000"
+    ));
+    let (status, text) = get(&list).await;
+    assert_eq!(status, 200, "{text}");
+    let v = json(&text);
+    let total = v["total_count"].as_u64().expect("count");
+    assert!((1..=20).contains(&total), "{total} rows kept");
+    // The newest are the ones kept.
+    assert!(text.contains("\"m59\""), "{text}");
+    assert!(!text.contains("\"m0\""), "{text}");
+    // A page larger than the bound the API allows is refused, as FastAPI would.
+    let (status, text) = get(&srv.url(&format!(
+        "/api/v1/agents/{COMPAT_ID}/invocations?limit=100000"
+    )))
+    .await;
+    assert_eq!(status, 422, "{text}");
+    let (status, _) =
+        get(&srv.url(&format!("/api/v1/agents/{COMPAT_ID}/invocations?limit=-1"))).await;
+    assert_eq!(status, 422);
+}

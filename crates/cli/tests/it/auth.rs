@@ -1035,3 +1035,62 @@ async fn with_auth_off_browser_style_requests_are_refused_and_plain_clients_are_
     assert!(tokio_tungstenite::connect_async(own).await.is_ok());
     assert!(tokio_tungstenite::connect_async(ws).await.is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_details_are_for_key_holders_once_keys_exist() {
+    let state = tempfile::tempdir().expect("state");
+    let key = make_key(state.path(), &["--scope", "invoke"]);
+    let srv = app(durable()).state_dir(state.path()).start().await;
+    let (status, text) = get(&srv.url("/readyz")).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        json(&text),
+        json!({"status": "ready"}),
+        "no details without a key"
+    );
+    let (status, text) = call("GET", &srv.url("/readyz"), Some(&key), None).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        json(&text)["agents"]["durable"]["live_workers"],
+        2,
+        "{text}"
+    );
+    // With authentication off on loopback, the machine's user sees them.
+    let open = app(durable()).start().await;
+    let (_, text) = get(&open.url("/readyz")).await;
+    assert!(json(&text)["agents"]["durable"].is_object(), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_keys_belong_to_the_api_key_that_used_them() {
+    let state = tempfile::tempdir().expect("state");
+    let scopes = ["--scope", "runs:write", "--scope", "runs:read"];
+    let a = make_key(state.path(), &scopes);
+    let b = make_key(state.path(), &scopes);
+    let srv = app(durable()).state_dir(state.path()).start().await;
+    let body = json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}, "idempotency_key": "order-7"});
+    let create = |key: &str, body: &Value| {
+        let (url, key, body) = (srv.url("/v1/runs"), key.to_string(), body.clone());
+        async move { call("POST", &url, Some(&key), Some(body)).await }
+    };
+    let (status, text) = create(&a, &body).await;
+    assert_eq!(status, 202, "{text}");
+    let a_run = json(&text)["id"].as_str().expect("id").to_string();
+    // B's use of the same idempotency key is B's own run: it neither sees A's nor conflicts.
+    let (status, text) = create(&b, &body).await;
+    assert_eq!(status, 202, "{text}");
+    let b_run = json(&text)["id"].as_str().expect("id").to_string();
+    assert_ne!(a_run, b_run);
+    let mut changed = body.clone();
+    changed["input"]["i"] = json!(2);
+    // Within one key, the usual rules: the same request replays, another one conflicts.
+    let (status, text) = create(&a, &body).await;
+    assert_eq!(
+        (status, json(&text)["id"].as_str()),
+        (200, Some(a_run.as_str())),
+        "{text}"
+    );
+    let (status, text) = create(&b, &changed).await;
+    assert_eq!(status, 409, "{text}");
+    assert_eq!(json(&text)["error"]["details"]["run_id"], b_run.as_str());
+}

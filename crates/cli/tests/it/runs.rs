@@ -1173,3 +1173,42 @@ async fn a_server_paused_past_its_lease_ends_the_run_once_and_never_cancelled() 
         .collect();
     assert_eq!(ends, ["run.succeeded"], "{:?}", kinds(&evs));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_queued_behind_the_only_worker_do_not_time_out_before_their_code_starts() {
+    let srv = app(durable()).args(["--workers", "1"]).start().await;
+    // Five runs of 0.6 s each on one worker: the last waits 2.4 s, longer than any run's
+    // 1.5 s timeout. Each one's deadline starts when its code does.
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let r = create(
+            &srv,
+            json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": 600}, "timeout_s": 1.5}),
+        )
+        .await;
+        ids.push(r["id"].as_str().expect("id").to_string());
+    }
+    let mut starts = Vec::new();
+    for id in &ids {
+        let done = wait(&srv, id).await;
+        assert_eq!(done["status"], "succeeded", "{done}");
+        assert_eq!(done["attempt"], 1, "{done}");
+        let evs = events(&srv, id).await;
+        assert_eq!(
+            kinds(&evs),
+            ["run.queued", "run.started", "run.succeeded"],
+            "{id}"
+        );
+        starts.push(done["started_at"].as_str().expect("started_at").to_string());
+    }
+    // They ran one after another: `started_at` is when each one's code started, so the last
+    // started well past the 1.5 s the first one's timeout allowed from the same moment.
+    let at = |t: &String| {
+        chrono::DateTime::parse_from_rfc3339(t)
+            .expect("rfc3339")
+            .timestamp_millis()
+    };
+    let first = starts.iter().map(at).min().expect("starts");
+    let last = starts.iter().map(at).max().expect("starts");
+    assert!(last - first >= 2000, "{starts:?}");
+}

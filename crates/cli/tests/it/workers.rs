@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use crate::common::app::app;
 use crate::common::*;
 use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 const FAULTY: &str = "33333333-4444-5555-6666-777777777777";
@@ -416,4 +417,16 @@ async fn a_crash_loop_is_reported_not_spun() {
     // Respawns back off: far fewer than one attempt per 0.2 s over the test's duration.
     let respawns = srv.log_text().matches("worker died").count();
     assert!(respawns < 12, "{respawns} respawns: it spins");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_servers_own_settings_never_reach_a_workers_environment() {
+    let srv = server(fixture("faulty"))
+        .env("AGENTRY_RATE_LIMIT_POSTGRES_PASSWORD_EXAMPLE", "s3cret")
+        .env("AGENTRY_RUNS_DB_BUSY_TIMEOUT_S", "2")
+        .start();
+    let (status, body) = post(&invoke_url(&srv, "env_and_cwd"), "{}").await;
+    assert_eq!(status, 200, "{body}");
+    let vars = json(&body)["output"]["agentry_vars"].clone();
+    assert_eq!(vars, json!(["AGENTRY_FD", "AGENTRY_MAX_FRAME"]), "{body}");
 }

@@ -7,7 +7,8 @@
 //! Nothing here is on the request path. Invocations are queued to one writer task that commits
 //! at most every 200 ms, all rows in one statement of one transaction (WAL,
 //! `synchronous=NORMAL`); a full queue drops history rather than slowing calls, and reading the
-//! history first commits what is queued.
+//! history first commits what is queued. The history is kept within its bounds (rows, age) by
+//! the same writer, in small deletes after each batch and every few seconds when idle.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -201,9 +202,9 @@ impl RunAgentDb {
     }
 
     /// Starts the batching writer; record invocations through the returned handle.
-    pub fn start_invocation_log(&self, capacity: usize) -> InvocationLog {
+    pub fn start_invocation_log(&self, capacity: usize, bounds: HistoryBounds) -> InvocationLog {
         let (tx, rx) = mpsc::channel(capacity.max(16));
-        tokio::spawn(write_invocations(self.pool.clone(), rx));
+        tokio::spawn(write_invocations(self.pool.clone(), rx, bounds));
         InvocationLog { tx }
     }
 }
@@ -270,11 +271,70 @@ impl InvocationLog {
 /// Longest a finished call waits before its history row is committed (reads flush at once).
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 const MAX_BATCH: usize = 2048;
+/// Rows pruned per round at least; a round also prunes twice what the batch before it added,
+/// so pruning keeps up with any write rate while each delete stays short.
+const PRUNE_BATCH: i64 = 5_000;
+/// How often an idle writer prunes (an old, oversized history shrinks even with no calls).
+const PRUNE_IDLE_EVERY: Duration = Duration::from_secs(5);
 
-async fn write_invocations(pool: SqlitePool, mut rx: mpsc::Receiver<LogCommand>) {
+/// How much invocation history is kept: at most `max_rows` rows, none older than `max_age`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HistoryBounds {
+    pub max_rows: Option<u64>,
+    pub max_age: Option<Duration>,
+}
+
+/// Deletes up to `limit` rows beyond the bounds, oldest first; returns how many went.
+async fn prune(pool: &SqlitePool, bounds: HistoryBounds, limit: i64) -> Result<u64, sqlx::Error> {
+    let mut deleted = 0;
+    if let Some(max_rows) = bounds.max_rows {
+        // Rowids grow with every insert (`INSERT OR REPLACE` included), so the newest
+        // `max_rows` rows are those above `max(rowid) - max_rows`.
+        deleted += sqlx::query(
+            "DELETE FROM agent_invocations WHERE rowid IN (SELECT rowid FROM agent_invocations
+                WHERE rowid <= (SELECT max(rowid) FROM agent_invocations) - ?1 ORDER BY rowid LIMIT ?2)",
+        )
+        .bind(i64::try_from(max_rows).unwrap_or(i64::MAX))
+        .bind(limit)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    if let Some(max_age) = bounds.max_age {
+        let cutoff = Utc::now().naive_utc()
+            - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
+        deleted += sqlx::query(
+            "DELETE FROM agent_invocations WHERE rowid IN (SELECT rowid FROM agent_invocations
+                WHERE request_timestamp < ?1 LIMIT ?2)",
+        )
+        .bind(cutoff.format(TIMESTAMP).to_string())
+        .bind(limit)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(deleted)
+}
+
+async fn write_invocations(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<LogCommand>,
+    bounds: HistoryBounds,
+) {
     let mut batch: Vec<Invocation> = Vec::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-    while let Some(first) = rx.recv().await {
+    let mut prune_limit = PRUNE_BATCH;
+    loop {
+        let first = match tokio::time::timeout(PRUNE_IDLE_EVERY, rx.recv()).await {
+            Ok(Some(first)) => first,
+            Ok(None) => return,
+            Err(_) => {
+                if let Err(e) = prune(&pool, bounds, PRUNE_BATCH).await {
+                    tracing::warn!("could not prune invocation history: {e}");
+                }
+                continue;
+            }
+        };
         // Gather for up to COMMIT_EVERY, so that one commit carries many rows at any load;
         // a flush request (someone reading the history) commits at once.
         let deadline = tokio::time::Instant::now() + COMMIT_EVERY;
@@ -313,6 +373,11 @@ async fn write_invocations(pool: SqlitePool, mut rx: mpsc::Receiver<LogCommand>)
             if let Err(e) = result {
                 tracing::warn!(rows, "could not record invocation history: {e}");
             }
+            prune_limit = PRUNE_BATCH.max(2 * i64::try_from(rows).unwrap_or(i64::MAX / 2));
+        }
+        // Off the request path, after the batch: a full disk here costs history, never calls.
+        if let Err(e) = prune(&pool, bounds, prune_limit).await {
+            tracing::warn!("could not prune invocation history: {e}");
         }
         for f in flushes.drain(..) {
             let _ = f.send(());
@@ -405,9 +470,10 @@ pub struct History {
 }
 
 impl History {
-    /// Starts the batching writer (its queue holds `capacity` records).
-    pub fn start(db: RunAgentDb, capacity: usize) -> Self {
-        let log = db.start_invocation_log(capacity);
+    /// Starts the batching writer (its queue holds `capacity` records), keeping the history
+    /// within `bounds`.
+    pub fn start(db: RunAgentDb, capacity: usize, bounds: HistoryBounds) -> Self {
+        let log = db.start_invocation_log(capacity, bounds);
         Self { db, log }
     }
 }

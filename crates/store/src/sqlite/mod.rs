@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use agentry_core::keys::ApiKey;
 use agentry_core::runs::{
-    CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished, LeaseRef, NewEvent,
-    NewRun, Outcome, Renewal, Run, RunEvent, RunQuery, now_ms,
+    AttemptStart, CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished,
+    LeaseRef, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent, RunQuery, now_ms,
 };
 use agentry_core::store::{KeyStore, RunStore, StoreError};
 use async_trait::async_trait;
@@ -31,6 +31,7 @@ use tokio::sync::oneshot;
 const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_runs.sql"),
     include_str!("migrations/0002_api_keys.sql"),
+    include_str!("migrations/0003_idempotency_scope.sql"),
 ];
 
 /// How hard a commit tries to reach the disk.
@@ -350,8 +351,22 @@ impl RunStore for SqliteStore {
             .await
     }
 
-    async fn finish_run(&self, lease: LeaseRef, outcome: Outcome) -> Result<Finished, StoreError> {
-        self.write(move |c| ops::finish_run(c, &lease, &outcome, now_ms()))
+    async fn start_attempt(
+        &self,
+        lease: LeaseRef,
+        start: AttemptStart,
+    ) -> Result<RunEvent, StoreError> {
+        self.write(move |c| ops::start_attempt(c, &lease, &start))
+            .await
+    }
+
+    async fn finish_run(
+        &self,
+        lease: LeaseRef,
+        outcome: Outcome,
+        start: Option<AttemptStart>,
+    ) -> Result<Finished, StoreError> {
+        self.write(move |c| ops::finish_run(c, &lease, &outcome, start.as_ref(), now_ms()))
             .await
     }
 

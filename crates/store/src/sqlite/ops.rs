@@ -3,9 +3,9 @@
 
 use agentry_core::keys::ApiKey;
 use agentry_core::runs::{
-    Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome, DirectClaim,
-    EventKind, Finished, LeaseRef, MAX_LEASE_LOSSES, NewEvent, NewRun, Outcome, Renewal, Run,
-    RunEvent, RunQuery, RunStatus,
+    AttemptStart, Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome,
+    DirectClaim, EventKind, Finished, LeaseRef, MAX_LEASE_LOSSES, NewEvent, NewRun, Outcome,
+    Renewal, Run, RunEvent, RunQuery, RunStatus,
 };
 use agentry_core::store::StoreError;
 use rusqlite::types::Type;
@@ -148,7 +148,9 @@ pub fn create_run(
     if let Some(key) = &run.idempotency_key {
         let found: Option<(String, Option<String>)> = c
             .prepare_cached(sql!("find_idempotency_key"))?
-            .query_row(params![key], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_row(params![run.idempotency_scope, key], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()?;
         if let Some((existing_id, hash)) = found {
             if hash == run.request_hash {
@@ -177,6 +179,7 @@ pub fn create_run(
             run.request_hash,
             run.metadata,
             run.created_at,
+            run.idempotency_scope,
         ],
         run_from_row,
     )?;
@@ -220,7 +223,7 @@ fn may_claim_directly(c: &Connection, run: &Run) -> rusqlite::Result<bool> {
     Ok(waiting.is_none())
 }
 
-/// Leases one queued run to the claimer and writes its `run.started` event.
+/// Leases one queued run to the claimer; its `run.started` waits for its code to start.
 fn claim_one(c: &Connection, id: &str, req: &ClaimRequest) -> rusqlite::Result<ClaimedRun> {
     let run = c.prepare_cached(sql!("claim_run"))?.query_row(
         params![id, req.node, req.owner, req.lease_until, req.now],
@@ -230,17 +233,31 @@ fn claim_one(c: &Connection, id: &str, req: &ClaimRequest) -> rusqlite::Result<C
         .prepare_cached(sql!("latest_checkpoint"))?
         .query_row(params![id], |r| r.get(0))
         .optional()?;
+    Ok(ClaimedRun { run, checkpoint })
+}
+
+/// Records the start of the attempt's code, fenced by the lease.
+pub fn start_attempt(
+    c: &Connection,
+    lease: &LeaseRef,
+    start: &AttemptStart,
+) -> rusqlite::Result<Result<RunEvent, StoreError>> {
+    let held = c
+        .prepare_cached(sql!("start_attempt"))?
+        .query_row(
+            params![lease.run_id, lease.owner, lease.attempt, start.at],
+            |_| Ok(()),
+        )
+        .optional()?;
+    if held.is_none() {
+        return Ok(Err(StoreError::LeaseLost));
+    }
     let data = format!(
         "{{\"attempt\":{},\"node\":{}}}",
-        run.attempt,
-        json_str(&req.node)
+        lease.attempt,
+        json_str(&start.node)
     );
-    let started = insert_event(c, &run.id, EventKind::Started, &data, req.now)?;
-    Ok(ClaimedRun {
-        run,
-        checkpoint,
-        started,
-    })
+    insert_event(c, &lease.run_id, EventKind::Started, &data, start.at).map(Ok)
 }
 
 pub fn get_run(c: &Connection, id: &str) -> rusqlite::Result<Option<Run>> {
@@ -412,8 +429,16 @@ pub fn finish_run(
     c: &Connection,
     lease: &LeaseRef,
     outcome: &Outcome,
+    start: Option<&AttemptStart>,
     now: i64,
 ) -> rusqlite::Result<Result<Finished, StoreError>> {
+    let started = match start {
+        Some(start) => match start_attempt(c, lease, start)? {
+            Ok(event) => Some(event),
+            Err(lost) => return Ok(Err(lost)),
+        },
+        None => None,
+    };
     let t = transition(outcome, lease.attempt, now);
     let run = c
         .prepare_cached(sql!("finish_run"))?
@@ -438,7 +463,7 @@ pub fn finish_run(
     let event = insert_event(c, &run.id, t.event, &t.data, now)?;
     Ok(Ok(Finished {
         run,
-        events: vec![event],
+        events: started.into_iter().chain([event]).collect(),
     }))
 }
 

@@ -5,9 +5,17 @@
 #![allow(dead_code)]
 
 use agentry_core::runs::{
-    Backoff, ClaimRequest, CreateOutcome, LeaseRef, NewEvent, NewRun, Outcome, RunStatus, now_ms,
+    AttemptStart, Backoff, ClaimRequest, CreateOutcome, LeaseRef, NewEvent, NewRun, Outcome,
+    RunStatus, now_ms,
 };
 use agentry_core::store::{RunStore, StoreError};
+
+fn start(node: &str) -> AttemptStart {
+    AttemptStart {
+        at: now_ms(),
+        node: node.into(),
+    }
+}
 
 fn new_run(id: &str, priority: i32, key: Option<&str>) -> NewRun {
     let now = now_ms();
@@ -17,6 +25,7 @@ fn new_run(id: &str, priority: i32, key: Option<&str>) -> NewRun {
         entrypoint: "e".into(),
         input: "{}".into(),
         idempotency_key: None,
+        idempotency_scope: String::new(),
         request_hash: None,
         priority,
         run_at: now,
@@ -71,7 +80,7 @@ pub async fn claims_follow_priority_then_age_and_keys_serialise(s: &dyn RunStore
         owner: "n/1".into(),
         attempt: 1,
     };
-    s.finish_run(lease, Outcome::Succeeded { result: "1".into() })
+    s.finish_run(lease, Outcome::Succeeded { result: "1".into() }, None)
         .await
         .expect("finish");
     let next = s.claim_runs(claim("n/1", 10, 30_000)).await.expect("claim");
@@ -114,6 +123,7 @@ pub async fn a_stale_lease_cannot_write_or_complete_the_run(s: &dyn RunStore) {
             Outcome::Succeeded {
                 result: "\"A\"".into(),
             },
+            None,
         )
         .await;
     assert_eq!(err.err(), Some(StoreError::LeaseLost));
@@ -124,7 +134,11 @@ pub async fn a_stale_lease_cannot_write_or_complete_the_run(s: &dyn RunStore) {
         Some(StoreError::LeaseLost)
     );
     assert_eq!(
-        s.save_checkpoint(stale, "{}".into()).await.err(),
+        s.save_checkpoint(stale.clone(), "{}".into()).await.err(),
+        Some(StoreError::LeaseLost)
+    );
+    assert_eq!(
+        s.start_attempt(stale, start("A")).await.err(),
         Some(StoreError::LeaseLost)
     );
     let renewals = s
@@ -152,6 +166,7 @@ pub async fn a_stale_lease_cannot_write_or_complete_the_run(s: &dyn RunStore) {
             Outcome::Succeeded {
                 result: "\"B\"".into(),
             },
+            None,
         )
         .await
         .expect("finish");
@@ -192,6 +207,9 @@ pub async fn checkpoints_reach_the_next_attempt_and_events_are_numbered(s: &dyn 
         owner: "n/1".into(),
         attempt: 1,
     };
+    s.start_attempt(lease.clone(), start("n"))
+        .await
+        .expect("start");
     s.save_checkpoint(lease.clone(), "{\"n\":1}".into())
         .await
         .expect("cp");
@@ -211,11 +229,30 @@ pub async fn checkpoints_reach_the_next_attempt_and_events_are_numbered(s: &dyn 
             run_at: now_ms(),
             delay_ms: 0,
         },
+        None,
     )
     .await
     .expect("retry");
     let c = s.claim_runs(claim("n/1", 1, 30_000)).await.expect("claim");
     assert_eq!(c.runs[0].checkpoint.as_deref(), Some("{\"n\":2}"));
+    assert_eq!(c.runs[0].run.started_at, None, "the claim is not the start");
+    let second = LeaseRef {
+        run_id: "r".into(),
+        owner: "n/1".into(),
+        attempt: 2,
+    };
+    // The second attempt's start is written with its outcome, in one commit, before it.
+    let done = s
+        .finish_run(
+            second,
+            Outcome::Succeeded { result: "1".into() },
+            Some(start("n")),
+        )
+        .await
+        .expect("finish");
+    let ended: Vec<&str> = done.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(ended, ["run.started", "run.succeeded"]);
+    assert!(done.run.started_at.is_some());
     let evs = s.events_after("r", 0, 100).await.expect("events");
     let kinds: Vec<&str> = evs.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(
@@ -228,14 +265,15 @@ pub async fn checkpoints_reach_the_next_attempt_and_events_are_numbered(s: &dyn 
             "a",
             "b",
             "run.retrying",
-            "run.started"
+            "run.started",
+            "run.succeeded"
         ]
     );
     assert_eq!(
         evs.iter().map(|e| e.seq).collect::<Vec<_>>(),
-        (1..=8).collect::<Vec<_>>()
+        (1..=9).collect::<Vec<_>>()
     );
-    assert_eq!(s.events_after("r", 6, 100).await.expect("events").len(), 2);
+    assert_eq!(s.events_after("r", 6, 100).await.expect("events").len(), 3);
 }
 
 pub async fn idempotency_and_retention(s: &dyn RunStore) {
@@ -253,8 +291,17 @@ pub async fn idempotency_and_retention(s: &dyn RunStore) {
     );
     same.request_hash = Some("h2".into());
     assert!(
-        matches!(s.create_run(same, None).await.expect("create"), CreateOutcome::Conflict { existing_id } if existing_id == "r1")
+        matches!(s.create_run(same.clone(), None).await.expect("create"), CreateOutcome::Conflict { existing_id } if existing_id == "r1")
     );
+    // Another API key's scope: the same idempotency key is a new run, neither the first nor a
+    // conflict with it.
+    let mut other = same;
+    other.id = "r3".into();
+    other.idempotency_scope = "ak_other".into();
+    assert!(matches!(
+        s.create_run(other, None).await.expect("create"),
+        CreateOutcome::Created { .. }
+    ));
     // Retention removes finished runs only.
     s.create_run(new_run("q", 0, None), None)
         .await
@@ -278,6 +325,17 @@ pub async fn the_last_event_seq_is_the_end_of_the_log(s: &dyn RunStore) {
     assert_eq!(s.last_event_seq("r1").await.expect("read"), 1);
     let claimed = s.claim_runs(claim("n/1", 1, 30_000)).await.expect("claim");
     assert_eq!(claimed.runs.len(), 1);
+    assert_eq!(
+        s.last_event_seq("r1").await.expect("read"),
+        1,
+        "a claim writes no event"
+    );
+    let lease = LeaseRef {
+        run_id: "r1".into(),
+        owner: "n/1".into(),
+        attempt: 1,
+    };
+    s.start_attempt(lease, start("n")).await.expect("start");
     let all = s.events_after("r1", 0, 100).await.expect("events");
     assert_eq!(
         s.last_event_seq("r1").await.expect("read"),
