@@ -53,7 +53,9 @@ pub(crate) fn check(req: &Request, allowed_origins: &[String]) -> Option<Refusal
     }
     let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
     let origin_ok = origin.is_some_and(|o| {
-        allowed_origins.iter().any(|a| a == "*" || a == o)
+        allowed_origins
+            .iter()
+            .any(|a| a == "*" || a.trim_end_matches('/') == o)
             || host.is_some_and(|h| same_origin(o, h))
     });
     let cross_site = headers
@@ -84,8 +86,18 @@ pub(crate) fn check(req: &Request, allowed_origins: &[String]) -> Option<Refusal
 /// address, with any port.
 fn is_loopback_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
-        // `[::1]:8450`
-        Some(rest) => rest.split(']').next().unwrap_or(""),
+        // `[::1]:8450`: an address, then nothing or a port.
+        Some(rest) => match rest.split_once(']') {
+            Some((addr, "")) => addr,
+            Some((addr, port))
+                if port
+                    .strip_prefix(':')
+                    .is_some_and(|p| p.bytes().all(|b| b.is_ascii_digit())) =>
+            {
+                addr
+            }
+            _ => return false,
+        },
         None => host.rsplit_once(':').map_or(host, |(name, port)| {
             if port.bytes().all(|b| b.is_ascii_digit()) {
                 name
@@ -170,6 +182,8 @@ mod tests {
             "localhost.evil.example",
             "10.0.0.1:8450",
             "[::2]:8450",
+            "[::1]evil.example",
+            "[::1]:80x",
             "127.0.0.1.nip.io",
         ] {
             assert_eq!(

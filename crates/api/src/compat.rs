@@ -816,11 +816,14 @@ async fn invocation(
     };
     // An invocation of an agent the key may not touch is answered as one that does not exist.
     let who = principal(caller);
-    let visible = |inv: &Value| {
-        inv["agent_id"]
-            .as_str()
-            .and_then(|agent| state.agents.by_id(agent))
-            .is_none_or(|agent| who.allows(agent))
+    // RunAgent's database is shared with other servers: an invocation of an agent not served
+    // here is for unrestricted keys only.
+    let visible = |inv: &Value| match inv["agent_id"]
+        .as_str()
+        .and_then(|agent| state.agents.by_id(agent))
+    {
+        Some(agent) => who.allows(agent),
+        None => who.agent_limit().is_none(),
     };
     match db.get(&invocation_id).await {
         Ok(Some(inv)) if visible(&inv) => json_response(StatusCode::OK, inv.to_string()),

@@ -1,7 +1,7 @@
 //! The probes: `/healthz` (alive) and `/readyz` (every agent has a warm worker and the server
 //! is not draining). Open to everyone; an unauthenticated caller learns only what they say:
-//! the per-agent details of `/readyz` are for a caller with a valid key, or for anyone while
-//! authentication is off on loopback (this machine's own user).
+//! the per-agent details of `/readyz` are for a caller with a valid key not limited to agents,
+//! or for anyone while authentication is off on loopback (this machine's own user).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -30,8 +30,13 @@ pub(crate) async fn readyz(
     req: axum::extract::Request,
 ) -> impl IntoResponse {
     let detailed = if state.auth.enabled() {
-        crate::auth::presented_token(&req, crate::policy::QueryToken::No)
-            .is_some_and(|token| state.auth.check(token).is_some())
+        // A key limited to agents would learn the others' names: unrestricted keys only.
+        crate::auth::presented_token(&req, crate::policy::QueryToken::No).is_some_and(|token| {
+            state
+                .auth
+                .check(token)
+                .is_some_and(|entry| entry.key.agents.is_none())
+        })
     } else {
         state.bound.ip().is_loopback()
     };

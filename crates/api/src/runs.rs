@@ -43,10 +43,13 @@ fn visible(state: &S, who: &Principal, run: Run) -> Result<Run, ApiError> {
     }
 }
 
+/// A key limited to agents sees only runs of those agents; a run of an agent no longer served
+/// here is for unrestricted keys only (deny by default).
 fn may_see(state: &S, who: &Principal, run: &Run) -> bool {
-    state
-        .agent(&run.agent)
-        .is_none_or(|agent| who.allows(agent))
+    match state.agents.by_id(&run.agent) {
+        Some(agent) => who.allows(agent),
+        None => who.agent_limit().is_none(),
+    }
 }
 
 /// Longest `wait` a client may ask for, in seconds.

@@ -9,14 +9,26 @@ use crate::executor::{AgentExecutor, Runtime};
 
 /// One served agent: its configuration, the executor that runs its code, and how many of its
 /// runs this node leases at once. The API and the engine share it.
+///
+/// `max_running_runs` is the configured cap (`runs.max_running_per_agent`); without one, the
+/// executor says what it can start soon (`run_capacity`).
 pub struct ServedAgent {
     pub config: AgentConfig,
     /// Where its code runs.
     pub executor: Arc<dyn AgentExecutor>,
     /// What runs it (the Python interpreter), and why that one.
     pub runtime: Runtime,
-    /// Runs of this agent executing at once on this node.
-    pub max_running_runs: usize,
+    /// The configured cap on runs of this agent leased at once on this node, if any.
+    pub max_running_runs: Option<usize>,
+}
+
+impl ServedAgent {
+    /// Runs of this agent this node may lease at once now.
+    pub fn run_capacity(&self) -> usize {
+        self.max_running_runs
+            .unwrap_or_else(|| self.executor.run_capacity())
+            .max(1)
+    }
 }
 
 /// The agents a node serves, found by id or name.

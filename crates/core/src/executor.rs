@@ -259,6 +259,11 @@ pub trait AgentExecutor: Send + Sync + 'static {
 
     fn health(&self) -> Health;
 
+    /// How many durable runs this executor can start soon: the engine leases at most this many
+    /// of its agent's runs at once (unless configured), so that a leased run does not wait long
+    /// for a worker and the rest stay queued for whichever node has room.
+    fn run_capacity(&self) -> usize;
+
     /// Stops taking calls, lets those in flight finish within `grace`, then stops.
     async fn drain(&self, grace: Duration);
 }

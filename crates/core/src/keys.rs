@@ -85,6 +85,14 @@ impl ApiKey {
         creator: &ApiKey,
         same_agent: impl Fn(&str, &str) -> bool,
     ) -> Result<(), String> {
+        if let Some(until) = creator.expires_at
+            && self.expires_at.is_none_or(|t| t > until)
+        {
+            return Err(format!(
+                "the key {} expires, so the keys it makes must expire no later than it does",
+                creator.id
+            ));
+        }
         if let Some(scope) = self.scopes.iter().find(|s| !creator.grants(**s)) {
             return Err(format!(
                 "the key {} cannot grant the `{}` scope, which it lacks",
@@ -321,6 +329,18 @@ mod tests {
                 .within(&runs_reader, same)
                 .is_err()
         );
+        // No key outlives the key that made it.
+        let mut expiring = key(&[Scope::Admin], None);
+        expiring.expires_at = Some(1_000);
+        let mut made = key(&[Scope::Invoke], None);
+        assert!(
+            made.within(&expiring, same).is_err(),
+            "a key that never expires"
+        );
+        made.expires_at = Some(2_000);
+        assert!(made.within(&expiring, same).is_err());
+        made.expires_at = Some(1_000);
+        assert!(made.within(&expiring, same).is_ok());
     }
 
     #[test]

@@ -427,25 +427,6 @@ impl RunsConfig {
             (r / 4).clamp(Duration::from_millis(100), Duration::from_secs(60))
         })
     }
-
-    /// Runs of one agent this node leases at once: as configured, else what its workers can
-    /// hold at once (each worker's async calls, or a pipeline of sync calls per worker), so
-    /// that a leased run starts soon and the rest stay queued for whichever node is free.
-    pub fn max_running_for(
-        &self,
-        workers: usize,
-        has_async: bool,
-        workers_cfg: &WorkersConfig,
-    ) -> usize {
-        let per_worker = if has_async {
-            workers_cfg.max_async_per_worker
-        } else {
-            workers_cfg.pipeline_depth
-        };
-        self.max_running_per_agent
-            .unwrap_or(workers.max(1) * per_worker.max(1))
-            .max(1)
-    }
 }
 
 /// The run database and RunAgent's.
@@ -777,7 +758,7 @@ pub const FIELDS: &[Field] = &[
     file_only("workers.call_cancel_grace_s", "time a call whose client left (or a stream that was cancelled) gets to stop before its worker is killed"),
     field("runs.max_input_bytes", "max-run-input-bytes", "AGENTRY_MAX_RUN_INPUT_BYTES", "largest run input (413 beyond)"),
     field("runs.max_running", "max-running-runs", "AGENTRY_MAX_RUNNING_RUNS", "runs leased by this node at once, all agents together"),
-    field("runs.max_running_per_agent", "max-running-runs-per-agent", "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT", "runs of one agent leased at once; default: what its workers hold at once (`max_async_per_worker` each for an agent with async entrypoints, else `pipeline_depth` each). A leased run waiting for a worker has not started: its timeout and its `run.started` wait for its code")
+    field("runs.max_running_per_agent", "max-running-runs-per-agent", "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT", "runs of one agent leased at once; default: what its workers can start soon (`max_async_per_worker` each for an agent with async entrypoints; for sync ones 16 pipelines' worth each once its entrypoints are known to be short, else 2 each). A leased run waiting for a worker has not started: its timeout and its `run.started` wait for its code")
         .default_doc("workers × 16 × pipeline depth (sync agents), workers × async calls per worker (agents with async entrypoints)"),
     field("runs.lease_ttl_s", "lease-ttl-s", "AGENTRY_LEASE_TTL_S", "a run lease's lifetime; renewed every third of it; a node silent for longer loses its runs to other nodes' reapers (checked every sixth of it)"),
     field("runs.heartbeat_event_s", "heartbeat-event-s", "AGENTRY_HEARTBEAT_EVENT_S", "least time between two `run.heartbeat` events of a run"),

@@ -120,7 +120,7 @@ impl Inner {
 
     /// Holds one slot of `agent`'s capacity for a submission that may lease its run directly.
     pub(crate) fn reserve(self: &Arc<Self>, agent: &str) -> Option<Reservation> {
-        let cap = self.agents.by_id(agent)?.max_running_runs;
+        let cap = self.agents.by_id(agent)?.run_capacity();
         let running = self.running.lock();
         let mut reserved = self.reserved.lock();
         let total_reserved: usize = reserved.values().sum();
@@ -164,7 +164,7 @@ impl Inner {
                 continue;
             };
             let used = per_agent.get(name.as_str()).copied().unwrap_or(0);
-            let free = agent.max_running_runs.saturating_sub(used).min(global_free);
+            let free = agent.run_capacity().saturating_sub(used).min(global_free);
             global_free -= free;
             if free > 0 {
                 out.push((name.clone(), free));

@@ -198,6 +198,10 @@ impl AgentExecutor for FakeExecutor {
         }
     }
 
+    fn run_capacity(&self) -> usize {
+        1
+    }
+
     async fn drain(&self, _grace: Duration) {}
 }
 
@@ -256,7 +260,7 @@ async fn harness_with(
             version: "0".into(),
             reason: "a fake".into(),
         },
-        max_running_runs,
+        max_running_runs: Some(max_running_runs),
     })]));
     let clock = settings.clock.clone();
     let engine = Engine::start(Arc::clone(&faults) as Arc<dyn RunStore>, agents, settings)

@@ -53,6 +53,22 @@ fn load_configs(config: &Config) -> anyhow::Result<Vec<AgentConfig>> {
             ));
             continue;
         }
+        // Keys, routes and the agent restriction name agents by id or name: each must name one.
+        if let Some(other) = configs.iter().find(|o| {
+            o.agent_name == c.agent_name || o.agent_id == c.agent_name || o.agent_name == c.agent_id
+        }) {
+            problems.push(format!(
+                "agents {} and {} would share the name `{}`: an agent's name or id must not be another served agent's name or id",
+                other.dir.display(),
+                c.dir.display(),
+                if other.agent_name == c.agent_name || other.agent_id == c.agent_name {
+                    &c.agent_name
+                } else {
+                    &c.agent_id
+                }
+            ));
+            continue;
+        }
         if let Err(e) = config.apply_entrypoint_settings(&mut c) {
             problems.push(format!("configuration error: {e}"));
             continue;
@@ -186,13 +202,7 @@ pub async fn start(
         match pool {
             Ok(pool) => {
                 warnings.extend(check_stream_kinds(&agent, &pool));
-                agents.push(served(
-                    config,
-                    agent,
-                    pool,
-                    python,
-                    settings.max_running_runs,
-                ));
+                agents.push(served(agent, pool, python, settings.max_running_runs));
             }
             Err(e) => problems.push(describe_start_error(&agent, e)),
         }
@@ -206,26 +216,15 @@ pub async fn start(
     Ok(Started { agents, warnings })
 }
 
+/// The served agent. Without a configured cap, the pool says how many of its runs to lease at
+/// once (`AgentExecutor::run_capacity`), from its live workers and what it learnt of its
+/// entrypoints.
 fn served(
-    config: &Config,
     agent: AgentConfig,
     pool: AgentPool,
     python: ResolvedPython,
     max_running_runs: Option<usize>,
 ) -> Arc<ServedAgent> {
-    let has_async = agent
-        .entrypoints
-        .iter()
-        .filter_map(|e| pool.entrypoint(&e.tag))
-        .any(|r| r.is_async());
-    // Runs beyond what the workers run at once wait in the pool, already leased, in FIFO
-    // order; their deadline starts when a worker takes them. Claiming well ahead keeps the
-    // workers busy between two claims.
-    let max_running_runs = max_running_runs.unwrap_or_else(|| {
-        config
-            .runs
-            .max_running_for(pool.live_workers(), has_async, &config.workers)
-    });
     Arc::new(ServedAgent {
         config: agent,
         executor: Arc::new(pool),

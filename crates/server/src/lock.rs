@@ -1,8 +1,8 @@
 //! One owner per state directory and run database.
 //!
-//! `serve` takes an exclusive advisory lock (`flock`) on a lock file beside the run database,
-//! and on one in the state directory when the database lives elsewhere, before it opens a
-//! store or touches a run. A second server on the same directory or database is refused with
+//! `serve` takes an exclusive advisory lock (`flock`) on a lock file in the state directory and
+//! on one beside the run database (by their real paths), before it opens a store or touches a
+//! run. A second server on the same directory or database is refused with
 //! the first one's pid and address, so it can never requeue the live server's runs as its own
 //! "previous life". The kernel drops the lock when the process dies (even by SIGKILL), so a
 //! stale file never blocks a restart, and whoever holds the lock knows that every run leased
@@ -24,19 +24,17 @@ pub struct StateLock {
 }
 
 impl StateLock {
-    /// Locks `<runs_db>.lock`, and `<state_dir>/agentry.lock` when the database is outside the
-    /// state directory. Fails, naming the holder, if another process has either.
+    /// Locks `<state_dir>/agentry.lock` and `<runs_db>.lock`, both by their real paths
+    /// (symlinks and `..` resolved, so that no spelling of a path escapes the lock). Fails,
+    /// naming the holder, if another process has either.
     pub fn acquire(state_dir: &Path, runs_db: &Path) -> anyhow::Result<Self> {
-        let mut paths = vec![lock_path_of(runs_db)];
-        if !runs_db.starts_with(state_dir) {
-            paths.push(state_dir.join("agentry.lock"));
+        let mut paths = vec![real_path(&state_dir.join("agentry.lock"))?];
+        let db_lock = lock_path_of(&real_path(runs_db)?);
+        if !paths.contains(&db_lock) {
+            paths.push(db_lock);
         }
         let mut files = Vec::with_capacity(paths.len());
         for path in paths {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-            }
             let mut file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -95,6 +93,22 @@ impl StateLock {
     }
 }
 
+/// `path` with its directory created and every symlink and `..` resolved; the file itself is
+/// resolved too when it exists (a symlinked database locks the file it points to).
+fn real_path(path: &Path) -> anyhow::Result<PathBuf> {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return Ok(real);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir =
+        std::fs::canonicalize(dir).with_context(|| format!("cannot resolve {}", dir.display()))?;
+    Ok(match path.file_name() {
+        Some(name) => dir.join(name),
+        None => dir,
+    })
+}
+
 fn lock_path_of(db: &Path) -> PathBuf {
     let mut name = db.file_name().unwrap_or_default().to_os_string();
     name.push(".lock");
@@ -120,9 +134,21 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("127.0.0.1:4321"), "{err}");
-        // Another state directory over the same database is refused too.
+        // Another state directory over the same database is refused too, and so is the same
+        // state directory with its database elsewhere, and a database reached by a symlink.
         let other = tempfile::tempdir().expect("tempdir");
         assert!(StateLock::acquire(other.path(), &db).is_err());
+        assert!(StateLock::acquire(dir.path(), &other.path().join("x.db")).is_err());
+        std::fs::write(&db, b"").expect("db");
+        let link = other.path().join("link.db");
+        std::os::unix::fs::symlink(&db, &link).expect("symlink");
+        assert!(StateLock::acquire(other.path(), &link).is_err());
+        let dotted = other
+            .path()
+            .join("..")
+            .join(dir.path().file_name().expect("name"))
+            .join("agentry.db");
+        assert!(StateLock::acquire(other.path(), &dotted).is_err());
         drop(first);
         StateLock::acquire(dir.path(), &db).expect("free again once the holder is gone");
     }

@@ -262,3 +262,32 @@ fn runs_commands_create_get_list_wait_cancel_and_follow_events() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("run_not_found"));
 }
+
+#[test]
+fn two_agents_that_one_name_would_name_are_refused() {
+    // A copy of `durable` with its own id but the same name: keys and routes that say
+    // `durable` would name both.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let copy = tmp.path().join("durable2");
+    let ok = std::process::Command::new("cp")
+        .arg("-r")
+        .arg(fixture("durable"))
+        .arg(&copy)
+        .status()
+        .expect("cp");
+    assert!(ok.success());
+    let config = copy.join("runagent.config.json");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let changed = text.replace(
+        "d0d0d0d0-0000-4000-8000-000000000001",
+        "d0d0d0d0-0000-4000-8000-000000000002",
+    );
+    assert_ne!(text, changed);
+    std::fs::write(&config, changed).expect("write");
+    let log = server(fixture("durable"))
+        .agent(copy)
+        .try_start()
+        .err()
+        .expect("refused");
+    assert!(log.contains("would share the name `durable`"), "{log}");
+}

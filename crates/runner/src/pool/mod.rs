@@ -301,6 +301,11 @@ impl AgentPool {
     }
 }
 
+/// Pipelines' worth of short runs leased per worker: enough that the workers never idle between
+/// two claims, few enough that the last of them starts within about a second (each is under
+/// `pipeline_below`).
+const SHORT_RUNS_PER_WORKER: usize = 16;
+
 #[async_trait]
 impl AgentExecutor for AgentPool {
     fn entrypoint(&self, tag: &str) -> Option<&EntrypointReport> {
@@ -343,6 +348,36 @@ impl AgentExecutor for AgentPool {
         Health {
             live_workers: self.live_workers(),
             crash_loop: self.crash_loop(),
+        }
+    }
+
+    /// What the workers can start soon: every worker's async calls for an agent with async
+    /// entrypoints; for sync ones, a queue of `SHORT_RUNS_PER_WORKER` runs per worker once every
+    /// entrypoint that has run is known to be short (those pipeline, milliseconds each), else
+    /// two per worker (the one running and the next, so that no claim round trip idles it).
+    fn run_capacity(&self) -> usize {
+        let live = self.live_workers().max(1);
+        let config = &self.inner.config;
+        if self
+            .inner
+            .entrypoints
+            .values()
+            .any(EntrypointReport::is_async)
+        {
+            return live * config.max_async_per_worker.max(1);
+        }
+        let mut observed = self
+            .inner
+            .averages
+            .iter()
+            .filter(|(_, avg)| avg.load(std::sync::atomic::Ordering::Relaxed) != u64::MAX)
+            .map(|(tag, _)| tag)
+            .peekable();
+        let all_short = observed.peek().is_some() && observed.all(|tag| self.inner.is_short(tag));
+        if all_short {
+            live * config.pipeline_depth.max(1) * SHORT_RUNS_PER_WORKER
+        } else {
+            live * 2
         }
     }
 
