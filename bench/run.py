@@ -147,8 +147,11 @@ def main():
     shutil.copytree(os.path.join(KIT, "agent"), agent)
     slow_agent = os.path.join(work, "agent_slow")
     shutil.copytree(os.path.join(KIT, "agent_slow"), slow_agent)
+    # Each server its own state directory: one state directory has one owner (a second server
+    # on it is refused).
     ours_cmd = lambda port, *extra: [args.agentry, "serve", agent, "--port", str(port), "--workers",
-                                     str(args.workers), "--state-dir", os.path.join(work, "state"), *extra]
+                                     str(args.workers), "--state-dir", os.path.join(work, f"state-{port}"),
+                                     *extra]
     results = {"machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]}, "rounds": args.rounds}
 
     print("== start-up: spawn to first 200 on /api/v1/health (workers warm for Agentry)", flush=True)

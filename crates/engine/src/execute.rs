@@ -116,17 +116,39 @@ async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Rec
         Ok(outcome) => outcome,
         Err(why) => return abandoned(inner, &lease, why).await,
     };
-    match inner.store.finish_run(lease, outcome, start).await {
-        Ok(f) => inner.publish(&f.events, Some(&f.run)),
-        Err(StoreError::LeaseLost) => {
-            tracing::warn!(run.id = %run.id, "the run's lease was taken over; its result is dropped");
+    // A commit that fails (a busy or full disk) is retried while the attempt is still
+    // registered, so its lease is still renewed; only a lost lease, a fence or the shutdown
+    // ends the retries (then the run is requeued: at-least-once).
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match inner
+            .store
+            .finish_run(lease.clone(), outcome.clone(), start.clone())
+            .await
+        {
+            Ok(f) => return inner.publish(&f.events, Some(&f.run)),
+            Err(StoreError::LeaseLost) => {
+                tracing::warn!(run.id = %run.id, "the run's lease was taken over; its result is dropped");
+                return;
+            }
+            Err(e) => {
+                if let Signal::Abandon(why) = *signal.borrow() {
+                    tracing::error!(run.id = %run.id, "could not record the end of a run ({e}), and gave up: {}", why.reason());
+                    return;
+                }
+                tracing::warn!(run.id = %run.id, "could not record the end of a run: {e}; retrying in {backoff:?}");
+            }
         }
-        Err(e) => {
-            // Not written: the lease expires and the reaper requeues the run (at-least-once).
-            tracing::error!(run.id = %run.id, "could not record the end of a run: {e}");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = signal.changed() => {}
         }
+        backoff = (backoff * 2).min(FINISH_RETRY_MAX);
     }
 }
+
+/// The longest pause between two tries to record an attempt's end.
+const FINISH_RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Says why an attempt stopped without an outcome: in the log, and for a fenced attempt in
 /// the run's events too (written only while the lease is still this attempt's, so never over
@@ -238,7 +260,7 @@ async fn attempt(
             _ = sleep_until(cancel_at) => {
                 call.kill("a cancelled run did not stop within its grace period");
                 if record_start(inner, lease, start).await.is_ok() {
-                    flush(inner, lease, &mut batch).await;
+                    let _ = flush(inner, lease, &mut batch).await;
                 }
                 return Ok(cancelled("the run was cancelled; it did not stop within its grace period and its worker was stopped"));
             }
@@ -269,9 +291,20 @@ async fn attempt(
             call.kill(why.reason());
             return Err(why);
         }
-        if !flush(inner, lease, &mut batch).await {
-            call.kill(Abandon::LeaseLost.reason());
-            return Err(Abandon::LeaseLost);
+        match flush(inner, lease, &mut batch).await {
+            Ok(()) => {}
+            Err(Flushed::LeaseLost) => {
+                call.kill(Abandon::LeaseLost.reason());
+                return Err(Abandon::LeaseLost);
+            }
+            // Events that cannot be stored fail the attempt (retriably): a run never ends
+            // `succeeded` with chunks missing from its log.
+            Err(Flushed::Failed(e)) => {
+                call.kill("the run's events could not be stored");
+                let error =
+                    CallError::Unavailable(format!("the run's events could not be stored: {e}"));
+                return Ok(decide(inner, run, Err(error), cancel_at.is_some()));
+            }
         }
         match next {
             Step::Continue => {}
@@ -326,10 +359,16 @@ async fn record_start(
     }
 }
 
-/// Commits the gathered events; false if the lease was lost.
-async fn flush(inner: &Inner, lease: &LeaseRef, batch: &mut Vec<NewEvent>) -> bool {
+/// Why gathered events were not committed.
+enum Flushed {
+    LeaseLost,
+    Failed(StoreError),
+}
+
+/// Commits the gathered events.
+async fn flush(inner: &Inner, lease: &LeaseRef, batch: &mut Vec<NewEvent>) -> Result<(), Flushed> {
     if batch.is_empty() {
-        return true;
+        return Ok(());
     }
     match inner
         .store
@@ -338,13 +377,12 @@ async fn flush(inner: &Inner, lease: &LeaseRef, batch: &mut Vec<NewEvent>) -> bo
     {
         Ok(events) => {
             inner.publish(&events, None);
-            true
+            Ok(())
         }
-        Err(StoreError::LeaseLost) => false,
+        Err(StoreError::LeaseLost) => Err(Flushed::LeaseLost),
         Err(e) => {
-            // Events are best effort against a failing disk; the run's outcome is not.
             tracing::warn!(run.id = %lease.run_id, "run events could not be saved: {e}");
-            true
+            Err(Flushed::Failed(e))
         }
     }
 }

@@ -41,7 +41,7 @@ struct CallLog {
 /// `ok` answers at once; `flaky` fails (retriably) on its first attempt, then answers;
 /// `fatal` fails non-retriably; `hang` runs until cancelled (then ends cancelled) or killed;
 /// `stubborn` ignores cancellation and ends only when killed; `stalls_once` hangs on its first
-/// attempt and answers 300 ms into any later one.
+/// attempt and answers 300 ms into any later one; `emits` emits an event, then answers.
 #[derive(Default)]
 struct FakeExecutor {
     calls: Arc<Mutex<Vec<CallLog>>>,
@@ -63,7 +63,11 @@ impl RunCall for FakeCall {
             return Poll::Ready(None);
         }
         if let Poll::Ready(item) = self.rx.poll_recv(cx) {
-            self.done = true;
+            // Events come before the answer; the answer (or the fake's going away) ends it.
+            self.done = !matches!(
+                item,
+                Some(RunItem::Event { .. } | RunItem::Log { .. } | RunItem::Chunk(_))
+            );
             return Poll::Ready(item.or(Some(RunItem::Failed(CallError::Crashed(
                 "the fake went away".into(),
             )))));
@@ -158,6 +162,16 @@ impl AgentExecutor for FakeExecutor {
                     }
                 });
             }
+            "emits" => {
+                let _ = tx.send(RunItem::Event {
+                    kind: "progress".into(),
+                    data: bytes::Bytes::from_static(b"{\"done\": 1}"),
+                });
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = tx.send(RunItem::Result(payload("{\"ok\": true}")));
+                });
+            }
             "stalls_once" if attempt == 1 => {
                 // The first attempt hangs (a node paused mid-run), until killed.
                 tokio::spawn(async move {
@@ -206,7 +220,15 @@ impl AgentExecutor for FakeExecutor {
 }
 
 fn agent_config() -> AgentConfig {
-    let tags = ["ok", "flaky", "fatal", "hang", "stubborn", "stalls_once"];
+    let tags = [
+        "ok",
+        "flaky",
+        "fatal",
+        "hang",
+        "stubborn",
+        "stalls_once",
+        "emits",
+    ];
     let entrypoints: Vec<serde_json::Value> = tags
         .iter()
         .map(|t| serde_json::json!({"file": "agent.py", "module": t, "tag": t}))
@@ -581,6 +603,23 @@ struct FaultyStore {
     inner: Arc<SqliteStore>,
     finish_at_check: Mutex<Option<LeaseRef>>,
     renewals_hang: watch::Sender<bool>,
+    /// This many `finish_run`s, then this many `append_events`, fail as a full disk would.
+    failing_finishes: std::sync::atomic::AtomicUsize,
+    failing_appends: std::sync::atomic::AtomicUsize,
+}
+
+/// Takes one from `left` if any are left: the next call fails.
+fn fails(left: &std::sync::atomic::AtomicUsize) -> bool {
+    left.fetch_update(
+        std::sync::atomic::Ordering::SeqCst,
+        std::sync::atomic::Ordering::SeqCst,
+        |n| n.checked_sub(1),
+    )
+    .is_ok()
+}
+
+fn disk_full() -> agentry_core::StoreError {
+    agentry_core::StoreError::Unavailable("database or disk is full".into())
 }
 
 impl FaultyStore {
@@ -589,6 +628,8 @@ impl FaultyStore {
             inner,
             finish_at_check: Mutex::new(None),
             renewals_hang: watch::channel(false).0,
+            failing_finishes: Default::default(),
+            failing_appends: Default::default(),
         }
     }
 }
@@ -642,6 +683,9 @@ impl RunStore for FaultyStore {
         lease: LeaseRef,
         events: Vec<agentry_core::runs::NewEvent>,
     ) -> Result<Vec<agentry_core::runs::RunEvent>, agentry_core::StoreError> {
+        if fails(&self.failing_appends) {
+            return Err(disk_full());
+        }
         self.inner.append_events(lease, events).await
     }
     async fn save_checkpoint(
@@ -664,6 +708,9 @@ impl RunStore for FaultyStore {
         outcome: Outcome,
         start: Option<agentry_core::runs::AttemptStart>,
     ) -> Result<agentry_core::runs::Finished, agentry_core::StoreError> {
+        if fails(&self.failing_finishes) {
+            return Err(disk_full());
+        }
         self.inner.finish_run(lease, outcome, start).await
     }
     async fn cancel_run(
@@ -832,4 +879,61 @@ async fn a_node_that_cannot_renew_its_leases_stops_its_attempts_before_they_expi
         "{run:?}"
     );
     assert!(!run.cancel_requested);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_end_that_cannot_be_recorded_is_retried_and_the_run_is_not_run_again() {
+    let h = harness(2).await;
+    h.faults
+        .failing_finishes
+        .store(3, std::sync::atomic::Ordering::SeqCst);
+    let id = h.submit(new_run("ok")).await.id;
+    let run = h.finished(&id).await;
+    assert_eq!(
+        (run.status, run.attempt),
+        (RunStatus::Succeeded, 1),
+        "{run:?}"
+    );
+    assert_eq!(
+        h.calls_of("ok").len(),
+        1,
+        "the success was kept, not run again"
+    );
+    assert_eq!(
+        h.faults
+            .failing_finishes
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the failures happened"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_that_cannot_be_stored_fail_the_attempt_retriably_never_a_success_with_gaps() {
+    let h = harness(2).await;
+    h.faults
+        .failing_appends
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let id = h.submit(new_run("emits")).await.id;
+    let run = h.finished(&id).await;
+    assert_eq!(
+        (run.status, run.attempt),
+        (RunStatus::Succeeded, 2),
+        "{run:?}"
+    );
+    let calls = h.calls_of("emits");
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    assert!(calls[0].killed.is_some(), "{calls:?}");
+    let kinds = h.kinds(&id).await;
+    assert_eq!(
+        kinds,
+        [
+            "run.queued",
+            "run.started",
+            "run.retrying",
+            "run.started",
+            "progress",
+            "run.succeeded"
+        ]
+    );
 }

@@ -941,7 +941,37 @@ class StreamState:
         await self.event.wait()
 
 
+def _die_with_parent(parent):
+    """The server is gone: take down this worker's process group (it leads it), so that what the
+    agent spawned dies too. The kernel sends SIGUSR2 when the server dies (PR_SET_PDEATHSIG);
+    a thread also checks, in case the signal came before the handler was installed."""
+    import signal
+    import threading
+
+    def die(*_):
+        try:
+            os.killpg(0, signal.SIGKILL)
+        finally:
+            os._exit(1)
+
+    signal.signal(signal.SIGUSR2, die)
+    if os.getppid() != parent:
+        die()
+
+    def watch():
+        import time
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                die()
+
+    threading.Thread(target=watch, name="agentry-parent-watch", daemon=True).start()
+
+
 def main():
+    parent = int(os.environ.pop("AGENTRY_PARENT_PID", "0") or 0)
+    if parent:
+        _die_with_parent(parent)
     fd = int(os.environ.get("AGENTRY_FD", "3"))
     sock = socket.socket(fileno=fd)
     spec = json.loads(os.environ["AGENTRY_SPEC"])

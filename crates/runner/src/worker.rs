@@ -190,6 +190,7 @@ impl Worker {
         cmd.arg(&spec.shim)
             .current_dir(&spec.agent_dir)
             .env("AGENTRY_FD", "3")
+            .env("AGENTRY_PARENT_PID", std::process::id().to_string())
             .env("AGENTRY_SPEC", &spec.spec_json)
             .env("AGENTRY_MAX_FRAME", spec.max_frame.to_string())
             .env("PYTHONUNBUFFERED", "1")

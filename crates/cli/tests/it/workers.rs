@@ -430,3 +430,31 @@ async fn the_servers_own_settings_never_reach_a_workers_environment() {
     let vars = json(&body)["output"]["agentry_vars"].clone();
     assert_eq!(vars, json!(["AGENTRY_FD", "AGENTRY_MAX_FRAME"]), "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_server_leaves_no_worker_and_no_grandchild_behind() {
+    let mut srv = server(fixture("faulty")).arg("--workers").arg("1").start();
+    let pidfile = srv.dirs.path().join("grandchild-kill.pid");
+    let url = invoke_url(&srv, "spawn_and_hang");
+    let body = serde_json::json!({"input": {"pidfile": pidfile}}).to_string();
+    let _hung = tokio::spawn(async move { client().post(url).body(body).send().await.is_ok() });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pidfile.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let grandchild: u32 = std::fs::read_to_string(&pidfile)
+        .expect("pidfile")
+        .trim()
+        .parse()
+        .expect("pid");
+    let family = descendants(srv.pid());
+    assert!(family.contains(&grandchild), "{family:?}");
+    srv.stop(nix::sys::signal::Signal::SIGKILL);
+    // No chance to clean up: the workers see their parent die and take their groups with them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while family.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let survivors: Vec<u32> = family.into_iter().filter(|p| alive(*p)).collect();
+    assert!(survivors.is_empty(), "processes left behind: {survivors:?}");
+}
