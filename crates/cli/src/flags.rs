@@ -104,6 +104,12 @@ pub struct ServeFlags {
     /// Hours finished runs are kept (0: forever).
     #[arg(long)]
     run_retention_h: Option<f64>,
+    /// Most events one attempt of a run may write (then it fails with payload_too_large).
+    #[arg(long)]
+    max_events_per_attempt: Option<u64>,
+    /// Most bytes of event data one attempt may write.
+    #[arg(long)]
+    max_event_bytes_per_attempt: Option<u64>,
     /// The run database file. Default: <state-dir>/agentry.db.
     #[arg(long)]
     runs_db: Option<PathBuf>,
@@ -207,6 +213,16 @@ impl ServeFlags {
         put(&mut out, "runs.heartbeat_event_s", &self.heartbeat_event_s);
         put(&mut out, "runs.cancel_grace_s", &self.cancel_grace_s);
         put(&mut out, "runs.retention_h", &self.run_retention_h);
+        put(
+            &mut out,
+            "runs.max_events_per_attempt",
+            &self.max_events_per_attempt,
+        );
+        put(
+            &mut out,
+            "runs.max_event_bytes_per_attempt",
+            &self.max_event_bytes_per_attempt,
+        );
         put(&mut out, "store.path", &self.runs_db);
         if self.runs_db_no_fsync {
             out.push(("store.fsync", json!(false)));

@@ -351,6 +351,10 @@ pub struct RunsConfig {
     pub heartbeat_event_s: f64,
     pub cancel_grace_s: f64,
     pub retention_h: f64,
+    /// Most events (chunks, `ctx.emit`, `ctx.log`) one attempt may write.
+    pub max_events_per_attempt: u64,
+    /// Most bytes of event data one attempt may write.
+    pub max_event_bytes_per_attempt: u64,
 }
 
 impl Default for RunsConfig {
@@ -363,6 +367,8 @@ impl Default for RunsConfig {
             heartbeat_event_s: 30.0,
             cancel_grace_s: 5.0,
             retention_h: 168.0,
+            max_events_per_attempt: 100_000,
+            max_event_bytes_per_attempt: 64 * 1024 * 1024,
         }
     }
 }
@@ -764,6 +770,8 @@ pub const FIELDS: &[Field] = &[
     field("runs.heartbeat_event_s", "heartbeat-event-s", "AGENTRY_HEARTBEAT_EVENT_S", "least time between two `run.heartbeat` events of a run"),
     field("runs.cancel_grace_s", "cancel-grace-s", "AGENTRY_CANCEL_GRACE_S", "time a cancelled running run gets to stop before its worker is killed"),
     field("runs.retention_h", "run-retention-h", "AGENTRY_RUN_RETENTION_H", "hours finished runs (with events and checkpoints) are kept; 0 keeps them forever"),
+    field("runs.max_events_per_attempt", "max-events-per-attempt", "AGENTRY_MAX_EVENTS_PER_ATTEMPT", "most events (chunks, `ctx.emit`, `ctx.log`) one attempt of a run may write; beyond it the attempt is stopped and the run fails with `payload_too_large`"),
+    field("runs.max_event_bytes_per_attempt", "max-event-bytes-per-attempt", "AGENTRY_MAX_EVENT_BYTES_PER_ATTEMPT", "most bytes of event data one attempt may write (64 MiB); beyond it the attempt is stopped and the run fails with `payload_too_large`"),
     field("store.path", "runs-db", "AGENTRY_RUNS_DB", "the run database (SQLite, WAL)")
         .text()
         .default_doc("`<state_dir>/agentry.db`"),

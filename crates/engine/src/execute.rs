@@ -64,35 +64,96 @@ enum Step {
     Continue,
     Checkpoint(String),
     Done(Result<String, CallError>),
+    /// The attempt wrote more than its caps allow.
+    OverBudget(String),
 }
 
-fn step(item: RunItem, chunks: &mut u64, batch: &mut Vec<NewEvent>) -> Step {
-    match item {
-        RunItem::Chunk(p) => {
-            batch.push(NewEvent::new(
-                EventKind::Chunk,
-                format!("{{\"index\":{chunks},\"value\":{}}}", p.as_str()),
+/// What one attempt has written to its run's log, against its caps (`runs.max_events_per_attempt`,
+/// `runs.max_event_bytes_per_attempt`): an agent that floods `ctx.emit`, `ctx.log` or chunks
+/// fails instead of filling the disk.
+pub(crate) struct Budget {
+    events: u64,
+    bytes: u64,
+    max_events: u64,
+    max_bytes: u64,
+}
+
+impl Budget {
+    fn new(inner: &Inner) -> Self {
+        Self {
+            events: 0,
+            bytes: 0,
+            max_events: inner.settings.max_events_per_attempt,
+            max_bytes: inner.settings.max_event_bytes_per_attempt,
+        }
+    }
+
+    fn charge(&mut self, bytes: usize) -> Result<(), String> {
+        self.events += 1;
+        self.bytes = self.bytes.saturating_add(bytes as u64);
+        if self.events > self.max_events {
+            return Err(format!(
+                "the run wrote more than {} events in one attempt (runs.max_events_per_attempt)",
+                self.max_events
             ));
+        }
+        if self.bytes > self.max_bytes {
+            return Err(format!(
+                "the run wrote more than {} bytes of events in one attempt (runs.max_event_bytes_per_attempt)",
+                self.max_bytes
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// JSON text from a worker, checked before it is stored or forwarded: anything else is kept as
+/// a JSON string of its (lossy) text, so a follower never receives broken JSON.
+fn json_or_string(bytes: &[u8]) -> String {
+    if serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+        && let Ok(text) = std::str::from_utf8(bytes)
+    {
+        return text.to_string();
+    }
+    serde_json::Value::from(String::from_utf8_lossy(bytes).into_owned()).to_string()
+}
+
+fn step(item: RunItem, chunks: &mut u64, batch: &mut Vec<NewEvent>, budget: &mut Budget) -> Step {
+    let event = match item {
+        RunItem::Chunk(p) => {
+            let value = json_or_string(p.as_str().as_bytes());
+            let event = NewEvent::new(
+                EventKind::Chunk,
+                format!("{{\"index\":{chunks},\"value\":{value}}}"),
+            );
             *chunks += 1;
-            Step::Continue
+            event
+        }
+        // The runtime's own kinds are not the agent's to write: such an event could end a
+        // follower's stream early. The worker refuses them; one that slips through is logged.
+        RunItem::Event { kind, .. } if kind.starts_with("run.") => {
+            let message =
+                format!("the agent emitted an event of the reserved kind `{kind}`; it was dropped");
+            let data = serde_json::json!({"level": "warning", "message": message}).to_string();
+            NewEvent::new(EventKind::Log, data)
         }
         RunItem::Event { kind, data } => {
-            let data = String::from_utf8_lossy(&data).into_owned();
-            batch.push(NewEvent::new(EventKind::Custom(kind), data));
-            Step::Continue
+            NewEvent::new(EventKind::Custom(kind), json_or_string(&data))
         }
         RunItem::Log { level, message } => {
             let data = serde_json::json!({"level": level, "message": message}).to_string();
-            batch.push(NewEvent::new(EventKind::Log, data));
-            Step::Continue
+            NewEvent::new(EventKind::Log, data)
         }
-        RunItem::Checkpoint(state) => {
-            Step::Checkpoint(String::from_utf8_lossy(&state).into_owned())
-        }
-        RunItem::Result(p) => Step::Done(Ok(p.as_str().to_string())),
-        RunItem::End(_) => Step::Done(Ok("null".into())),
-        RunItem::Failed(e) => Step::Done(Err(e)),
+        RunItem::Checkpoint(state) => return Step::Checkpoint(json_or_string(&state)),
+        RunItem::Result(p) => return Step::Done(Ok(json_or_string(p.as_str().as_bytes()))),
+        RunItem::End(_) => return Step::Done(Ok("null".into())),
+        RunItem::Failed(e) => return Step::Done(Err(e)),
+    };
+    if let Err(why) = budget.charge(event.data.len()) {
+        return Step::OverBudget(why);
     }
+    batch.push(event);
+    Step::Continue
 }
 
 async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Receiver<Signal>) {
@@ -230,6 +291,7 @@ async fn attempt(
     });
     let mut start_due = Some(tokio::time::Instant::now() + START_EVENT_AFTER);
     let mut chunks = 0u64;
+    let mut budget = Budget::new(inner);
     let mut batch = Vec::new();
     let mut cancel_at: Option<tokio::time::Instant> = None;
     loop {
@@ -276,11 +338,11 @@ async fn attempt(
                 cancel_at.is_some(),
             ));
         };
-        let mut next = step(item, &mut chunks, &mut batch);
+        let mut next = step(item, &mut chunks, &mut batch, &mut budget);
         // Gather whatever else is ready into the same commit.
         while matches!(next, Step::Continue) {
             match call.next().now_or_never() {
-                Some(Some(item)) => next = step(item, &mut chunks, &mut batch),
+                Some(Some(item)) => next = step(item, &mut chunks, &mut batch, &mut budget),
                 _ => break,
             }
         }
@@ -308,6 +370,12 @@ async fn attempt(
         }
         match next {
             Step::Continue => {}
+            Step::OverBudget(why) => {
+                call.kill(&why);
+                return Ok(Outcome::Failed {
+                    error: error_json(ErrorCode::PayloadTooLarge, &why, None),
+                });
+            }
             Step::Checkpoint(state) => {
                 match inner.store.save_checkpoint(lease.clone(), state).await {
                     Ok(event) => {

@@ -29,6 +29,9 @@ pub struct EngineSettings {
     pub purge_batch: usize,
     /// Longest sleep of an idle dispatcher (a safety net; wake-ups are immediate).
     pub idle_poll: Duration,
+    /// What one attempt may write to its run's log: events, and bytes of their data.
+    pub max_events_per_attempt: u64,
+    pub max_event_bytes_per_attempt: u64,
     /// The wall clock of due times and lease expiries (the system's; tests move it).
     pub clock: Clock,
 }
@@ -48,6 +51,8 @@ impl EngineSettings {
             retention_every: runs.retention_every(),
             purge_batch: 200,
             idle_poll: Duration::from_secs(1),
+            max_events_per_attempt: runs.max_events_per_attempt,
+            max_event_bytes_per_attempt: runs.max_event_bytes_per_attempt,
             clock: Clock::default(),
         }
     }

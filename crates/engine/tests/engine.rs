@@ -172,6 +172,21 @@ impl AgentExecutor for FakeExecutor {
                     let _ = tx.send(RunItem::Result(payload("{\"ok\": true}")));
                 });
             }
+            "impostor" => {
+                // Writes the runtime's own terminal kind, and a payload that is not JSON.
+                let _ = tx.send(RunItem::Event {
+                    kind: "run.succeeded".into(),
+                    data: bytes::Bytes::from_static(b"{}"),
+                });
+                let _ = tx.send(RunItem::Event {
+                    kind: "note".into(),
+                    data: bytes::Bytes::from_static(b"{not json"),
+                });
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let _ = tx.send(RunItem::Result(payload("{\"ok\": true}")));
+                });
+            }
             "stalls_once" if attempt == 1 => {
                 // The first attempt hangs (a node paused mid-run), until killed.
                 tokio::spawn(async move {
@@ -228,6 +243,7 @@ fn agent_config() -> AgentConfig {
         "stubborn",
         "stalls_once",
         "emits",
+        "impostor",
     ];
     let entrypoints: Vec<serde_json::Value> = tags
         .iter()
@@ -799,7 +815,7 @@ async fn an_old_attempts_end_never_touches_the_next_attempt_of_the_same_run_on_t
     // Two slots, so that this node can claim the run's next attempt while the first still runs.
     let h = harness(2).await;
     let id = h.submit(new_run("stalls_once")).await.id;
-    h.until(|c| c.len() == 1).await;
+    h.until_event(&id, "run.started").await;
     // A paused node as it wakes up: its renewals have not gone through and the wall clock is
     // an hour on. Its own reaper finds the lease expired and requeues the run, and its
     // dispatcher claims attempt 2 while attempt 1 is still alive here (by the monotonic clock
@@ -936,4 +952,55 @@ async fn events_that_cannot_be_stored_fail_the_attempt_retriably_never_a_success
             "run.succeeded"
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_cannot_write_the_runtimes_event_kinds_or_broken_json() {
+    let h = harness(2).await;
+    let id = h.submit(new_run("impostor")).await.id;
+    let run = h.finished(&id).await;
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let events = h.store.events_after(&id, 0, 100).await.expect("events");
+    let kinds: Vec<String> = events.iter().map(|e| e.kind.to_string()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "run.queued",
+            "run.started",
+            "run.log",
+            "note",
+            "run.succeeded"
+        ],
+        "the fake run.succeeded became a warning"
+    );
+    assert!(
+        events[2].data.contains("reserved kind"),
+        "{}",
+        events[2].data
+    );
+    // Every event's data is JSON: the broken payload is kept as a string.
+    for e in &events {
+        serde_json::from_str::<serde_json::Value>(&e.data).expect("JSON data");
+    }
+    assert_eq!(events[3].data, "\"{not json\"");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_over_its_event_cap_fails_the_run_with_a_clear_error() {
+    let mut s = settings("node-a");
+    s.max_events_per_attempt = 1;
+    let h = harness_with(tempfile::tempdir().expect("dir"), s, 2).await;
+    let id = h.submit(new_run("impostor")).await.id;
+    let run = h.finished(&id).await;
+    assert_eq!((run.status, run.attempt), (RunStatus::Failed, 1), "{run:?}");
+    let error: serde_json::Value =
+        serde_json::from_str(run.error.as_deref().unwrap_or("{}")).expect("error");
+    assert_eq!(error["code"], "payload_too_large", "{error}");
+    assert!(
+        error["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("runs.max_events_per_attempt")),
+        "{error}"
+    );
+    assert!(h.calls_of("impostor")[0].killed.is_some());
 }

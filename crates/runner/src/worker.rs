@@ -656,24 +656,105 @@ pub(crate) fn kill_group(pid: i32) {
     }
 }
 
+/// The most of one line of an agent's output that reaches the log.
+const MAX_LOG_LINE: usize = 16 * 1024;
+
 async fn forward_lines(
     stream: impl tokio::io::AsyncRead + Unpin,
     agent: String,
     pid: i32,
     which: &'static str,
 ) {
-    let mut lines = BufReader::new(stream);
-    let mut buf = Vec::with_capacity(256);
+    let mut reader = BufReader::new(stream);
+    let mut lines = CappedLines::default();
     loop {
-        buf.clear();
-        match lines.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {
-                // Cap what one line can put in the log; a binary blob is shown lossily.
-                let line = String::from_utf8_lossy(&buf[..buf.len().min(16 * 1024)]);
-                let line = line.trim_end_matches(['\n', '\r']);
-                tracing::info!(target: "agentry::agent", agent = %agent, pid, output = which, "{line}");
+        let chunk = match reader.fill_buf().await {
+            Ok([]) | Err(_) => break,
+            Ok(chunk) => chunk,
+        };
+        let taken = chunk.len();
+        lines.feed(chunk, |line, truncated| {
+            let line = String::from_utf8_lossy(line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            let more = if truncated { " …(line cut at 16 KiB)" } else { "" };
+            tracing::info!(target: "agentry::agent", agent = %agent, pid, output = which, "{line}{more}");
+        });
+        reader.consume(taken);
+    }
+    lines.finish(|line, truncated| {
+        let line = String::from_utf8_lossy(line);
+        let more = if truncated { " …(line cut at 16 KiB)" } else { "" };
+        tracing::info!(target: "agentry::agent", agent = %agent, pid, output = which, "{line}{more}");
+    });
+}
+
+/// Splits output into lines of at most `MAX_LOG_LINE` bytes without ever holding more. A longer
+/// line is logged as soon as it reaches the cap and its rest is skipped up to its newline, so
+/// an agent printing megabytes without one costs the server 16 KiB, not megabytes.
+#[derive(Default)]
+struct CappedLines {
+    line: Vec<u8>,
+    /// The current line was cut and logged; the rest of it, up to its newline, is dropped.
+    skipping: bool,
+}
+
+impl CappedLines {
+    fn feed(&mut self, mut chunk: &[u8], mut emit: impl FnMut(&[u8], bool)) {
+        while !chunk.is_empty() {
+            let (part, rest, ended) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (&chunk[..=i], &chunk[i + 1..], true),
+                None => (chunk, &chunk[chunk.len()..], false),
+            };
+            if !self.skipping {
+                let room = MAX_LOG_LINE - self.line.len();
+                if part.len() > room {
+                    self.line.extend_from_slice(&part[..room]);
+                    emit(&self.line, true);
+                    self.line.clear();
+                    self.skipping = true;
+                } else {
+                    self.line.extend_from_slice(part);
+                    if ended {
+                        emit(&self.line, false);
+                        self.line.clear();
+                    }
+                }
             }
+            if ended {
+                self.skipping = false;
+            }
+            chunk = rest;
         }
+    }
+
+    fn finish(self, mut emit: impl FnMut(&[u8], bool)) {
+        if !self.line.is_empty() {
+            emit(&self.line, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod capped_lines_tests {
+    use super::*;
+
+    fn run(chunks: &[&[u8]]) -> Vec<(usize, bool)> {
+        let mut out = Vec::new();
+        let mut lines = CappedLines::default();
+        for c in chunks {
+            lines.feed(c, |l, t| out.push((l.len(), t)));
+        }
+        lines.finish(|l, t| out.push((l.len(), t)));
+        out
+    }
+
+    #[test]
+    fn long_lines_are_cut_at_the_cap_and_never_buffered_beyond_it() {
+        let big = vec![b'x'; 5 * MAX_LOG_LINE];
+        // Megabytes without a newline, in pieces: one capped line, then the next line intact.
+        let out = run(&[&big, &big, b"tail\nnext\n"]);
+        assert_eq!(out, [(MAX_LOG_LINE, true), (5, false)]);
+        // Short lines split across chunks, and a last line without a newline.
+        assert_eq!(run(&[b"ab", b"c\nde", b"f"]), [(4, false), (3, false)]);
     }
 }

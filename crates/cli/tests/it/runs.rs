@@ -1212,3 +1212,49 @@ async fn runs_queued_behind_the_only_worker_do_not_time_out_before_their_code_st
     let last = starts.iter().map(at).max().expect("starts");
     assert!(last - first >= 2000, "{starts:?}");
 }
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kb / 1024.0
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flooding_agent_fails_with_a_clear_error_and_the_server_stays_small() {
+    // 200 MB of events at 64 KiB each, against a cap of 16 MiB of events per attempt.
+    let srv = server(durable())
+        .args(["--max-event-bytes-per-attempt", "16777216"])
+        .start();
+    let run = create(
+        &srv,
+        json!({"agent": "durable", "entrypoint": "flood", "input": {"mb": 200}, "max_attempts": 3}),
+    )
+    .await;
+    let id = run["id"].as_str().expect("id").to_string();
+    let mut peak: f64 = 0.0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        peak = peak.max(rss_mib(srv.pid()));
+        let v = json(&get(&srv.url(&format!("/v1/runs/{id}"))).await.1);
+        if v["status"] != "queued" && v["status"] != "running" {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "the flood never ended: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(done["attempt"], 1, "not retried: {done}");
+    assert_eq!(done["error"]["code"], "payload_too_large", "{done}");
+    assert!(
+        done["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("runs.max_event_bytes_per_attempt")),
+        "{done}"
+    );
+    // The server holds no more than the cap and its working set (about 30 MiB idle).
+    assert!(peak < 150.0, "server RSS peaked at {peak:.0} MiB");
+}
