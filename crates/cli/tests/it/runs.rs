@@ -1258,3 +1258,45 @@ async fn a_flooding_agent_fails_with_a_clear_error_and_the_server_stays_small() 
     // The server holds no more than the cap and its working set (about 30 MiB idle).
     assert!(peak < 150.0, "server RSS peaked at {peak:.0} MiB");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_follower_that_leaves_frees_what_it_held_at_once() {
+    let srv = app(durable()).start().await;
+    let run = create(
+        &srv,
+        json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 30000}}),
+    )
+    .await;
+    let id = run["id"].as_str().expect("id").to_string();
+    wait_status(&srv, &id, "running").await;
+    let hub = srv.state.engine.hub();
+    let until_followers = |n: usize| async move {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while hub.followed() != n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        hub.followed()
+    };
+    // SSE: read the log so far, then leave while the run is silent.
+    let resp = client()
+        .get(srv.url(&format!("/v1/runs/{id}/events")))
+        .send()
+        .await
+        .expect("sse");
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("an event").expect("bytes");
+    assert!(String::from_utf8_lossy(&first).contains("run.queued"));
+    assert_eq!(until_followers(1).await, 1);
+    drop(body);
+    assert_eq!(until_followers(0).await, 0, "the SSE follower outlived its client");
+    // The event WebSocket, the same.
+    let (mut ws, _) = tokio_tungstenite::connect_async(srv.ws_url(&format!("/v1/runs/{id}/events/ws")))
+        .await
+        .expect("ws");
+    assert!(ws.next().await.is_some());
+    assert_eq!(until_followers(1).await, 1);
+    drop(ws);
+    assert_eq!(until_followers(0).await, 0, "the WebSocket follower outlived its client");
+    let (status, _) = post(&srv.url(&format!("/v1/runs/{id}/cancel")), "{}").await;
+    assert_eq!(status, 202);
+}

@@ -114,6 +114,8 @@ impl AppBuilder {
 pub struct TestApp {
     pub base: String,
     pub port: u16,
+    /// What the handlers share, to look inside (the engine's hub, the agents).
+    pub state: std::sync::Arc<agentry_api::AppState>,
     stop: Option<oneshot::Sender<()>>,
     serving: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// The state and cache directories, removed when the app is dropped.
@@ -149,6 +151,7 @@ impl TestApp {
             .await
             .expect("the application starts");
         let port = app.addr().port();
+        let state = std::sync::Arc::clone(app.state());
         let (stop, stopped) = oneshot::channel::<()>();
         let serving = tokio::spawn(app.run_until_stopped(async {
             let _ = stopped.await;
@@ -156,6 +159,7 @@ impl TestApp {
         Self {
             base: format!("http://127.0.0.1:{port}"),
             port,
+            state,
             stop: Some(stop),
             serving: Some(serving),
             _dirs: dirs,
