@@ -295,6 +295,12 @@ async fn attempt(
     let mut batch = Vec::new();
     let mut cancel_at: Option<tokio::time::Instant> = None;
     loop {
+        // A cancel may have arrived while a write was awaited (`unless_abandoned` sees changes
+        // of the signal too): act on the signal as it stands.
+        if cancel_at.is_none() && *signal.borrow() == Signal::Cancel {
+            call.cancel();
+            cancel_at = Some(tokio::time::Instant::now() + inner.settings.cancel_grace);
+        }
         let item = tokio::select! {
             biased;
             changed = signal.changed() => {
@@ -313,7 +319,7 @@ async fn attempt(
             }
             _ = sleep_until(start_due) => {
                 start_due = None;
-                if let Err(why) = record_start(inner, lease, start).await {
+                if let Err(why) = unless_abandoned(signal, record_start(inner, lease, start)).await.and_then(|r| r) {
                     call.kill(why.reason());
                     return Err(why);
                 }
@@ -348,12 +354,21 @@ async fn attempt(
         }
         // The start goes before the first event or checkpoint; a result carries it itself.
         if (!batch.is_empty() || matches!(next, Step::Checkpoint(_)))
-            && let Err(why) = record_start(inner, lease, start).await
+            && let Err(why) = unless_abandoned(signal, record_start(inner, lease, start))
+                .await
+                .and_then(|r| r)
         {
             call.kill(why.reason());
             return Err(why);
         }
-        match flush(inner, lease, &mut batch).await {
+        let flushed = match unless_abandoned(signal, flush(inner, lease, &mut batch)).await {
+            Ok(flushed) => flushed,
+            Err(why) => {
+                call.kill(why.reason());
+                return Err(why);
+            }
+        };
+        match flushed {
             Ok(()) => {}
             Err(Flushed::LeaseLost) => {
                 call.kill(Abandon::LeaseLost.reason());
@@ -377,7 +392,16 @@ async fn attempt(
                 });
             }
             Step::Checkpoint(state) => {
-                match inner.store.save_checkpoint(lease.clone(), state).await {
+                let saved =
+                    unless_abandoned(signal, inner.store.save_checkpoint(lease.clone(), state));
+                let saved = match saved.await {
+                    Ok(saved) => saved,
+                    Err(why) => {
+                        call.kill(why.reason());
+                        return Err(why);
+                    }
+                };
+                match saved {
                     Ok(event) => {
                         inner.publish(std::slice::from_ref(&event), None);
                         call.ack(true);
@@ -399,6 +423,29 @@ async fn attempt(
                 return Err(Abandon::Stopping);
             }
             Step::Done(result) => return Ok(decide(inner, run, result, cancel_at.is_some())),
+        }
+    }
+}
+
+/// Awaits a store write of the attempt, unless the attempt is abandoned first (a fence, a lost
+/// lease): a write that hangs on a stalled disk must not keep the agent's code running past
+/// the lease. The write itself may still land; the store fences it by the lease.
+async fn unless_abandoned<T>(
+    signal: &mut watch::Receiver<Signal>,
+    write: impl std::future::Future<Output = T>,
+) -> Result<T, Abandon> {
+    tokio::pin!(write);
+    loop {
+        if let Signal::Abandon(why) = *signal.borrow() {
+            return Err(why);
+        }
+        tokio::select! {
+            out = &mut write => return Ok(out),
+            changed = signal.changed() => {
+                if let Signal::Abandon(why) = signal_after(changed, signal) {
+                    return Err(why);
+                }
+            }
         }
     }
 }

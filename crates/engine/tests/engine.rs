@@ -619,6 +619,8 @@ struct FaultyStore {
     inner: Arc<SqliteStore>,
     finish_at_check: Mutex<Option<LeaseRef>>,
     renewals_hang: watch::Sender<bool>,
+    /// Event appends hang while set.
+    appends_hang: watch::Sender<bool>,
     /// This many `finish_run`s, then this many `append_events`, fail as a full disk would.
     failing_finishes: std::sync::atomic::AtomicUsize,
     failing_appends: std::sync::atomic::AtomicUsize,
@@ -644,6 +646,7 @@ impl FaultyStore {
             inner,
             finish_at_check: Mutex::new(None),
             renewals_hang: watch::channel(false).0,
+            appends_hang: watch::channel(false).0,
             failing_finishes: Default::default(),
             failing_appends: Default::default(),
         }
@@ -702,6 +705,7 @@ impl RunStore for FaultyStore {
         if fails(&self.failing_appends) {
             return Err(disk_full());
         }
+        let _ = self.appends_hang.subscribe().wait_for(|hang| !*hang).await;
         self.inner.append_events(lease, events).await
     }
     async fn save_checkpoint(
@@ -1003,4 +1007,34 @@ async fn an_attempt_over_its_event_cap_fails_the_run_with_a_clear_error() {
         "{error}"
     );
     assert!(h.calls_of("impostor")[0].killed.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_stuck_in_a_write_is_still_fenced_in_time() {
+    let mut s = settings("node-a");
+    s.lease_ttl = Duration::from_secs(3);
+    s.reap_every = Duration::from_millis(100);
+    let h = harness_with(tempfile::tempdir().expect("dir"), s, 2).await;
+    // A stalled disk: the attempt's first event write and every renewal hang.
+    h.faults.appends_hang.send_replace(true);
+    h.faults.renewals_hang.send_replace(true);
+    let id = h.submit(new_run("emits")).await.id;
+    h.until(|c| c.first().is_some_and(|c| c.killed.is_some()))
+        .await;
+    let calls = h.calls_of("emits");
+    assert!(
+        calls[0]
+            .killed
+            .as_deref()
+            .is_some_and(|k| k.contains("could not renew")),
+        "the call was stopped by the fence while its write hung: {calls:?}"
+    );
+    h.faults.appends_hang.send_replace(false);
+    h.faults.renewals_hang.send_replace(false);
+    let run = h.finished(&id).await;
+    assert_eq!(
+        (run.status, run.attempt),
+        (RunStatus::Succeeded, 2),
+        "{run:?}"
+    );
 }

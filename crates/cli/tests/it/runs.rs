@@ -1288,15 +1288,24 @@ async fn a_follower_that_leaves_frees_what_it_held_at_once() {
     assert!(String::from_utf8_lossy(&first).contains("run.queued"));
     assert_eq!(until_followers(1).await, 1);
     drop(body);
-    assert_eq!(until_followers(0).await, 0, "the SSE follower outlived its client");
+    assert_eq!(
+        until_followers(0).await,
+        0,
+        "the SSE follower outlived its client"
+    );
     // The event WebSocket, the same.
-    let (mut ws, _) = tokio_tungstenite::connect_async(srv.ws_url(&format!("/v1/runs/{id}/events/ws")))
-        .await
-        .expect("ws");
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(srv.ws_url(&format!("/v1/runs/{id}/events/ws")))
+            .await
+            .expect("ws");
     assert!(ws.next().await.is_some());
     assert_eq!(until_followers(1).await, 1);
     drop(ws);
-    assert_eq!(until_followers(0).await, 0, "the WebSocket follower outlived its client");
+    assert_eq!(
+        until_followers(0).await,
+        0,
+        "the WebSocket follower outlived its client"
+    );
     let (status, _) = post(&srv.url(&format!("/v1/runs/{id}/cancel")), "{}").await;
     assert_eq!(status, 202);
 }
