@@ -58,3 +58,61 @@ fn sqlite() -> (tempfile::TempDir, SqliteStore) {
 }
 
 contract_tests!(sqlite, sqlite());
+
+/// Another process holds the database's write lock: every waiting write fails together within
+/// about one busy timeout, instead of one after another.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_locked_database_fails_a_whole_group_at_once() {
+    use agentry_core::runs::{Backoff, NewRun, now_ms};
+    use agentry_core::store::{RunStore, StoreError};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("runs.db");
+    let options = SqliteOptions {
+        busy_timeout: Duration::from_millis(300),
+        ..SqliteOptions::default()
+    };
+    let store = Arc::new(SqliteStore::open(&path, options).expect("open"));
+    let other = rusqlite::Connection::open(&path).expect("another connection");
+    other.execute_batch("BEGIN IMMEDIATE").expect("lock");
+    let started = Instant::now();
+    let writes = (0..40).map(|i| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let now = now_ms();
+            let run = NewRun {
+                id: format!("r{i}"),
+                agent: "a".into(),
+                entrypoint: "e".into(),
+                input: "{}".into(),
+                idempotency_key: None,
+                idempotency_scope: String::new(),
+                request_hash: None,
+                priority: 0,
+                run_at: now,
+                timeout_ms: 1000,
+                max_attempts: 1,
+                backoff: Backoff::default(),
+                concurrency_key: None,
+                metadata: "{}".into(),
+                created_at: now,
+            };
+            store.create_run(run, None).await.map(|_| ())
+        })
+    });
+    for write in futures_util::future::join_all(writes).await {
+        assert!(matches!(
+            write.expect("task"),
+            Err(StoreError::Unavailable(_))
+        ));
+    }
+    // Forty writes one after another would take 12 s; a group fails together.
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the writes failed one busy timeout after another: {:?}",
+        started.elapsed()
+    );
+    other.execute_batch("ROLLBACK").expect("unlock");
+}

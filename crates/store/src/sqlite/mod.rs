@@ -272,8 +272,17 @@ fn write_loop(conn: Connection, rx: mpsc::Receiver<Box<dyn Job>>, max_group: usi
                     job.fail(map_err(e));
                 }
             }
-            Err(_) => {
-                // Find the culprit: every job again, in a transaction of its own.
+            Err(e) => {
+                let err = map_err(e);
+                // A locked database, a full disk or an I/O error fails every job alike:
+                // all of them fail at once, instead of each replay waiting out its own busy
+                // timeout. Anything else is one job's SQL: find it, each job again alone.
+                if matches!(err, StoreError::Unavailable(_)) {
+                    for job in group {
+                        job.fail(err.clone());
+                    }
+                    continue;
+                }
                 for mut job in group {
                     match commit_group(&conn, std::slice::from_mut(&mut job)) {
                         Ok(()) => job.complete(),
