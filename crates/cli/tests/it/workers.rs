@@ -458,3 +458,53 @@ async fn a_sigkilled_server_leaves_no_worker_and_no_grandchild_behind() {
     let survivors: Vec<u32> = family.into_iter().filter(|p| alive(*p)).collect();
     assert!(survivors.is_empty(), "processes left behind: {survivors:?}");
 }
+
+/// An agent whose workers die and then cannot start again: runs that were waiting for a worker
+/// end (they fail once their attempts are used) instead of waiting for ever.
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_waiting_for_a_worker_that_never_comes_back_do_not_wait_for_ever() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let dir = tmp.path().join("breaks");
+    std::fs::create_dir(&dir).expect("dir");
+    // The first worker imports; every later one fails to (the agent broke on disk). Calling
+    // `die` kills the worker that runs it.
+    let marker = tmp.path().join("started");
+    std::fs::write(
+        dir.join("agent.py"),
+        format!(
+            "import os, time\nMARKER = {marker:?}\nif os.path.exists(MARKER):\n    raise ImportError('broken after the first start')\nopen(MARKER, 'w').close()\n\n\ndef die(ctx=None):\n    time.sleep(0.3)\n    os._exit(3)\n",
+            marker = marker.display().to_string()
+        ),
+    )
+    .expect("agent");
+    std::fs::write(
+        dir.join("runagent.config.json"),
+        serde_json::json!({
+            "agent_name": "breaks", "description": "", "framework": "default", "template": "",
+            "version": "1", "created_at": "2025-01-01 00:00:00",
+            "template_source": {"repo_url": "", "author": "", "path": ""},
+            "agent_architecture": {"entrypoints": [{"file": "agent.py", "module": "die", "tag": "die"}]},
+            "agent_id": "b0b0b0b0-0000-4000-8000-000000000001"
+        })
+        .to_string(),
+    )
+    .expect("config");
+    let srv = server(dir).args(["--workers", "1"]).start();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (status, text) = post(
+            &srv.url("/v1/runs"),
+            &serde_json::json!({"agent": "breaks", "entrypoint": "die", "max_attempts": 2})
+                .to_string(),
+        )
+        .await;
+        assert_eq!(status, 202, "{text}");
+        ids.push(json(&text)["id"].as_str().expect("id").to_string());
+    }
+    for id in &ids {
+        let (status, text) = get(&srv.url(&format!("/v1/runs/{id}/wait?timeout_s=60"))).await;
+        assert_eq!(status, 200, "{text}");
+        let run = json(&text);
+        assert_eq!(run["status"], "failed", "{run}");
+    }
+}

@@ -167,7 +167,14 @@ impl PoolInner {
             state.waiters.push_back(Waiter { mode, tx });
             rx
         };
-        let shutting_down = || CallError::Unavailable("the server is shutting down".into());
+        // A waiter let go without a worker: the pool is closing, or crash-looping with none live.
+        let shutting_down = || match self.state.lock().crash_loop.clone() {
+            Some(why) => CallError::Unavailable(format!(
+                "agent {} has no live worker: {why}",
+                self.spec.agent
+            )),
+            None => CallError::Unavailable("the server is shutting down".into()),
+        };
         match deadline {
             Some((deadline, timeout)) => match tokio::time::timeout_at(deadline, rx).await {
                 Ok(Ok(lease)) => Ok(lease),

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::slots::{PoolInner, deliver};
+use super::slots::{PoolInner, Slot, deliver};
 use crate::worker::Worker;
 
 /// A worker that lived less than this counts as an early death for crash-loop detection.
@@ -53,6 +53,16 @@ pub(super) async fn supervise(pool: Arc<PoolInner>, slot: usize, mut worker: Arc
                 state.crash_loop = Some(format!(
                     "{early_deaths} workers in a row died young (last: {last_error})"
                 ));
+                // With no worker left, the calls waiting for one would wait for as long as the
+                // crash loop lasts (a durable run's wait has no deadline of its own): they fail
+                // now, as new calls do, and runs retry with backoff.
+                let stranded: Vec<_> = if state.slots.iter().any(Slot::live) {
+                    Vec::new()
+                } else {
+                    state.waiters.drain(..).collect()
+                };
+                drop(state);
+                drop(stranded);
             }
             let backoff = Duration::from_millis(100)
                 .saturating_mul(1u32 << early_deaths.min(16))
