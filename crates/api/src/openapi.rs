@@ -187,7 +187,15 @@ pub fn swagger_ui() -> utoipa_swagger_ui::SwaggerUi {
 /// This API's OpenAPI 3.1 description, with a path for each served entrypoint.
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI 3.1 description", body = Object)))]
-pub(crate) async fn openapi_json(State(state): State<S>) -> Response {
+pub(crate) async fn openapi_json(State(state): State<S>, caller: crate::auth::Caller) -> Response {
+    // The description names every agent served here, with its entrypoints and schemas.
+    if crate::auth::principal(caller).agent_limit().is_some() {
+        return crate::error::ApiError::new(
+            agentry_core::ErrorCode::PermissionError,
+            "the API description lists every agent served here: it needs a key not limited to agents",
+        )
+        .into_response();
+    }
     let body = state.openapi.get().map_or_else(
         || "{}".to_string(),
         |base| with_entrypoints(base, &state).to_string(),

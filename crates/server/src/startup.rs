@@ -214,7 +214,11 @@ impl Application {
             }
         }
         let (max_rows, max_age) = config.store.runagent_history_bounds();
-        let bounds = HistoryBounds { max_rows, max_age };
+        let bounds = HistoryBounds {
+            max_rows,
+            max_age,
+            agents: agents.iter().map(|a| a.config.agent_id.clone()).collect(),
+        };
         let history: Option<Arc<dyn InvocationHistory>> =
             db.map(|db| Arc::new(History::start(db, 16_384, bounds)) as Arc<dyn InvocationHistory>);
         let limits = RateLimits::new(&caller_limits, &agent_limits);

@@ -776,10 +776,32 @@ async fn runagent_requests_with_user_id_and_persistent_memory_work_as_without() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invocation_history_is_kept_within_its_row_bound() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let db = tmp.path().join("runagent_local.db");
     let srv = app(fixture("compat"))
         .args(["--runagent-history-max-rows", "20"])
+        .args(["--runagent-db", db.to_str().expect("path")])
         .start()
         .await;
+    // Rows of an agent served elsewhere (RunAgent's database is shared), old ones too: never
+    // ours to prune.
+    let sql = |q: &str| {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); r=c.execute(sys.argv[2]).fetchall(); c.commit(); print(r)",
+            ])
+            .arg(&db)
+            .arg(q)
+            .output()
+            .expect("python3");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    sql(
+        "INSERT INTO agent_invocations (invocation_id, agent_id, input_data, request_timestamp, status) \
+         SELECT 'foreign-' || value, 'someone-else', '{}', '2020-01-01 00:00:00.000000', 'completed' \
+         FROM json_each('[1,2,3,4,5,6,7,8,9,10]')",
+    );
     let run = srv.url(&format!("/api/v1/agents/{COMPAT_ID}/run"));
     for i in 0..60 {
         let body = json!({"entrypoint_tag": "echo", "input_kwargs": {"message": format!("m{i}")}});
@@ -796,6 +818,11 @@ async fn invocation_history_is_kept_within_its_row_bound() {
     // The newest are the ones kept.
     assert!(text.contains("\"m59\""), "{text}");
     assert!(!text.contains("\"m0\""), "{text}");
+    assert_eq!(
+        sql("SELECT count(*) FROM agent_invocations WHERE agent_id = 'someone-else'"),
+        "[(10,)]",
+        "another server's rows are left alone"
+    );
     // A page larger than the bound the API allows is refused, as FastAPI would.
     let (status, text) = get(&srv.url(&format!(
         "/api/v1/agents/{COMPAT_ID}/invocations?limit=100000"

@@ -861,10 +861,15 @@ async fn a_key_limited_to_another_agent_is_refused_on_every_route_in_every_path_
             format!("/api/v1/invocations/{invocation}"),
             "/api/v1".to_string(),
             "/api/v1/health".to_string(),
+            "/openapi.json".to_string(),
+            format!("/openapi.json?token={key}"),
         ] {
             let (status, text) = call("GET", &srv.url(&path), Some(key), None).await;
             assert!(refused(status), "GET {path}: {status} {text}");
         }
+        // Readiness, but not the names of the agents behind it.
+        let (_, text) = call("GET", &srv.url("/readyz"), Some(key), None).await;
+        assert_eq!(json(&text).get("agents"), None, "{text}");
     }
     // The admin still sees all of it.
     let (status, _) = call(

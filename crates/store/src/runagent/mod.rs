@@ -278,24 +278,31 @@ const PRUNE_BATCH: i64 = 5_000;
 const PRUNE_IDLE_EVERY: Duration = Duration::from_secs(5);
 
 /// How much invocation history is kept: at most `max_rows` rows, none older than `max_age`.
-#[derive(Debug, Clone, Copy, Default)]
+/// Only rows of `agents` (the ids served here) are ever deleted: RunAgent's database is shared
+/// with RunAgent itself and with other servers, whose rows are not ours to prune.
+#[derive(Debug, Clone, Default)]
 pub struct HistoryBounds {
     pub max_rows: Option<u64>,
     pub max_age: Option<Duration>,
+    pub agents: Vec<String>,
 }
 
 /// Deletes up to `limit` rows beyond the bounds, oldest first; returns how many went.
-async fn prune(pool: &SqlitePool, bounds: HistoryBounds, limit: i64) -> Result<u64, sqlx::Error> {
+async fn prune(pool: &SqlitePool, bounds: &HistoryBounds, limit: i64) -> Result<u64, sqlx::Error> {
     let mut deleted = 0;
+    let ours = Value::from(bounds.agents.clone()).to_string();
     if let Some(max_rows) = bounds.max_rows {
         // Rowids grow with every insert (`INSERT OR REPLACE` included), so the newest
         // `max_rows` rows are those above `max(rowid) - max_rows`.
         deleted += sqlx::query(
             "DELETE FROM agent_invocations WHERE rowid IN (SELECT rowid FROM agent_invocations
-                WHERE rowid <= (SELECT max(rowid) FROM agent_invocations) - ?1 ORDER BY rowid LIMIT ?2)",
+                WHERE rowid <= (SELECT max(rowid) FROM agent_invocations) - ?1
+                  AND agent_id IN (SELECT value FROM json_each(?3))
+                ORDER BY rowid LIMIT ?2)",
         )
         .bind(i64::try_from(max_rows).unwrap_or(i64::MAX))
         .bind(limit)
+        .bind(ours.as_str())
         .execute(pool)
         .await?
         .rows_affected();
@@ -305,10 +312,12 @@ async fn prune(pool: &SqlitePool, bounds: HistoryBounds, limit: i64) -> Result<u
             - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
         deleted += sqlx::query(
             "DELETE FROM agent_invocations WHERE rowid IN (SELECT rowid FROM agent_invocations
-                WHERE request_timestamp < ?1 LIMIT ?2)",
+                WHERE request_timestamp < ?1 AND agent_id IN (SELECT value FROM json_each(?3))
+                LIMIT ?2)",
         )
         .bind(cutoff.format(TIMESTAMP).to_string())
         .bind(limit)
+        .bind(ours.as_str())
         .execute(pool)
         .await?
         .rows_affected();
@@ -329,7 +338,7 @@ async fn write_invocations(
             Ok(Some(first)) => first,
             Ok(None) => return,
             Err(_) => {
-                if let Err(e) = prune(&pool, bounds, PRUNE_BATCH).await {
+                if let Err(e) = prune(&pool, &bounds, PRUNE_BATCH).await {
                     tracing::warn!("could not prune invocation history: {e}");
                 }
                 continue;
@@ -376,7 +385,7 @@ async fn write_invocations(
             prune_limit = PRUNE_BATCH.max(2 * i64::try_from(rows).unwrap_or(i64::MAX / 2));
         }
         // Off the request path, after the batch: a full disk here costs history, never calls.
-        if let Err(e) = prune(&pool, bounds, prune_limit).await {
+        if let Err(e) = prune(&pool, &bounds, prune_limit).await {
             tracing::warn!("could not prune invocation history: {e}");
         }
         for f in flushes.drain(..) {
