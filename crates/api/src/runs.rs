@@ -655,9 +655,20 @@ pub(crate) async fn sse_of(
     let events = futures_util::stream::unfold(feed, move |mut feed| async move {
         let p = feed.next().await?;
         let e = &p.event;
+        // A newline in an `event:` field would end the SSE frame (axum refuses it): a kind
+        // stored before kinds were checked goes out with its control characters replaced.
+        let kind = e.kind.as_str();
+        let kind: std::borrow::Cow<'_, str> = if kind.chars().any(char::is_control) {
+            kind.chars()
+                .map(|c| if c.is_control() { '?' } else { c })
+                .collect::<String>()
+                .into()
+        } else {
+            kind.into()
+        };
         let event = Event::default()
             .id(e.seq.to_string())
-            .event(e.kind.as_str())
+            .event(kind.as_ref())
             .data(event_json(e, tracebacks));
         Some((Ok::<_, Infallible>(event), feed))
     });

@@ -23,11 +23,11 @@ pub struct ServedAgent {
 }
 
 impl ServedAgent {
-    /// Runs of this agent this node may lease at once now.
+    /// Runs of this agent this node may lease at once now (0 while its executor can start
+    /// none, such as a pool with no live worker).
     pub fn run_capacity(&self) -> usize {
         self.max_running_runs
             .unwrap_or_else(|| self.executor.run_capacity())
-            .max(1)
     }
 }
 

@@ -107,6 +107,16 @@ impl Budget {
     }
 }
 
+/// A kind an agent may give its events: not the runtime's (`run.*`), at most 200 characters,
+/// none of them a control character (a newline in an SSE `event:` line would break the
+/// stream for every reader).
+fn is_agent_event_kind(kind: &str) -> bool {
+    !kind.is_empty()
+        && !kind.starts_with("run.")
+        && kind.chars().count() <= 200
+        && !kind.chars().any(char::is_control)
+}
+
 /// JSON text from a worker, checked before it is stored or forwarded: anything else is kept as
 /// a JSON string of its (lossy) text, so a follower never receives broken JSON.
 fn json_or_string(bytes: &[u8]) -> String {
@@ -131,9 +141,11 @@ fn step(item: RunItem, chunks: &mut u64, batch: &mut Vec<NewEvent>, budget: &mut
         }
         // The runtime's own kinds are not the agent's to write: such an event could end a
         // follower's stream early. The worker refuses them; one that slips through is logged.
-        RunItem::Event { kind, .. } if kind.starts_with("run.") => {
-            let message =
-                format!("the agent emitted an event of the reserved kind `{kind}`; it was dropped");
+        RunItem::Event { kind, .. } if !is_agent_event_kind(&kind) => {
+            let message = format!(
+                "the agent emitted an event of a kind it may not use, a reserved kind or not printable ({}); it was dropped",
+                serde_json::Value::from(kind.chars().take(200).collect::<String>())
+            );
             let data = serde_json::json!({"level": "warning", "message": message}).to_string();
             NewEvent::new(EventKind::Log, data)
         }
@@ -144,12 +156,18 @@ fn step(item: RunItem, chunks: &mut u64, batch: &mut Vec<NewEvent>, budget: &mut
             let data = serde_json::json!({"level": level, "message": message}).to_string();
             NewEvent::new(EventKind::Log, data)
         }
-        RunItem::Checkpoint(state) => return Step::Checkpoint(json_or_string(&state)),
+        RunItem::Checkpoint(state) => {
+            // A checkpoint is stored twice (its row and its event): charged like an event.
+            if let Err(why) = budget.charge(2 * state.len()) {
+                return Step::OverBudget(why);
+            }
+            return Step::Checkpoint(json_or_string(&state));
+        }
         RunItem::Result(p) => return Step::Done(Ok(json_or_string(p.as_str().as_bytes()))),
         RunItem::End(_) => return Step::Done(Ok("null".into())),
         RunItem::Failed(e) => return Step::Done(Err(e)),
     };
-    if let Err(why) = budget.charge(event.data.len()) {
+    if let Err(why) = budget.charge(event.data.len() + event.kind.as_str().len()) {
         return Step::OverBudget(why);
     }
     batch.push(event);
@@ -387,6 +405,10 @@ async fn attempt(
             Step::Continue => {}
             Step::OverBudget(why) => {
                 call.kill(&why);
+                // A cancel asked for first still wins: the client said the run should not count.
+                if cancel_at.is_some() {
+                    return Ok(cancelled("the run was cancelled while it ran"));
+                }
                 return Ok(Outcome::Failed {
                     error: error_json(ErrorCode::PayloadTooLarge, &why, None),
                 });

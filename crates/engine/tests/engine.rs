@@ -66,7 +66,12 @@ impl RunCall for FakeCall {
             // Events come before the answer; the answer (or the fake's going away) ends it.
             self.done = !matches!(
                 item,
-                Some(RunItem::Event { .. } | RunItem::Log { .. } | RunItem::Chunk(_))
+                Some(
+                    RunItem::Event { .. }
+                        | RunItem::Log { .. }
+                        | RunItem::Chunk(_)
+                        | RunItem::Checkpoint(_)
+                )
             );
             return Poll::Ready(item.or(Some(RunItem::Failed(CallError::Crashed(
                 "the fake went away".into(),
@@ -178,6 +183,11 @@ impl AgentExecutor for FakeExecutor {
                     kind: "run.succeeded".into(),
                     data: bytes::Bytes::from_static(b"{}"),
                 });
+                // A kind that would end an SSE frame for every reader.
+                let _ = tx.send(RunItem::Event {
+                    kind: "x\nevent: run.succeeded".into(),
+                    data: bytes::Bytes::from_static(b"{}"),
+                });
                 let _ = tx.send(RunItem::Event {
                     kind: "note".into(),
                     data: bytes::Bytes::from_static(b"{not json"),
@@ -185,6 +195,28 @@ impl AgentExecutor for FakeExecutor {
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     let _ = tx.send(RunItem::Result(payload("{\"ok\": true}")));
+                });
+            }
+            "checkpoints" => {
+                for n in 0..3 {
+                    let state = format!("{{\"n\": {n}, \"pad\": \"{}\"}}", "y".repeat(1000));
+                    let _ = tx.send(RunItem::Checkpoint(bytes::Bytes::from(state)));
+                }
+                let _ = tx.send(RunItem::Result(payload("{\"ok\": true}")));
+            }
+            "chatters" => {
+                // Emits every 20 ms and ignores cancellation.
+                tokio::spawn(async move {
+                    loop {
+                        let sent = tx.send(RunItem::Event {
+                            kind: "tick".into(),
+                            data: bytes::Bytes::from_static(b"{}"),
+                        });
+                        if sent.is_err() {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
                 });
             }
             "stalls_once" if attempt == 1 => {
@@ -244,6 +276,8 @@ fn agent_config() -> AgentConfig {
         "stalls_once",
         "emits",
         "impostor",
+        "checkpoints",
+        "chatters",
     ];
     let entrypoints: Vec<serde_json::Value> = tags
         .iter()
@@ -972,21 +1006,18 @@ async fn an_agent_cannot_write_the_runtimes_event_kinds_or_broken_json() {
             "run.queued",
             "run.started",
             "run.log",
+            "run.log",
             "note",
             "run.succeeded"
         ],
-        "the fake run.succeeded became a warning"
+        "the fake run.succeeded and the kind with a newline became warnings"
     );
-    assert!(
-        events[2].data.contains("reserved kind"),
-        "{}",
-        events[2].data
-    );
+    assert!(events[2].data.contains("may not use"), "{}", events[2].data);
     // Every event's data is JSON: the broken payload is kept as a string.
     for e in &events {
         serde_json::from_str::<serde_json::Value>(&e.data).expect("JSON data");
     }
-    assert_eq!(events[3].data, "\"{not json\"");
+    assert_eq!(events[4].data, "\"{not json\"");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -1037,4 +1068,34 @@ async fn an_attempt_stuck_in_a_write_is_still_fenced_in_time() {
         (RunStatus::Succeeded, 2),
         "{run:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_count_against_the_attempts_byte_cap() {
+    let mut s = settings("node-a");
+    s.max_event_bytes_per_attempt = 2_500;
+    let h = harness_with(tempfile::tempdir().expect("dir"), s, 2).await;
+    let id = h.submit(new_run("checkpoints")).await.id;
+    let run = h.finished(&id).await;
+    assert_eq!(run.status, RunStatus::Failed, "{run:?}");
+    assert!(
+        run.error
+            .as_deref()
+            .is_some_and(|e| e.contains("payload_too_large")),
+        "{run:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_asked_for_before_the_cap_is_hit_still_ends_the_run_cancelled() {
+    let mut s = settings("node-a");
+    s.max_events_per_attempt = 20;
+    s.cancel_grace = Duration::from_secs(5);
+    let h = harness_with(tempfile::tempdir().expect("dir"), s, 2).await;
+    let id = h.submit(new_run("chatters")).await.id;
+    h.until_event(&id, "tick").await;
+    h.engine.cancel(&id).await.expect("cancel");
+    let run = h.finished(&id).await;
+    assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");
+    assert!(run.cancel_requested);
 }

@@ -543,8 +543,10 @@ class RunContext:
 
     def emit(self, kind, data=None):
         """Appends a custom event `kind` (not starting with "run.") to the run's log."""
-        if not isinstance(kind, str) or not kind or kind.startswith("run.") or len(kind) > 200:
-            raise ValueError("an event kind is a non-empty string of at most 200 characters, not starting with 'run.'")
+        if (not isinstance(kind, str) or not kind or kind.startswith("run.") or len(kind) > 200
+                or not kind.isprintable()):
+            raise ValueError("an event kind is a non-empty string of at most 200 printable characters "
+                             "(no newlines), not starting with 'run.'")
         if not self._durable:
             return
         _, payload = encode_value(data)
@@ -955,6 +957,9 @@ def _die_with_parent(parent):
             os._exit(1)
 
     signal.signal(signal.SIGUSR2, die)
+    # A process the agent forks is not the worker: it must not take the worker's group down
+    # if it gets a SIGUSR2 of its own.
+    os.register_at_fork(after_in_child=lambda: signal.signal(signal.SIGUSR2, signal.SIG_DFL))
     if os.getppid() != parent:
         die()
 

@@ -1309,3 +1309,30 @@ async fn a_follower_that_leaves_frees_what_it_held_at_once() {
     let (status, _) = post(&srv.url(&format!("/v1/runs/{id}/cancel")), "{}").await;
     assert_eq!(status, 202);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_leases_only_what_its_workers_can_start_soon() {
+    let srv = app(durable()).args(["--workers", "1"]).start().await;
+    // Eight long sync runs for one worker: two leased (the one running and the next), the
+    // rest left queued for whichever node has room.
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        let r = create(
+            &srv,
+            json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": 1500}}),
+        )
+        .await;
+        ids.push(r["id"].as_str().expect("id").to_string());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let listed = json(&get(&srv.url("/v1/runs?status=running&limit=100")).await.1);
+    let running = listed["runs"].as_array().map_or(0, Vec::len);
+    assert!(
+        (1..=2).contains(&running),
+        "{running} runs leased for one worker: {listed}"
+    );
+    for id in &ids {
+        let (status, _) = post(&srv.url(&format!("/v1/runs/{id}/cancel")), "").await;
+        assert!(status == 200 || status == 202, "{status}");
+    }
+}

@@ -460,7 +460,8 @@ async fn a_sigkilled_server_leaves_no_worker_and_no_grandchild_behind() {
 }
 
 /// An agent whose workers die and then cannot start again: runs that were waiting for a worker
-/// end (they fail once their attempts are used) instead of waiting for ever.
+/// do not stay leased for ever; they go back to the queue (or fail once their attempts are
+/// used), and no more are leased until a worker lives again.
 #[tokio::test(flavor = "multi_thread")]
 async fn runs_waiting_for_a_worker_that_never_comes_back_do_not_wait_for_ever() {
     let tmp = tempfile::tempdir().expect("tmp");
@@ -501,10 +502,33 @@ async fn runs_waiting_for_a_worker_that_never_comes_back_do_not_wait_for_ever() 
         assert_eq!(status, 202, "{text}");
         ids.push(json(&text)["id"].as_str().expect("id").to_string());
     }
+    // None stays leased with no worker to run it: each goes back to the queue (where it keeps
+    // its remaining attempts until a worker is back), or fails once its attempts are used.
+    let deadline = Instant::now() + Duration::from_secs(30);
     for id in &ids {
-        let (status, text) = get(&srv.url(&format!("/v1/runs/{id}/wait?timeout_s=60"))).await;
-        assert_eq!(status, 200, "{text}");
-        let run = json(&text);
-        assert_eq!(run["status"], "failed", "{run}");
+        loop {
+            let run = json(&get(&srv.url(&format!("/v1/runs/{id}"))).await.1);
+            if run["status"] == "queued" || run["status"] == "failed" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "a run stayed leased: {run}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
+    // And the node leases none of them while no worker lives.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let running = json(&get(&srv.url("/v1/runs?status=running")).await.1);
+    assert_eq!(running["runs"], serde_json::json!([]), "{running}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_the_agent_forks_may_get_sigusr2_without_taking_the_worker_down() {
+    let srv = app(fixture("faulty"))
+        .arg("--workers")
+        .arg("1")
+        .start()
+        .await;
+    let (status, body) = post(&invoke_url(&srv, "fork_and_signal"), "{}").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"output":"survived"}"#));
+    assert_ok_after(&srv).await;
 }

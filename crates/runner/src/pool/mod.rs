@@ -351,18 +351,23 @@ impl AgentExecutor for AgentPool {
         }
     }
 
-    /// What the workers can start soon: every worker's async calls for an agent with async
-    /// entrypoints; for sync ones, a queue of `SHORT_RUNS_PER_WORKER` runs per worker once every
-    /// entrypoint that has run is known to be short (those pipeline, milliseconds each), else
-    /// two per worker (the one running and the next, so that no claim round trip idles it).
+    /// What the workers can start soon: every worker's async calls for an agent whose
+    /// entrypoints are all async; otherwise a queue of `SHORT_RUNS_PER_WORKER` pipelines per
+    /// worker once every entrypoint that has run is known to be short (those pipeline,
+    /// milliseconds each), else two per worker (the one running and the next, so that no
+    /// claim round trip idles it).
     fn run_capacity(&self) -> usize {
-        let live = self.live_workers().max(1);
+        // No live worker (a crash loop): lease nothing, so that queued runs keep their
+        // attempts until a worker is back, instead of failing one after another.
+        let live = self.live_workers();
         let config = &self.inner.config;
+        // Only when every entrypoint is async do all of a worker's calls start at once; an
+        // agent that mixes in sync ones gets the sync rule (its sync runs would wait in turn).
         if self
             .inner
             .entrypoints
             .values()
-            .any(EntrypointReport::is_async)
+            .all(EntrypointReport::is_async)
         {
             return live * config.max_async_per_worker.max(1);
         }

@@ -276,6 +276,9 @@ const MAX_BATCH: usize = 2048;
 const PRUNE_BATCH: i64 = 5_000;
 /// How often an idle writer prunes (an old, oversized history shrinks even with no calls).
 const PRUNE_IDLE_EVERY: Duration = Duration::from_secs(5);
+/// Least time between two prunes of a busy writer: each walks the oldest rows (the row bound
+/// in rowid order, the age bound by the timestamp index), so they are not run per batch.
+const PRUNE_BUSY_EVERY: Duration = Duration::from_secs(1);
 
 /// How much invocation history is kept: at most `max_rows` rows, none older than `max_age`.
 /// Only rows of `agents` (the ids served here) are ever deleted: RunAgent's database is shared
@@ -295,7 +298,7 @@ async fn prune(pool: &SqlitePool, bounds: &HistoryBounds, limit: i64) -> Result<
         // Rowids grow with every insert (`INSERT OR REPLACE` included), so the newest
         // `max_rows` rows are those above `max(rowid) - max_rows`.
         deleted += sqlx::query(
-            "DELETE FROM agent_invocations WHERE rowid IN (SELECT rowid FROM agent_invocations
+            "DELETE FROM agent_invocations WHERE rowid IN (SELECT rowid FROM agent_invocations NOT INDEXED
                 WHERE rowid <= (SELECT max(rowid) FROM agent_invocations) - ?1
                   AND agent_id IN (SELECT value FROM json_each(?3))
                 ORDER BY rowid LIMIT ?2)",
@@ -312,6 +315,7 @@ async fn prune(pool: &SqlitePool, bounds: &HistoryBounds, limit: i64) -> Result<
             - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
         deleted += sqlx::query(
             "DELETE FROM agent_invocations WHERE rowid IN (SELECT rowid FROM agent_invocations
+                INDEXED BY idx_invocations_request_timestamp
                 WHERE request_timestamp < ?1 AND agent_id IN (SELECT value FROM json_each(?3))
                 LIMIT ?2)",
         )
@@ -332,7 +336,8 @@ async fn write_invocations(
 ) {
     let mut batch: Vec<Invocation> = Vec::new();
     let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut prune_limit = PRUNE_BATCH;
+    let mut added_since_prune: i64 = 0;
+    let mut last_prune = tokio::time::Instant::now();
     loop {
         let first = match tokio::time::timeout(PRUNE_IDLE_EVERY, rx.recv()).await {
             Ok(Some(first)) => first,
@@ -341,6 +346,7 @@ async fn write_invocations(
                 if let Err(e) = prune(&pool, &bounds, PRUNE_BATCH).await {
                     tracing::warn!("could not prune invocation history: {e}");
                 }
+                last_prune = tokio::time::Instant::now();
                 continue;
             }
         };
@@ -382,11 +388,17 @@ async fn write_invocations(
             if let Err(e) = result {
                 tracing::warn!(rows, "could not record invocation history: {e}");
             }
-            prune_limit = PRUNE_BATCH.max(2 * i64::try_from(rows).unwrap_or(i64::MAX / 2));
+            added_since_prune = added_since_prune.saturating_add(i64::try_from(rows).unwrap_or(0));
         }
-        // Off the request path, after the batch: a full disk here costs history, never calls.
-        if let Err(e) = prune(&pool, &bounds, prune_limit).await {
-            tracing::warn!("could not prune invocation history: {e}");
+        // Off the request path, after a batch: a full disk here costs history, never calls.
+        // A read (a flush) sees the history within its bounds.
+        if last_prune.elapsed() >= PRUNE_BUSY_EVERY || !flushes.is_empty() {
+            let limit = PRUNE_BATCH.max(added_since_prune.saturating_mul(2));
+            if let Err(e) = prune(&pool, &bounds, limit).await {
+                tracing::warn!("could not prune invocation history: {e}");
+            }
+            added_since_prune = 0;
+            last_prune = tokio::time::Instant::now();
         }
         for f in flushes.drain(..) {
             let _ = f.send(());
