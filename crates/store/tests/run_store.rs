@@ -63,7 +63,6 @@ contract_tests!(sqlite, sqlite());
 /// about one busy timeout, instead of one after another.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_locked_database_fails_a_whole_group_at_once() {
-    use agentry_core::runs::{Backoff, NewRun, now_ms};
     use agentry_core::store::{RunStore, StoreError};
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -81,24 +80,7 @@ async fn a_locked_database_fails_a_whole_group_at_once() {
     let writes = (0..40).map(|i| {
         let store = Arc::clone(&store);
         tokio::spawn(async move {
-            let now = now_ms();
-            let run = NewRun {
-                id: format!("r{i}"),
-                agent: "a".into(),
-                entrypoint: "e".into(),
-                input: "{}".into(),
-                idempotency_key: None,
-                idempotency_scope: String::new(),
-                request_hash: None,
-                priority: 0,
-                run_at: now,
-                timeout_ms: 1000,
-                max_attempts: 1,
-                backoff: Backoff::default(),
-                concurrency_key: None,
-                metadata: "{}".into(),
-                created_at: now,
-            };
+            let run = contract::new_run(&format!("r{i}"), 0, None);
             store.create_run(run, None).await.map(|_| ())
         })
     });

@@ -17,7 +17,7 @@ fn start(node: &str) -> AttemptStart {
     }
 }
 
-fn new_run(id: &str, priority: i32, key: Option<&str>) -> NewRun {
+pub fn new_run(id: &str, priority: i32, key: Option<&str>) -> NewRun {
     let now = now_ms();
     NewRun {
         id: id.into(),
