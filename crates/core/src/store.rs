@@ -105,11 +105,15 @@ pub trait RunStore: Send + Sync + 'static {
 
     /// Requeues running runs whose lease expired before `now` (their node died or hung), or
     /// that `node` held under an owner other than `keep_owner` (this node's previous life).
-    /// Returns the runs requeued or failed, with their events.
+    /// `alive` are leases the caller knows to be held by attempts still running (its own, by
+    /// its monotonic clock): never requeued, whatever `now` says (a wall clock stepped
+    /// forward makes every lease look expired). Returns the runs requeued or failed, with their
+    /// events.
     async fn recover_leases(
         &self,
         now: i64,
         node: Option<(String, String)>,
+        alive: Vec<LeaseRef>,
     ) -> Result<Vec<Finished>, StoreError>;
 
     /// Deletes up to `limit` runs that finished before `before`, with their events and

@@ -84,6 +84,7 @@ impl Engine {
             .recover_leases(
                 inner.settings.clock.now_ms(),
                 Some((inner.settings.node.clone(), inner.owner.clone())),
+                Vec::new(),
             )
             .await?;
         if !recovered.is_empty() {

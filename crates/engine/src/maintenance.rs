@@ -98,9 +98,26 @@ pub(crate) async fn reaper_loop(inner: Arc<Inner>) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
+        // This node's own attempts whose lease is surely still held (by the monotonic clock)
+        // are alive whatever the wall clock says: they are renewed, not requeued.
+        let alive: Vec<LeaseRef> = {
+            let now = Instant::now();
+            let margin = inner.settings.fence_margin();
+            inner
+                .running
+                .lock()
+                .iter()
+                .filter(|(_, r)| now + margin < r.lease_until)
+                .map(|(key, _)| LeaseRef {
+                    run_id: key.run_id.clone(),
+                    owner: inner.owner.clone(),
+                    attempt: key.attempt,
+                })
+                .collect()
+        };
         match inner
             .store
-            .recover_leases(inner.settings.clock.now_ms(), None)
+            .recover_leases(inner.settings.clock.now_ms(), None, alive)
             .await
         {
             Ok(recovered) if !recovered.is_empty() => {

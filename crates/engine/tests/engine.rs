@@ -554,7 +554,11 @@ async fn a_lost_lease_stops_the_attempt_without_writing_anything() {
     // claims its next attempt. To this node the run is not due yet (its clock is behind), so
     // only node-b can take it.
     let ahead = now_ms() + 3_600_000;
-    let recovered = h.store.recover_leases(ahead, None).await.expect("recover");
+    let recovered = h
+        .store
+        .recover_leases(ahead, None, Vec::new())
+        .await
+        .expect("recover");
     assert_eq!(recovered.len(), 1);
     let now = ahead;
     let claimed = h
@@ -789,8 +793,9 @@ impl RunStore for FaultyStore {
         &self,
         now: i64,
         node: Option<(String, String)>,
+        alive: Vec<LeaseRef>,
     ) -> Result<Vec<agentry_core::runs::Finished>, agentry_core::StoreError> {
-        self.inner.recover_leases(now, node).await
+        self.inner.recover_leases(now, node, alive).await
     }
     async fn purge_finished(
         &self,
@@ -855,11 +860,18 @@ async fn an_old_attempts_end_never_touches_the_next_attempt_of_the_same_run_on_t
     let id = h.submit(new_run("stalls_once")).await.id;
     h.until_event(&id, "run.started").await;
     // A paused node as it wakes up: its renewals have not gone through and the wall clock is
-    // an hour on. Its own reaper finds the lease expired and requeues the run, and its
-    // dispatcher claims attempt 2 while attempt 1 is still alive here (by the monotonic clock
-    // its lease is fresh, so it has not fenced itself).
+    // an hour on. A reaper (another node's, which this node's clock cannot vouch for) finds the
+    // lease expired and requeues the run, and this node's dispatcher claims attempt 2 while
+    // attempt 1 is still alive here (by the monotonic clock its lease is fresh, so it has not
+    // fenced itself).
     h.faults.renewals_hang.send_replace(true);
     h.clock.jump(Duration::from_secs(3600));
+    let requeued = h
+        .store
+        .recover_leases(h.clock.now_ms(), None, Vec::new())
+        .await
+        .expect("recover");
+    assert_eq!(requeued.len(), 1);
     h.until(|c| c.len() == 2).await;
     // Then the renewal that was under way answers: attempt 1's lease is gone.
     h.faults.renewals_hang.send_replace(false);
@@ -1098,4 +1110,33 @@ async fn a_cancel_asked_for_before_the_cap_is_hit_still_ends_the_run_cancelled()
     let run = h.finished(&id).await;
     assert_eq!(run.status, RunStatus::Cancelled, "{run:?}");
     assert!(run.cancel_requested);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wall_clock_step_does_not_make_a_node_requeue_its_own_live_attempts() {
+    let h = harness(2).await;
+    let id = h.submit(new_run("hang")).await.id;
+    h.until_event(&id, "run.started").await;
+    // An hour forward, with the renewals held up so that every lease looks long expired to
+    // this node's own reaper (every 200 ms). The attempt is alive and its lease fresh by the
+    // monotonic clock: it is not requeued.
+    h.faults.renewals_hang.send_replace(true);
+    h.clock.jump(Duration::from_secs(3600));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let run = h.store.get_run(&id).await.expect("read").expect("run");
+    assert_eq!(
+        (run.status, run.attempt),
+        (RunStatus::Running, 1),
+        "{run:?}"
+    );
+    assert!(!h.kinds(&id).await.contains(&"run.retrying".to_string()));
+    h.faults.renewals_hang.send_replace(false);
+    h.engine.cancel(&id).await.expect("cancel");
+    let run = h.finished(&id).await;
+    assert_eq!(
+        (run.status, run.attempt),
+        (RunStatus::Cancelled, 1),
+        "{run:?}"
+    );
+    assert_eq!(h.calls_of("hang").len(), 1, "it ran once");
 }

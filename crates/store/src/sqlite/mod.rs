@@ -405,8 +405,9 @@ impl RunStore for SqliteStore {
         &self,
         now: i64,
         node: Option<(String, String)>,
+        alive: Vec<LeaseRef>,
     ) -> Result<Vec<Finished>, StoreError> {
-        self.write(move |c| ops::recover_leases(c, now, node.as_ref()).map(Ok))
+        self.write(move |c| ops::recover_leases(c, now, node.as_ref(), &alive).map(Ok))
             .await
     }
 

@@ -532,6 +532,7 @@ pub fn recover_leases(
     c: &Connection,
     now: i64,
     node: Option<&(String, String)>,
+    alive: &[LeaseRef],
 ) -> rusqlite::Result<Vec<Finished>> {
     let (node_name, owner) = match node {
         Some((n, o)) => (Some(n.as_str()), Some(o.as_str())),
@@ -544,6 +545,14 @@ pub fn recover_leases(
     };
     let mut out = Vec::with_capacity(lost.len());
     for run in lost {
+        let held_by_a_live_attempt = alive.iter().any(|l| {
+            l.run_id == run.id
+                && l.attempt == run.attempt
+                && run.lease_owner.as_deref() == Some(l.owner.as_str())
+        });
+        if held_by_a_live_attempt {
+            continue;
+        }
         let (status, error, finished_at, event) = if run.cancel_requested {
             let e =
                 r#"{"code":"cancelled","message":"the run was cancelled while its node was down"}"#;

@@ -99,7 +99,10 @@ pub async fn a_stale_lease_cannot_write_or_complete_the_run(s: &dyn RunStore) {
         .expect("create");
     // Node A claims with a lease that expires at once; the reaper requeues; node B claims.
     s.claim_runs(claim("A/1", 1, -1)).await.expect("claim");
-    let recovered = s.recover_leases(now_ms() + 1, None).await.expect("recover");
+    let recovered = s
+        .recover_leases(now_ms() + 1, None, Vec::new())
+        .await
+        .expect("recover");
     assert_eq!(recovered.len(), 1);
     assert_eq!(recovered[0].run.status, RunStatus::Queued);
     assert_eq!(recovered[0].run.lease_losses, 1);
@@ -183,13 +186,13 @@ pub async fn a_restarted_node_requeues_its_previous_lifes_runs_at_once(s: &dyn R
         .expect("claim");
     // Another node's live lease is left alone; this node's old incarnation's is taken back.
     assert!(
-        s.recover_leases(now_ms(), Some(("M".into(), "M/new".into())))
+        s.recover_leases(now_ms(), Some(("M".into(), "M/new".into())), Vec::new())
             .await
             .expect("recover")
             .is_empty()
     );
     let back = s
-        .recover_leases(now_ms(), Some(("N".into(), "N/new".into())))
+        .recover_leases(now_ms(), Some(("N".into(), "N/new".into())), Vec::new())
         .await
         .expect("recover");
     assert_eq!(back.len(), 1);
