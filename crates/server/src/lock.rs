@@ -21,6 +21,10 @@ use anyhow::{Context, bail};
 /// Held for the life of the application; released when dropped (or when the process dies).
 pub struct StateLock {
     files: Vec<(PathBuf, File)>,
+    /// The run database itself, `flock`ed too: a hard link is another path to the same file,
+    /// which no lock file beside a path can see. (SQLite's own locks are `fcntl` locks, which
+    /// on Linux are independent of `flock`.)
+    _database: File,
 }
 
 impl StateLock {
@@ -64,7 +68,28 @@ impl StateLock {
             }
             files.push((path, file));
         }
-        let mut lock = Self { files };
+        let db_path = real_path(runs_db)?;
+        let database = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&db_path)
+            .with_context(|| format!("cannot open the run database {}", db_path.display()))?;
+        match database.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => bail!(
+                "another process serves from the run database {} (through another path to it, such as a hard link): refusing to start a second server on it",
+                db_path.display()
+            ),
+            Err(TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", db_path.display()));
+            }
+        }
+        let mut lock = Self {
+            files,
+            _database: database,
+        };
         lock.describe(&format!("pid {}", std::process::id()));
         Ok(lock)
     }
@@ -143,6 +168,11 @@ mod tests {
         let link = other.path().join("link.db");
         std::os::unix::fs::symlink(&db, &link).expect("symlink");
         assert!(StateLock::acquire(other.path(), &link).is_err());
+        // A hard link: another name for the same file, in another directory.
+        let hard = other.path().join("hard.db");
+        std::fs::hard_link(&db, &hard).expect("hard link");
+        let third = tempfile::tempdir().expect("tempdir");
+        assert!(StateLock::acquire(third.path(), &hard).is_err());
         let dotted = other
             .path()
             .join("..")
