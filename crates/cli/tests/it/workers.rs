@@ -297,17 +297,13 @@ async fn post_owned(url: String, body: &'static str) -> (u16, String) {
     post(&url, body).await
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_leaves_no_process_behind() {
-    let mut srv = server(fixture("faulty"))
-        .arg("--workers")
-        .arg("2")
-        .arg("--shutdown-grace-s")
-        .arg("1")
-        .start();
+/// Calls `spawn_and_hang` (a hung call whose agent started a grandchild process); returns the
+/// grandchild's pid and the pending call's status.
+async fn start_a_grandchild(
+    srv: &Server,
+) -> (u32, tokio::task::JoinHandle<Result<u16, reqwest::Error>>) {
     let pidfile = srv.dirs.path().join("grandchild.pid");
-    // One worker busy in a hung call that also started a grandchild process.
-    let url = invoke_url(&srv, "spawn_and_hang");
+    let url = invoke_url(srv, "spawn_and_hang");
     let body = serde_json::json!({"input": {"pidfile": pidfile}}).to_string();
     let hung = tokio::spawn(async move {
         client()
@@ -321,11 +317,24 @@ async fn sigterm_leaves_no_process_behind() {
     while !pidfile.exists() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let grandchild: u32 = std::fs::read_to_string(&pidfile)
+    let grandchild = std::fs::read_to_string(&pidfile)
         .expect("pidfile")
         .trim()
         .parse()
         .expect("pid");
+    (grandchild, hung)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_leaves_no_process_behind() {
+    let mut srv = server(fixture("faulty"))
+        .arg("--workers")
+        .arg("2")
+        .arg("--shutdown-grace-s")
+        .arg("1")
+        .start();
+    // One worker busy in a hung call that also started a grandchild process.
+    let (grandchild, hung) = start_a_grandchild(&srv).await;
     let family = descendants(srv.pid());
     assert!(
         family.len() >= 3,
@@ -434,19 +443,7 @@ async fn the_servers_own_settings_never_reach_a_workers_environment() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_server_leaves_no_worker_and_no_grandchild_behind() {
     let mut srv = server(fixture("faulty")).arg("--workers").arg("1").start();
-    let pidfile = srv.dirs.path().join("grandchild-kill.pid");
-    let url = invoke_url(&srv, "spawn_and_hang");
-    let body = serde_json::json!({"input": {"pidfile": pidfile}}).to_string();
-    let _hung = tokio::spawn(async move { client().post(url).body(body).send().await.is_ok() });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !pidfile.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let grandchild: u32 = std::fs::read_to_string(&pidfile)
-        .expect("pidfile")
-        .trim()
-        .parse()
-        .expect("pid");
+    let (grandchild, _hung) = start_a_grandchild(&srv).await;
     let family = descendants(srv.pid());
     assert!(family.contains(&grandchild), "{family:?}");
     srv.stop(nix::sys::signal::Signal::SIGKILL);
