@@ -13,15 +13,17 @@ use agentry_core::{Invocation, InvocationHistory};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use yawc::close::CloseCode;
+use yawc::{Frame, OpCode};
 
 use crate::auth::{Caller, principal};
 use crate::pyjson::{push_json_str, python_json_error, structured};
@@ -54,14 +56,14 @@ pub fn agent_routes(state: &AppState, agent: &Arc<Agent>) -> Router<S> {
     )
     .fallback(|| async { method_not_allowed("POST") });
     let a = Arc::clone(agent);
-    let stream = get(move |State(s): State<S>, ws: WebSocketUpgrade| {
-        let a = Arc::clone(&a);
-        async move {
-            ws.max_message_size(s.config.http.max_body_bytes)
-                .max_frame_size(s.config.http.max_body_bytes)
-                .on_upgrade(move |socket| stream_session(socket, s, a))
-        }
-    });
+    let stream = get(
+        move |State(s): State<S>,
+              headers: axum::http::HeaderMap,
+              upgrade: Result<yawc::IncomingUpgrade, StatusCode>| {
+            let a = Arc::clone(&a);
+            async move { stream_upgrade(s, a, &headers, upgrade) }
+        },
+    );
     let a = Arc::clone(agent);
     let architecture = get(move |id: Option<Extension<RequestId>>| {
         let a = Arc::clone(&a);
@@ -454,45 +456,104 @@ fn python_str(v: &Value) -> String {
     }
 }
 
-async fn close_with(sender: &mut futures_util::stream::SplitSink<WebSocket, Message>, code: u16) {
-    let _ = sender
-        .send(Message::Close(Some(CloseFrame {
-            code,
-            reason: "".into(),
-        })))
-        .await;
+/// This route's socket. It is yawc's rather than axum's (tungstenite's) because RunAgent's
+/// server (uvicorn's `websockets`) accepts a client's `permessage-deflate` offer and
+/// compresses every message, and RunAgent's TypeScript SDK depends on that: its Node client
+/// stops reading at `stream_completed` and drops chunks that arrived in the same read, which
+/// cannot happen when `ws` has to inflate each message on its own turn. So the extension is
+/// negotiated whenever it is offered and every message is compressed (no size threshold).
+type CompatSocket = yawc::WebSocket<yawc::HttpStream>;
+type Tx = SplitSink<CompatSocket, Frame>;
+type Rx = SplitStream<CompatSocket>;
+
+fn stream_upgrade(
+    state: S,
+    agent: Arc<Agent>,
+    headers: &axum::http::HeaderMap,
+    upgrade: Result<yawc::IncomingUpgrade, StatusCode>,
+) -> Response {
+    let asks_for_websocket = headers
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let upgrade = match upgrade {
+        Ok(u) if asks_for_websocket => u,
+        _ => return (StatusCode::BAD_REQUEST, "expected a WebSocket upgrade").into_response(),
+    };
+    // yawc refuses a message whose size *reaches* its limit; ours is inclusive.
+    let limit = state.config.http.max_body_bytes.saturating_add(1);
+    let options = yawc::Options::default()
+        .with_limits(limit, limit)
+        .with_no_delay()
+        .with_compression_level(yawc::CompressionLevel::fast());
+    let (response, socket) = match upgrade.upgrade(options) {
+        Ok(pair) => pair,
+        Err(e) => return (StatusCode::BAD_REQUEST, e.to_string()).into_response(),
+    };
+    tokio::spawn(async move {
+        if let Ok(socket) = socket.await {
+            stream_session(socket, state, agent).await;
+        }
+    });
+    response.map(axum::body::Body::new)
+}
+
+async fn close_with<T: futures_util::Sink<Frame> + Unpin>(sender: &mut T, code: u16) {
+    let _ = sender.send(Frame::close(CloseCode::from(code), b"")).await;
 }
 
 /// Sends the pre-start error frame (compact JSON, key `detail`) and closes with 1003.
-async fn refuse(sender: &mut futures_util::stream::SplitSink<WebSocket, Message>, text: &str) {
+async fn refuse<T: futures_util::Sink<Frame> + Unpin>(sender: &mut T, text: &str) {
     let frame = json!({"type": "error", "detail": text}).to_string();
-    let _ = sender.send(Message::Text(frame.into())).await;
+    let _ = sender.send(Frame::text(frame)).await;
     close_with(sender, 1003).await;
 }
 
-async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
-    let (mut sender, mut receiver) = socket.split();
-    let first = tokio::time::timeout(state.config.http.ws_start_timeout(), receiver.next()).await;
-    let text = match first {
-        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
-        Ok(Some(Ok(Message::Binary(b)))) => String::from_utf8_lossy(&b).into_owned(),
-        Err(_) => {
-            refuse(&mut sender, "No start message received in time").await;
-            return;
+/// The next data message, past the control frames yawc answers itself. `None`: the client
+/// closed, or sent what yawc refused (too big, broken).
+async fn next_message(receiver: &mut Rx) -> Option<Frame> {
+    loop {
+        let frame = receiver.next().await?;
+        match frame.opcode() {
+            OpCode::Text | OpCode::Binary => return Some(frame),
+            OpCode::Close => return None,
+            _ => continue,
         }
-        // Too big (or broken): closed as the websockets library under RunAgent closes it.
-        Ok(Some(Err(e))) => {
-            let code = crate::error::ws_read_close_code(&e);
-            let _ = sender
-                .send(Message::Close(Some(axum::extract::ws::CloseFrame {
-                    code,
-                    reason: "".into(),
-                })))
-                .await;
-            return;
+    }
+}
+
+/// The start message, read before the socket is split: yawc answers a close, or a message it
+/// refuses (1009 too big, 1002 broken, as the websockets library under RunAgent does), with a
+/// close frame that only the whole socket's `poll_ready` writes out, so that is done here.
+async fn start_message(socket: &mut CompatSocket) -> Option<Frame> {
+    let message = loop {
+        match socket.next_frame().await {
+            Ok(f) if matches!(f.opcode(), OpCode::Text | OpCode::Binary) => break Some(f),
+            Ok(f) if f.opcode() != OpCode::Close => continue,
+            _ => break None,
         }
-        _ => return, // closed before starting
     };
+    if message.is_none() {
+        let _ = std::future::poll_fn(|cx| socket.poll_ready_unpin(cx)).await;
+        let _ = socket.flush().await;
+    }
+    message
+}
+
+async fn stream_session(mut socket: CompatSocket, state: S, agent: Arc<Agent>) {
+    let first = tokio::time::timeout(
+        state.config.http.ws_start_timeout(),
+        start_message(&mut socket),
+    )
+    .await;
+    let text = match first {
+        Ok(Some(frame)) => String::from_utf8_lossy(frame.payload()).into_owned(),
+        Ok(None) => return,
+        Err(_) => {
+            refuse(&mut socket, "No start message received in time").await;
+            return;
+        }
+    };
+    let (mut sender, mut receiver) = socket.split();
     let value: Value = match serde_json::from_str(&text) {
         Ok(v) => v,
         Err(e) => {
@@ -541,7 +602,7 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
         .executor
         .stream(&req.tag, &req.args, &req.kwargs, timeout)
         .await;
-    if sender.send(Message::Text(hello.into())).await.is_err() {
+    if sender.send(Frame::text(hello)).await.is_err() {
         return;
     }
     let outcome = match stream {
@@ -554,7 +615,7 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
                 "{{\"type\":\"status\",\"status\":\"stream_completed\",\"total_chunks\":{count},\"execution_time\":{},\"invocation_id\":\"{invocation_id}\"}}",
                 started.elapsed().as_secs_f64()
             );
-            let _ = sender.send(Message::Text(done.into())).await;
+            let _ = sender.send(Frame::text(done)).await;
             close_with(&mut sender, 1000).await;
             Ok(Payload {
                 ty: agentry_core::executor::ValueType::Object,
@@ -569,7 +630,7 @@ async fn stream_session(socket: WebSocket, state: S, agent: Arc<Agent>) {
                 &format!("Streaming error: {}", e.runagent_text()),
             );
             frame.push('}');
-            let _ = sender.send(Message::Text(frame.into())).await;
+            let _ = sender.send(Frame::text(frame)).await;
             close_with(&mut sender, 1000).await;
             Err(e)
         }
@@ -601,8 +662,8 @@ enum StreamOutcome {
 /// dropped, which cancels the generator in its worker.
 async fn pump_stream(
     mut stream: Box<dyn ChunkStream>,
-    sender: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    receiver: &mut futures_util::stream::SplitStream<WebSocket>,
+    sender: &mut Tx,
+    receiver: &mut Rx,
 ) -> StreamOutcome {
     let mut count: u32 = 0;
     loop {
@@ -615,16 +676,17 @@ async fn pump_stream(
                     frame.push_str("{\"type\":\"data\",\"content\":");
                     push_json_str(&mut frame, &data);
                     frame.push('}');
-                    if sender.send(Message::Text(frame.into())).await.is_err() {
+                    if sender.send(Frame::text(frame)).await.is_err() {
                         return StreamOutcome::ClientGone;
                     }
                 }
                 Some(Err(e)) => return StreamOutcome::Failed(e),
                 None => return StreamOutcome::Completed(stream.total().unwrap_or(count)),
             },
-            msg = receiver.next() => match msg {
-                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return StreamOutcome::ClientGone,
-                Some(Ok(_)) => {} // RunAgent reads nothing after the start frame
+            // RunAgent reads nothing after the start frame; a close (or a broken socket) means
+            // the client is gone.
+            msg = next_message(receiver) => if msg.is_none() {
+                return StreamOutcome::ClientGone;
             },
         }
     }

@@ -218,3 +218,43 @@ except Exception as e:
         );
     }
 }
+
+/// A client that offers `permessage-deflate` on RunAgent's WebSocket route gets it, as from
+/// RunAgent's server, and receives every frame intact: every chunk, in order, then
+/// `stream_completed` and a normal close. RunAgent's TypeScript SDK loses chunks without it.
+#[test]
+fn a_websocket_client_offering_permessage_deflate_gets_it_and_every_frame_intact() {
+    let Some(venv) = venv() else { return };
+    let srv = server(fixture("compat")).start();
+    let n = 300;
+    let out = Command::new(venv.join("bin/python"))
+        .arg(repo_root().join("tests/compat/deflate_check.py"))
+        .arg(srv.ws_url(&format!("/api/v1/agents/{COMPAT_ID}/run-stream")))
+        .arg(n.to_string())
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("python");
+    assert!(out.status.success(), "deflate_check.py failed");
+    let seen = json(String::from_utf8_lossy(&out.stdout).trim());
+    assert_eq!(
+        seen["extensions"],
+        serde_json::json!(["permessage-deflate"])
+    );
+    assert_eq!(seen["close_code"], 1000, "{}", seen["frames"]);
+    let frames = seen["frames"].as_array().expect("frames");
+    assert_eq!(
+        frames.len(),
+        n + 2,
+        "stream_started, {n} chunks, stream_completed"
+    );
+    assert_eq!(frames[0]["status"], "stream_started");
+    for (i, frame) in frames[1..=n].iter().enumerate() {
+        assert_eq!(frame["type"], "data", "{frame}");
+        let content = json(frame["content"].as_str().expect("content"));
+        let chunk = json(content["payload"].as_str().expect("payload"));
+        assert_eq!(chunk["i"], i, "{chunk}");
+        assert_eq!(chunk["message"], "z".repeat(200));
+    }
+    assert_eq!(frames[n + 1]["status"], "stream_completed");
+    assert_eq!(frames[n + 1]["total_chunks"], n);
+}
