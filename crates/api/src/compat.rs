@@ -167,7 +167,8 @@ fn push_stamp(body: &mut String, id: RequestId) {
 // ---------------------------------------------------------------------------------------------
 
 /// The fields of `AgentRunRequest` we read, borrowed from the body. SDKs send more
-/// (`timeout_seconds`, `async_execution`, `user_id`, …); only `timeout_seconds` is honoured.
+/// (`timeout_seconds`, `async_execution`, `user_id`, `persistent_memory`, …); `timeout_seconds`
+/// is honoured and `user_id` is kept on the invocation record.
 #[derive(Deserialize)]
 struct RawRunRequest<'a> {
     #[serde(borrow)]
@@ -178,6 +179,8 @@ struct RawRunRequest<'a> {
     input_kwargs: Option<&'a RawValue>,
     #[serde(borrow)]
     timeout_seconds: Option<&'a RawValue>,
+    #[serde(borrow)]
+    user_id: Option<&'a RawValue>,
 }
 
 /// A validated run request: the tag, and the arguments as JSON text to pass through.
@@ -186,6 +189,14 @@ pub(crate) struct RunRequest<'a> {
     pub args: Cow<'a, str>,
     pub kwargs: Cow<'a, str>,
     pub timeout_s: Option<f64>,
+    /// RunAgent's SDKs send the caller's `user_id`; RunAgent's server ignores it, we keep it in
+    /// the history row's `client_info`.
+    pub user_id: Option<String>,
+}
+
+/// A `user_id` the SDK sent, if it is a string (anything else is ignored, as RunAgent does).
+fn user_id_of(v: Option<&Value>) -> Option<String> {
+    v.and_then(Value::as_str).map(str::to_owned)
 }
 
 fn starts_with(raw: &RawValue, c: u8) -> bool {
@@ -216,6 +227,9 @@ fn parse_run_request(body: &[u8]) -> Result<RunRequest<'_>, Response> {
                     timeout_s: raw
                         .timeout_seconds
                         .and_then(|t| t.get().parse::<f64>().ok()),
+                    user_id: raw
+                        .user_id
+                        .and_then(|u| serde_json::from_str::<String>(u.get()).ok()),
                 });
             }
             // Some field has the wrong type or is missing: describe it from the parsed value.
@@ -280,6 +294,7 @@ fn validate_value(value: Value) -> Result<RunRequest<'static>, Response> {
             args: Cow::Owned(args),
             kwargs: Cow::Owned(kwargs),
             timeout_s: obj.get("timeout_seconds").and_then(Value::as_f64),
+            user_id: user_id_of(obj.get("user_id")),
         }),
         _ => Err(fastapi_422(errors)),
     }
@@ -405,9 +420,21 @@ fn invocation_record(
     started: Instant,
     result: &Result<Payload, CallError>,
     sdk_type: &'static str,
-    client_info: String,
+    mut client_info: String,
 ) -> Invocation {
     let elapsed = started.elapsed();
+    if let Some(user) = &req.user_id
+        && client_info.ends_with('}')
+    {
+        client_info.pop();
+        client_info.push_str(if client_info.len() > 1 {
+            ", \"user_id\": "
+        } else {
+            "\"user_id\": "
+        });
+        push_json_str(&mut client_info, user);
+        client_info.push('}');
+    }
     let (status, output, error) = match result {
         Ok(p) => ("completed", Some(p.as_str().to_string()), None),
         Err(e) => (
@@ -586,6 +613,7 @@ async fn stream_session(mut socket: CompatSocket, state: S, agent: Arc<Agent>) {
         args: Cow::Owned(value["input_args"].to_string()),
         kwargs: Cow::Owned(value["input_kwargs"].to_string()),
         timeout_s: value.get("timeout_seconds").and_then(Value::as_f64),
+        user_id: user_id_of(value.get("user_id")),
     };
     let timeout = state
         .config

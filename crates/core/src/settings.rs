@@ -759,7 +759,7 @@ pub const FIELDS: &[Field] = &[
     field("workers.max_frame_bytes", "max-frame-bytes", "AGENTRY_MAX_FRAME_BYTES", "largest worker frame: one result or chunk"),
     field("workers.memory_mb", "worker-memory-mb", "AGENTRY_WORKER_MEMORY_MB", "`RLIMIT_AS` per worker; a hog gets `MemoryError`")
         .default_doc("none"),
-    file_only("workers.stream_window", "stream chunks a generator may run ahead of its client (the window starts at 4 and doubles while the client keeps up)"),
+    file_only("workers.stream_window", "stream chunks a generator may run ahead of its client (the window starts at 4 and doubles while the client keeps up); a durable run's chunks, events and log lines ahead of the server together"),
     file_only("workers.start_timeout_s", "time a worker has to import its agent and become ready"),
     file_only("workers.call_cancel_grace_s", "time a call whose client left (or a stream that was cancelled) gets to stop before its worker is killed"),
     field("runs.max_input_bytes", "max-run-input-bytes", "AGENTRY_MAX_RUN_INPUT_BYTES", "largest run input (413 beyond)"),

@@ -19,6 +19,9 @@ use tokio::sync::watch;
 
 use crate::state::{Abandon, AttemptKey, Inner, Running, Signal};
 
+/// The most items of one attempt (chunks, events, log lines) gathered into one commit.
+const MAX_ITEMS_PER_COMMIT: usize = 512;
+
 /// Registers the claimed attempt and spawns its executor. `asked_at` is when the claim was
 /// sent: the lease surely holds until then plus the TTL.
 pub(crate) fn start(inner: &Arc<Inner>, claimed: ClaimedRun, asked_at: Instant) {
@@ -363,8 +366,11 @@ async fn attempt(
             ));
         };
         let mut next = step(item, &mut chunks, &mut batch, &mut budget);
-        // Gather whatever else is ready into the same commit.
-        while matches!(next, Step::Continue) {
+        // Gather whatever else is ready into the same commit, up to a bound: each item taken
+        // gives the worker credit back, so a fast agent could otherwise keep this loop going.
+        let mut gathered = 1;
+        while matches!(next, Step::Continue) && gathered < MAX_ITEMS_PER_COMMIT {
+            gathered += 1;
             match call.next().now_or_never() {
                 Some(Some(item)) => next = step(item, &mut chunks, &mut batch, &mut budget),
                 _ => break,

@@ -499,6 +499,7 @@ class _RunLog:
             return
         body = self._LEVELS.get(level, b"i") + text.encode("utf-8", "backslashreplace")
         ctx._worker.send_frame(_ID.pack(len(body) + 5, b"L", ctx._rid) + body)
+        ctx._worker.spend_credit(ctx._flow)
 
     def debug(self, message):
         self(message, "debug")
@@ -521,10 +522,13 @@ class RunContext:
     NonRetriableError = NonRetriableError
     CheckpointNotSaved = CheckpointNotSaved
 
-    def __init__(self, worker, rid, run):
+    def __init__(self, worker, rid, run, flow=None):
         self._worker = worker
         self._rid = rid
         self._durable = run is not None
+        # The run's window (a StreamState), shared with its chunks: events and logs use it up
+        # too, so an agent that floods them waits for the server instead of filling its memory.
+        self._flow = flow
         run = run or {}
         self.run_id = run.get("id")
         self.attempt = run.get("attempt", 1)
@@ -552,6 +556,7 @@ class RunContext:
         _, payload = encode_value(data)
         k = kind.encode("utf-8", "backslashreplace")
         self._worker.send_frame(_EMIT.pack(len(payload) + len(k) + 7, b"V", self._rid, len(k)) + k + payload)
+        self._worker.spend_credit(self._flow)
 
     def checkpoint(self, state):
         """Saves `state` (JSON-serialisable); a later attempt of this run starts with it as
@@ -639,6 +644,19 @@ class Worker:
         self.out.append(frame)
         self.flush()
 
+    def spend_credit(self, state):
+        """A run's event or log line uses up one unit of its window; when none is left, waits
+        for the server's grant (or a cancel) reading the socket, as a checkpoint waits for its
+        ack. Without a window (a server that gives none) nothing is counted."""
+        if state is None:
+            return
+        state.credits -= 1
+        if state.credits > 0:
+            return
+        while state.credits <= 0 and not state.cancelled:
+            self.poll_control(block=True)
+        self.kick()
+
     def kick(self):
         """Frames read while an async call polled the socket wait in `pending`: run them soon."""
         if self.pending and self.loop is not None and self.loop.is_running():
@@ -655,10 +673,12 @@ class Worker:
             value = apply_extractor(ep.extractor, value)
         code, payload = encode_value(value)
         self.contexts.pop(rid, None)
+        self.streams.pop(rid, None)
         self.out.append(_ID_TYPE.pack(len(payload) + 6, b"R", rid, code) + payload)
 
     def failure(self, rid, exc, cancelled=False):
         self.contexts.pop(rid, None)
+        self.streams.pop(rid, None)
         retriable = getattr(exc, "retriable", True) is not False
         body = json.dumps({"type": type(exc).__name__, "message": str(exc),
                            "traceback": user_traceback(exc),
@@ -781,8 +801,17 @@ class Worker:
         if ep is None:
             self.failure(rid, LookupError(f"Entrypoint {call['e']} not found"))
             return
+        # A stream's window bounds its chunks; a durable run's (streaming or not) also bounds its
+        # events and log lines. Grants and cancels reach it through `streams`.
+        state = None
+        if ep.stream:
+            state = StreamState(call.get("w") or 64)
+        elif call.get("r") is not None and call.get("w"):
+            state = StreamState(call["w"])
+        if state is not None:
+            self.streams[rid] = state
         if ep.context is not None:
-            ctx = RunContext(self, rid, call.get("r"))
+            ctx = RunContext(self, rid, call.get("r"), state if call.get("r") is not None else None)
             self.contexts[rid] = ctx
             kwargs[ep.context] = ctx
         if not ep.stream:
@@ -798,8 +827,6 @@ class Worker:
                 return
             self.result(rid, value, ep)
             return
-        state = StreamState(call.get("w") or 64)
-        self.streams[rid] = state
         if ep.kind in ("asyncgen", "coroutine"):
             self.tasks[rid] = self.loop.create_task(self.run_async_stream(rid, ep, args, kwargs, state))
         else:

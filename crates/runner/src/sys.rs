@@ -1,6 +1,6 @@
-//! The only unsafe code in Agentry: what a worker process sets up between fork and exec.
-//! Only async-signal-safe system calls run there (prctl, setrlimit), as POSIX requires in a
-//! multi-threaded parent.
+//! The only unsafe code in Agentry: what a worker process sets up between fork and exec (only
+//! async-signal-safe system calls run there, prctl and setrlimit, as POSIX requires in a
+//! multi-threaded parent), and registering a worker's pidfd with the reactor.
 #![allow(unsafe_code)]
 
 use nix::sys::resource::{Resource, setrlimit};
@@ -28,4 +28,16 @@ pub(crate) fn set_child_limits(cmd: &mut tokio::process::Command, memory_limit_b
             Ok(())
         });
     }
+}
+
+/// A pidfd of our child `pid` (unreaped, so the number is surely that child's), registered with
+/// the reactor: it polls readable once the child exits, before anyone reaps it. `None` where
+/// the kernel has no pidfds (before 5.3).
+pub(crate) fn exit_watch(pid: i32) -> Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>> {
+    let pid = rustix::process::Pid::from_raw(pid)?;
+    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).ok()?;
+    // SAFETY: the `AsyncFd` owns the `OwnedFd`, so the descriptor stays open and the same for
+    // as long as it is registered, and nothing else closes it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .ok()
 }

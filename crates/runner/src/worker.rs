@@ -151,6 +151,7 @@ impl FrameWriter {
 
 pub struct Worker {
     pub pid: i32,
+    group: Arc<ProcessGroup>,
     pub hello: Hello,
     writer: Arc<FrameWriter>,
     calls: Mutex<HashMap<u32, Sink>>,
@@ -226,14 +227,15 @@ impl Worker {
         if let Some(err) = child.stderr.take() {
             tokio::spawn(forward_lines(err, log_target.clone(), pid, "stderr"));
         }
+        let group = Arc::new(ProcessGroup::new(pid));
         let (exit_tx, exit_rx) = watch::channel::<Option<String>>(None);
-        tokio::spawn(async move {
-            let status = match child.wait().await {
-                Ok(s) => describe_exit(s),
-                Err(e) => format!("could not be waited for: {e}"),
-            };
-            let _ = exit_tx.send(Some(status));
-        });
+        {
+            let group = Arc::clone(&group);
+            tokio::spawn(async move {
+                let status = group.reap(child).await;
+                let _ = exit_tx.send(Some(status));
+            });
+        }
 
         let stream = UnixStream::from_std(ours).map_err(|source| SpawnError::Spawn {
             python: spec.python.display().to_string(),
@@ -248,30 +250,30 @@ impl Worker {
         let first = tokio::time::timeout(spec.start_timeout, frames.next()).await;
         let hello = match first {
             Err(_) => {
-                kill_group(pid);
+                group.kill();
                 return Err(SpawnError::StartTimeout(spec.start_timeout));
             }
             Ok(None) | Ok(Some(Err(_))) => {
-                kill_group(pid);
+                group.kill();
                 let why = wait_exit(exit_rx.clone(), Duration::from_secs(2)).await;
                 return Err(SpawnError::EarlyExit(why));
             }
             Ok(Some(Ok(frame))) => match protocol::decode(frame.freeze()) {
                 Ok(WorkerMessage::Hello(h)) => *h,
                 Ok(other) => {
-                    kill_group(pid);
+                    group.kill();
                     return Err(SpawnError::BadHello(format!(
                         "expected hello, got {other:?}"
                     )));
                 }
                 Err(e) => {
-                    kill_group(pid);
+                    group.kill();
                     return Err(SpawnError::BadHello(e.to_string()));
                 }
             },
         };
         if hello.protocol != protocol::PROTOCOL_VERSION {
-            kill_group(pid);
+            group.kill();
             return Err(SpawnError::Protocol(
                 hello.protocol,
                 protocol::PROTOCOL_VERSION,
@@ -286,6 +288,7 @@ impl Worker {
         let (death_tx, death_rx) = watch::channel(None);
         let worker = Arc::new(Worker {
             pid,
+            group: Arc::clone(&group),
             hello,
             writer: Arc::clone(&writer),
             calls: Mutex::new(HashMap::new()),
@@ -445,7 +448,7 @@ impl Worker {
         self.kill_reason.lock().get_or_insert_with(|| reason.into());
         // Dead from now on: the pool must not route another call to it while the process exits.
         self.dead.store(true, Ordering::SeqCst);
-        kill_group(self.pid);
+        self.group.kill();
     }
 
     /// Closes the protocol socket: an idle worker exits on its own when it sees end-of-file.
@@ -611,7 +614,7 @@ async fn read_frames(
         Some(kill) => kill,
         None => format!("the worker process {exit_status}"),
     };
-    kill_group(worker.pid); // grandchildren the agent left behind go with it
+    worker.group.kill(); // grandchildren the agent left behind go with it
     worker.fail_all(&reason);
     let _ = death.send(Some(reason));
 }
@@ -649,10 +652,74 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
     }
 }
 
-/// SIGKILLs a process group. Workers lead their own group, so this reaches what they spawned.
-pub(crate) fn kill_group(pid: i32) {
-    if pid > 0 {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+/// A worker's process group (the worker leads it, so its id is the worker's pid), signalled
+/// only while the worker is not yet reaped. Until it is reaped, the kernel gives its number to
+/// no other process or group, so a kill never reaches a stranger that inherited the number,
+/// however late it comes (a deadline firing as the worker exits, a pool shutting down). The
+/// worker's exit is seen on a pidfd, which fires before the reap; the reap waits for the lock
+/// that every kill holds.
+pub(crate) struct ProcessGroup {
+    pid: i32,
+    /// Readable once the worker has exited. `None` where pidfds are missing (Linux before
+    /// 5.3): then the exit is seen by reaping, and a kill racing that reap is not fenced.
+    pidfd: Option<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>,
+    reaped: Mutex<bool>,
+}
+
+impl ProcessGroup {
+    fn new(pid: i32) -> ProcessGroup {
+        let pidfd = crate::sys::exit_watch(pid);
+        ProcessGroup {
+            pid,
+            pidfd,
+            reaped: Mutex::new(false),
+        }
+    }
+
+    /// SIGKILLs the whole group, unless the worker is reaped already.
+    pub(crate) fn kill(&self) {
+        let reaped = self.reaped.lock();
+        if !*reaped && self.pid > 0 {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+    }
+
+    /// Waits for the worker to exit, kills what it left in its group, fences later kills, and
+    /// reaps it. Says how it ended.
+    async fn reap(&self, mut child: tokio::process::Child) -> String {
+        let seen = self.exited().await;
+        if seen {
+            // What the agent left running goes now, while the group's number is ours.
+            self.reaping(true);
+        }
+        let status = match child.wait().await {
+            Ok(s) => describe_exit(s),
+            Err(e) => format!("could not be waited for: {e}"),
+        };
+        if !seen {
+            self.reaping(false);
+        }
+        status
+    }
+
+    /// Resolves once the worker has exited, before it is reaped; `false` at once when there
+    /// is no pidfd to watch.
+    async fn exited(&self) -> bool {
+        match &self.pidfd {
+            // A pidfd polls readable when its process exits, and stays so.
+            Some(fd) => fd.readable().await.is_ok(),
+            None => false,
+        }
+    }
+
+    /// Fences every later kill, first killing what is left of the group if `kill_rest` (the
+    /// worker has exited but is not reaped yet). The caller reaps next.
+    fn reaping(&self, kill_rest: bool) {
+        let mut reaped = self.reaped.lock();
+        if kill_rest && !*reaped && self.pid > 0 {
+            let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
+        }
+        *reaped = true;
     }
 }
 
@@ -730,6 +797,86 @@ impl CappedLines {
     fn finish(self, mut emit: impl FnMut(&[u8], bool)) {
         if !self.line.is_empty() {
             emit(&self.line, false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod process_group_tests {
+    use super::*;
+
+    fn alive(pid: i32) -> bool {
+        nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok()
+    }
+
+    fn leader(cmd: &str) -> tokio::process::Child {
+        tokio::process::Command::new("sh")
+            .args(["-c", cmd])
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn sh")
+    }
+
+    /// Once a worker is reaped, its number may be given to another process group. A kill that
+    /// comes late (a deadline firing as the worker exits) must not reach that group. The reuse
+    /// is staged: a live group stands in for the one that inherited the number.
+    #[tokio::test]
+    async fn a_kill_after_the_reap_never_reaches_whoever_inherited_the_number() {
+        let mut stranger = leader("sleep 30");
+        let stranger_pid = stranger.id().expect("pid") as i32;
+        let worker = leader("exit 0");
+        let group = ProcessGroup::new(worker.id().expect("pid") as i32);
+        let ended = group.reap(worker).await;
+        assert_eq!(ended, "exited with code 0");
+        // The worker's number, now reused by the stranger's group.
+        let late = ProcessGroup {
+            pid: stranger_pid,
+            pidfd: None,
+            reaped: Mutex::new(*group.reaped.lock()),
+        };
+        late.kill();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(alive(stranger_pid), "the late kill reached the stranger");
+        // The same kill before the reap does reach its group.
+        let live = ProcessGroup::new(stranger_pid);
+        live.kill();
+        let status = stranger.wait().await.expect("wait");
+        assert!(describe_exit(status).contains("signal 9"), "{status:?}");
+    }
+
+    /// The exit is seen on the pidfd before the reap, so what the worker left running in its
+    /// group is killed while the group's number is still the worker's.
+    #[tokio::test]
+    async fn what_a_worker_leaves_in_its_group_dies_before_it_is_reaped() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let note = dir.path().join("pid");
+        let worker = leader(&format!("sleep 30 & echo $! > {}; exit 3", note.display()));
+        let group = ProcessGroup::new(worker.id().expect("pid") as i32);
+        assert!(group.pidfd.is_some(), "this kernel has pidfds");
+        let ended = group.reap(worker).await;
+        assert_eq!(ended, "exited with code 3");
+        assert!(*group.reaped.lock());
+        let left: i32 = std::fs::read_to_string(&note)
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("pid");
+        // Killed: gone, or a zombie until whoever inherited it reaps it.
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{left}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(|r| r.trim().chars().next()))
+                .flatten();
+            if matches!(state, None | Some('Z')) {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "what the worker left runs on ({state:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }

@@ -772,6 +772,36 @@ async fn runagent_requests_with_user_id_and_persistent_memory_work_as_without() 
         }
     }
     assert_eq!(chunks, 3);
+    // The history keeps each call's user_id in its client_info.
+    let history = srv.url(&format!("/api/v1/agents/{COMPAT_ID}/invocations?limit=10"));
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let rows = loop {
+        let (status, text) = get(&history).await;
+        assert_eq!(status, 200, "{text}");
+        let rows = json(&text)["invocations"].clone();
+        if rows.as_array().is_some_and(|r| r.len() >= 3) || std::time::Instant::now() > end {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let users: Vec<(String, serde_json::Value)> = rows
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            let user = r["client_info"]["user_id"].clone();
+            (r["sdk_type"].as_str().unwrap_or_default().to_string(), user)
+        })
+        .collect();
+    let with_user = |sdk: &str| {
+        users
+            .iter()
+            .filter(|(s, u)| s == sdk && *u == json!("user-1"))
+            .count()
+    };
+    assert_eq!(users.len(), 3, "{rows}");
+    assert_eq!(with_user("local_server"), 1, "{rows}");
+    assert_eq!(with_user("websocket_stream"), 1, "{rows}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -1336,3 +1336,59 @@ async fn a_node_leases_only_what_its_workers_can_start_soon() {
         assert!(status == 200 || status == 202, "{status}");
     }
 }
+
+/// Every frame kind of a run is flow-controlled, not only its chunks: an agent that floods
+/// events and log lines stops once its window (`workers.stream_window`, 64) is used up, until
+/// the server takes what it sent; then it goes on, and nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_flooding_events_and_logs_waits_for_the_server_to_take_them() {
+    use agentry_core::executor::RunItem;
+    use futures_util::FutureExt;
+    let app = app(durable()).start().await;
+    let agent = app.state.agents.get("durable").expect("agent");
+    let n = 5000;
+    let mut call = agent
+        .executor
+        .run(
+            "chatter",
+            &json!({ "n": n }).to_string(),
+            r#"{"id":"flow-1","attempt":1,"state":null}"#,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("run");
+    // Unread for a while: without flow control the agent would send all 10,000 frames.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut waiting = 0;
+    // `unconstrained`: tokio's cooperative budget would stop the count at 128 otherwise.
+    while let Some(Some(item)) =
+        tokio::task::unconstrained(std::future::poll_fn(|cx| call.poll_next(cx))).now_or_never()
+    {
+        assert!(
+            matches!(item, RunItem::Event { .. } | RunItem::Log { .. }),
+            "the agent is not done yet"
+        );
+        waiting += 1;
+    }
+    assert!(
+        (1..=3 * 64).contains(&waiting),
+        "{waiting} frames were waiting: the window is 64"
+    );
+    // Read on: every frame arrives, then the result.
+    let (mut events, mut logs) = (0, 0);
+    loop {
+        match std::future::poll_fn(|cx| call.poll_next(cx))
+            .await
+            .expect("an item")
+        {
+            RunItem::Event { .. } => events += 1,
+            RunItem::Log { .. } => logs += 1,
+            RunItem::Result(p) => {
+                assert_eq!(json(p.as_str()), json!({ "n": n }));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(events + logs + waiting, 2 * n);
+}

@@ -178,8 +178,8 @@ impl<T: CallItem> Inbox for mpsc::UnboundedReceiver<T> {
 pub(super) trait CallItem: Send + 'static {
     /// The call's last item (its end, its result or its failure).
     fn is_terminal(&self) -> bool;
-    /// Whether it uses up credit.
-    fn is_chunk(&self) -> bool;
+    /// Whether it uses up credit (the worker waits for a grant once its window is used up).
+    fn uses_credit(&self) -> bool;
     /// What to do with an item nobody will read, while an abandoned call stops.
     fn discard(&self, _lease: &Lease, _id: u32) {}
 }
@@ -188,7 +188,7 @@ impl CallItem for StreamItem {
     fn is_terminal(&self) -> bool {
         !matches!(self, StreamItem::Chunk(_))
     }
-    fn is_chunk(&self) -> bool {
+    fn uses_credit(&self) -> bool {
         matches!(self, StreamItem::Chunk(_))
     }
 }
@@ -200,8 +200,12 @@ impl CallItem for RunItem {
             RunItem::Result(_) | RunItem::End(_) | RunItem::Failed(_)
         )
     }
-    fn is_chunk(&self) -> bool {
-        matches!(self, RunItem::Chunk(_))
+    /// A run's events and log lines share its chunks' window, so that no frame kind can flood.
+    fn uses_credit(&self) -> bool {
+        matches!(
+            self,
+            RunItem::Chunk(_) | RunItem::Event { .. } | RunItem::Log { .. }
+        )
     }
     fn discard(&self, lease: &Lease, id: u32) {
         // Nobody will save it; let the agent go on to its cancellation.
@@ -279,7 +283,7 @@ impl<R: Inbox> InFlight<R> {
             Poll::Ready(Some(item)) => {
                 if item.is_terminal() {
                     self.finished = true;
-                } else if item.is_chunk()
+                } else if item.uses_credit()
                     && let Some(grant) = self.credit.consumed_one()
                     && let Some(lease) = &self.lease
                 {

@@ -224,11 +224,8 @@ impl AgentPool {
         let stream = self.inner.entrypoints.get(tag).is_some_and(|e| e.stream);
         let mode = self.mode(tag, stream)?;
         let lease = self.inner.acquire(mode, None).await?;
-        let window = if stream {
-            self.inner.config.stream_window.max(2)
-        } else {
-            0
-        };
+        // Every run gets a window: its chunks, events and log lines all use it up.
+        let window = self.inner.config.stream_window.max(2);
         let sync = matches!(mode, Mode::Sync { .. });
         let (id, rx) = lease
             .worker
