@@ -634,7 +634,10 @@ async fn stream_session(mut socket: CompatSocket, state: S, agent: Arc<Agent>) {
         return;
     }
     let outcome = match stream {
-        Ok(stream) => pump_stream(stream, &mut sender, &mut receiver).await,
+        Ok(stream) => {
+            let deadline = tokio::time::Instant::from_std(started) + timeout;
+            pump_stream(stream, &mut sender, &mut receiver, deadline).await
+        }
         Err(e) => StreamOutcome::Failed(e),
     };
     let result: Result<Payload, CallError> = match outcome {
@@ -688,10 +691,14 @@ enum StreamOutcome {
 
 /// Forwards chunks to the client while watching the client: if it goes away, the stream is
 /// dropped, which cancels the generator in its worker.
+///
+/// A client that stops reading blocks the send; the call's own deadline still ends it then
+/// (while a send waits, neither the call nor the client is polled).
 async fn pump_stream(
     mut stream: Box<dyn ChunkStream>,
     sender: &mut Tx,
     receiver: &mut Rx,
+    deadline: tokio::time::Instant,
 ) -> StreamOutcome {
     let mut count: u32 = 0;
     loop {
@@ -704,7 +711,8 @@ async fn pump_stream(
                     frame.push_str("{\"type\":\"data\",\"content\":");
                     push_json_str(&mut frame, &data);
                     frame.push('}');
-                    if sender.send(Frame::text(frame)).await.is_err() {
+                    let sent = tokio::time::timeout_at(deadline, sender.send(Frame::text(frame))).await;
+                    if !matches!(sent, Ok(Ok(()))) {
                         return StreamOutcome::ClientGone;
                     }
                 }

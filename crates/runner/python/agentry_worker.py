@@ -41,6 +41,7 @@ import math
 import os
 import select
 import socket
+import threading
 import struct
 import sys
 import traceback
@@ -499,7 +500,7 @@ class _RunLog:
             return
         body = self._LEVELS.get(level, b"i") + text.encode("utf-8", "backslashreplace")
         ctx._worker.send_frame(_ID.pack(len(body) + 5, b"L", ctx._rid) + body)
-        ctx._worker.spend_credit(ctx._flow)
+        ctx._worker.spend_credit(ctx._flow, ctx._on_loop)
 
     def debug(self, message):
         self(message, "debug")
@@ -522,10 +523,11 @@ class RunContext:
     NonRetriableError = NonRetriableError
     CheckpointNotSaved = CheckpointNotSaved
 
-    def __init__(self, worker, rid, run, flow=None):
+    def __init__(self, worker, rid, run, flow=None, on_loop=False):
         self._worker = worker
         self._rid = rid
         self._durable = run is not None
+        self._on_loop = on_loop
         # The run's window (a StreamState), shared with its chunks: events and logs use it up
         # too, so an agent that floods them waits for the server instead of filling its memory.
         self._flow = flow
@@ -556,7 +558,7 @@ class RunContext:
         _, payload = encode_value(data)
         k = kind.encode("utf-8", "backslashreplace")
         self._worker.send_frame(_EMIT.pack(len(payload) + len(k) + 7, b"V", self._rid, len(k)) + k + payload)
-        self._worker.spend_credit(self._flow)
+        self._worker.spend_credit(self._flow, self._on_loop)
 
     def checkpoint(self, state):
         """Saves `state` (JSON-serialisable); a later attempt of this run starts with it as
@@ -644,18 +646,32 @@ class Worker:
         self.out.append(frame)
         self.flush()
 
-    def spend_credit(self, state):
+    def spend_credit(self, state, on_loop):
         """A run's event or log line uses up one unit of its window; when none is left, waits
-        for the server's grant (or a cancel) reading the socket, as a checkpoint waits for its
-        ack. Without a window (a server that gives none) nothing is counted."""
+        for the server's grant reading the socket, as a checkpoint waits for its ack. Without a
+        window (a server that gives none) nothing is counted.
+
+        Waiting blocks the thread that reads the socket, so it is done only there, and for a
+        call on the event loop (an async entrypoint, whose worker other calls share) only past
+        an overdraft of `_OVERDRAFT` windows: while the server keeps up, the loop never stops.
+        Another thread never reads the socket: it overdraws (the run's event caps still hold).
+        A cancelled run out of credit gets CancelledError, as its chunks do."""
         if state is None:
             return
         state.credits -= 1
         if state.credits > 0:
             return
+        if state.cancelled:
+            raise CancelledError()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if on_loop and state.credits > -_OVERDRAFT * state.window:
+            return
         while state.credits <= 0 and not state.cancelled:
             self.poll_control(block=True)
         self.kick()
+        if state.cancelled:
+            raise CancelledError()
 
     def kick(self):
         """Frames read while an async call polled the socket wait in `pending`: run them soon."""
@@ -811,7 +827,8 @@ class Worker:
         if state is not None:
             self.streams[rid] = state
         if ep.context is not None:
-            ctx = RunContext(self, rid, call.get("r"), state if call.get("r") is not None else None)
+            ctx = RunContext(self, rid, call.get("r"), state if call.get("r") is not None else None,
+                             on_loop=ep.kind in ("coroutine", "asyncgen"))
             self.contexts[rid] = ctx
             kwargs[ep.context] = ctx
         if not ep.stream:
@@ -823,7 +840,7 @@ class Worker:
             except BaseException as e:  # noqa: BLE001 - the agent's exception goes back to the caller
                 if isinstance(e, SystemExit):
                     self.flush_and_exit(rid, e)
-                self.failure(rid, e)
+                self.failure(rid, e, cancelled=isinstance(e, CancelledError))
                 return
             self.result(rid, value, ep)
             return
@@ -841,7 +858,7 @@ class Worker:
         try:
             value = await ep.target(*args, **kwargs)
             self.result(rid, value, ep)
-        except asyncio.CancelledError as e:
+        except (CancelledError, asyncio.CancelledError) as e:
             self.failure(rid, e, cancelled=True)
         except BaseException as e:  # noqa: BLE001
             self.failure(rid, e)
@@ -945,10 +962,15 @@ class Worker:
             self.task_done(rid)
 
 
+# How many windows a call on the event loop may run ahead before `spend_credit` blocks the loop.
+_OVERDRAFT = 4
+
+
 class StreamState:
-    __slots__ = ("credits", "cancelled", "event")
+    __slots__ = ("credits", "cancelled", "event", "window")
 
     def __init__(self, window):
+        self.window = window
         self.credits = window
         self.cancelled = False
         self.event = None

@@ -669,6 +669,14 @@ pub(crate) struct ProcessGroup {
 impl ProcessGroup {
     fn new(pid: i32) -> ProcessGroup {
         let pidfd = crate::sys::exit_watch(pid);
+        if pidfd.is_none() {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "no pidfds on this kernel (Linux 5.3+): a kill that races a worker's exit is not fenced against PID reuse"
+                );
+            });
+        }
         ProcessGroup {
             pid,
             pidfd,
@@ -712,11 +720,16 @@ impl ProcessGroup {
         }
     }
 
-    /// Fences every later kill, first killing what is left of the group if `kill_rest` (the
-    /// worker has exited but is not reaped yet). The caller reaps next.
-    fn reaping(&self, kill_rest: bool) {
+    /// With the exit seen before the reap (`seen`): kills what is left of the group and fences
+    /// every later kill; the caller reaps next. Without a pidfd the worker is reaped already and
+    /// nothing is fenced: the group kill that follows a worker's death must still reach what
+    /// the agent left behind, at the (tiny) risk that the number was reused in between.
+    fn reaping(&self, seen: bool) {
+        if !seen {
+            return;
+        }
         let mut reaped = self.reaped.lock();
-        if kill_rest && !*reaped && self.pid > 0 {
+        if !*reaped && self.pid > 0 {
             let _ = killpg(Pid::from_raw(self.pid), Signal::SIGKILL);
         }
         *reaped = true;

@@ -1392,3 +1392,43 @@ async fn an_agent_flooding_events_and_logs_waits_for_the_server_to_take_them() {
     }
     assert_eq!(events + logs + waiting, 2 * n);
 }
+
+/// A cancelled run that goes on flooding gets no more room: once its window is used up, its
+/// next event raises the cancellation in the agent, instead of the window turning off.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_run_that_keeps_emitting_is_stopped_at_its_window() {
+    use agentry_core::executor::{CallError, RunItem};
+    let app = app(durable()).start().await;
+    let agent = app.state.agents.get("durable").expect("agent");
+    let mut call = agent
+        .executor
+        .run(
+            "chatter",
+            &json!({ "n": 50_000 }).to_string(),
+            r#"{"id":"flow-2","attempt":1,"state":null}"#,
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("run");
+    // Blocked at its window, then cancelled: the agent never looks at ctx.cancelled.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    call.cancel();
+    let mut frames = 0;
+    let end = loop {
+        match std::future::poll_fn(|cx| call.poll_next(cx))
+            .await
+            .expect("an item")
+        {
+            RunItem::Event { .. } | RunItem::Log { .. } => frames += 1,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(end, RunItem::Failed(CallError::Cancelled)),
+        "{end:?}"
+    );
+    assert!(
+        frames <= 3 * 64,
+        "{frames} frames after the window was used up"
+    );
+}
