@@ -7,7 +7,8 @@
 pub mod postgres;
 pub mod runagent;
 pub mod sqlite;
+mod transitions;
 
-pub use postgres::PgBuckets;
+pub use postgres::{PgBuckets, PgOptions, PgStore};
 pub use runagent::{History, HistoryBounds, InvocationLog, RunAgentDb};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};

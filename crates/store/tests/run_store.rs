@@ -2,7 +2,7 @@
 
 mod contract;
 
-use agentry_store::{SqliteOptions, SqliteStore};
+use agentry_store::{PgOptions, PgStore, SqliteOptions, SqliteStore};
 
 /// Instantiates every contract test for one backend: `$open` gives a guard (kept alive for the
 /// test) and a fresh store.
@@ -59,6 +59,63 @@ fn sqlite() -> (tempfile::TempDir, SqliteStore) {
 
 contract_tests!(sqlite, sqlite());
 
+/// The PostgreSQL server the tests use (127.0.0.1:5432, database `test`, or
+/// `AGENTRY_TEST_POSTGRES_URL`). No skipping: without it these tests fail.
+fn pg_url() -> String {
+    std::env::var("AGENTRY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A schema of its own for one test, dropped with it.
+struct PgSchema(String);
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let schema = self.0.clone();
+        // The test's runtime may be shutting down: drop the schema from a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut c) = sqlx::PgConnection::connect(&pg_url()).await {
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP SCHEMA IF EXISTS {schema} CASCADE"
+                    )))
+                    .execute(&mut c)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A fresh PostgreSQL store in a schema of its own.
+async fn postgres() -> (PgSchema, PgStore) {
+    let schema = format!(
+        "agentry_test_{}",
+        uuid::Uuid::new_v4()
+            .simple()
+            .to_string()
+            .get(..16)
+            .unwrap_or("x")
+    );
+    let store = PgStore::connect(&PgOptions {
+        url: pg_url(),
+        max_connections: 4,
+        acquire_timeout: std::time::Duration::from_secs(5),
+        schema: Some(schema.clone()),
+    })
+    .await
+    .expect("PostgreSQL must be running for these tests (see .ci/run)");
+    (PgSchema(schema), store)
+}
+
+contract_tests!(postgres, postgres().await);
+
 /// Another process holds the database's write lock: every waiting write fails together within
 /// about one busy timeout, instead of one after another.
 #[tokio::test(flavor = "multi_thread")]
@@ -97,4 +154,130 @@ async fn a_locked_database_fails_a_whole_group_at_once() {
         started.elapsed()
     );
     other.execute_batch("ROLLBACK").expect("unlock");
+}
+
+/// Another node on the same PostgreSQL schema.
+async fn another_node(schema: &PgSchema) -> PgStore {
+    PgStore::connect(&PgOptions {
+        url: pg_url(),
+        max_connections: 4,
+        acquire_timeout: std::time::Duration::from_secs(5),
+        schema: Some(schema.0.clone()),
+    })
+    .await
+    .expect("connect")
+}
+
+fn claim_for(owner: &str, n: usize) -> agentry_core::runs::ClaimRequest {
+    let now = agentry_core::runs::now_ms();
+    agentry_core::runs::ClaimRequest {
+        node: owner.into(),
+        owner: owner.into(),
+        now,
+        lease_until: now + 60_000,
+        per_agent: vec![("a".into(), n)],
+    }
+}
+
+/// Four nodes claiming the same queue at once (`FOR UPDATE SKIP LOCKED`) never take one run
+/// twice, and together take every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_concurrent_claimers_never_take_the_same_run() {
+    use agentry_core::store::RunStore;
+    let (schema, store) = postgres().await;
+    for i in 0..300 {
+        store
+            .create_run(contract::new_run(&format!("r{i:03}"), 0, None), None)
+            .await
+            .expect("create");
+    }
+    let mut nodes = Vec::new();
+    for n in 0..4 {
+        let node = another_node(&schema).await;
+        nodes.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = node
+                    .claim_runs(claim_for(&format!("node{n}"), 7))
+                    .await
+                    .expect("claim");
+                if got.runs.is_empty() {
+                    break mine;
+                }
+                mine.extend(got.runs.into_iter().map(|c| c.run.id));
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for node in nodes {
+        all.extend(node.await.expect("node"));
+    }
+    let total = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!((total, all.len()), (300, 300), "claimed twice or lost");
+}
+
+/// Runs sharing a concurrency key never run two at a time, whichever node claims them, and run
+/// in enqueue order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_concurrency_key_holds_across_claimers() {
+    use agentry_core::runs::{LeaseRef, Outcome, RunQuery, RunStatus};
+    use agentry_core::store::RunStore;
+    let (schema, store) = postgres().await;
+    for i in 0..40 {
+        store
+            .create_run(
+                contract::new_run(&format!("k{i:02}"), 0, Some("shared")),
+                None,
+            )
+            .await
+            .expect("create");
+    }
+    let order = std::sync::Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut nodes = Vec::new();
+    for n in 0..4 {
+        let node = another_node(&schema).await;
+        let order = std::sync::Arc::clone(&order);
+        nodes.push(tokio::spawn(async move {
+            let owner = format!("node{n}");
+            let mut idle = 0;
+            while idle < 50 {
+                let got = node.claim_runs(claim_for(&owner, 3)).await.expect("claim");
+                if got.runs.is_empty() {
+                    idle += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    continue;
+                }
+                idle = 0;
+                assert_eq!(got.runs.len(), 1, "two runs of one key in one claim");
+                let run = &got.runs[0].run;
+                let running = node
+                    .list_runs(RunQuery {
+                        status: Some(RunStatus::Running),
+                        concurrency_key: Some("shared".into()),
+                        limit: 100,
+                        ..RunQuery::default()
+                    })
+                    .await
+                    .expect("list");
+                assert_eq!(running.len(), 1, "two runs of one key at once: {running:?}");
+                order.lock().push(run.id.clone());
+                let lease = LeaseRef {
+                    run_id: run.id.clone(),
+                    owner: owner.clone(),
+                    attempt: run.attempt,
+                };
+                node.finish_run(lease, Outcome::Succeeded { result: "1".into() }, None)
+                    .await
+                    .expect("finish");
+            }
+        }));
+    }
+    for node in nodes {
+        node.await.expect("node");
+    }
+    let order = order.lock().clone();
+    let expected: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
+    assert_eq!(order, expected);
 }

@@ -1,5 +1,9 @@
-//! PostgreSQL: for now, the rate-limit buckets several nodes share (`SharedBuckets`). The SQL
-//! is in `queries/`, one statement per file; the schema is created on connect.
+//! PostgreSQL: the run store and API keys of several nodes (`runs`), and the rate-limit buckets
+//! they share (`SharedBuckets`, here). The SQL is in `queries/`, one statement per file.
+
+mod runs;
+
+pub use runs::{MIGRATIONS, PgOptions, PgStore};
 
 use agentry_core::{InUse, SharedBuckets, SharedTats, StoreError};
 use async_trait::async_trait;

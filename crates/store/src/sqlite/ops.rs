@@ -4,11 +4,16 @@
 use agentry_core::keys::ApiKey;
 use agentry_core::runs::{
     AttemptStart, Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome,
-    DirectClaim, EventKind, Finished, LeaseRef, MAX_LEASE_LOSSES, NewEvent, NewRun, Outcome,
-    Renewal, Run, RunEvent, RunQuery, RunStatus,
+    DirectClaim, EventKind, Finished, LeaseRef, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent,
+    RunQuery, RunStatus,
 };
 use agentry_core::store::StoreError;
 use rusqlite::types::Type;
+
+use crate::transitions::{
+    CANCELLED_BEFORE_START, LostAttempt, checkpoint_event_data, queued_event_data,
+    started_event_data, transition,
+};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 macro_rules! sql {
@@ -183,11 +188,7 @@ pub fn create_run(
         ],
         run_from_row,
     )?;
-    let data = format!(
-        "{{\"priority\":{},\"run_at\":{}}}",
-        stored.priority,
-        iso(stored.run_at)
-    );
+    let data = queued_event_data(&stored);
     let event = insert_event(c, &stored.id, EventKind::Queued, &data, run.created_at)?;
     let claimed = match claim {
         Some(claim) if may_claim_directly(c, &stored)? => {
@@ -252,11 +253,7 @@ pub fn start_attempt(
     if held.is_none() {
         return Ok(Err(StoreError::LeaseLost));
     }
-    let data = format!(
-        "{{\"attempt\":{},\"node\":{}}}",
-        lease.attempt,
-        json_str(&start.node)
-    );
+    let data = started_event_data(lease.attempt, &start.node);
     insert_event(c, &lease.run_id, EventKind::Started, &data, start.at).map(Ok)
 }
 
@@ -367,62 +364,8 @@ pub fn save_checkpoint(
         .query_row(params![lease.run_id, lease.attempt, state, now], |r| {
             r.get(0)
         })?;
-    let data = format!("{{\"checkpoint\":{seq},\"state\":{state}}}");
+    let data = checkpoint_event_data(seq, state);
     insert_event(c, &lease.run_id, EventKind::Checkpoint, &data, now).map(Ok)
-}
-
-/// The terminal (or retry) event of an outcome and the columns it sets.
-struct Transition<'a> {
-    status: RunStatus,
-    result: Option<&'a str>,
-    error: Option<&'a str>,
-    finished_at: Option<i64>,
-    run_at: Option<i64>,
-    event: EventKind,
-    data: String,
-}
-
-fn transition(outcome: &Outcome, attempt: u32, now: i64) -> Transition<'_> {
-    let status = outcome.status();
-    match outcome {
-        Outcome::Succeeded { result } => Transition {
-            status,
-            result: Some(result),
-            error: None,
-            finished_at: Some(now),
-            run_at: None,
-            event: EventKind::Succeeded,
-            data: format!("{{\"attempt\":{attempt},\"result\":{result}}}"),
-        },
-        Outcome::Failed { error } | Outcome::TimedOut { error } | Outcome::Cancelled { error } => {
-            Transition {
-                status,
-                result: None,
-                error: Some(error),
-                finished_at: Some(now),
-                run_at: None,
-                event: status.event(),
-                data: format!("{{\"attempt\":{attempt},\"error\":{error}}}"),
-            }
-        }
-        Outcome::Retry {
-            error,
-            run_at,
-            delay_ms,
-        } => Transition {
-            status,
-            result: None,
-            error: Some(error),
-            finished_at: None,
-            run_at: Some(*run_at),
-            event: EventKind::Retrying,
-            data: format!(
-                "{{\"attempt\":{attempt},\"retry_at\":{},\"delay_ms\":{},\"error\":{error}}}",
-                iso(*run_at),
-                delay_ms
-            ),
-        },
-    }
 }
 
 pub fn finish_run(
@@ -468,7 +411,7 @@ pub fn finish_run(
 }
 
 pub fn cancel_run(c: &Connection, id: &str, now: i64) -> rusqlite::Result<CancelOutcome> {
-    let error = r#"{"code":"cancelled","message":"the run was cancelled before it started"}"#;
+    let error = CANCELLED_BEFORE_START;
     let queued = c
         .prepare_cached(sql!("cancel_queued"))?
         .query_row(params![id, error, now], run_from_row)
@@ -553,38 +496,22 @@ pub fn recover_leases(
         if held_by_a_live_attempt {
             continue;
         }
-        let (status, error, finished_at, event) = if run.cancel_requested {
-            let e =
-                r#"{"code":"cancelled","message":"the run was cancelled while its node was down"}"#;
-            (
-                RunStatus::Cancelled,
-                Some(e),
-                Some(now),
-                EventKind::Cancelled,
-            )
-        } else if run.lease_losses + 1 >= MAX_LEASE_LOSSES {
-            let e = r#"{"code":"lease_lost","message":"the run's node died or lost its lease too many times"}"#;
-            (RunStatus::Failed, Some(e), Some(now), EventKind::Failed)
-        } else {
-            (RunStatus::Queued, None, None, EventKind::Retrying)
-        };
+        let lost = LostAttempt::of(&run, now);
         let updated = c
             .prepare_cached(sql!("requeue_lost"))?
             .query_row(
-                params![run.id, now, status.as_str(), error, finished_at],
+                params![
+                    run.id,
+                    now,
+                    lost.status.as_str(),
+                    lost.error,
+                    lost.finished_at
+                ],
                 run_from_row,
             )
             .optional()?;
         let Some(updated) = updated else { continue };
-        let data = match error {
-            Some(e) => format!("{{\"attempt\":{},\"error\":{e}}}", run.attempt),
-            None => format!(
-                "{{\"attempt\":{},\"retry_at\":{},\"delay_ms\":0,\"error\":{{\"code\":\"lease_lost\",\"message\":\"the node running the attempt stopped\"}}}}",
-                run.attempt,
-                iso(now)
-            ),
-        };
-        let event = insert_event(c, &run.id, event, &data, now)?;
+        let event = insert_event(c, &run.id, lost.event, &lost.data, now)?;
         out.push(Finished {
             run: updated,
             events: vec![event],
@@ -607,16 +534,6 @@ pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Re
         c.prepare_cached(sql!("purge_run"))?.execute(params![id])?;
     }
     Ok(ids.len())
-}
-
-/// A time as the JSON string the API shows (RFC 3339, milliseconds, UTC).
-fn iso(ms: i64) -> String {
-    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    json_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-}
-
-fn json_str(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<ApiKey> {

@@ -1,0 +1,5 @@
+INSERT INTO runs (id, agent, entrypoint, input, status, max_attempts, priority, run_at, timeout_ms,
+                  backoff, concurrency_key, idempotency_key, request_hash, metadata, created_at,
+                  updated_at, idempotency_scope)
+VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, $15)
+RETURNING seq, id, agent, entrypoint, input, status, attempt, max_attempts, lease_losses, priority, run_at, timeout_ms, backoff, concurrency_key, idempotency_key, metadata, result, error, cancel_requested, lease_owner, lease_expires_at, created_at, started_at, finished_at, updated_at

@@ -1,0 +1,1 @@
+DELETE FROM checkpoints WHERE run_id = ANY($1)

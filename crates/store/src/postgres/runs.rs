@@ -1,0 +1,982 @@
+//! The run store and the API keys on PostgreSQL, for several nodes on one database. The same
+//! semantics as the SQLite store (the contract suite runs against both), but where SQLite has
+//! one writer, here several nodes write at once, so:
+//!
+//! * every operation is one short transaction on a pooled connection (none is held across an
+//!   agent's run);
+//! * claims lock their candidates `FOR UPDATE SKIP LOCKED`: nodes claiming together take
+//!   different runs instead of waiting on each other; a run with a concurrency key is claimed
+//!   only under that key's transaction-scoped advisory lock, so one key never runs twice;
+//! * every write of a running attempt is fenced on (owner, attempt) and takes the run's row
+//!   lock first, so the event numbers of one run never collide whichever node writes them;
+//! * the reaper skips rows another reaper is handling, and requeues only the attempt it saw.
+//!
+//! The SQL is in `queries/*.sql` (the same names as SQLite's) and `migrations/*.sql`.
+
+use agentry_core::keys::ApiKey;
+use agentry_core::runs::{
+    AttemptStart, Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome,
+    DirectClaim, EventKind, Finished, LeaseRef, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent,
+    RunQuery, RunStatus, now_ms,
+};
+use agentry_core::store::{KeyStore, RunStore, StoreError};
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Connection, Row};
+use std::str::FromStr;
+use std::time::Duration;
+
+use crate::transitions::{
+    CANCELLED_BEFORE_START, LostAttempt, checkpoint_event_data, queued_event_data,
+    started_event_data, transition,
+};
+
+macro_rules! sql {
+    ($name:literal) => {
+        include_str!(concat!("queries/", $name, ".sql"))
+    };
+}
+
+/// Schema migrations, in order, numbered from 1; `agentry_migrations` records which ran.
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_runs", include_str!("migrations/0001_runs.sql")),
+    (
+        "0002_api_keys",
+        include_str!("migrations/0002_api_keys.sql"),
+    ),
+    (
+        "0003_idempotency_scope",
+        include_str!("migrations/0003_idempotency_scope.sql"),
+    ),
+];
+
+/// How to reach the database.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// A `postgres://` URL. Never logged: it may carry a password.
+    pub url: String,
+    /// Connections this node keeps at most.
+    pub max_connections: u32,
+    /// How long an operation waits for a free connection (or a new one) before failing with
+    /// `Unavailable`, which the API answers 503.
+    pub acquire_timeout: Duration,
+    /// Tables go in this schema (created if missing) instead of the URL's default: one database
+    /// can hold several independent stores (the tests use one per test).
+    pub schema: Option<String>,
+}
+
+/// The PostgreSQL implementation of [`RunStore`] and [`KeyStore`]. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+fn db_err(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(d) if d.code().as_deref() == Some("40001") => {
+            StoreError::Unavailable(format!("serialization conflict: {d}"))
+        }
+        sqlx::Error::Database(d) => StoreError::Internal(d.to_string()),
+        sqlx::Error::ColumnDecode { .. }
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::Decode(_)
+        | sqlx::Error::TypeNotFound { .. } => StoreError::Internal(e.to_string()),
+        // The network, the pool, a restarted server: the caller may retry.
+        _ => StoreError::Unavailable(e.to_string()),
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
+}
+
+/// A schema name we are willing to put into `SET search_path` (it cannot be a bind parameter).
+fn valid_schema(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
+impl PgStore {
+    /// Connects and brings the schema up to date (under an advisory lock, so that many nodes
+    /// starting at once migrate it once). Refuses a database migrated by a newer Agentry.
+    pub async fn connect(options: &PgOptions) -> Result<Self, StoreError> {
+        let mut connect = PgConnectOptions::from_str(&options.url).map_err(|e| {
+            StoreError::Internal(format!("not a PostgreSQL URL: {}", redact_error(&e)))
+        })?;
+        if let Some(schema) = &options.schema {
+            if !valid_schema(schema) {
+                return Err(StoreError::Internal(format!(
+                    "`{schema}` is not a schema name (lowercase letters, digits, _)"
+                )));
+            }
+            let mut first = PgConnection::connect_with(&connect).await.map_err(db_err)?;
+            // `valid_schema` allows only [a-z0-9_]: nothing to inject.
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema}"
+            )))
+            .execute(&mut first)
+            .await
+            .map_err(db_err)?;
+            let _ = first.close().await;
+            connect = connect.options([("search_path", schema.as_str())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .acquire_timeout(options.acquire_timeout)
+            .connect_with(connect)
+            .await
+            .map_err(db_err)?;
+        let store = Self { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(include_str!("queries/schema_lock.sql"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::raw_sql(sql!("migrations_table"))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let applied: Option<i32> =
+            sqlx::query_scalar("SELECT max(version) FROM agentry_migrations")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        let applied = applied.unwrap_or(0) as usize;
+        if applied > MIGRATIONS.len() {
+            return Err(StoreError::Internal(format!(
+                "the database is at schema version {applied}, made by a newer Agentry; this one knows versions up to {}",
+                MIGRATIONS.len()
+            )));
+        }
+        for (i, (name, migration)) in MIGRATIONS.iter().enumerate().skip(applied) {
+            sqlx::raw_sql(*migration)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            sqlx::query(
+                "INSERT INTO agentry_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+            )
+            .bind(i as i32 + 1)
+            .bind(*name)
+            .bind(now_ms())
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    /// The pool, for the tests' fault injection and for `agentry migrate --status`.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+}
+
+/// sqlx's URL errors may quote the URL; say only what kind of error it was.
+fn redact_error(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Configuration(_) => "malformed".into(),
+        other => other.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rows
+// ---------------------------------------------------------------------------------------------
+
+fn u32_of(row: &PgRow, i: usize) -> Result<u32, sqlx::Error> {
+    let v: i64 = row.try_get(i)?;
+    u32::try_from(v).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// A row of the run columns (the order every run query names them in, as SQLite's).
+fn run_from_row(row: &PgRow) -> Result<Run, sqlx::Error> {
+    let status: String = row.try_get(5)?;
+    let backoff: String = row.try_get(12)?;
+    Ok(Run {
+        seq: row.try_get(0)?,
+        id: row.try_get(1)?,
+        agent: row.try_get(2)?,
+        entrypoint: row.try_get(3)?,
+        input: row.try_get(4)?,
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| sqlx::Error::Decode(format!("unknown status {status}").into()))?,
+        attempt: u32_of(row, 6)?,
+        max_attempts: u32_of(row, 7)?,
+        lease_losses: u32_of(row, 8)?,
+        priority: row.try_get(9)?,
+        run_at: row.try_get(10)?,
+        timeout_ms: row.try_get(11)?,
+        backoff: serde_json::from_str::<Backoff>(&backoff)
+            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        concurrency_key: row.try_get(13)?,
+        idempotency_key: row.try_get(14)?,
+        metadata: row.try_get(15)?,
+        result: row.try_get(16)?,
+        error: row.try_get(17)?,
+        cancel_requested: row.try_get(18)?,
+        lease_owner: row.try_get(19)?,
+        lease_expires_at: row.try_get(20)?,
+        created_at: row.try_get(21)?,
+        started_at: row.try_get(22)?,
+        finished_at: row.try_get(23)?,
+        updated_at: row.try_get(24)?,
+    })
+}
+
+fn runs(rows: Vec<PgRow>) -> Result<Vec<Run>, StoreError> {
+    rows.iter()
+        .map(run_from_row)
+        .collect::<Result<_, _>>()
+        .map_err(db_err)
+}
+
+fn one_run(row: Option<PgRow>) -> Result<Option<Run>, StoreError> {
+    row.as_ref().map(run_from_row).transpose().map_err(db_err)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations, each on one connection inside the caller's transaction
+// ---------------------------------------------------------------------------------------------
+
+/// Appends one event; the caller holds the run's row lock.
+async fn insert_event(
+    c: &mut PgConnection,
+    run_id: &str,
+    kind: EventKind,
+    data: &str,
+    at: i64,
+) -> Result<RunEvent, StoreError> {
+    let seq: i64 = sqlx::query_scalar(sql!("insert_event"))
+        .bind(run_id)
+        .bind(kind.as_str())
+        .bind(data)
+        .bind(at)
+        .fetch_one(&mut *c)
+        .await
+        .map_err(db_err)?;
+    Ok(RunEvent {
+        run_id: run_id.to_string(),
+        seq,
+        kind,
+        data: data.to_string(),
+        at,
+    })
+}
+
+/// Whether the lease is still this attempt's; locks the run's row for the transaction.
+async fn holds_lease(c: &mut PgConnection, lease: &LeaseRef) -> Result<bool, StoreError> {
+    let found: Option<i32> = sqlx::query_scalar(sql!("check_lease"))
+        .bind(&lease.run_id)
+        .bind(&lease.owner)
+        .bind(i64::from(lease.attempt))
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    Ok(found.is_some())
+}
+
+async fn get_run(c: &mut PgConnection, id: &str) -> Result<Option<Run>, StoreError> {
+    let row = sqlx::query(sql!("get_run"))
+        .bind(id)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    one_run(row)
+}
+
+async fn claim_one(
+    c: &mut PgConnection,
+    id: &str,
+    req: &ClaimRequest,
+) -> Result<Option<ClaimedRun>, StoreError> {
+    let row = sqlx::query(sql!("claim_run"))
+        .bind(id)
+        .bind(&req.node)
+        .bind(&req.owner)
+        .bind(req.lease_until)
+        .bind(req.now)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    let Some(run) = one_run(row)? else {
+        return Ok(None);
+    };
+    let checkpoint: Option<String> = sqlx::query_scalar(sql!("latest_checkpoint"))
+        .bind(id)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    Ok(Some(ClaimedRun { run, checkpoint }))
+}
+
+async fn create_run(
+    c: &mut PgConnection,
+    run: &NewRun,
+    claim: Option<&DirectClaim>,
+) -> Result<Option<CreateOutcome>, StoreError> {
+    if let Some(key) = &run.idempotency_key {
+        let found: Option<(String, Option<String>)> = sqlx::query_as(sql!("find_idempotency_key"))
+            .bind(&run.idempotency_scope)
+            .bind(key)
+            .fetch_optional(&mut *c)
+            .await
+            .map_err(db_err)?;
+        if let Some((existing_id, hash)) = found {
+            if hash == run.request_hash {
+                let existing = get_run(c, &existing_id).await?;
+                return existing
+                    .map(|r| Some(CreateOutcome::Existing(r)))
+                    .ok_or_else(|| StoreError::Internal("an idempotent run vanished".into()));
+            }
+            return Ok(Some(CreateOutcome::Conflict { existing_id }));
+        }
+    }
+    let backoff =
+        serde_json::to_string(&run.backoff).map_err(|e| StoreError::Internal(e.to_string()))?;
+    let inserted = sqlx::query(sql!("insert_run"))
+        .bind(&run.id)
+        .bind(&run.agent)
+        .bind(&run.entrypoint)
+        .bind(&run.input)
+        .bind(i64::from(run.max_attempts))
+        .bind(run.priority)
+        .bind(run.run_at)
+        .bind(run.timeout_ms)
+        .bind(backoff)
+        .bind(&run.concurrency_key)
+        .bind(&run.idempotency_key)
+        .bind(&run.request_hash)
+        .bind(&run.metadata)
+        .bind(run.created_at)
+        .bind(&run.idempotency_scope)
+        .fetch_one(&mut *c)
+        .await;
+    // Another node stored the same idempotency key a moment ago: `None`, and the caller starts
+    // over (in a new transaction) and finds it.
+    let row = match inserted {
+        Ok(row) => row,
+        Err(e) if is_unique_violation(&e) => return Ok(None),
+        Err(e) => return Err(db_err(e)),
+    };
+    let stored = run_from_row(&row).map_err(db_err)?;
+    let event = insert_event(
+        c,
+        &stored.id,
+        EventKind::Queued,
+        &queued_event_data(&stored),
+        run.created_at,
+    )
+    .await?;
+    let claimed = match claim {
+        Some(claim) if may_claim_directly(c, &stored).await? => {
+            let request = ClaimRequest {
+                node: claim.node.clone(),
+                owner: claim.owner.clone(),
+                now: run.created_at,
+                lease_until: claim.lease_until,
+                per_agent: Vec::new(),
+            };
+            claim_one(c, &stored.id, &request).await?
+        }
+        _ => None,
+    };
+    let stored = claimed.as_ref().map_or(stored, |c| c.run.clone());
+    Ok(Some(CreateOutcome::Created {
+        run: stored,
+        event,
+        claimed,
+    }))
+}
+
+/// A new run may skip the queue when it is due, has no concurrency key, and no due run of its
+/// agent waits ahead of it.
+async fn may_claim_directly(c: &mut PgConnection, run: &Run) -> Result<bool, StoreError> {
+    if run.concurrency_key.is_some() || run.run_at > run.created_at {
+        return Ok(false);
+    }
+    let waiting: Option<i32> = sqlx::query_scalar(sql!("due_queued_exists"))
+        .bind(&run.agent)
+        .bind(run.run_at)
+        .bind(run.seq)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    Ok(waiting.is_none())
+}
+
+async fn start_attempt(
+    c: &mut PgConnection,
+    lease: &LeaseRef,
+    start: &AttemptStart,
+) -> Result<RunEvent, StoreError> {
+    let held: Option<String> = sqlx::query_scalar(sql!("start_attempt"))
+        .bind(&lease.run_id)
+        .bind(&lease.owner)
+        .bind(i64::from(lease.attempt))
+        .bind(start.at)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    if held.is_none() {
+        return Err(StoreError::LeaseLost);
+    }
+    let data = started_event_data(lease.attempt, &start.node);
+    insert_event(c, &lease.run_id, EventKind::Started, &data, start.at).await
+}
+
+async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed, StoreError> {
+    let mut out = Claimed::default();
+    let mut short = false;
+    for (agent, free) in &req.per_agent {
+        if *free == 0 {
+            continue;
+        }
+        let candidates: Vec<(String, Option<String>)> = sqlx::query_as(sql!("claim_candidates"))
+            .bind(agent)
+            .bind(req.now)
+            .bind(*free as i64)
+            .fetch_all(&mut *c)
+            .await
+            .map_err(db_err)?;
+        short |= candidates.len() < *free;
+        for (id, key) in candidates {
+            if let Some(key) = key
+                && !key_is_free(c, &key, &id).await?
+            {
+                short = true;
+                continue;
+            }
+            if let Some(claimed) = claim_one(c, &id, req).await? {
+                out.runs.push(claimed);
+            }
+        }
+    }
+    if short {
+        out.next_due = sqlx::query_scalar(sql!("next_due"))
+            .bind(req.now)
+            .fetch_one(&mut *c)
+            .await
+            .map_err(db_err)?;
+    }
+    Ok(out)
+}
+
+/// Takes the concurrency key's lock for this transaction and checks, under it, that the run is
+/// still the key's next one and none of the key runs. `false` when another node holds the key.
+async fn key_is_free(c: &mut PgConnection, key: &str, id: &str) -> Result<bool, StoreError> {
+    let locked: bool = sqlx::query_scalar(sql!("claim_key_lock"))
+        .bind(key)
+        .fetch_one(&mut *c)
+        .await
+        .map_err(db_err)?;
+    if !locked {
+        return Ok(false);
+    }
+    let seq: i64 = sqlx::query_scalar("SELECT seq FROM runs WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *c)
+        .await
+        .map_err(db_err)?;
+    sqlx::query_scalar(sql!("claim_key_free"))
+        .bind(key)
+        .bind(seq)
+        .fetch_one(&mut *c)
+        .await
+        .map_err(db_err)
+}
+
+async fn finish_run(
+    c: &mut PgConnection,
+    lease: &LeaseRef,
+    outcome: &Outcome,
+    start: Option<&AttemptStart>,
+    now: i64,
+) -> Result<Finished, StoreError> {
+    let started = match start {
+        Some(start) => Some(start_attempt(c, lease, start).await?),
+        None => None,
+    };
+    let t = transition(outcome, lease.attempt, now);
+    let row = sqlx::query(sql!("finish_run"))
+        .bind(&lease.run_id)
+        .bind(&lease.owner)
+        .bind(i64::from(lease.attempt))
+        .bind(t.status.as_str())
+        .bind(t.result)
+        .bind(t.error)
+        .bind(t.finished_at)
+        .bind(t.run_at)
+        .bind(now)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    let Some(run) = one_run(row)? else {
+        return Err(StoreError::LeaseLost);
+    };
+    let event = insert_event(c, &run.id, t.event, &t.data, now).await?;
+    Ok(Finished {
+        run,
+        events: started.into_iter().chain([event]).collect(),
+    })
+}
+
+async fn cancel_run(c: &mut PgConnection, id: &str, now: i64) -> Result<CancelOutcome, StoreError> {
+    let row = sqlx::query(sql!("cancel_queued"))
+        .bind(id)
+        .bind(CANCELLED_BEFORE_START)
+        .bind(now)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    if let Some(run) = one_run(row)? {
+        let data = format!(
+            "{{\"attempt\":{},\"error\":{CANCELLED_BEFORE_START}}}",
+            run.attempt
+        );
+        let event = insert_event(c, id, EventKind::Cancelled, &data, now).await?;
+        return Ok(CancelOutcome::Cancelled(Finished {
+            run,
+            events: vec![event],
+        }));
+    }
+    let row = sqlx::query(sql!("request_cancel"))
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    if let Some(run) = one_run(row)? {
+        let event = insert_event(c, id, EventKind::CancelRequested, "{}", now).await?;
+        return Ok(CancelOutcome::Requested {
+            run,
+            event: Some(event),
+        });
+    }
+    Ok(match get_run(c, id).await? {
+        Some(run) if run.status == RunStatus::Running => {
+            CancelOutcome::Requested { run, event: None }
+        }
+        Some(run) => CancelOutcome::AlreadyFinished(run),
+        None => CancelOutcome::NotFound,
+    })
+}
+
+async fn recover_leases(
+    c: &mut PgConnection,
+    now: i64,
+    node: Option<&(String, String)>,
+    alive: &[LeaseRef],
+) -> Result<Vec<Finished>, StoreError> {
+    let (node_name, owner) = match node {
+        Some((n, o)) => (Some(n.as_str()), Some(o.as_str())),
+        None => (None, None),
+    };
+    let rows = sqlx::query(sql!("lost_leases"))
+        .bind(now)
+        .bind(node_name)
+        .bind(owner)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(db_err)?;
+    let mut out = Vec::new();
+    for run in runs(rows)? {
+        let held_by_a_live_attempt = alive.iter().any(|l| {
+            l.run_id == run.id
+                && l.attempt == run.attempt
+                && run.lease_owner.as_deref() == Some(l.owner.as_str())
+        });
+        if held_by_a_live_attempt {
+            continue;
+        }
+        let lost = LostAttempt::of(&run, now);
+        let row = sqlx::query(sql!("requeue_lost"))
+            .bind(&run.id)
+            .bind(now)
+            .bind(lost.status.as_str())
+            .bind(lost.error)
+            .bind(lost.finished_at)
+            .bind(&run.lease_owner)
+            .bind(i64::from(run.attempt))
+            .fetch_optional(&mut *c)
+            .await
+            .map_err(db_err)?;
+        let Some(updated) = one_run(row)? else {
+            continue;
+        };
+        let event = insert_event(c, &run.id, lost.event, &lost.data, now).await?;
+        out.push(Finished {
+            run: updated,
+            events: vec![event],
+        });
+    }
+    Ok(out)
+}
+
+fn key_from_row(row: &PgRow) -> Result<ApiKey, StoreError> {
+    let decode = |e: serde_json::Error| StoreError::Internal(format!("a stored key: {e}"));
+    let scopes: String = row.try_get("scopes").map_err(db_err)?;
+    let agents: Option<String> = row.try_get("agents").map_err(db_err)?;
+    Ok(ApiKey {
+        id: row.try_get("id").map_err(db_err)?,
+        name: row.try_get("name").map_err(db_err)?,
+        hash: row.try_get("hash").map_err(db_err)?,
+        scopes: serde_json::from_str(&scopes).map_err(decode)?,
+        agents: agents
+            .map(|a| serde_json::from_str(&a))
+            .transpose()
+            .map_err(decode)?,
+        created_at: row.try_get("created_at").map_err(db_err)?,
+        expires_at: row.try_get("expires_at").map_err(db_err)?,
+        revoked_at: row.try_get("revoked_at").map_err(db_err)?,
+        last_used_at: row.try_get("last_used_at").map_err(db_err)?,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// The traits
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `op` in one transaction; an `Err` rolls it back.
+macro_rules! in_tx {
+    ($self:ident, |$c:ident| $body:expr) => {{
+        let mut tx = $self.pool.begin().await.map_err(db_err)?;
+        let result = {
+            let $c: &mut PgConnection = &mut *tx;
+            $body
+        };
+        match result {
+            Ok(value) => {
+                tx.commit().await.map_err(db_err)?;
+                Ok(value)
+            }
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
+        }
+    }};
+}
+
+#[async_trait]
+impl RunStore for PgStore {
+    async fn create_run(
+        &self,
+        run: NewRun,
+        claim: Option<DirectClaim>,
+    ) -> Result<CreateOutcome, StoreError> {
+        // A lost race for an idempotency key rolls back; the next try finds the winner's run.
+        for _ in 0..3 {
+            let mut tx = self.pool.begin().await.map_err(db_err)?;
+            match create_run(&mut tx, &run, claim.as_ref()).await {
+                Ok(Some(outcome)) => {
+                    tx.commit().await.map_err(db_err)?;
+                    return Ok(outcome);
+                }
+                Ok(None) => {
+                    let _ = tx.rollback().await;
+                }
+                Err(e) => {
+                    let _ = tx.rollback().await;
+                    return Err(e);
+                }
+            }
+        }
+        Err(StoreError::Unavailable(
+            "the idempotency key is being used by another request right now".into(),
+        ))
+    }
+
+    async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {
+        let row = sqlx::query(sql!("get_run"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        one_run(row)
+    }
+
+    async fn list_runs(&self, q: RunQuery) -> Result<Vec<Run>, StoreError> {
+        let rows = sqlx::query(sql!("list_runs"))
+            .bind(&q.agent)
+            .bind(q.status.map(RunStatus::as_str))
+            .bind(&q.entrypoint)
+            .bind(&q.concurrency_key)
+            .bind(q.before_seq.unwrap_or(i64::MAX))
+            .bind(q.limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        runs(rows)
+    }
+
+    async fn claim_runs(&self, request: ClaimRequest) -> Result<Claimed, StoreError> {
+        in_tx!(self, |c| claim_runs(c, &request).await)
+    }
+
+    async fn renew_leases(
+        &self,
+        leases: Vec<LeaseRef>,
+        until: i64,
+        heartbeat: Vec<String>,
+    ) -> Result<Vec<Renewal>, StoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let ids: Vec<&str> = leases.iter().map(|l| l.run_id.as_str()).collect();
+        let owners: Vec<&str> = leases.iter().map(|l| l.owner.as_str()).collect();
+        let attempts: Vec<i64> = leases.iter().map(|l| i64::from(l.attempt)).collect();
+        in_tx!(self, |c| {
+            async {
+                let held: Vec<(String, i64, bool)> = sqlx::query_as(sql!("renew_lease"))
+                    .bind(&ids)
+                    .bind(&owners)
+                    .bind(&attempts)
+                    .bind(until)
+                    .bind(now)
+                    .fetch_all(&mut *c)
+                    .await
+                    .map_err(db_err)?;
+                let mut out = Vec::with_capacity(leases.len());
+                for lease in &leases {
+                    let found = held
+                        .iter()
+                        .find(|(id, attempt, _)| {
+                            *id == lease.run_id && *attempt == i64::from(lease.attempt)
+                        })
+                        .map(|(_, _, cancel)| *cancel);
+                    if found.is_some() && heartbeat.contains(&lease.run_id) {
+                        let data = format!("{{\"attempt\":{}}}", lease.attempt);
+                        insert_event(c, &lease.run_id, EventKind::Heartbeat, &data, now).await?;
+                    }
+                    out.push(Renewal {
+                        run_id: lease.run_id.clone(),
+                        attempt: lease.attempt,
+                        held: found.is_some(),
+                        cancel_requested: found.unwrap_or(false),
+                    });
+                }
+                Ok(out)
+            }
+            .await
+        })
+    }
+
+    async fn start_attempt(
+        &self,
+        lease: LeaseRef,
+        start: AttemptStart,
+    ) -> Result<RunEvent, StoreError> {
+        in_tx!(self, |c| start_attempt(c, &lease, &start).await)
+    }
+
+    async fn append_events(
+        &self,
+        lease: LeaseRef,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<RunEvent>, StoreError> {
+        let now = now_ms();
+        in_tx!(self, |c| {
+            async {
+                if !holds_lease(c, &lease).await? {
+                    return Err(StoreError::LeaseLost);
+                }
+                let mut stored = Vec::with_capacity(events.len());
+                for e in &events {
+                    stored
+                        .push(insert_event(c, &lease.run_id, e.kind.clone(), &e.data, now).await?);
+                }
+                Ok(stored)
+            }
+            .await
+        })
+    }
+
+    async fn save_checkpoint(
+        &self,
+        lease: LeaseRef,
+        state: String,
+    ) -> Result<RunEvent, StoreError> {
+        let now = now_ms();
+        in_tx!(self, |c| {
+            async {
+                if !holds_lease(c, &lease).await? {
+                    return Err(StoreError::LeaseLost);
+                }
+                let seq: i64 = sqlx::query_scalar(sql!("insert_checkpoint"))
+                    .bind(&lease.run_id)
+                    .bind(i64::from(lease.attempt))
+                    .bind(&state)
+                    .bind(now)
+                    .fetch_one(&mut *c)
+                    .await
+                    .map_err(db_err)?;
+                let data = checkpoint_event_data(seq, &state);
+                insert_event(c, &lease.run_id, EventKind::Checkpoint, &data, now).await
+            }
+            .await
+        })
+    }
+
+    async fn finish_run(
+        &self,
+        lease: LeaseRef,
+        outcome: Outcome,
+        start: Option<AttemptStart>,
+    ) -> Result<Finished, StoreError> {
+        let now = now_ms();
+        in_tx!(self, |c| finish_run(
+            c,
+            &lease,
+            &outcome,
+            start.as_ref(),
+            now
+        )
+        .await)
+    }
+
+    async fn cancel_run(&self, id: &str, now: i64) -> Result<CancelOutcome, StoreError> {
+        in_tx!(self, |c| cancel_run(c, id, now).await)
+    }
+
+    async fn last_event_seq(&self, id: &str) -> Result<i64, StoreError> {
+        sqlx::query_scalar(sql!("last_event_seq"))
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn events_after(
+        &self,
+        id: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<RunEvent>, StoreError> {
+        let rows: Vec<(String, i64, String, String, i64)> = sqlx::query_as(sql!("events_after"))
+            .bind(id)
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(rows
+            .into_iter()
+            .map(|(run_id, seq, kind, data, at)| RunEvent {
+                run_id,
+                seq,
+                kind: EventKind::parse(&kind),
+                data,
+                at,
+            })
+            .collect())
+    }
+
+    async fn recover_leases(
+        &self,
+        now: i64,
+        node: Option<(String, String)>,
+        alive: Vec<LeaseRef>,
+    ) -> Result<Vec<Finished>, StoreError> {
+        in_tx!(self, |c| recover_leases(c, now, node.as_ref(), &alive)
+            .await)
+    }
+
+    async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        in_tx!(self, |c| {
+            async {
+                let ids: Vec<String> = sqlx::query_scalar(sql!("purge_candidates"))
+                    .bind(before)
+                    .bind(limit as i64)
+                    .fetch_all(&mut *c)
+                    .await
+                    .map_err(db_err)?;
+                for query in [
+                    sql!("purge_events"),
+                    sql!("purge_checkpoints"),
+                    sql!("purge_run"),
+                ] {
+                    sqlx::query(query)
+                        .bind(&ids)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(db_err)?;
+                }
+                Ok(ids.len())
+            }
+            .await
+        })
+    }
+}
+
+#[async_trait]
+impl KeyStore for PgStore {
+    async fn create_key(&self, key: ApiKey) -> Result<(), StoreError> {
+        let encode = |e: serde_json::Error| StoreError::Internal(e.to_string());
+        let scopes = serde_json::to_string(&key.scopes).map_err(encode)?;
+        let agents = key
+            .agents
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(encode)?;
+        sqlx::query(sql!("insert_key"))
+            .bind(&key.id)
+            .bind(&key.name)
+            .bind(&key.hash)
+            .bind(scopes)
+            .bind(agents)
+            .bind(key.created_at)
+            .bind(key.expires_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_keys(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(sql!("list_keys"))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke_key(&self, id: &str, now: i64) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(sql!("revoke_key"))
+            .bind(id)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn touch_keys(&self, used: Vec<(String, i64)>) -> Result<(), StoreError> {
+        in_tx!(self, |c| {
+            async {
+                for (id, at) in &used {
+                    sqlx::query(sql!("touch_key"))
+                        .bind(id)
+                        .bind(at)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(db_err)?;
+                }
+                Ok(())
+            }
+            .await
+        })
+    }
+}
