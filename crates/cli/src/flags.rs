@@ -113,6 +113,16 @@ pub struct ServeFlags {
     /// The run database file. Default: <state-dir>/agentry.db.
     #[arg(long)]
     runs_db: Option<PathBuf>,
+    /// Keep runs and API keys in PostgreSQL (`postgres://user:password@host/db`), shared by
+    /// every node started with the same URL. Never logged.
+    #[arg(long)]
+    database: Option<String>,
+    /// The PostgreSQL schema for Agentry's tables (default: the URL's).
+    #[arg(long)]
+    database_schema: Option<String>,
+    /// PostgreSQL connections this node keeps at most.
+    #[arg(long)]
+    database_max_connections: Option<u32>,
     /// Commit runs without fsync: they survive a crash of the server, not a power loss.
     #[arg(long)]
     runs_db_no_fsync: bool,
@@ -224,6 +234,13 @@ impl ServeFlags {
             &self.max_event_bytes_per_attempt,
         );
         put(&mut out, "store.path", &self.runs_db);
+        put(&mut out, "store.database_url", &self.database);
+        put(&mut out, "store.database_schema", &self.database_schema);
+        put(
+            &mut out,
+            "store.database_max_connections",
+            &self.database_max_connections,
+        );
         if self.runs_db_no_fsync {
             out.push(("store.fsync", json!(false)));
         }

@@ -6,7 +6,6 @@ use agentry_api::keys::{KeyList, KeyView, NewKeyView};
 use std::io::Write;
 use std::path::PathBuf;
 
-use agentry_core::KeyStore;
 use agentry_core::keys::{KeyRequest, parse_duration_s};
 use agentry_core::runs::now_ms;
 use anyhow::{Context, bail};
@@ -20,6 +19,12 @@ pub struct KeysArgs {
     /// The database file, if not the state directory's.
     #[arg(long, global = true)]
     runs_db: Option<PathBuf>,
+    /// The PostgreSQL database the nodes share (`postgres://…`), instead of the SQLite file.
+    #[arg(long, global = true)]
+    database: Option<String>,
+    /// The PostgreSQL schema of Agentry's tables.
+    #[arg(long, global = true)]
+    database_schema: Option<String>,
     /// The configuration file (default: ./agentry.toml when present).
     #[arg(long, global = true, env = "AGENTRY_CONFIG")]
     config: Option<PathBuf>,
@@ -68,6 +73,12 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
     if let Some(db) = &args.runs_db {
         flags.push(("store.path", serde_json::json!(db)));
     }
+    if let Some(url) = &args.database {
+        flags.push(("store.database_url", serde_json::json!(url)));
+    }
+    if let Some(schema) = &args.database_schema {
+        flags.push(("store.database_schema", serde_json::json!(schema)));
+    }
     let loaded = agentry_server::config::load(agentry_server::config::Sources::from_process(
         args.config.clone(),
         flags,
@@ -103,6 +114,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
                 )
             })?;
             store
+                .keys
                 .create_key(key.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot store the key: {e}"))?;
@@ -115,6 +127,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
         }
         KeysCommand::List => {
             let keys = store
+                .keys
                 .list_keys()
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot read the keys: {e}"))?;
@@ -125,6 +138,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
         }
         KeysCommand::Revoke { id } => {
             let Some(key) = store
+                .keys
                 .revoke_key(&id, now_ms())
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot revoke the key: {e}"))?

@@ -440,6 +440,13 @@ impl RunsConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
     pub path: Option<PathBuf>,
+    /// A `postgres://` URL: runs and API keys live there, shared by every node that names it,
+    /// instead of in the SQLite file `path`.
+    pub database_url: Option<String>,
+    /// The PostgreSQL schema the tables go in (created if missing); `None`: the URL's default.
+    pub database_schema: Option<String>,
+    /// PostgreSQL connections this node keeps at most.
+    pub database_max_connections: u32,
     pub fsync: bool,
     pub busy_timeout_s: f64,
     pub runagent_db: bool,
@@ -454,6 +461,9 @@ impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             path: None,
+            database_url: None,
+            database_schema: None,
+            database_max_connections: 16,
             fsync: true,
             busy_timeout_s: 5.0,
             runagent_db: true,
@@ -467,6 +477,27 @@ impl Default for StoreConfig {
 impl StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         positive_secs("store.busy_timeout_s", self.busy_timeout_s)?;
+        if let Some(url) = &self.database_url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(bad("store.database_url", "must be a postgres:// URL"));
+        }
+        if let Some(schema) = &self.database_schema
+            && !(!schema.is_empty()
+                && schema.len() <= 63
+                && !schema.starts_with(|c: char| c.is_ascii_digit())
+                && schema
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        {
+            return Err(bad(
+                "store.database_schema",
+                "must be lowercase letters, digits and _ (at most 63, not starting with a digit)",
+            ));
+        }
+        if self.database_max_connections == 0 {
+            return Err(bad("store.database_max_connections", "must be at least 1"));
+        }
         if !(self.runagent_history_max_age_s >= 0.0 && self.runagent_history_max_age_s.is_finite())
         {
             return Err(bad(
@@ -775,6 +806,14 @@ pub const FIELDS: &[Field] = &[
     field("store.path", "runs-db", "AGENTRY_RUNS_DB", "the run database (SQLite, WAL)")
         .text()
         .default_doc("`<state_dir>/agentry.db`"),
+    field("store.database_url", "database", "AGENTRY_DATABASE_URL", "a `postgres://` URL: runs and API keys live in PostgreSQL, shared by every node started with it, instead of in `store.path`; `?sslmode=require` for TLS. Never logged")
+        .text()
+        .secret()
+        .default_doc("none (SQLite)"),
+    field("store.database_schema", "database-schema", "AGENTRY_DATABASE_SCHEMA", "the PostgreSQL schema for Agentry's tables (created if missing), so that one database can hold several independent deployments")
+        .text()
+        .default_doc("the URL's default (`public`)"),
+    field("store.database_max_connections", "database-max-connections", "AGENTRY_DATABASE_MAX_CONNECTIONS", "PostgreSQL connections this node keeps at most"),
     field("store.fsync", "runs-db-no-fsync", "AGENTRY_RUNS_DB_NO_FSYNC", "fsync every commit of the run database (`synchronous=FULL`); the flag turns it off: runs then survive a crash of the server, not a power loss")
         .negated(),
     field("store.busy_timeout_s", "runs-db-busy-timeout-s", "AGENTRY_RUNS_DB_BUSY_TIMEOUT_S", "how long a write waits for another process's lock on the database before the request gets 503"),

@@ -313,6 +313,11 @@ fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
     }
 }
 
+/// A URL with its password hidden, for messages.
+pub fn redact_url(url: &str) -> String {
+    redact(&json!(url)).as_str().unwrap_or("***").to_string()
+}
+
 /// A secret as `config show` prints it: a URL keeps everything but its password (in the
 /// user part, and `password`/`sslpassword` in the query); anything else is replaced whole.
 fn redact(value: &serde_json::Value) -> serde_json::Value {

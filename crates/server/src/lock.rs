@@ -24,18 +24,20 @@ pub struct StateLock {
     /// The run database itself, `flock`ed too: a hard link is another path to the same file,
     /// which no lock file beside a path can see. (SQLite's own locks are `fcntl` locks, which
     /// on Linux are independent of `flock`.)
-    _database: File,
+    _database: Option<File>,
 }
 
 impl StateLock {
     /// Locks `<state_dir>/agentry.lock` and `<runs_db>.lock`, both by their real paths
     /// (symlinks and `..` resolved, so that no spelling of a path escapes the lock). Fails,
     /// naming the holder, if another process has either.
-    pub fn acquire(state_dir: &Path, runs_db: &Path) -> anyhow::Result<Self> {
+    pub fn acquire(state_dir: &Path, runs_db: Option<&Path>) -> anyhow::Result<Self> {
         let mut paths = vec![real_path(&state_dir.join("agentry.lock"))?];
-        let db_lock = lock_path_of(&real_path(runs_db)?);
-        if !paths.contains(&db_lock) {
-            paths.push(db_lock);
+        if let Some(runs_db) = runs_db {
+            let db_lock = lock_path_of(&real_path(runs_db)?);
+            if !paths.contains(&db_lock) {
+                paths.push(db_lock);
+            }
         }
         let mut files = Vec::with_capacity(paths.len());
         for path in paths {
@@ -68,24 +70,10 @@ impl StateLock {
             }
             files.push((path, file));
         }
-        let db_path = real_path(runs_db)?;
-        let database = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&db_path)
-            .with_context(|| format!("cannot open the run database {}", db_path.display()))?;
-        match database.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => bail!(
-                "another process serves from the run database {} (through another path to it, such as a hard link): refusing to start a second server on it",
-                db_path.display()
-            ),
-            Err(TryLockError::Error(e)) => {
-                return Err(e).with_context(|| format!("cannot lock {}", db_path.display()));
-            }
-        }
+        let database = match runs_db {
+            Some(runs_db) => Some(lock_database_file(runs_db)?),
+            None => None,
+        };
         let mut lock = Self {
             files,
             _database: database,
@@ -148,9 +136,9 @@ mod tests {
     fn a_second_lock_on_the_same_database_is_refused_and_names_the_holder() {
         let dir = tempfile::tempdir().expect("tempdir");
         let db = dir.path().join("agentry.db");
-        let mut first = StateLock::acquire(dir.path(), &db).expect("the first lock");
+        let mut first = StateLock::acquire(dir.path(), Some(&db)).expect("the first lock");
         first.record_address("127.0.0.1:4321".parse().expect("addr"));
-        let err = StateLock::acquire(dir.path(), &db)
+        let err = StateLock::acquire(dir.path(), Some(&db))
             .err()
             .expect("a second lock is refused")
             .to_string();
@@ -162,24 +150,47 @@ mod tests {
         // Another state directory over the same database is refused too, and so is the same
         // state directory with its database elsewhere, and a database reached by a symlink.
         let other = tempfile::tempdir().expect("tempdir");
-        assert!(StateLock::acquire(other.path(), &db).is_err());
-        assert!(StateLock::acquire(dir.path(), &other.path().join("x.db")).is_err());
+        assert!(StateLock::acquire(other.path(), Some(&db)).is_err());
+        assert!(StateLock::acquire(dir.path(), Some(&other.path().join("x.db"))).is_err());
         std::fs::write(&db, b"").expect("db");
         let link = other.path().join("link.db");
         std::os::unix::fs::symlink(&db, &link).expect("symlink");
-        assert!(StateLock::acquire(other.path(), &link).is_err());
+        assert!(StateLock::acquire(other.path(), Some(&link)).is_err());
         // A hard link: another name for the same file, in another directory.
         let hard = other.path().join("hard.db");
         std::fs::hard_link(&db, &hard).expect("hard link");
         let third = tempfile::tempdir().expect("tempdir");
-        assert!(StateLock::acquire(third.path(), &hard).is_err());
+        assert!(StateLock::acquire(third.path(), Some(&hard)).is_err());
         let dotted = other
             .path()
             .join("..")
             .join(dir.path().file_name().expect("name"))
             .join("agentry.db");
-        assert!(StateLock::acquire(other.path(), &dotted).is_err());
+        assert!(StateLock::acquire(other.path(), Some(&dotted)).is_err());
         drop(first);
-        StateLock::acquire(dir.path(), &db).expect("free again once the holder is gone");
+        StateLock::acquire(dir.path(), Some(&db)).expect("free again once the holder is gone");
     }
+}
+
+/// Locks the SQLite file itself, so that a second path to it (a hard link) is refused too.
+fn lock_database_file(runs_db: &Path) -> anyhow::Result<std::fs::File> {
+    let db_path = real_path(runs_db)?;
+    let database = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&db_path)
+        .with_context(|| format!("cannot open the run database {}", db_path.display()))?;
+    match database.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => bail!(
+            "another process serves from the run database {} (through another path to it, such as a hard link): refusing to start a second server on it",
+            db_path.display()
+        ),
+        Err(TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("cannot lock {}", db_path.display()));
+        }
+    }
+    Ok(database)
 }

@@ -15,9 +15,12 @@ use agentry_api::auth::Auth;
 use agentry_api::limits::RateLimits;
 use agentry_api::server::ConnectionLimits;
 use agentry_core::InvocationHistory;
+use agentry_core::RunStore;
 use agentry_core::{Config, KeyStore, SharedBuckets};
 use agentry_engine::{Agents, Engine, EngineSettings};
-use agentry_store::{Durability, History, HistoryBounds, RunAgentDb, SqliteOptions, SqliteStore};
+use agentry_store::{
+    Durability, History, HistoryBounds, PgOptions, PgStore, RunAgentDb, SqliteOptions, SqliteStore,
+};
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
@@ -44,8 +47,47 @@ pub fn state_dir(config: &Config) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("bad state directory {}", config.state_dir.display()))
 }
 
-/// Opens the database of runs and keys (`store.path`, else `<state_dir>/agentry.db`).
-pub async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
+/// Where runs and API keys live: SQLite (one node) or PostgreSQL (many).
+#[derive(Clone)]
+pub struct Stores {
+    pub runs: Arc<dyn RunStore>,
+    pub keys: Arc<dyn KeyStore>,
+    /// The SQLite store, to close its writer at the end.
+    sqlite: Option<Arc<SqliteStore>>,
+}
+
+impl Stores {
+    /// Lets queued writes finish (SQLite's writer thread); PostgreSQL's pool closes on drop.
+    pub fn close(&self) {
+        if let Some(s) = &self.sqlite {
+            s.close();
+        }
+    }
+}
+
+/// Opens the database of runs and keys: PostgreSQL when `store.database_url` is set, else the
+/// SQLite file (`store.path`, else `<state_dir>/agentry.db`).
+pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
+    if let Some(url) = &config.store.database_url {
+        let options = PgOptions {
+            url: url.clone(),
+            max_connections: config.store.database_max_connections,
+            acquire_timeout: Duration::from_secs(5),
+            schema: config.store.database_schema.clone(),
+        };
+        let store = PgStore::connect(&options).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot use the PostgreSQL database {}: {e}",
+                crate::config::redact_url(url)
+            )
+        })?;
+        let store = Arc::new(store);
+        return Ok(Stores {
+            runs: Arc::clone(&store) as Arc<dyn RunStore>,
+            keys: store as Arc<dyn KeyStore>,
+            sqlite: None,
+        });
+    }
     let path = config.store.runs_db_path(&state_dir(config)?);
     let options = SqliteOptions {
         durability: if config.store.fsync {
@@ -60,7 +102,12 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
     let store = tokio::task::spawn_blocking(move || SqliteStore::open(&path, options))
         .await?
         .map_err(|e| anyhow::anyhow!("cannot open the database {shown}: {e}"))?;
-    Ok(Arc::new(store))
+    let store = Arc::new(store);
+    Ok(Stores {
+        runs: Arc::clone(&store) as Arc<dyn RunStore>,
+        keys: Arc::clone(&store) as Arc<dyn KeyStore>,
+        sqlite: Some(store),
+    })
 }
 
 /// This node's name: as configured, else a random id created once in the state directory, so
@@ -138,14 +185,18 @@ impl Application {
         let t0 = Instant::now();
         let state_dir = state_dir(&config)?;
         // Before anything is opened: a second server here must not touch the first one's runs.
-        let mut lock = StateLock::acquire(&state_dir, &config.store.runs_db_path(&state_dir))?;
-        let store = open_store(&config).await?;
-        let auth = Auth::load(
-            Arc::clone(&store) as Arc<dyn KeyStore>,
-            config.gateway.auth_required(),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot read the API keys: {e}"))?;
+        // With PostgreSQL many nodes share the database; the state directory is still one
+        // node's alone (its node id, its workers' files).
+        let sqlite_db = config
+            .store
+            .database_url
+            .is_none()
+            .then(|| config.store.runs_db_path(&state_dir));
+        let mut lock = StateLock::acquire(&state_dir, sqlite_db.as_deref())?;
+        let stores = open_store(&config).await?;
+        let auth = Auth::load(Arc::clone(&stores.keys), config.gateway.auth_required())
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the API keys: {e}"))?;
         let host = config.http.host;
         if !auth.enabled() && !host.is_loopback() && !config.gateway.insecure_no_auth {
             bail!(
@@ -193,7 +244,13 @@ impl Application {
         let addr = listener.local_addr()?;
         lock.record_address(addr);
         let engine_settings = EngineSettings::new(node_name(&config, &state_dir)?, &config.runs);
-        let engine = match Engine::start(store, Arc::clone(&agents), engine_settings).await {
+        let engine = match Engine::start(
+            Arc::clone(&stores.runs),
+            Arc::clone(&agents),
+            engine_settings,
+        )
+        .await
+        {
             Ok(e) => e,
             Err(e) => {
                 agents.shutdown(Duration::ZERO).await;

@@ -11,6 +11,7 @@ mod compat_golden;
 mod config;
 mod limits;
 mod openapi;
+mod postgres;
 mod runagent_sdk;
 mod runs;
 mod shared_limits;

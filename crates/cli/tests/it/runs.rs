@@ -26,7 +26,7 @@ async fn wait(srv: &impl Served, id: &str) -> Value {
 }
 
 /// Parses a finished SSE body into (id, event, data) triples.
-fn sse(text: &str) -> Vec<(i64, String, Value)> {
+pub(crate) fn sse(text: &str) -> Vec<(i64, String, Value)> {
     text.split("\n\n")
         .filter_map(|block| {
             let mut id = None;
@@ -47,7 +47,7 @@ fn sse(text: &str) -> Vec<(i64, String, Value)> {
 }
 
 /// The whole event log of a finished run.
-async fn events(srv: &impl Served, id: &str) -> Vec<(i64, String, Value)> {
+pub(crate) async fn events(srv: &impl Served, id: &str) -> Vec<(i64, String, Value)> {
     let (status, text) = get(&srv.url(&format!("/v1/runs/{id}/events?after=0"))).await;
     assert_eq!(status, 200, "{text}");
     sse(&text)

@@ -1,0 +1,176 @@
+//! Several nodes on one PostgreSQL (127.0.0.1:5432, database `test`, or
+//! `AGENTRY_TEST_POSTGRES_URL`), each test in a schema of its own. No skipping: without the
+//! server these tests fail (`.ci/run` starts it).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::common::app::app;
+use crate::common::*;
+use serde_json::json;
+
+fn pg_url() -> String {
+    std::env::var("AGENTRY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A fresh schema, dropped with the guard; the tables are created by the first node that
+/// starts on it.
+struct Schema(String);
+
+fn schema() -> Schema {
+    Schema(format!(
+        "agentry_it_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..16]
+    ))
+}
+
+impl std::ops::Deref for Schema {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Schema {
+    fn drop(&mut self) {
+        let drop_it = sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
+        // From a runtime of its own: the test's may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut c) = sqlx::PgConnection::connect(&pg_url()).await {
+                    let _ = sqlx::raw_sql(drop_it).execute(&mut c).await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+fn on_postgres(schema: &str) -> Vec<String> {
+    vec![
+        "--database".into(),
+        pg_url(),
+        "--database-schema".into(),
+        schema.into(),
+    ]
+}
+
+/// Two nodes on one database share one queue: runs created on either are executed once, by
+/// whichever node claims them, and each node answers for every run (its `wait` returns when the
+/// other node finishes it).
+#[tokio::test(flavor = "multi_thread")]
+async fn two_nodes_on_one_postgres_share_their_runs() {
+    let schema = schema();
+    let a = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    let b = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        let (status, text) = post(
+            &node.url("/v1/runs"),
+            &json!({"agent": "durable", "entrypoint": "work", "input": {"i": i}}).to_string(),
+        )
+        .await;
+        assert_eq!(status, 202, "{text}");
+        ids.push((i, json(&text)["id"].as_str().expect("id").to_string()));
+    }
+    let mut by_node: HashMap<String, usize> = HashMap::new();
+    for (i, id) in &ids {
+        // Asked of the node that did not create it.
+        let other = if i % 2 == 0 { &b } else { &a };
+        let (status, text) = get(&other.url(&format!("/v1/runs/{id}/wait?timeout_s=30"))).await;
+        assert_eq!(status, 200, "{text}");
+        let run = json(&text);
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["output"], json!({"i": i}));
+        assert_eq!(run["attempt"], 1, "{run}");
+        let events = crate::runs::events(other, id).await;
+        let seqs: Vec<i64> = events.iter().map(|(seq, _, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=seqs.len() as i64).collect::<Vec<_>>(),
+            "{events:?}"
+        );
+        let kinds: Vec<&str> = events.iter().map(|(_, k, _)| k.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["run.queued", "run.started", "run.succeeded"],
+            "{events:?}"
+        );
+        let node = events[1].2["data"]["node"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        *by_node.entry(node).or_default() += 1;
+    }
+    assert_eq!(by_node.values().sum::<usize>(), 40, "{by_node:?}");
+    assert_eq!(by_node.len(), 2, "both nodes ran runs: {by_node:?}");
+}
+
+/// A key created with `agentry keys create --database URL` is known to every node on that
+/// database (and turns authentication on there).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_created_against_the_database_works_on_every_node() {
+    let schema = schema();
+    let a = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["keys", "create", "--scope", "runs:read"])
+        .args(on_postgres(&schema))
+        .output()
+        .expect("keys create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = json(&String::from_utf8_lossy(&out.stdout))["key"]
+        .as_str()
+        .expect("key")
+        .to_string();
+    let b = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    for node in [&a, &b] {
+        // Node a loaded its keys before this one existed: it reloads them within seconds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, _) = get(&node.url("/v1/runs?agent=durable")).await;
+            if status == 401 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "authentication never turned on ({status})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let status = get_with_bearer(&node.url("/v1/runs?agent=durable"), &key).await;
+        assert_eq!(status, 200, "the key works on every node");
+    }
+}
+
+async fn get_with_bearer(url: &str, key: &str) -> u16 {
+    reqwest::Client::new()
+        .get(url)
+        .bearer_auth(key)
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
