@@ -19,5 +19,6 @@ pub mod schema;
 pub mod store;
 
 pub use store::{
-    InUse, Invocation, InvocationHistory, KeyStore, RunStore, SharedBuckets, SharedTats, StoreError,
+    InUse, Invocation, InvocationHistory, KeyStore, RunStore, SharedBuckets, SharedTats,
+    StoreChange, StoreChanges, StoreError,
 };

@@ -30,9 +30,33 @@ pub enum StoreError {
     Internal(String),
 }
 
+/// What other nodes changed in a shared store, as this node learns of it (PostgreSQL's
+/// LISTEN/NOTIFY). A hint to look now rather than at the next poll: it can come late, twice,
+/// or not at all (`Missed` says some may have been lost), so nothing relies on it alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    /// A run was queued, requeued or retried: claim what is due.
+    RunsDue,
+    /// A run's log grew up to `seq`.
+    Events { run_id: String, seq: i64 },
+    /// Someone asked to cancel a running run.
+    CancelRequested { run_id: String },
+    /// The channel was interrupted (a reconnect): anything may have changed meanwhile.
+    Missed,
+}
+
+/// A stream of [`StoreChange`]s; it ends when the store closes.
+pub type StoreChanges = futures_util::stream::BoxStream<'static, StoreChange>;
+
 /// Durable runs, their events, checkpoints and idempotency keys.
 #[async_trait]
 pub trait RunStore: Send + Sync + 'static {
+    /// Changes made by other nodes, for a store that several nodes share; `None` (the default)
+    /// for one that only this node writes. Asked once, by the engine.
+    fn changes(&self) -> Option<StoreChanges> {
+        None
+    }
+
     /// Stores a new run (`queued`) and its `run.queued` event, honouring the idempotency key.
     /// With `claim`, a run that is due, has no concurrency key and has no due run of its agent
     /// queued ahead of it is leased at once (`running`; its code has not started yet).

@@ -103,6 +103,9 @@ impl Engine {
             tasks.spawn(maintenance::fence_loop(Arc::clone(&inner)));
             tasks.spawn(maintenance::reaper_loop(Arc::clone(&inner)));
             tasks.spawn(maintenance::retention_loop(Arc::clone(&inner)));
+            if let Some(changes) = inner.store.changes() {
+                tasks.spawn(maintenance::follow_other_nodes(Arc::clone(&inner), changes));
+            }
         }
         Ok(Self { inner })
     }

@@ -1,9 +1,11 @@
-//! The loops that keep leases and the database healthy: heartbeat, reaper, retention.
+//! The loops that keep leases and the database healthy: heartbeat, reaper, retention, and the
+//! one that follows what other nodes change in a shared store.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use agentry_core::runs::LeaseRef;
+use agentry_core::store::{StoreChange, StoreChanges};
 
 use crate::state::{Abandon, AttemptKey, Inner};
 
@@ -166,6 +168,30 @@ pub(crate) async fn retention_loop(inner: Arc<Inner>) {
         }
         if total > 0 {
             tracing::info!(runs = total, "deleted finished runs past the retention age");
+        }
+    }
+}
+
+/// Acts at once on what other nodes changed in a shared store (instead of at the next poll):
+/// a run to claim wakes the dispatcher, a cancel reaches the attempt running here, new events
+/// reach the followers here. A gap in the stream (`Missed`) does all of it.
+pub(crate) async fn follow_other_nodes(inner: Arc<Inner>, mut changes: StoreChanges) {
+    use futures_util::StreamExt;
+    while let Some(change) = changes.next().await {
+        match change {
+            StoreChange::RunsDue => inner.wake.notify_one(),
+            StoreChange::CancelRequested { run_id } => {
+                for (key, run) in inner.running.lock().iter() {
+                    if key.run_id == run_id {
+                        run.cancel();
+                    }
+                }
+            }
+            StoreChange::Events { run_id, seq } => inner.hub.poke(&run_id, seq),
+            StoreChange::Missed => {
+                inner.wake.notify_one();
+                inner.hub.poke_all();
+            }
         }
     }
 }

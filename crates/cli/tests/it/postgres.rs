@@ -174,3 +174,86 @@ async fn get_with_bearer(url: &str, key: &str) -> u16 {
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
 }
+
+/// A follower on one node sees the events another node's attempt writes as they happen (not at
+/// the next poll, seconds later), and a cancel sent to one node stops the run on the other at
+/// once (not at its next heartbeat, up to 10 s later): PostgreSQL's LISTEN/NOTIFY.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_and_cancels_cross_nodes_at_once() {
+    use futures_util::StreamExt;
+    let schema = schema();
+    let a = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    let b = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    // Created on b, which is idle, so b leases it in the same commit and runs it.
+    let (status, text) = post(
+        &b.url("/v1/runs"),
+        &json!({"agent": "durable", "entrypoint": "chatty", "input": {"n": 30, "ms": 100}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    let id = json(&text)["id"].as_str().expect("id").to_string();
+    let response = reqwest::get(a.url(&format!("/v1/runs/{id}/events?after=0")))
+        .await
+        .expect("follow on a");
+    let started = std::time::Instant::now();
+    let mut body = response.bytes_stream();
+    let mut seen = String::new();
+    let mut tick_times = Vec::new();
+    while let Some(chunk) = body.next().await {
+        seen.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        let ticks = seen.matches("event: tick").count();
+        while tick_times.len() < ticks {
+            tick_times.push(started.elapsed());
+        }
+        if seen.contains("run.succeeded") {
+            break;
+        }
+    }
+    let total = started.elapsed();
+    assert_eq!(tick_times.len(), 30, "{seen}");
+    // The run takes about 3 s: its 10th event reached node a well before its end.
+    assert!(
+        tick_times[9] + Duration::from_millis(1000) < total,
+        "events arrived in a burst at the end ({:?} of {total:?}): not live",
+        tick_times[9]
+    );
+
+    let (status, text) = post(
+        &b.url("/v1/runs"),
+        &json!({"agent": "durable", "entrypoint": "cooperative", "input": {}}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    let id = json(&text)["id"].as_str().expect("id").to_string();
+    // Running on b (its code started).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = get(&a.url(&format!("/v1/runs/{id}"))).await;
+        if !json(&text)["started_at"].is_null() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never started: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let asked = std::time::Instant::now();
+    let (status, text) = post(&a.url(&format!("/v1/runs/{id}/cancel")), "").await;
+    assert!(status == 200 || status == 202, "{status} {text}");
+    let (_, text) = get(&a.url(&format!("/v1/runs/{id}/wait?timeout_s=20"))).await;
+    let run = json(&text);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(3),
+        "the cancel took {:?} to cross nodes",
+        asked.elapsed()
+    );
+}

@@ -19,7 +19,7 @@ use agentry_core::runs::{
     DirectClaim, EventKind, Finished, LeaseRef, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent,
     RunQuery, RunStatus, now_ms,
 };
-use agentry_core::store::{KeyStore, RunStore, StoreError};
+use agentry_core::store::{KeyStore, RunStore, StoreChange, StoreChanges, StoreError};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Connection, Row};
@@ -48,7 +48,11 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_idempotency_scope",
         include_str!("migrations/0003_idempotency_scope.sql"),
     ),
+    ("0004_notify", include_str!("migrations/0004_notify.sql")),
 ];
+
+/// The NOTIFY channels of `0004_notify.sql`.
+const CHANNELS: [&str; 3] = ["agentry_runs", "agentry_events", "agentry_cancels"];
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
@@ -69,6 +73,8 @@ pub struct PgOptions {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The schema the tables are in: NOTIFY payloads start with it.
+    schema: std::sync::Arc<str>,
 }
 
 fn db_err(e: sqlx::Error) -> StoreError {
@@ -131,7 +137,14 @@ impl PgStore {
             .connect_with(connect)
             .await
             .map_err(db_err)?;
-        let store = Self { pool };
+        let schema: String = sqlx::query_scalar("SELECT current_schema()::TEXT")
+            .fetch_one(&pool)
+            .await
+            .map_err(db_err)?;
+        let store = Self {
+            pool,
+            schema: schema.into(),
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -668,8 +681,95 @@ macro_rules! in_tx {
     }};
 }
 
+/// What a notification says, if it is about this schema.
+fn change_of(schema: &str, channel: &str, payload: &str) -> Option<StoreChange> {
+    let mut parts = payload.split(' ');
+    if parts.next()? != schema {
+        return None;
+    }
+    Some(match channel {
+        "agentry_runs" => StoreChange::RunsDue,
+        "agentry_cancels" => StoreChange::CancelRequested {
+            run_id: parts.next()?.to_string(),
+        },
+        "agentry_events" => StoreChange::Events {
+            run_id: parts.next()?.to_string(),
+            seq: parts.next()?.parse().ok()?,
+        },
+        _ => return None,
+    })
+}
+
+/// Listens on the channels and forwards what concerns this schema, until the receiver goes.
+/// A lost connection is re-established (with backoff while the server is away) and reported as
+/// `Missed`, since notifications sent meanwhile are gone.
+async fn listen(
+    pool: PgPool,
+    schema: std::sync::Arc<str>,
+    tx: tokio::sync::mpsc::Sender<StoreChange>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+            l.listen_all(CHANNELS).await?;
+            Ok::<_, sqlx::Error>(l)
+        }
+        .await;
+        let mut listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!("cannot listen for other nodes' changes: {}", db_err(e));
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        // Whatever happened before this (re)connection is unknown.
+        if tx.send(StoreChange::Missed).await.is_err() {
+            return;
+        }
+        loop {
+            match listener.try_recv().await {
+                Ok(Some(n)) => {
+                    if let Some(change) = change_of(&schema, n.channel(), n.payload())
+                        && tx.send(change).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                // The connection dropped (and was re-established): notifications were lost.
+                Ok(None) => {
+                    if tx.send(StoreChange::Missed).await.is_err() {
+                        return;
+                    }
+                }
+                Err(sqlx::Error::PoolClosed) => return,
+                Err(_) => break,
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl RunStore for PgStore {
+    fn changes(&self) -> Option<StoreChanges> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(listen(
+            self.pool.clone(),
+            std::sync::Arc::clone(&self.schema),
+            tx,
+        ));
+        Some(Box::pin(futures_util::stream::unfold(
+            rx,
+            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+        )))
+    }
+
     async fn create_run(
         &self,
         run: NewRun,
