@@ -7,6 +7,7 @@ mod config;
 mod flags;
 mod init;
 mod keys;
+mod migrate;
 mod runs;
 mod serve;
 
@@ -40,8 +41,10 @@ enum Command {
     Run(client::RunArgs),
     /// Durable runs on a running server: create, get, list, wait, cancel, events.
     Runs(runs::RunsArgs),
-    /// API keys, offline in the state directory: create, list, revoke.
+    /// API keys, offline in the state directory (or the shared database): create, list, revoke.
     Keys(keys::KeysArgs),
+    /// Bring a PostgreSQL database's schema up to date, or list what is applied (`--status`).
+    Migrate(migrate::MigrateArgs),
     /// The effective configuration: `show` prints every setting and where it came from,
     /// `check` validates it without serving.
     Config(config::ConfigArgs),
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
             Command::Run(args) => client::run(args).await,
             Command::Runs(args) => runs::runs(args).await,
             Command::Keys(args) => keys::keys(args).await,
+            Command::Migrate(args) => migrate::migrate(args).await,
             Command::Init { path } => init::init(&path),
         }
     });

@@ -474,6 +474,17 @@ impl Default for StoreConfig {
     }
 }
 
+/// A PostgreSQL schema name Agentry accepts: lowercase letters, digits and `_`, at most 63, not
+/// starting with a digit. Safe to put into SQL unquoted (it cannot be a bind parameter).
+pub fn is_schema_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
 impl StoreConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         positive_secs("store.busy_timeout_s", self.busy_timeout_s)?;
@@ -483,12 +494,7 @@ impl StoreConfig {
             return Err(bad("store.database_url", "must be a postgres:// URL"));
         }
         if let Some(schema) = &self.database_schema
-            && !(!schema.is_empty()
-                && schema.len() <= 63
-                && !schema.starts_with(|c: char| c.is_ascii_digit())
-                && schema
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            && !is_schema_name(schema)
         {
             return Err(bad(
                 "store.database_schema",

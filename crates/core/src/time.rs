@@ -33,3 +33,10 @@ mod tests {
         assert_eq!(python_isoformat(t), "2025-06-25T13:42:03.752027");
     }
 }
+
+/// Unix milliseconds as RFC 3339 (UTC, milliseconds), as the API shows times.
+pub fn rfc3339_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -15,4 +15,4 @@ mod lock;
 mod startup;
 
 pub use agentry_core::Config;
-pub use startup::{Application, Stores, open_store, state_dir};
+pub use startup::{Application, Stores, open_store, pg_options, state_dir};

@@ -65,20 +65,25 @@ impl Stores {
     }
 }
 
+/// How to reach PostgreSQL, when runs are kept there (`store.database_url`).
+pub fn pg_options(config: &Config) -> Option<PgOptions> {
+    let url = config.store.database_url.as_ref()?;
+    Some(PgOptions {
+        url: url.clone(),
+        max_connections: config.store.database_max_connections,
+        acquire_timeout: Duration::from_secs(5),
+        schema: config.store.database_schema.clone(),
+    })
+}
+
 /// Opens the database of runs and keys: PostgreSQL when `store.database_url` is set, else the
 /// SQLite file (`store.path`, else `<state_dir>/agentry.db`).
 pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
-    if let Some(url) = &config.store.database_url {
-        let options = PgOptions {
-            url: url.clone(),
-            max_connections: config.store.database_max_connections,
-            acquire_timeout: Duration::from_secs(5),
-            schema: config.store.database_schema.clone(),
-        };
+    if let Some(options) = pg_options(config) {
         let store = PgStore::connect(&options).await.map_err(|e| {
             anyhow::anyhow!(
                 "cannot use the PostgreSQL database {}: {e}",
-                crate::config::redact_url(url)
+                crate::config::redact_url(&options.url)
             )
         })?;
         let store = Arc::new(store);

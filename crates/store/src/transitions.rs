@@ -127,8 +127,7 @@ pub(crate) const CANCELLED_BEFORE_START: &str =
 
 /// A time as the JSON string the API shows (RFC 3339, milliseconds, UTC).
 pub(crate) fn iso(ms: i64) -> String {
-    let t = chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default();
-    json_str(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    json_str(&agentry_core::time::rfc3339_ms(ms))
 }
 
 pub(crate) fn json_str(s: &str) -> String {

@@ -257,3 +257,84 @@ async fn events_and_cancels_cross_nodes_at_once() {
         asked.elapsed()
     );
 }
+
+fn agentry(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(args)
+        .output()
+        .expect("agentry")
+}
+
+/// `agentry migrate --status` lists what is pending without applying it; `agentry migrate`
+/// applies it; a database migrated by a newer Agentry is refused at start-up, naming both
+/// versions.
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_applies_and_lists_and_a_newer_database_is_refused() {
+    let schema = schema();
+    let url = pg_url();
+    let base = ["--database", url.as_str(), "--database-schema", &schema];
+    let status = |extra: &[&str]| {
+        let out = agentry(&[&["migrate"], &base[..], extra].concat());
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let pending = status(&["--status"]);
+    assert_eq!(pending.lines().count(), 4, "{pending}");
+    assert!(pending.lines().all(|l| l.ends_with("pending")), "{pending}");
+    assert!(pending.contains("0001 0001_runs"), "{pending}");
+    let applied = status(&[]);
+    assert!(
+        applied.lines().all(|l| l.contains(" applied ")),
+        "{applied}"
+    );
+    assert_eq!(status(&["--status"]), applied, "--status changes nothing");
+    // A newer Agentry's migration.
+    {
+        use sqlx::Connection;
+        let mut c = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO {}.agentry_migrations (version, name, applied_at) VALUES (99, '0099_future', 0)",
+            &*schema
+        )))
+        .execute(&mut c)
+        .await
+        .expect("insert");
+    }
+    let listed = status(&["--status"]);
+    assert!(
+        listed.contains("0099 0099_future") && listed.contains("newer"),
+        "{listed}"
+    );
+    let refused = server(fixture("durable"))
+        .args(base.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        .try_start()
+        .err()
+        .expect("refused");
+    assert!(
+        refused.contains("schema version 99") && refused.contains("up to 4"),
+        "{refused}"
+    );
+}
+
+/// A wrong URL or bad credentials fail at start-up with a clear message that never shows the
+/// password.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_database_url_fails_at_start_and_never_shows_the_password() {
+    for url in [
+        "postgres://nobody_here:sup3rsecret@127.0.0.1:5432/test",
+        "postgres://postgres:sup3rsecret@127.0.0.1:1/test",
+        "postgres://postgres:sup3rsecret@127.0.0.1:5432/no_such_database_here",
+    ] {
+        let log = server(fixture("durable"))
+            .args(["--database".to_string(), url.to_string()])
+            .try_start()
+            .err()
+            .expect("refused");
+        assert!(log.contains("cannot use the PostgreSQL database"), "{log}");
+        assert!(!log.contains("sup3rsecret"), "the password leaked: {log}");
+    }
+}

@@ -3,7 +3,7 @@
 
 mod runs;
 
-pub use runs::{MIGRATIONS, PgOptions, PgStore};
+pub use runs::{MIGRATIONS, MigrationState, PgOptions, PgStore};
 
 use agentry_core::{InUse, SharedBuckets, SharedTats, StoreError};
 use async_trait::async_trait;

@@ -69,6 +69,17 @@ pub struct PgOptions {
     pub schema: Option<String>,
 }
 
+/// One schema migration, as `agentry migrate --status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationState {
+    pub version: i32,
+    pub name: String,
+    /// When it was applied (Unix ms); `None`: pending.
+    pub applied_at: Option<i64>,
+    /// False for a migration a newer Agentry applied.
+    pub known: bool,
+}
+
 /// The PostgreSQL implementation of [`RunStore`] and [`KeyStore`]. Cheap to clone.
 #[derive(Clone)]
 pub struct PgStore {
@@ -97,31 +108,28 @@ fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
 }
 
-/// A schema name we are willing to put into `SET search_path` (it cannot be a bind parameter).
-fn valid_schema(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-}
-
 impl PgStore {
     /// Connects and brings the schema up to date (under an advisory lock, so that many nodes
     /// starting at once migrate it once). Refuses a database migrated by a newer Agentry.
     pub async fn connect(options: &PgOptions) -> Result<Self, StoreError> {
+        let store = Self::connect_unmigrated(options).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Connects without touching the schema (`agentry migrate --status`).
+    pub async fn connect_unmigrated(options: &PgOptions) -> Result<Self, StoreError> {
         let mut connect = PgConnectOptions::from_str(&options.url).map_err(|e| {
             StoreError::Internal(format!("not a PostgreSQL URL: {}", redact_error(&e)))
         })?;
         if let Some(schema) = &options.schema {
-            if !valid_schema(schema) {
+            if !agentry_core::settings::is_schema_name(schema) {
                 return Err(StoreError::Internal(format!(
                     "`{schema}` is not a schema name (lowercase letters, digits, _)"
                 )));
             }
             let mut first = PgConnection::connect_with(&connect).await.map_err(db_err)?;
-            // `valid_schema` allows only [a-z0-9_]: nothing to inject.
+            // `is_schema_name` allows only [a-z0-9_]: nothing to inject.
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema}"
             )))
@@ -141,12 +149,10 @@ impl PgStore {
             .fetch_one(&pool)
             .await
             .map_err(db_err)?;
-        let store = Self {
+        Ok(Self {
             pool,
             schema: schema.into(),
-        };
-        store.migrate().await?;
-        Ok(store)
+        })
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -189,7 +195,51 @@ impl PgStore {
         tx.commit().await.map_err(db_err)
     }
 
-    /// The pool, for the tests' fault injection and for `agentry migrate --status`.
+    /// Every migration this Agentry knows, and when each was applied here (`None`: pending);
+    /// then any the database has that this Agentry does not know (a newer one applied them).
+    pub async fn migrations(&self) -> Result<Vec<MigrationState>, StoreError> {
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('agentry_migrations') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_err)?;
+        let applied: Vec<(i32, String, i64)> = if exists {
+            sqlx::query_as(
+                "SELECT version, name, applied_at FROM agentry_migrations ORDER BY version",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?
+        } else {
+            Vec::new()
+        };
+        let mut out: Vec<MigrationState> = MIGRATIONS
+            .iter()
+            .enumerate()
+            .map(|(i, (name, _))| MigrationState {
+                version: i as i32 + 1,
+                name: (*name).to_string(),
+                applied_at: applied
+                    .iter()
+                    .find(|(v, _, _)| *v == i as i32 + 1)
+                    .map(|(_, _, at)| *at),
+                known: true,
+            })
+            .collect();
+        for (version, name, at) in applied {
+            if version as usize > MIGRATIONS.len() {
+                out.push(MigrationState {
+                    version,
+                    name,
+                    applied_at: Some(at),
+                    known: false,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The pool, for the tests' fault injection.
     pub fn pool(&self) -> &PgPool {
         &self.pool
     }
