@@ -52,7 +52,9 @@ pub(crate) async fn readyz(
         })
         .collect();
     let draining = state.draining.load(Ordering::SeqCst);
+    let store_ok = state.engine.store_reachable().await;
     let ready = !draining
+        && store_ok
         && state
             .agents
             .iter()
@@ -70,7 +72,7 @@ pub(crate) async fn readyz(
         "not_ready"
     };
     let body = if detailed {
-        serde_json::json!({"status": word, "agents": agents})
+        serde_json::json!({"status": word, "agents": agents, "store": if store_ok { "ok" } else { "unreachable" }})
     } else {
         serde_json::json!({"status": word})
     };

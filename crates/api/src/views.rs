@@ -138,4 +138,7 @@ pub struct Readiness {
     /// Per agent (by name): `live_workers`, `crash_loop`. Only for a caller with a valid key,
     /// or while authentication is off on loopback.
     agents: Option<BTreeMap<String, Value>>,
+    /// `ok`, or `unreachable` while the run store's database does not answer (then the node is
+    /// not ready). Shown with `agents`.
+    store: Option<String>,
 }

@@ -57,6 +57,11 @@ pub trait RunStore: Send + Sync + 'static {
         None
     }
 
+    /// Whether the database answers now (readiness). The embedded store always does.
+    async fn ping(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Stores a new run (`queued`) and its `run.queued` event, honouring the idempotency key.
     /// With `claim`, a run that is due, has no concurrency key and has no due run of its agent
     /// queued ahead of it is leased at once (`running`; its code has not started yet).

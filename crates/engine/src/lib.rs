@@ -110,6 +110,15 @@ impl Engine {
         Ok(Self { inner })
     }
 
+    /// Whether the run store answers within a second (readiness: a node whose database is
+    /// away cannot take runs).
+    pub async fn store_reachable(&self) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), self.inner.store.ping()).await,
+            Ok(Ok(()))
+        )
+    }
+
     pub fn store(&self) -> &Arc<dyn RunStore> {
         &self.inner.store
     }

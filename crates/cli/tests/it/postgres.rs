@@ -338,3 +338,191 @@ async fn a_bad_database_url_fails_at_start_and_never_shows_the_password() {
         assert!(!log.contains("sup3rsecret"), "the password leaked: {log}");
     }
 }
+
+/// A TCP proxy between a node and PostgreSQL that a test can cut (every connection dropped,
+/// new ones refused) and restore: the database going away, deterministically, without touching
+/// the server the other tests use.
+struct PgProxy {
+    port: u16,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    links: std::sync::Arc<parking_lot::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl PgProxy {
+    async fn start() -> PgProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let links = std::sync::Arc::new(parking_lot::Mutex::new(
+            Vec::<tokio::task::AbortHandle>::new(),
+        ));
+        let (d, l) = (down.clone(), links.clone());
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                if d.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: refused
+                }
+                let task = tokio::spawn(async move {
+                    if let Ok(mut server) = tokio::net::TcpStream::connect("127.0.0.1:5432").await {
+                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    }
+                });
+                l.lock().push(task.abort_handle());
+            }
+        });
+        PgProxy { port, down, links }
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/test", self.port)
+    }
+
+    /// Every connection through the proxy is killed, and new ones are refused.
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        for link in self.links.lock().drain(..) {
+            link.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The database goes away under a node with runs in flight: `/readyz` says not ready, routes
+/// that need the store answer 503 promptly (never hang), a sync invocation (no store) still
+/// works; when it is back, the node recovers on its own and every accepted run ends exactly
+/// once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_whose_database_goes_away_answers_503_recovers_and_loses_nothing() {
+    let schema = schema();
+    let proxy = PgProxy::start().await;
+    let node = app(fixture("durable"))
+        .args([
+            "--database".to_string(),
+            proxy.url(),
+            "--database-schema".into(),
+            schema.to_string(),
+        ])
+        .start()
+        .await;
+    let create = |i: i64| {
+        let url = node.url("/v1/runs");
+        async move {
+            post(
+                &url,
+                &json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": 300}})
+                    .to_string(),
+            )
+            .await
+        }
+    };
+    let mut accepted = Vec::new();
+    for i in 0..10 {
+        let (status, text) = create(i).await;
+        assert_eq!(status, 202, "{text}");
+        accepted.push(json(&text)["id"].as_str().expect("id").to_string());
+    }
+    proxy.cut();
+    let (status, text) = get(&node.url("/readyz")).await;
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(json(&text)["store"], "unreachable", "{text}");
+    let asked = std::time::Instant::now();
+    let (status, text) = create(99).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    let (status, text) = post(
+        &node.url("/v1/agents/durable/entrypoints/work/invoke"),
+        &json!({"input": {"i": 5}}).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200, "a sync call needs no store: {text}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, _) = get(&node.url("/readyz")).await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &accepted {
+        let (status, text) = get(&node.url(&format!("/v1/runs/{id}/wait?timeout_s=60"))).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(json(&text)["status"], "succeeded", "{text}");
+        let events = crate::runs::events(&node, id).await;
+        let ends = events
+            .iter()
+            .filter(|(_, k, _)| k == "run.succeeded" || k == "run.failed")
+            .count();
+        assert_eq!(ends, 1, "{events:?}");
+        let seqs: Vec<i64> = events.iter().map(|(s, _, _)| *s).collect();
+        assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+    }
+}
+
+/// Every connection of a node is terminated (`pg_terminate_backend`) again and again while it
+/// runs: it reconnects, no accepted run is lost, none ends twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn terminated_connections_lose_no_run_and_end_none_twice() {
+    let schema = schema();
+    let node = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    let url = node.url("/v1/runs");
+    let submit = tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        for i in 0..120 {
+            let (status, text) = post(
+                &url,
+                &json!({"agent": "durable", "entrypoint": "work", "input": {"i": i}}).to_string(),
+            )
+            .await;
+            match status {
+                202 => accepted.push(json(&text)["id"].as_str().expect("id").to_string()),
+                503 => {} // its write met a killed connection: refused, not lost
+                other => panic!("{other}: {text}"),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        accepted
+    });
+    let app_name = format!("agentry {}", &*schema);
+    {
+        use sqlx::Connection;
+        let mut admin = sqlx::PgConnection::connect(&pg_url()).await.expect("admin");
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            )
+            .bind(&app_name)
+            .execute(&mut admin)
+            .await
+            .expect("terminate");
+        }
+    }
+    let accepted = submit.await.expect("submit");
+    assert!(accepted.len() >= 60, "only {} accepted", accepted.len());
+    for id in &accepted {
+        let (status, text) = get(&node.url(&format!("/v1/runs/{id}/wait?timeout_s=60"))).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(json(&text)["status"], "succeeded", "{text}");
+        let events = crate::runs::events(&node, id).await;
+        let ends = events
+            .iter()
+            .filter(|(_, k, _)| k == "run.succeeded")
+            .count();
+        assert_eq!(ends, 1, "{events:?}");
+    }
+}

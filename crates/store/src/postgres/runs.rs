@@ -88,10 +88,19 @@ pub struct PgStore {
     schema: std::sync::Arc<str>,
 }
 
+/// SQLSTATEs after which the same request may well succeed: the connection or the server went
+/// away (class 08, 57P01-57P03: an administrator's or a crash's shutdown, the server starting
+/// up), it is short of resources (class 53), or the transaction lost a conflict (40001, 40P01).
+fn is_transient(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+}
+
 fn db_err(e: sqlx::Error) -> StoreError {
     match &e {
-        sqlx::Error::Database(d) if d.code().as_deref() == Some("40001") => {
-            StoreError::Unavailable(format!("serialization conflict: {d}"))
+        sqlx::Error::Database(d) if d.code().is_some_and(|c| is_transient(&c)) => {
+            StoreError::Unavailable(d.to_string())
         }
         sqlx::Error::Database(d) => StoreError::Internal(d.to_string()),
         sqlx::Error::ColumnDecode { .. }
@@ -122,6 +131,12 @@ impl PgStore {
         let mut connect = PgConnectOptions::from_str(&options.url).map_err(|e| {
             StoreError::Internal(format!("not a PostgreSQL URL: {}", redact_error(&e)))
         })?;
+        // Visible in pg_stat_activity; with the schema, so one deployment's connections can be
+        // told from another's.
+        connect = connect.application_name(&match &options.schema {
+            Some(schema) => format!("agentry {schema}"),
+            None => "agentry".to_string(),
+        });
         if let Some(schema) = &options.schema {
             if !agentry_core::settings::is_schema_name(schema) {
                 return Err(StoreError::Internal(format!(
@@ -807,6 +822,14 @@ async fn listen(
 
 #[async_trait]
 impl RunStore for PgStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(db_err)
+    }
+
     fn changes(&self) -> Option<StoreChanges> {
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
         tokio::spawn(listen(
