@@ -494,6 +494,46 @@ async fn claim_one(
     Ok(Some(ClaimedRun { run, checkpoint }))
 }
 
+/// Leases the runs `ids` (locked by this transaction) with their last checkpoints, in the
+/// order given.
+async fn claim_batch(
+    c: &mut PgConnection,
+    ids: &[String],
+    req: &ClaimRequest,
+) -> Result<Vec<ClaimedRun>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(sql!("claim_runs_batch"))
+        .bind(ids)
+        .bind(&req.node)
+        .bind(&req.owner)
+        .bind(req.lease_until)
+        .bind(req.now)
+        .fetch_all(&mut *c)
+        .await
+        .map_err(db_err)?;
+    let mut leased: std::collections::HashMap<String, Run> =
+        runs(rows)?.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let checkpoints: std::collections::HashMap<String, String> =
+        sqlx::query_as::<_, (String, String)>(sql!("latest_checkpoints"))
+            .bind(ids)
+            .fetch_all(&mut *c)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .collect();
+    Ok(ids
+        .iter()
+        .filter_map(|id| {
+            leased.remove(id).map(|run| ClaimedRun {
+                checkpoint: checkpoints.get(id).cloned(),
+                run,
+            })
+        })
+        .collect())
+}
+
 async fn create_run(
     c: &mut PgConnection,
     run: &NewRun,
@@ -624,17 +664,16 @@ async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed,
             .await
             .map_err(db_err)?;
         short |= candidates.len() < *free;
+        // Runs without a key are leased in one statement; a keyed one only under its key's lock.
+        let mut batch = Vec::with_capacity(candidates.len());
         for (id, key) in candidates {
-            if let Some(key) = key
-                && !key_is_free(c, &key, &id).await?
-            {
-                short = true;
-                continue;
-            }
-            if let Some(claimed) = claim_one(c, &id, req).await? {
-                out.runs.push(claimed);
+            match key {
+                None => batch.push(id),
+                Some(key) if key_is_free(c, &key, &id).await? => batch.push(id),
+                Some(_) => short = true,
             }
         }
+        out.runs.extend(claim_batch(c, &batch, req).await?);
     }
     if short {
         out.next_due = sqlx::query_scalar(sql!("next_due"))
