@@ -184,11 +184,15 @@ pub struct PgStore {
 
 /// SQLSTATEs after which the same request may well succeed: the connection or the server went
 /// away (class 08, 57P01-57P03: an administrator's or a crash's shutdown, the server starting
-/// up), it is short of resources (class 53), or the transaction lost a conflict (40001, 40P01).
+/// up), it is short of resources (class 53), the transaction lost a conflict (40001, 40P01), or
+/// a timeout stopped it (55P03 lock, 57014 statement, 25P03 idle in transaction).
 fn is_transient(code: &str) -> bool {
     code.starts_with("08")
         || code.starts_with("53")
-        || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "40001" | "40P01" | "55P03" | "57014" | "25P03"
+        )
 }
 
 fn db_err(e: sqlx::Error) -> StoreError {
@@ -239,17 +243,24 @@ impl PgStore {
             }
             let mut first = PgConnection::connect_with(&connect).await.map_err(db_err)?;
             // `is_schema_name` allows only [a-z0-9_]: nothing to inject.
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            let created = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "CREATE SCHEMA IF NOT EXISTS {schema}"
             )))
             .execute(&mut first)
-            .await
-            .map_err(db_err)?;
+            .await;
+            // Nodes starting together race on the catalogue; the loser's schema exists.
+            match created {
+                Ok(_) => {}
+                Err(sqlx::Error::Database(d))
+                    if matches!(d.code().as_deref(), Some("23505" | "42P06")) => {}
+                Err(e) => return Err(db_err(e)),
+            }
             let _ = first.close().await;
             connect = connect.options([("search_path", schema.as_str())]);
         }
+        // One more than asked: the change listener keeps a connection of its own for good.
         let pool = PgPoolOptions::new()
-            .max_connections(options.max_connections.max(1))
+            .max_connections(options.max_connections.max(1) + 1)
             .acquire_timeout(options.acquire_timeout)
             .connect_with(connect)
             .await
@@ -785,12 +796,16 @@ async fn cancel_run(c: &mut PgConnection, id: &str, now: i64) -> Result<CancelOu
     })
 }
 
+/// The most lost leases `lost_leases.sql` returns per round.
+const LOST_PER_ROUND: usize = 500;
+
+/// One round of the reaper: what it requeued (or ended), and how many lost leases it saw.
 async fn recover_leases(
     c: &mut PgConnection,
     now: i64,
     node: Option<&(String, String)>,
     alive: &[LeaseRef],
-) -> Result<Vec<Finished>, StoreError> {
+) -> Result<(Vec<Finished>, usize), StoreError> {
     let (node_name, owner) = match node {
         Some((n, o)) => (Some(n.as_str()), Some(o.as_str())),
         None => (None, None),
@@ -802,6 +817,7 @@ async fn recover_leases(
         .fetch_all(&mut *c)
         .await
         .map_err(db_err)?;
+    let seen = rows.len();
     let mut out = Vec::new();
     for run in runs(rows)? {
         let held_by_a_live_attempt = alive.iter().any(|l| {
@@ -833,7 +849,7 @@ async fn recover_leases(
             events: vec![event],
         });
     }
-    Ok(out)
+    Ok((out, seen))
 }
 
 fn key_from_row(row: &PgRow) -> Result<ApiKey, StoreError> {
@@ -1233,13 +1249,24 @@ impl RunStore for PgStore {
         node: Option<(String, String)>,
         alive: Vec<LeaseRef>,
     ) -> Result<Vec<Finished>, StoreError> {
-        let recovered: Result<Vec<Finished>, StoreError> =
-            in_tx!(self, |c| recover_leases(c, now, node.as_ref(), &alive)
-                .await);
-        for f in recovered.iter().flatten() {
-            self.notifier.finished(f);
+        // Round after round while rounds come back full and requeue something (a restarted
+        // node gets all its previous life's runs back at once), each in its own transaction.
+        let mut all = Vec::new();
+        for _ in 0..100 {
+            let round: Result<(Vec<Finished>, usize), StoreError> =
+                in_tx!(self, |c| recover_leases(c, now, node.as_ref(), &alive)
+                    .await);
+            let (requeued, seen) = round?;
+            for f in &requeued {
+                self.notifier.finished(f);
+            }
+            let more = seen == LOST_PER_ROUND && !requeued.is_empty();
+            all.extend(requeued);
+            if !more {
+                break;
+            }
         }
-        recovered
+        Ok(all)
     }
 
     async fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
@@ -1312,7 +1339,9 @@ impl KeyStore for PgStore {
         row.as_ref().map(key_from_row).transpose()
     }
 
-    async fn touch_keys(&self, used: Vec<(String, i64)>) -> Result<(), StoreError> {
+    async fn touch_keys(&self, mut used: Vec<(String, i64)>) -> Result<(), StoreError> {
+        // In one order on every node, so that two nodes' flushes never deadlock.
+        used.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         in_tx!(self, |c| {
             async {
                 for (id, at) in &used {
