@@ -281,3 +281,32 @@ async fn postgres_a_concurrency_key_holds_across_claimers() {
     let expected: Vec<String> = (0..40).map(|i| format!("k{i:02}")).collect();
     assert_eq!(order, expected);
 }
+
+/// Lease expiry is judged on the database's clock: a node whose clock runs a minute ahead
+/// (it passes "now" a minute late) does not take another node's fresh lease, while a lease
+/// that really expired is taken back whatever the reaper's clock says.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_a_reaper_whose_clock_runs_ahead_leaves_fresh_leases_alone() {
+    use agentry_core::runs::now_ms;
+    use agentry_core::store::RunStore;
+    let (_schema, store) = postgres().await;
+    for id in ["fresh", "stale"] {
+        store
+            .create_run(contract::new_run(id, 0, None), None)
+            .await
+            .expect("create");
+    }
+    let mut fresh = claim_for("A", 1);
+    fresh.lease_until = fresh.now + 30_000;
+    assert_eq!(store.claim_runs(fresh).await.expect("claim").runs.len(), 1);
+    let mut stale = claim_for("B", 1);
+    stale.lease_until = stale.now - 1;
+    assert_eq!(store.claim_runs(stale).await.expect("claim").runs.len(), 1);
+    let ahead = now_ms() + 60_000;
+    let taken = store
+        .recover_leases(ahead, None, Vec::new())
+        .await
+        .expect("recover");
+    let ids: Vec<&str> = taken.iter().map(|f| f.run.id.as_str()).collect();
+    assert_eq!(ids, ["stale"], "only the lease that really expired");
+}

@@ -489,7 +489,7 @@ async fn claim_one(
         .bind(id)
         .bind(&req.node)
         .bind(&req.owner)
-        .bind(req.lease_until)
+        .bind(req.lease_until - req.now)
         .bind(req.now)
         .fetch_optional(&mut *c)
         .await
@@ -519,7 +519,7 @@ async fn claim_batch(
         .bind(ids)
         .bind(&req.node)
         .bind(&req.owner)
-        .bind(req.lease_until)
+        .bind(req.lease_until - req.now)
         .bind(req.now)
         .fetch_all(&mut *c)
         .await
@@ -810,8 +810,9 @@ async fn recover_leases(
         Some((n, o)) => (Some(n.as_str()), Some(o.as_str())),
         None => (None, None),
     };
+    // Expiry is judged on the database's clock, whatever this node's says (`now` is kept for
+    // what the requeue writes).
     let rows = sqlx::query(sql!("lost_leases"))
-        .bind(now)
         .bind(node_name)
         .bind(owner)
         .fetch_all(&mut *c)
@@ -1073,7 +1074,7 @@ impl RunStore for PgStore {
                     .bind(&ids)
                     .bind(&owners)
                     .bind(&attempts)
-                    .bind(until)
+                    .bind(until - now)
                     .bind(now)
                     .fetch_all(&mut *c)
                     .await
