@@ -243,8 +243,9 @@ impl Engine {
         self.inner.store.get_run(id).await
     }
 
-    /// Stops dispatching, lets running attempts finish within `grace`, then abandons the rest
-    /// without writing: the next start of this node requeues them at once.
+    /// Stops dispatching, lets running attempts finish within `grace`, abandons the rest, and
+    /// hands them back to the queue at once (other nodes take them without waiting for the
+    /// lease TTL).
     pub async fn shutdown(&self, grace: Duration) {
         self.inner.stopping.send_replace(true);
         self.inner.wake.notify_one();
@@ -260,5 +261,41 @@ impl Engine {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         self.inner.tasks.lock().abort_all();
+        self.hand_back().await;
+    }
+
+    /// Requeues at once what this node still holds (attempts stopped by the shutdown, runs
+    /// leased but not started), so other nodes take them now rather than after the lease TTL.
+    /// Every attempt of this node is stopped by now, so none of its leases is live: handing
+    /// them all back is what the next start of this node would do. If the store cannot be
+    /// reached, the leases expire and the reapers take them.
+    async fn hand_back(&self) {
+        let not_an_owner = format!("{}/stopped", self.inner.owner);
+        let node = Some((self.inner.settings.node.clone(), not_an_owner));
+        let now = self.inner.settings.clock.now_ms();
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            self.inner.store.recover_leases(now, node, Vec::new()),
+        )
+        .await
+        {
+            Ok(Ok(handed)) => {
+                if !handed.is_empty() {
+                    tracing::info!(
+                        runs = handed.len(),
+                        "handed unfinished runs back to the queue"
+                    );
+                }
+                for f in &handed {
+                    self.inner.hub.publish(&f.events, Some(&f.run));
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!("could not hand unfinished runs back: {e}; their leases will expire")
+            }
+            Err(_) => {
+                tracing::warn!("handing unfinished runs back timed out; their leases will expire")
+            }
+        }
     }
 }

@@ -362,8 +362,8 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then shuts down: readiness turns off, the listener
     /// stops accepting, in-flight calls and runs get the grace period, then every worker is
-    /// stopped. Runs still executing are left leased: the next start of this node requeues
-    /// them at once without using up an attempt.
+    /// stopped. Runs still executing are handed back to the queue at once, without using up
+    /// an attempt.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Self {
             listener,

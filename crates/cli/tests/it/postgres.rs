@@ -526,3 +526,56 @@ async fn terminated_connections_lose_no_run_and_end_none_twice() {
         assert_eq!(ends, 1, "{events:?}");
     }
 }
+
+/// A node stopped gracefully hands its unfinished runs back at once: another node takes them
+/// within seconds, not after the lease TTL (30 s), and no attempt is used up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_stopped_gracefully_hands_its_runs_to_another_at_once() {
+    let schema = schema();
+    let leaving = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .args(["--shutdown-grace-s", "0.2"])
+        .start()
+        .await;
+    let (status, text) = post(
+        &leaving.url("/v1/runs"),
+        &json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 1500}})
+            .to_string(),
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    let id = json(&text)["id"].as_str().expect("id").to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = get(&leaving.url(&format!("/v1/runs/{id}"))).await;
+        if !json(&text)["started_at"].is_null() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never started: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The other node is up before the first one leaves.
+    let staying = app(fixture("durable"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    let stopped = std::time::Instant::now();
+    leaving.stop().await;
+    let (status, text) = get(&staying.url(&format!("/v1/runs/{id}/wait?timeout_s=25"))).await;
+    assert_eq!(status, 200, "{text}");
+    let run = json(&text);
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "taken over after {:?}: the lease was left to expire",
+        stopped.elapsed()
+    );
+    let events = crate::runs::events(&staying, &id).await;
+    let kinds: Vec<&str> = events.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert!(kinds.contains(&"run.retrying"), "{kinds:?}");
+    assert_eq!(run["attempt"], 2, "the second attempt, on the other node");
+    assert_eq!(run["max_attempts"], 3);
+}

@@ -953,13 +953,19 @@ async fn a_graceful_restart_requeues_unfinished_runs_without_using_an_attempt() 
     let id = run["id"].as_str().expect("id").to_string();
     wait_status(&srv, &id, "running").await;
     assert_eq!(srv.stop(nix::sys::signal::Signal::SIGTERM), Some(0));
+    // Handed back as it stopped: queued again, for this node's next life or any other node.
+    assert!(
+        srv.log_text()
+            .contains("handed unfinished runs back to the queue"),
+        "{}",
+        srv.log_text()
+    );
     let srv = server(durable()).state_dir(state.path()).start();
     let done = wait(&srv, &id).await;
     assert_eq!(done["status"], "succeeded", "{done}");
-    assert_eq!(done["attempt"], 2);
-    assert!(
-        srv.log_text()
-            .contains("requeued the runs this node was running")
+    assert_eq!(
+        done["attempt"], 2,
+        "max_attempts 1: the handed-back attempt was not counted"
     );
 }
 
