@@ -1,7 +1,7 @@
 //! What a run's transitions write, the same for every backend: the columns an outcome sets, and
 //! the JSON of the events that record it. The backends keep only their SQL.
 
-use agentry_core::runs::{EventKind, MAX_LEASE_LOSSES, Outcome, Run, RunStatus};
+use agentry_core::runs::{EventKind, LeaseRef, MAX_LEASE_LOSSES, Outcome, Run, RunStatus};
 
 /// The terminal (or retry) event of an outcome and the columns it sets.
 pub(crate) struct Transition<'a> {
@@ -68,6 +68,16 @@ pub(crate) struct LostAttempt {
 }
 
 impl LostAttempt {
+    /// Whether the reaper's caller knows this attempt to be running still (its own, fresh by
+    /// its monotonic clock): such a lease is never taken, whatever the wall clock says.
+    pub(crate) fn is_alive(run: &Run, alive: &[LeaseRef]) -> bool {
+        alive.iter().any(|l| {
+            l.run_id == run.id
+                && l.attempt == run.attempt
+                && run.lease_owner.as_deref() == Some(l.owner.as_str())
+        })
+    }
+
     pub(crate) fn of(run: &Run, now: i64) -> LostAttempt {
         let (status, error, finished_at, event) = if run.cancel_requested {
             let e =

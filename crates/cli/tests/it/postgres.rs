@@ -52,6 +52,29 @@ impl Drop for Schema {
     }
 }
 
+/// Creates a run through `node`; its id.
+async fn create_on(node: &impl Served, body: serde_json::Value) -> String {
+    let (status, text) = post(&node.url("/v1/runs"), &body.to_string()).await;
+    assert_eq!(status, 202, "{text}");
+    json(&text)["id"].as_str().expect("id").to_string()
+}
+
+/// Waits until the run's code has started (on whichever node), asking `node`.
+async fn wait_started(node: &impl Served, id: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = get(&node.url(&format!("/v1/runs/{id}"))).await;
+        if !json(&text)["started_at"].is_null() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never started: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn on_postgres(schema: &str) -> Vec<String> {
     vec![
         "--database".into(),
@@ -191,14 +214,11 @@ async fn events_and_cancels_cross_nodes_at_once() {
         .start()
         .await;
     // Created on b, which is idle, so b leases it in the same commit and runs it.
-    let (status, text) = post(
-        &b.url("/v1/runs"),
-        &json!({"agent": "durable", "entrypoint": "chatty", "input": {"n": 30, "ms": 100}})
-            .to_string(),
+    let id = create_on(
+        &b,
+        json!({"agent": "durable", "entrypoint": "chatty", "input": {"n": 30, "ms": 100}}),
     )
     .await;
-    assert_eq!(status, 202, "{text}");
-    let id = json(&text)["id"].as_str().expect("id").to_string();
     let response = reqwest::get(a.url(&format!("/v1/runs/{id}/events?after=0")))
         .await
         .expect("follow on a");
@@ -225,26 +245,13 @@ async fn events_and_cancels_cross_nodes_at_once() {
         tick_times[9]
     );
 
-    let (status, text) = post(
-        &b.url("/v1/runs"),
-        &json!({"agent": "durable", "entrypoint": "cooperative", "input": {}}).to_string(),
+    let id = create_on(
+        &b,
+        json!({"agent": "durable", "entrypoint": "cooperative", "input": {}}),
     )
     .await;
-    assert_eq!(status, 202, "{text}");
-    let id = json(&text)["id"].as_str().expect("id").to_string();
     // Running on b (its code started).
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, text) = get(&a.url(&format!("/v1/runs/{id}"))).await;
-        if !json(&text)["started_at"].is_null() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never started: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_started(&a, &id).await;
     let asked = std::time::Instant::now();
     let (status, text) = post(&a.url(&format!("/v1/runs/{id}/cancel")), "").await;
     assert!(status == 200 || status == 202, "{status} {text}");
@@ -537,26 +544,12 @@ async fn a_node_stopped_gracefully_hands_its_runs_to_another_at_once() {
         .args(["--shutdown-grace-s", "0.2"])
         .start()
         .await;
-    let (status, text) = post(
-        &leaving.url("/v1/runs"),
-        &json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 1500}})
-            .to_string(),
+    let id = create_on(
+        &leaving,
+        json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 1500}}),
     )
     .await;
-    assert_eq!(status, 202, "{text}");
-    let id = json(&text)["id"].as_str().expect("id").to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, text) = get(&leaving.url(&format!("/v1/runs/{id}"))).await;
-        if !json(&text)["started_at"].is_null() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "never started: {text}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_started(&leaving, &id).await;
     // The other node is up before the first one leaves.
     let staying = app(fixture("durable"))
         .args(on_postgres(&schema))

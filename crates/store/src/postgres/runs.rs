@@ -821,12 +821,7 @@ async fn recover_leases(
     let seen = rows.len();
     let mut out = Vec::new();
     for run in runs(rows)? {
-        let held_by_a_live_attempt = alive.iter().any(|l| {
-            l.run_id == run.id
-                && l.attempt == run.attempt
-                && run.lease_owner.as_deref() == Some(l.owner.as_str())
-        });
-        if held_by_a_live_attempt {
+        if LostAttempt::is_alive(&run, alive) {
             continue;
         }
         let lost = LostAttempt::of(&run, now);

@@ -488,12 +488,7 @@ pub fn recover_leases(
     };
     let mut out = Vec::with_capacity(lost.len());
     for run in lost {
-        let held_by_a_live_attempt = alive.iter().any(|l| {
-            l.run_id == run.id
-                && l.attempt == run.attempt
-                && run.lease_owner.as_deref() == Some(l.owner.as_str())
-        });
-        if held_by_a_live_attempt {
+        if LostAttempt::is_alive(&run, alive) {
             continue;
         }
         let lost = LostAttempt::of(&run, now);
