@@ -114,11 +114,12 @@ impl LostAttempt {
 
 /// The `run.queued` event's data.
 pub(crate) fn queued_event_data(run: &Run) -> String {
-    format!(
-        "{{\"priority\":{},\"run_at\":{}}}",
-        run.priority,
-        iso(run.run_at)
-    )
+    queued_event_data_parts(run.priority, run.run_at)
+}
+
+/// The same, from the fields it shows (before the run is stored).
+pub(crate) fn queued_event_data_parts(priority: i32, run_at: i64) -> String {
+    format!("{{\"priority\":{priority},\"run_at\":{}}}", iso(run_at))
 }
 
 /// The `run.started` event's data.

@@ -480,31 +480,6 @@ async fn get_run(c: &mut PgConnection, id: &str) -> Result<Option<Run>, StoreErr
     one_run(row)
 }
 
-async fn claim_one(
-    c: &mut PgConnection,
-    id: &str,
-    req: &ClaimRequest,
-) -> Result<Option<ClaimedRun>, StoreError> {
-    let row = sqlx::query(sql!("claim_run"))
-        .bind(id)
-        .bind(&req.node)
-        .bind(&req.owner)
-        .bind(req.lease_until - req.now)
-        .bind(req.now)
-        .fetch_optional(&mut *c)
-        .await
-        .map_err(db_err)?;
-    let Some(run) = one_run(row)? else {
-        return Ok(None);
-    };
-    let checkpoint: Option<String> = sqlx::query_scalar(sql!("latest_checkpoint"))
-        .bind(id)
-        .fetch_optional(&mut *c)
-        .await
-        .map_err(db_err)?;
-    Ok(Some(ClaimedRun { run, checkpoint }))
-}
-
 /// Leases the runs `ids` (locked by this transaction) with their last checkpoints, in the
 /// order given.
 async fn claim_batch(
@@ -543,6 +518,11 @@ async fn claim_batch(
             })
         })
         .collect())
+}
+
+/// The `run.queued` event's data of a run about to be stored (the same as of the stored run).
+fn queued_event_data_of(run: &NewRun) -> String {
+    crate::transitions::queued_event_data_parts(run.priority, run.run_at)
 }
 
 async fn create_run(
@@ -585,6 +565,7 @@ async fn create_run(
         .bind(&run.metadata)
         .bind(run.created_at)
         .bind(&run.idempotency_scope)
+        .bind(queued_event_data_of(run))
         .fetch_one(&mut *c)
         .await;
     // Another node stored the same idempotency key a moment ago: `None`, and the caller starts
@@ -595,24 +576,33 @@ async fn create_run(
         Err(e) => return Err(db_err(e)),
     };
     let stored = run_from_row(&row).map_err(db_err)?;
-    let event = insert_event(
-        c,
-        &stored.id,
-        EventKind::Queued,
-        &queued_event_data(&stored),
-        run.created_at,
-    )
-    .await?;
+    let event = RunEvent {
+        run_id: stored.id.clone(),
+        seq: 1,
+        kind: EventKind::Queued,
+        data: queued_event_data(&stored),
+        at: run.created_at,
+    };
+    // A new run may skip the queue when it is due, has no concurrency key, and no due run of
+    // its agent waits ahead of it (checked in the same statement that leases it).
     let claimed = match claim {
-        Some(claim) if may_claim_directly(c, &stored).await? => {
-            let request = ClaimRequest {
-                node: claim.node.clone(),
-                owner: claim.owner.clone(),
-                now: run.created_at,
-                lease_until: claim.lease_until,
-                per_agent: Vec::new(),
-            };
-            claim_one(c, &stored.id, &request).await?
+        Some(claim) if stored.concurrency_key.is_none() && stored.run_at <= stored.created_at => {
+            let row = sqlx::query(sql!("claim_new_run"))
+                .bind(&stored.id)
+                .bind(&claim.node)
+                .bind(&claim.owner)
+                .bind(claim.lease_until - run.created_at)
+                .bind(run.created_at)
+                .bind(&stored.agent)
+                .bind(stored.run_at)
+                .bind(stored.seq)
+                .fetch_optional(&mut *c)
+                .await
+                .map_err(db_err)?;
+            one_run(row)?.map(|run| ClaimedRun {
+                run,
+                checkpoint: None,
+            })
         }
         _ => None,
     };
@@ -622,22 +612,6 @@ async fn create_run(
         event,
         claimed,
     }))
-}
-
-/// A new run may skip the queue when it is due, has no concurrency key, and no due run of its
-/// agent waits ahead of it.
-async fn may_claim_directly(c: &mut PgConnection, run: &Run) -> Result<bool, StoreError> {
-    if run.concurrency_key.is_some() || run.run_at > run.created_at {
-        return Ok(false);
-    }
-    let waiting: Option<i32> = sqlx::query_scalar(sql!("due_queued_exists"))
-        .bind(&run.agent)
-        .bind(run.run_at)
-        .bind(run.seq)
-        .fetch_optional(&mut *c)
-        .await
-        .map_err(db_err)?;
-    Ok(waiting.is_none())
 }
 
 async fn start_attempt(
