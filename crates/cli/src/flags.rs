@@ -303,3 +303,25 @@ impl ServeFlags {
         ))
     }
 }
+
+/// Where the shared PostgreSQL database is, for the commands that work on it offline
+/// (`agentry keys`, `agentry migrate`).
+#[derive(clap::Args)]
+pub struct DatabaseFlags {
+    /// The PostgreSQL database the nodes share (`postgres://…`), instead of the SQLite file.
+    #[arg(long, global = true)]
+    database: Option<String>,
+    /// The PostgreSQL schema of Agentry's tables (default: the URL's).
+    #[arg(long, global = true)]
+    database_schema: Option<String>,
+}
+
+impl DatabaseFlags {
+    /// The settings these flags set, as configuration-layer entries.
+    pub fn settings(&self) -> Vec<(&'static str, Value)> {
+        let mut out = Vec::new();
+        put(&mut out, "store.database_url", &self.database);
+        put(&mut out, "store.database_schema", &self.database_schema);
+        out
+    }
+}

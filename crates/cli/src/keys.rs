@@ -19,12 +19,8 @@ pub struct KeysArgs {
     /// The database file, if not the state directory's.
     #[arg(long, global = true)]
     runs_db: Option<PathBuf>,
-    /// The PostgreSQL database the nodes share (`postgres://…`), instead of the SQLite file.
-    #[arg(long, global = true)]
-    database: Option<String>,
-    /// The PostgreSQL schema of Agentry's tables.
-    #[arg(long, global = true)]
-    database_schema: Option<String>,
+    #[command(flatten)]
+    database: crate::flags::DatabaseFlags,
     /// The configuration file (default: ./agentry.toml when present).
     #[arg(long, global = true, env = "AGENTRY_CONFIG")]
     config: Option<PathBuf>,
@@ -73,12 +69,7 @@ pub async fn keys(args: KeysArgs) -> anyhow::Result<()> {
     if let Some(db) = &args.runs_db {
         flags.push(("store.path", serde_json::json!(db)));
     }
-    if let Some(url) = &args.database {
-        flags.push(("store.database_url", serde_json::json!(url)));
-    }
-    if let Some(schema) = &args.database_schema {
-        flags.push(("store.database_schema", serde_json::json!(schema)));
-    }
+    flags.extend(args.database.settings());
     let loaded = agentry_server::config::load(agentry_server::config::Sources::from_process(
         args.config.clone(),
         flags,

@@ -10,12 +10,9 @@ use clap::Args;
 
 #[derive(Args)]
 pub struct MigrateArgs {
-    /// The PostgreSQL database (`postgres://…`; or `store.database_url`, `AGENTRY_DATABASE_URL`).
-    #[arg(long)]
-    database: Option<String>,
-    /// The schema of Agentry's tables (default: the URL's).
-    #[arg(long)]
-    database_schema: Option<String>,
+    /// The database (or `store.database_url`, `AGENTRY_DATABASE_URL`).
+    #[command(flatten)]
+    database: crate::flags::DatabaseFlags,
     /// List the migrations and whether each is applied; change nothing.
     #[arg(long)]
     status: bool,
@@ -25,13 +22,7 @@ pub struct MigrateArgs {
 }
 
 pub async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
-    let mut flags = Vec::new();
-    if let Some(url) = &args.database {
-        flags.push(("store.database_url", serde_json::json!(url)));
-    }
-    if let Some(schema) = &args.database_schema {
-        flags.push(("store.database_schema", serde_json::json!(schema)));
-    }
+    let flags = args.database.settings();
     let loaded = agentry_server::config::load(agentry_server::config::Sources::from_process(
         args.config.clone(),
         flags,

@@ -15,19 +15,9 @@ fn durable() -> std::path::PathBuf {
 
 /// `agentry keys create` offline in `state`; returns the key.
 fn make_key(state: &Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentry"))
-        .args(["keys", "create", "--state-dir"])
-        .arg(state)
-        .args(args)
-        .output()
-        .expect("keys create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v = json(&String::from_utf8_lossy(&out.stdout));
-    v["key"].as_str().expect("key").to_string()
+    let mut all: Vec<std::ffi::OsString> = vec!["--state-dir".into(), state.into()];
+    all.extend(args.iter().map(Into::into));
+    create_key(&all)
 }
 
 async fn call(method: &str, url: &str, key: Option<&str>, body: Option<Value>) -> (u16, String) {

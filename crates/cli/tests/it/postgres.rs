@@ -75,6 +75,14 @@ async fn wait_started(node: &impl Served, id: &str) {
     }
 }
 
+/// A node serving the durable fixture on the test's schema.
+async fn node(schema: &str) -> crate::common::app::TestApp {
+    app(fixture("durable"))
+        .args(on_postgres(schema))
+        .start()
+        .await
+}
+
 fn on_postgres(schema: &str) -> Vec<String> {
     vec![
         "--database".into(),
@@ -90,14 +98,8 @@ fn on_postgres(schema: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_on_one_postgres_share_their_runs() {
     let schema = schema();
-    let a = app(fixture("durable"))
-        .args(on_postgres(&schema))
-        .start()
-        .await;
-    let b = app(fixture("durable"))
-        .args(on_postgres(&schema))
-        .start()
-        .await;
+    let a = node(&schema).await;
+    let b = node(&schema).await;
     let mut ids = Vec::new();
     for i in 0..40 {
         let node = if i % 2 == 0 { &a } else { &b };
@@ -147,28 +149,11 @@ async fn two_nodes_on_one_postgres_share_their_runs() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_key_created_against_the_database_works_on_every_node() {
     let schema = schema();
-    let a = app(fixture("durable"))
-        .args(on_postgres(&schema))
-        .start()
-        .await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentry"))
-        .args(["keys", "create", "--scope", "runs:read"])
-        .args(on_postgres(&schema))
-        .output()
-        .expect("keys create");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let key = json(&String::from_utf8_lossy(&out.stdout))["key"]
-        .as_str()
-        .expect("key")
-        .to_string();
-    let b = app(fixture("durable"))
-        .args(on_postgres(&schema))
-        .start()
-        .await;
+    let a = node(&schema).await;
+    let mut args = vec!["--scope".to_string(), "runs:read".to_string()];
+    args.extend(on_postgres(&schema));
+    let key = create_key(&args);
+    let b = node(&schema).await;
     for node in [&a, &b] {
         // Node a loaded its keys before this one existed: it reloads them within seconds.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -205,14 +190,8 @@ async fn get_with_bearer(url: &str, key: &str) -> u16 {
 async fn events_and_cancels_cross_nodes_at_once() {
     use futures_util::StreamExt;
     let schema = schema();
-    let a = app(fixture("durable"))
-        .args(on_postgres(&schema))
-        .start()
-        .await;
-    let b = app(fixture("durable"))
-        .args(on_postgres(&schema))
-        .start()
-        .await;
+    let a = node(&schema).await;
+    let b = node(&schema).await;
     // Created on b, which is idle, so b leases it in the same commit and runs it.
     let id = create_on(
         &b,
@@ -482,10 +461,7 @@ async fn a_node_whose_database_goes_away_answers_503_recovers_and_loses_nothing(
 #[tokio::test(flavor = "multi_thread")]
 async fn terminated_connections_lose_no_run_and_end_none_twice() {
     let schema = schema();
-    let node = app(fixture("durable"))
-        .args(on_postgres(&schema))
-        .start()
-        .await;
+    let node = node(&schema).await;
     let url = node.url("/v1/runs");
     let submit = tokio::spawn(async move {
         let mut accepted = Vec::new();
@@ -551,10 +527,7 @@ async fn a_node_stopped_gracefully_hands_its_runs_to_another_at_once() {
     .await;
     wait_started(&leaving, &id).await;
     // The other node is up before the first one leaves.
-    let staying = app(fixture("durable"))
-        .args(on_postgres(&schema))
-        .start()
-        .await;
+    let staying = node(&schema).await;
     let stopped = std::time::Instant::now();
     leaving.stop().await;
     let (status, text) = get(&staying.url(&format!("/v1/runs/{id}/wait?timeout_s=25"))).await;

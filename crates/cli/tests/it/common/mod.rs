@@ -305,3 +305,21 @@ pub async fn get(url: &str) -> (u16, String) {
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
+
+/// `agentry keys create ARGS...` (offline); returns the key it printed.
+pub fn create_key<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_agentry"))
+        .args(["keys", "create"])
+        .args(args)
+        .output()
+        .expect("keys create");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(&String::from_utf8_lossy(&out.stdout))["key"]
+        .as_str()
+        .expect("key")
+        .to_string()
+}
