@@ -14,7 +14,9 @@ mod de;
 pub mod error;
 pub mod keys;
 pub mod limits;
+mod metrics;
 pub mod native;
+mod nodes;
 pub mod openapi;
 pub mod policy;
 mod probes;
@@ -68,6 +70,14 @@ fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )
+}
+
+/// An execution-only node's admin port: `/healthz`, `/readyz` and `/metrics`.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    routes::build_admin(&state)
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .layer(axum::middleware::from_fn(request_id::middleware))
+        .with_state(state)
 }
 
 /// The whole HTTP surface.

@@ -20,7 +20,7 @@ use utoipa_axum::routes;
 use crate::auth::{Principal, presented_token, refuse};
 pub use crate::policy::*;
 use crate::state::AppState;
-use crate::{compat, keys, native, openapi, probes, runs};
+use crate::{compat, keys, metrics, native, nodes, openapi, probes, runs};
 
 type S = Arc<AppState>;
 
@@ -44,6 +44,8 @@ fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
         (KEYS, routes!(keys::create_key)),
         (KEYS, routes!(keys::list_keys)),
         (KEYS, routes!(keys::revoke_key)),
+        (RUNS_READ, routes!(nodes::list_nodes)),
+        (ANY_KEY, routes!(metrics::metrics)),
         (PROBE, routes!(probes::healthz)),
         (PROBE, routes!(probes::readyz)),
         (SPEC, routes!(openapi::openapi_json)),
@@ -121,6 +123,29 @@ pub(crate) fn build(state: &S) -> (Router<S>, utoipa::openapi::OpenApi, Policies
             check,
         )));
     (router, spec, policies)
+}
+
+/// An execution-only node's admin port (`agentry worker`): the probes and the metrics, each
+/// behind the same gate as on a serving node; everything else is the native 404.
+pub(crate) fn build_admin(state: &S) -> Router<S> {
+    let admin = [
+        (PROBE, routes!(probes::healthz)),
+        (PROBE, routes!(probes::readyz)),
+        (ANY_KEY, routes!(metrics::metrics)),
+    ];
+    let mut api = OpenApiRouter::new();
+    for (policy, (schemas, paths, method_router)) in admin {
+        let gated = method_router.layer(from_fn_with_state(
+            gate(state, policy, AgentOf::Unnamed),
+            check,
+        ));
+        api = api.routes((schemas, paths, gated));
+    }
+    let (router, _) = api.split_for_parts();
+    router.fallback(native::no_such_route.layer(from_fn_with_state(
+        gate(state, ANY_KEY, AgentOf::Unnamed),
+        check,
+    )))
 }
 
 /// The (path, method) of every operation a route's OpenAPI paths describe.

@@ -35,6 +35,9 @@ struct Cli {
 enum Command {
     /// Serve one or more agent folders over REST, WebSocket and SSE.
     Serve(flags::ServeFlags),
+    /// Execute the runs of agent folders from a shared PostgreSQL database (`--database`),
+    /// serving no API: only `/healthz`, `/readyz` and `/metrics` on an admin port (`--port`).
+    Worker(flags::ServeFlags),
     /// Check agent folders (config, interpreter, imports, signatures) without serving.
     Validate(ValidateArgs),
     /// Call an entrypoint on a running server and print the result (or chunks as they arrive).
@@ -78,8 +81,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The configuration is read before the runtime starts: it says how many threads serve HTTP.
     let loaded = match &cli.command {
-        Command::Serve(flags) | Command::Validate(ValidateArgs { flags, .. }) => match flags.load()
-        {
+        Command::Serve(flags)
+        | Command::Worker(flags)
+        | Command::Validate(ValidateArgs { flags, .. }) => match flags.load() {
             Ok(loaded) => Some(loaded),
             Err(e) => {
                 eprintln!("error: {e:#}");
@@ -110,6 +114,10 @@ fn main() -> ExitCode {
             Command::Serve(_) => {
                 init_tracing();
                 serve::serve(loaded).await
+            }
+            Command::Worker(_) => {
+                init_tracing();
+                serve::worker(loaded).await
             }
             Command::Validate(args) => serve::validate(loaded, args.json).await,
             Command::Config(args) => config::config(args),

@@ -1,4 +1,4 @@
-//! `agentry serve` and `agentry validate`: the configuration is loaded in `main`; the
+//! `agentry serve`, `agentry worker` and `agentry validate`: the configuration is loaded in `main`; the
 //! application (`agentry_server`) does the rest. This file prints.
 
 use std::time::Duration;
@@ -10,6 +10,14 @@ use anyhow::Context;
 pub async fn serve(loaded: Option<Loaded>) -> anyhow::Result<()> {
     let config = loaded.context("no configuration")?.config;
     Application::build(config)
+        .await?
+        .run_until_stopped(shutdown_signal())
+        .await
+}
+
+pub async fn worker(loaded: Option<Loaded>) -> anyhow::Result<()> {
+    let config = loaded.context("no configuration")?.config;
+    Application::build_worker(config)
         .await?
         .run_until_stopped(shutdown_signal())
         .await

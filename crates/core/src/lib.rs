@@ -14,6 +14,7 @@ pub use config::{AgentConfig, ConfigError, Entrypoint, EntrypointKind};
 pub use error::ErrorCode;
 pub use settings::Config;
 pub mod keys;
+pub mod nodes;
 pub mod runs;
 pub mod schema;
 pub mod store;

@@ -384,9 +384,6 @@ impl RunsConfig {
         if self.retention_h > 0.0 {
             positive_secs("runs.retention_h", self.retention_h * 3600.0)?;
         }
-        if self.max_running == 0 {
-            return Err(bad("runs.max_running", "must be at least 1"));
-        }
         if self.max_running_per_agent == Some(0) {
             return Err(bad("runs.max_running_per_agent", "must be at least 1"));
         }
@@ -800,7 +797,7 @@ pub const FIELDS: &[Field] = &[
     file_only("workers.start_timeout_s", "time a worker has to import its agent and become ready"),
     file_only("workers.call_cancel_grace_s", "time a call whose client left (or a stream that was cancelled) gets to stop before its worker is killed"),
     field("runs.max_input_bytes", "max-run-input-bytes", "AGENTRY_MAX_RUN_INPUT_BYTES", "largest run input (413 beyond)"),
-    field("runs.max_running", "max-running-runs", "AGENTRY_MAX_RUNNING_RUNS", "runs leased by this node at once, all agents together"),
+    field("runs.max_running", "max-running-runs", "AGENTRY_MAX_RUNNING_RUNS", "runs leased by this node at once, all agents together; `0`: this node executes no durable run (it accepts them for `agentry worker` nodes, and still serves sync calls)"),
     field("runs.max_running_per_agent", "max-running-runs-per-agent", "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT", "runs of one agent leased at once; default: what its workers can start soon (`max_async_per_worker` each for an agent whose entrypoints are all async; otherwise 16 pipelines' worth each once its entrypoints are known to be short, else 2 each). A leased run waiting for a worker has not started: its timeout and its `run.started` wait for its code")
         .default_doc("workers × 16 × pipeline depth (sync agents), workers × async calls per worker (agents with async entrypoints)"),
     field("runs.lease_ttl_s", "lease-ttl-s", "AGENTRY_LEASE_TTL_S", "a run lease's lifetime; renewed every third of it; a node silent for longer loses its runs to other nodes' reapers (checked every sixth of it)"),
@@ -841,10 +838,10 @@ pub const FIELDS: &[Field] = &[
         .list(),
     field("gateway.agent_rate_limits", "agent-rate-limit", "AGENTRY_AGENT_RATE_LIMIT", "`CLASS=RATE[:BURST]` per agent")
         .list(),
-    field("gateway.rate_limit_postgres", "rate-limit-postgres", "AGENTRY_RATE_LIMIT_POSTGRES", "a `postgres://` URL through which every node shares its rate limits (table `agentry_rate_buckets`, created on start); `?sslmode=require` for TLS. Never logged. Start-up fails if the database cannot be used")
+    field("gateway.rate_limit_postgres", "rate-limit-postgres", "AGENTRY_RATE_LIMIT_POSTGRES", "a `postgres://` URL through which every node shares its rate limits (table `agentry_rate_buckets`, created on start), when it is not the run store's; with `store.database_url` set, limits are shared through that database without this. `?sslmode=require` for TLS. Never logged. Start-up fails if the database cannot be used")
         .text()
         .secret()
-        .default_doc("none (each node on its own)"),
+        .default_doc("the run store's database when it is PostgreSQL, else none (each node on its own)"),
     field("gateway.rate_limit_sync_ms", "rate-limit-sync-ms", "AGENTRY_RATE_LIMIT_SYNC_MS", "how often a node exchanges its use with the others (10 to 60000); the accuracy of shared limits depends on it (docs/api.md)"),
 ];
 

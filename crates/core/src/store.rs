@@ -9,6 +9,7 @@
 use async_trait::async_trait;
 
 use crate::keys::ApiKey;
+use crate::nodes::{NodeRecord, NodeReport};
 
 use crate::runs::{
     AttemptStart, CancelOutcome, ClaimRequest, Claimed, CreateOutcome, DirectClaim, Finished,
@@ -55,6 +56,34 @@ pub trait RunStore: Send + Sync + 'static {
     /// for one that only this node writes. Asked once, by the engine.
     fn changes(&self) -> Option<StoreChanges> {
         None
+    }
+
+    /// Claims `report.name` for this process at start: a name nobody holds, one whose holder
+    /// stopped, or one not heard of for `gone_after_ms`. False while another live process
+    /// holds it (it would requeue that one's runs). A store only one node uses has no
+    /// registry: always true.
+    async fn register_node(
+        &self,
+        _report: &NodeReport,
+        _gone_after_ms: i64,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// This node's heartbeat: its load now. False when another process took the name over.
+    async fn report_node(&self, _report: &NodeReport) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// Marks this node stopped (a graceful shutdown).
+    async fn node_stopped(&self, _name: &str, _owner: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Every node that registered, `gone` when silent for `gone_after_ms`; `None` for a store
+    /// without a registry (the caller describes itself).
+    async fn list_nodes(&self, _gone_after_ms: i64) -> Result<Option<Vec<NodeRecord>>, StoreError> {
+        Ok(None)
     }
 
     /// Whether the database answers now (readiness). The embedded store always does.

@@ -37,6 +37,7 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
                 Ok(claimed) => {
                     backoff = Duration::from_millis(50);
                     let got = claimed.runs.len();
+                    inner.counters.claimed(got);
                     for c in claimed.runs {
                         execute::start(&inner, c, asked_at);
                     }

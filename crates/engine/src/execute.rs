@@ -208,8 +208,12 @@ async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Rec
             .finish_run(lease.clone(), outcome.clone(), start.clone())
             .await
         {
-            Ok(f) => return inner.publish(&f.events, Some(&f.run)),
+            Ok(f) => {
+                inner.counters.ended(f.run.status);
+                return inner.publish(&f.events, Some(&f.run));
+            }
             Err(StoreError::LeaseLost) => {
+                inner.counters.lease_lost();
                 tracing::warn!(run.id = %run.id, "the run's lease was taken over; its result is dropped");
                 return;
             }

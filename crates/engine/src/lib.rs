@@ -21,6 +21,7 @@ mod execute;
 mod follow;
 mod hub;
 mod maintenance;
+pub mod metrics;
 mod settings;
 mod state;
 
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use agentry_core::agent::{Agents, ServedAgent};
+use agentry_core::nodes::{NodeRecord, NodeStatus};
 use agentry_core::runs::{CancelOutcome, CreateOutcome, DirectClaim, NewRun, Run};
 use agentry_core::store::{RunStore, StoreError};
 use parking_lot::Mutex;
@@ -78,7 +80,21 @@ impl Engine {
             turn: std::sync::atomic::AtomicUsize::new(0),
             stopping: watch::channel(false).0,
             tasks: Mutex::new(JoinSet::new()),
+            started_at: agentry_core::runs::now_ms(),
+            counters: Default::default(),
         });
+        // Before anything of this node's previous life is requeued: a live process under the
+        // same name would lose its runs.
+        let gone_after = inner.settings.lease_ttl.as_millis() as i64;
+        if !inner
+            .store
+            .register_node(&inner.node_report(), gone_after)
+            .await?
+        {
+            return Err(StoreError::Internal(agentry_core::nodes::name_in_use(
+                &inner.settings.node,
+            )));
+        }
         let recovered = inner
             .store
             .recover_leases(
@@ -103,11 +119,27 @@ impl Engine {
             tasks.spawn(maintenance::fence_loop(Arc::clone(&inner)));
             tasks.spawn(maintenance::reaper_loop(Arc::clone(&inner)));
             tasks.spawn(maintenance::retention_loop(Arc::clone(&inner)));
+            tasks.spawn(maintenance::node_report_loop(Arc::clone(&inner)));
             if let Some(changes) = inner.store.changes() {
                 tasks.spawn(maintenance::follow_other_nodes(Arc::clone(&inner), changes));
             }
         }
         Ok(Self { inner })
+    }
+
+    /// What this engine has counted so far (`/metrics`).
+    pub fn counters(&self) -> metrics::CountersSnapshot {
+        self.inner.counters.snapshot()
+    }
+
+    /// Runs this node may hold at once, all agents together.
+    pub fn capacity(&self) -> usize {
+        self.inner.settings.max_running
+    }
+
+    /// What this node does (`serve` or `worker`).
+    pub fn role(&self) -> agentry_core::nodes::NodeRole {
+        self.inner.settings.role
     }
 
     /// Whether the run store answers within a second (readiness: a node whose database is
@@ -262,6 +294,32 @@ impl Engine {
         }
         self.inner.tasks.lock().abort_all();
         self.hand_back().await;
+        let stopped = self
+            .inner
+            .store
+            .node_stopped(&self.inner.settings.node, &self.inner.owner);
+        if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(2), stopped).await {
+            tracing::warn!("could not mark this node stopped: {e}");
+        }
+    }
+
+    /// The nodes sharing this store, or this node alone when its store is its own.
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+        let gone_after = self.inner.settings.lease_ttl.as_millis() as i64;
+        if let Some(nodes) = self.inner.store.list_nodes(gone_after).await? {
+            return Ok(nodes);
+        }
+        let now = self.inner.settings.clock.now_ms();
+        Ok(vec![NodeRecord {
+            report: self.inner.node_report(),
+            started_at: self.inner.started_at,
+            last_seen_at: now,
+            status: if self.inner.stopping() {
+                NodeStatus::Stopped
+            } else {
+                NodeStatus::Up
+            },
+        }])
     }
 
     /// Requeues at once what this node still holds (attempts stopped by the shutdown, runs

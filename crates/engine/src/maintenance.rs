@@ -57,6 +57,7 @@ pub(crate) async fn heartbeat_loop(inner: Arc<Inner>) {
                     };
                     if !r.held {
                         if run.abandon(Abandon::LeaseLost) {
+                            inner.counters.lease_lost();
                             tracing::warn!(run.id = %key.run_id, attempt = key.attempt, "lost the lease of a running attempt; stopping it here");
                         }
                         continue;
@@ -68,6 +69,28 @@ pub(crate) async fn heartbeat_loop(inner: Arc<Inner>) {
                 }
             }
             Err(e) => tracing::warn!("renewing leases failed: {e}"),
+        }
+    }
+}
+
+/// Tells the node registry, every heartbeat, that this node is alive and how loaded it is.
+/// Losing the name to another process (this one was silent past a lease TTL and a new one
+/// took it) is only logged: this process's leases are fenced by their owner anyway.
+pub(crate) async fn node_report_loop(inner: Arc<Inner>) {
+    let mut tick = tokio::time::interval(inner.settings.heartbeat_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        match inner.store.report_node(&inner.node_report()).await {
+            Ok(true) => warned = false,
+            Ok(false) if !warned => {
+                warned = true;
+                tracing::warn!(node = %inner.settings.node, "another process has taken this node's name in the registry");
+            }
+            Ok(false) => {}
+            Err(e) => tracing::debug!("reporting this node failed: {e}"),
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use agentry_core::nodes::NodeRole;
 use agentry_core::runs::Clock;
 use agentry_core::settings::RunsConfig;
 
@@ -10,6 +11,8 @@ use agentry_core::settings::RunsConfig;
 pub struct EngineSettings {
     /// This node's stable name (its previous incarnation's runs are requeued at start-up).
     pub node: String,
+    /// What this node does, as the node registry shows it.
+    pub role: NodeRole,
     /// Runs executing at once on this node, all agents together.
     pub max_running: usize,
     /// How long a claim holds a run without renewal.
@@ -41,6 +44,7 @@ impl EngineSettings {
     pub fn new(node: String, runs: &RunsConfig) -> Self {
         Self {
             node,
+            role: NodeRole::Serve,
             max_running: runs.max_running,
             lease_ttl: runs.lease_ttl(),
             heartbeat_every: runs.heartbeat_every(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use agentry_core::agent::Agents;
+use agentry_core::nodes::NodeReport;
 use agentry_core::runs::{Run, RunEvent};
 use agentry_core::store::RunStore;
 use parking_lot::Mutex;
@@ -111,6 +112,9 @@ pub(crate) struct Inner {
     pub(crate) turn: std::sync::atomic::AtomicUsize,
     pub(crate) stopping: watch::Sender<bool>,
     pub(crate) tasks: Mutex<JoinSet<()>>,
+    pub(crate) counters: crate::metrics::EngineCounters,
+    /// When this process started its engine (Unix ms), for the node registry.
+    pub(crate) started_at: i64,
 }
 
 impl Inner {
@@ -171,6 +175,19 @@ impl Inner {
             }
         }
         out
+    }
+
+    /// What this node tells the registry about itself now.
+    pub(crate) fn node_report(&self) -> NodeReport {
+        NodeReport {
+            name: self.settings.node.clone(),
+            owner: self.owner.clone(),
+            role: self.settings.role,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            agents: self.order.clone(),
+            capacity: self.settings.max_running,
+            running: self.running.lock().len(),
+        }
     }
 
     pub(crate) fn publish(&self, events: &[RunEvent], run: Option<&Run>) {

@@ -16,6 +16,7 @@ use agentry_api::limits::RateLimits;
 use agentry_api::server::ConnectionLimits;
 use agentry_core::InvocationHistory;
 use agentry_core::RunStore;
+use agentry_core::nodes::NodeRole;
 use agentry_core::{Config, KeyStore, SharedBuckets};
 use agentry_engine::{Agents, Engine, EngineSettings};
 use agentry_store::{
@@ -52,6 +53,9 @@ pub fn state_dir(config: &Config) -> anyhow::Result<PathBuf> {
 pub struct Stores {
     pub runs: Arc<dyn RunStore>,
     pub keys: Arc<dyn KeyStore>,
+    /// Rate-limit buckets in the same database (PostgreSQL only): what shared limits use when
+    /// no other database is named for them.
+    pub buckets: Option<Arc<dyn SharedBuckets>>,
     /// The SQLite store, to close its writer at the end.
     sqlite: Option<Arc<SqliteStore>>,
 }
@@ -89,6 +93,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
         let store = Arc::new(store);
         return Ok(Stores {
             runs: Arc::clone(&store) as Arc<dyn RunStore>,
+            buckets: Some(Arc::new(store.shared_buckets()) as Arc<dyn SharedBuckets>),
             keys: store as Arc<dyn KeyStore>,
             sqlite: None,
         });
@@ -111,6 +116,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
     Ok(Stores {
         runs: Arc::clone(&store) as Arc<dyn RunStore>,
         keys: Arc::clone(&store) as Arc<dyn KeyStore>,
+        buckets: None,
         sqlite: Some(store),
     })
 }
@@ -158,36 +164,67 @@ async fn bind(config: &Config, db: Option<&RunAgentDb>) -> anyhow::Result<TcpLis
     bail!("no free port from {RUNAGENT_FIRST_PORT} upward on {host}")
 }
 
-/// Connects the shared rate-limit store, when one is configured and there is something to
-/// share.
+/// The shared rate-limit store, when there is something to share: the database named for it
+/// (`gateway.rate_limit_postgres`), else the run store's own PostgreSQL database.
 async fn shared_buckets(
     config: &Config,
     limits: &RateLimits,
+    in_run_store: Option<Arc<dyn SharedBuckets>>,
 ) -> anyhow::Result<Option<Arc<dyn SharedBuckets>>> {
-    let Some(url) = &config.gateway.rate_limit_postgres else {
-        return Ok(None);
-    };
     if limits.is_empty() {
-        tracing::warn!(
-            "--rate-limit-postgres is set but no rate limit is configured: nothing to share"
-        );
+        if config.gateway.rate_limit_postgres.is_some() {
+            tracing::warn!(
+                "--rate-limit-postgres is set but no rate limit is configured: nothing to share"
+            );
+        }
         return Ok(None);
     }
-    let store = agentry_store::PgBuckets::connect(url)
-        .await
-        .map_err(|e| anyhow::anyhow!("--rate-limit-postgres: cannot use the database: {e}"))?;
+    let store: Arc<dyn SharedBuckets> =
+        match &config.gateway.rate_limit_postgres {
+            Some(url) => Arc::new(agentry_store::PgBuckets::connect(url).await.map_err(|e| {
+                anyhow::anyhow!("--rate-limit-postgres: cannot use the database: {e}")
+            })?),
+            None => match in_run_store {
+                Some(store) => store,
+                None => return Ok(None),
+            },
+        };
     tracing::info!(
         "rate limits are shared with the other nodes through PostgreSQL, synced every {} ms",
         config.gateway.rate_limit_sync().as_millis()
     );
-    Ok(Some(Arc::new(store)))
+    Ok(Some(store))
 }
 
 impl Application {
     /// Opens the stores, starts the agents' workers, binds the listener and starts the run
     /// engine. Nothing is served until `run_until_stopped`.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_as(config, NodeRole::Serve).await
+    }
+
+    /// An execution-only node (`agentry worker`): it claims and runs the runs of its agents
+    /// from the shared PostgreSQL store, and serves only `/healthz`, `/readyz` and `/metrics`
+    /// on its admin port (`http.port`; an OS-chosen one when unset, logged at start).
+    pub async fn build_worker(config: Config) -> anyhow::Result<Self> {
+        if config.store.database_url.is_none() {
+            bail!(
+                "a worker needs --database postgres://…: it executes the runs that serving nodes accept into a shared PostgreSQL; with the embedded store, `agentry serve` both accepts and executes"
+            );
+        }
+        Self::build_as(config, NodeRole::Worker).await
+    }
+
+    async fn build_as(mut config: Config, role: NodeRole) -> anyhow::Result<Self> {
         let t0 = Instant::now();
+        if role == NodeRole::Worker {
+            // A worker answers no RunAgent client: nothing to record in RunAgent's database,
+            // and its admin port is not RunAgent's.
+            config.store.runagent_db = false;
+            if config.http.port.is_none() {
+                config.http.port = Some(0);
+            }
+        }
         let state_dir = state_dir(&config)?;
         // Before anything is opened: a second server here must not touch the first one's runs.
         // With PostgreSQL many nodes share the database; the state directory is still one
@@ -248,7 +285,9 @@ impl Application {
         };
         let addr = listener.local_addr()?;
         lock.record_address(addr);
-        let engine_settings = EngineSettings::new(node_name(&config, &state_dir)?, &config.runs);
+        let mut engine_settings =
+            EngineSettings::new(node_name(&config, &state_dir)?, &config.runs);
+        engine_settings.role = role;
         let engine = match Engine::start(
             Arc::clone(&stores.runs),
             Arc::clone(&agents),
@@ -284,7 +323,7 @@ impl Application {
         let history: Option<Arc<dyn InvocationHistory>> =
             db.map(|db| Arc::new(History::start(db, 16_384, bounds)) as Arc<dyn InvocationHistory>);
         let limits = RateLimits::new(&caller_limits, &agent_limits);
-        let shared = shared_buckets(&config, &limits).await?;
+        let shared = shared_buckets(&config, &limits, stores.buckets.clone()).await?;
         let state = Arc::new(AppState {
             agents,
             config: Arc::new(config),
@@ -314,7 +353,32 @@ impl Application {
         }
         auth.spawn_maintenance();
         // Built before "ready" is said: the routes, their gates and the OpenAPI document.
-        let app = agentry_api::router(Arc::clone(&state));
+        let app = match role {
+            NodeRole::Serve => agentry_api::router(Arc::clone(&state)),
+            NodeRole::Worker => agentry_api::admin_router(Arc::clone(&state)),
+        };
+        if role == NodeRole::Worker {
+            for a in state.agents.iter() {
+                tracing::info!(
+                    "executing runs of agent {} ({}) with {} warm worker(s)",
+                    a.config.agent_name,
+                    a.config.agent_id,
+                    a.executor.health().live_workers,
+                );
+            }
+            tracing::info!(
+                "worker ready in {} ms; admin port http://{addr} (/healthz, /readyz, /metrics)",
+                t0.elapsed().as_millis()
+            );
+            return Ok(Self {
+                listener,
+                addr,
+                state,
+                app,
+                history,
+                lock,
+            });
+        }
         for a in state.agents.iter() {
             tracing::info!(
                 "serving agent {} ({}) with {} warm worker(s): http://{addr}/v1/agents/{}  (RunAgent: http://{addr}/api/v1/agents/{}/run)",

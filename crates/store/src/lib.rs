@@ -9,6 +9,6 @@ pub mod runagent;
 pub mod sqlite;
 mod transitions;
 
-pub use postgres::{MigrationState, PgBuckets, PgOptions, PgStore};
+pub use postgres::{MIGRATIONS as PG_MIGRATIONS, MigrationState, PgBuckets, PgOptions, PgStore};
 pub use runagent::{History, HistoryBounds, InvocationLog, RunAgentDb};
 pub use sqlite::{Durability, SqliteOptions, SqliteStore};

@@ -29,15 +29,14 @@ fn fresh_agent(dir: &Path) -> (PathBuf, String) {
 }
 
 fn node(agent: &Path, limit: &str) -> Server {
+    sharing(agent, limit, &["--rate-limit-postgres", &pg_url()])
+}
+
+/// A node with `limit` per agent, sharing it through the database that `through` names.
+fn sharing(agent: &Path, limit: &str, through: &[&str]) -> Server {
     server(agent.to_path_buf())
-        .args([
-            "--agent-rate-limit",
-            limit,
-            "--rate-limit-postgres",
-            &pg_url(),
-            "--rate-limit-sync-ms",
-            "50",
-        ])
+        .args(["--agent-rate-limit", limit, "--rate-limit-sync-ms", "50"])
+        .args(through.iter().copied())
         .start()
 }
 
@@ -80,6 +79,29 @@ async fn what_one_node_spends_the_other_cannot() {
         call(&a).await.0,
         429,
         "node A admitted what node B had just spent"
+    );
+}
+
+/// Nodes whose runs are in PostgreSQL share their limits through that database, with no
+/// second URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_on_one_run_database_share_limits_through_it() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (agent, _) = fresh_agent(dir.path());
+    let schema = crate::postgres::schema();
+    let url = pg_url();
+    let through = ["--database", url.as_str(), "--database-schema", &schema];
+    let a = sharing(&agent, "invoke=1:3", &through);
+    let b = sharing(&agent, "invoke=1:3", &through);
+    assert!(b.wait_log("shared with the other nodes", Duration::from_secs(5)));
+    for i in 0..3 {
+        assert_eq!(call(&a).await.0, 200, "request {i} on node A");
+    }
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert_eq!(
+        call(&b).await.0,
+        429,
+        "node B admitted what node A had spent"
     );
 }
 

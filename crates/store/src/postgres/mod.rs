@@ -1,6 +1,7 @@
 //! PostgreSQL: the run store and API keys of several nodes (`runs`), and the rate-limit buckets
 //! they share (`SharedBuckets`, here). The SQL is in `queries/`, one statement per file.
 
+mod nodes;
 mod runs;
 
 pub use runs::{MIGRATIONS, MigrationState, PgOptions, PgStore};
@@ -27,6 +28,11 @@ fn unavailable(e: sqlx::Error) -> StoreError {
 }
 
 impl PgBuckets {
+    /// Buckets in a migrated run-store database (migration 0004 made the table).
+    pub(crate) fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
     /// Connects (a small pool: one sync every interval is all the traffic) and creates the
     /// table if it is missing. `url` is a `postgres://` URL; it is never logged.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {

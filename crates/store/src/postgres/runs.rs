@@ -14,6 +14,7 @@
 //! The SQL is in `queries/*.sql` (the same names as SQLite's) and `migrations/*.sql`.
 
 use agentry_core::keys::ApiKey;
+use agentry_core::nodes::{NodeRecord, NodeReport};
 use agentry_core::runs::{
     AttemptStart, Backoff, CancelOutcome, ClaimRequest, Claimed, ClaimedRun, CreateOutcome,
     DirectClaim, EventKind, Finished, LeaseRef, NewEvent, NewRun, Outcome, Renewal, Run, RunEvent,
@@ -47,6 +48,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0003_idempotency_scope",
         include_str!("migrations/0003_idempotency_scope.sql"),
+    ),
+    (
+        "0004_nodes_and_buckets",
+        include_str!("migrations/0004_nodes_and_buckets.sql"),
     ),
 ];
 
@@ -195,7 +200,7 @@ fn is_transient(code: &str) -> bool {
         )
 }
 
-fn db_err(e: sqlx::Error) -> StoreError {
+pub(super) fn db_err(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(d) if d.code().is_some_and(|c| is_transient(&c)) => {
             StoreError::Unavailable(d.to_string())
@@ -275,6 +280,12 @@ impl PgStore {
             pool,
             schema,
         })
+    }
+
+    /// The rate-limit buckets in this database (its schema, its pool): what the gateway's
+    /// shared limiter uses when no other database is named for it.
+    pub fn shared_buckets(&self) -> super::PgBuckets {
+        super::PgBuckets::from_pool(self.pool.clone())
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -943,6 +954,28 @@ async fn listen(
 
 #[async_trait]
 impl RunStore for PgStore {
+    async fn register_node(
+        &self,
+        report: &NodeReport,
+        gone_after_ms: i64,
+    ) -> Result<bool, StoreError> {
+        super::nodes::register(&self.pool, report, gone_after_ms).await
+    }
+
+    async fn report_node(&self, report: &NodeReport) -> Result<bool, StoreError> {
+        super::nodes::report(&self.pool, report).await
+    }
+
+    async fn node_stopped(&self, name: &str, owner: &str) -> Result<(), StoreError> {
+        super::nodes::stopped(&self.pool, name, owner).await
+    }
+
+    async fn list_nodes(&self, gone_after_ms: i64) -> Result<Option<Vec<NodeRecord>>, StoreError> {
+        super::nodes::list(&self.pool, gone_after_ms)
+            .await
+            .map(Some)
+    }
+
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
             .execute(&self.pool)

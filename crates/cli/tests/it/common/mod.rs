@@ -53,12 +53,19 @@ pub struct ServerBuilder {
     cache_dir: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     default_workers: bool,
+    /// `agentry worker` instead of `agentry serve` (its admin port is the server's port).
+    worker: bool,
 }
 
 impl ServerBuilder {
     /// Leave the worker count to the configuration (the harness passes `--workers 2`).
     pub fn without_default_workers(mut self) -> Self {
         self.default_workers = false;
+        self
+    }
+    /// Start an execution-only node (`agentry worker`).
+    pub fn worker(mut self) -> Self {
+        self.worker = true;
         self
     }
     /// Use this state directory (to restart a server on the same state).
@@ -101,7 +108,7 @@ impl ServerBuilder {
             .clone()
             .unwrap_or_else(|| dirs.path().join("runagent-cache"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_agentry"));
-        cmd.arg("serve")
+        cmd.arg(if self.worker { "worker" } else { "serve" })
             .args(&self.agents)
             .args(["--port", "0", "--state-dir"])
             .arg(
@@ -128,7 +135,8 @@ impl ServerBuilder {
         {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
-                let re = regex::Regex::new(r"ready on http://([0-9.]+):(\d+)").expect("regex");
+                let re = regex::Regex::new(r"(?:ready on|admin port) http://([0-9.]+):(\d+)")
+                    .expect("regex");
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     let clean = strip_ansi(&line);
                     if let Some(c) = re.captures(&clean) {
@@ -170,6 +178,7 @@ pub fn server(agent: PathBuf) -> ServerBuilder {
         cache_dir: None,
         state_dir: None,
         default_workers: true,
+        worker: false,
     }
 }
 
