@@ -546,3 +546,181 @@ async fn a_node_stopped_gracefully_hands_its_runs_to_another_at_once() {
     assert_eq!(run["attempt"], 2, "the second attempt, on the other node");
     assert_eq!(run["max_attempts"], 3);
 }
+
+/// A PostgreSQL server of this test's own (initdb in a temporary directory, run as the
+/// `postgres` user on a free port), so that it can be restarted without touching the server
+/// the other tests use.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    fn bin(tool: &str) -> std::path::PathBuf {
+        let root = std::path::Path::new("/usr/lib/postgresql");
+        let mut versions: Vec<_> = std::fs::read_dir(root)
+            .expect("PostgreSQL's server binaries in /usr/lib/postgresql")
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .collect();
+        versions.sort();
+        versions
+            .last()
+            .expect("a PostgreSQL version")
+            .join("bin")
+            .join(tool)
+    }
+
+    /// Runs a PostgreSQL tool as the `postgres` user (initdb refuses root).
+    fn as_postgres(tool: &str, args: &[&str]) {
+        let out = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(Self::bin(tool))
+            .args(args)
+            .output()
+            .expect("runuser");
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::os::unix::fs::chown(dir.path(), Some(uid_of("postgres")), None).expect("chown");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let data = dir.path().join("data");
+        let data = data.to_str().expect("utf-8");
+        Self::as_postgres("initdb", &["-D", data, "-A", "trust", "-U", "postgres"]);
+        let pg = Self { dir, port };
+        pg.ctl("start");
+        pg
+    }
+
+    fn ctl(&self, what: &str) {
+        let data = self.dir.path().join("data");
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log");
+        let mut args = vec![
+            "-D",
+            data.to_str().expect("utf-8"),
+            "-l",
+            log.to_str().expect("utf-8"),
+            "-o",
+            &options,
+            "-w",
+            what,
+        ];
+        if what != "start" {
+            // Like a crash: no clean shutdown checkpoint; committed work comes back from the WAL.
+            args.extend(["-m", "immediate"]);
+        }
+        Self::as_postgres("pg_ctl", &args);
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.path().join("data");
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(Self::bin("pg_ctl"))
+            .args([
+                "-D",
+                data.to_str().unwrap_or_default(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .output();
+    }
+}
+
+fn uid_of(user: &str) -> u32 {
+    let out = std::process::Command::new("id")
+        .args(["-u", user])
+        .output()
+        .expect("id");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no user {user}"))
+}
+
+/// PostgreSQL restarted (immediate mode: no clean shutdown) under two nodes with runs in
+/// flight: the nodes reconnect on their own, every accepted run ends exactly once, none is
+/// lost, and none ran to completion twice (the agent logs each completed execution).
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_mid_load_loses_no_run_and_runs_none_twice() {
+    let pg = PrivatePostgres::start();
+    let logs = tempfile::tempdir().expect("tempdir");
+    let durable_log = logs.path().join("durable.log");
+    let start = |name: &str| {
+        server(fixture("durable"))
+            .args(["--database", &pg.url(), "--node-name", name])
+            .env("DURABLE_LOG", durable_log.to_str().expect("utf-8"))
+            .start()
+    };
+    let a = start("a");
+    let b = start("b");
+    let targets = [a.url("/v1/runs"), b.url("/v1/runs")];
+    let submit = tokio::spawn(async move {
+        let mut accepted = Vec::new();
+        for i in 0..200usize {
+            let body =
+                json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": 10}});
+            let (status, text) = post(&targets[i % 2], &body.to_string()).await;
+            match status {
+                202 => accepted.push(json(&text)["id"].as_str().expect("id").to_string()),
+                503 => {} // refused while the database is away: not accepted, not lost
+                other => panic!("{other}: {text}"),
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        accepted
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    pg.ctl("restart");
+    let accepted = submit.await.expect("submit");
+    eprintln!("{} of 200 accepted across the restart", accepted.len());
+    assert!(accepted.len() >= 100, "only {} accepted", accepted.len());
+    let done = |text: &str, id: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("done ") && l.split(' ').nth(1) == Some(id))
+            .count()
+    };
+    for id in &accepted {
+        let (status, text) = get(&a.url(&format!("/v1/runs/{id}/wait?timeout_s=60"))).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(json(&text)["status"], "succeeded", "{text}");
+        let events = crate::runs::events(&a, id).await;
+        let ends = events
+            .iter()
+            .filter(|(_, k, _)| k == "run.succeeded")
+            .count();
+        assert_eq!(ends, 1, "{events:?}");
+    }
+    let executed = std::fs::read_to_string(&durable_log).expect("the agent's log");
+    for id in &accepted {
+        assert_eq!(
+            done(&executed, id),
+            1,
+            "{id} ran to completion {} times",
+            done(&executed, id)
+        );
+    }
+    drop((a, b));
+}
