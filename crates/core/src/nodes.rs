@@ -38,6 +38,10 @@ pub struct NodeReport {
     pub name: String,
     /// This process's lease owner (`name/incarnation`): a restarted node is a new owner.
     pub owner: String,
+    /// The id of the node's state directory (`<state_dir>/state-id`): a process holding that
+    /// directory's lock knows any earlier holder is dead, so it may take the name over at once.
+    /// Empty when unknown. Not shown by the API.
+    pub home: String,
     pub role: NodeRole,
     pub version: String,
     /// The agent ids whose runs this node claims.

@@ -11,6 +11,8 @@ use agentry_core::settings::RunsConfig;
 pub struct EngineSettings {
     /// This node's stable name (its previous incarnation's runs are requeued at start-up).
     pub node: String,
+    /// The id of this node's state directory (see `NodeReport::home`); empty when unknown.
+    pub home: String,
     /// What this node does, as the node registry shows it.
     pub role: NodeRole,
     /// Runs executing at once on this node, all agents together.
@@ -44,6 +46,7 @@ impl EngineSettings {
     pub fn new(node: String, runs: &RunsConfig) -> Self {
         Self {
             node,
+            home: String::new(),
             role: NodeRole::Serve,
             max_running: runs.max_running,
             lease_ttl: runs.lease_ttl(),

@@ -182,6 +182,7 @@ impl Inner {
         NodeReport {
             name: self.settings.node.clone(),
             owner: self.owner.clone(),
+            home: self.settings.home.clone(),
             role: self.settings.role,
             version: env!("CARGO_PKG_VERSION").to_string(),
             agents: self.order.clone(),

@@ -140,6 +140,22 @@ fn node_name(config: &Config, state_dir: &Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
+/// The id of this state directory, created once: the node registry lets a process holding this
+/// directory's lock take over its node name from a holder that died.
+fn state_id(state_dir: &Path) -> anyhow::Result<String> {
+    let file = state_dir.join("state-id");
+    if let Ok(id) = std::fs::read_to_string(&file)
+        && !id.trim().is_empty()
+    {
+        return Ok(id.trim().to_string());
+    }
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    std::fs::create_dir_all(state_dir)
+        .and_then(|_| std::fs::write(&file, &id))
+        .with_context(|| format!("cannot write {}", file.display()))?;
+    Ok(id)
+}
+
 async fn bind(config: &Config, db: Option<&RunAgentDb>) -> anyhow::Result<TcpListener> {
     let host = config.http.host;
     if let Some(port) = config.http.port {
@@ -288,6 +304,7 @@ impl Application {
         let mut engine_settings =
             EngineSettings::new(node_name(&config, &state_dir)?, &config.runs);
         engine_settings.role = role;
+        engine_settings.home = state_id(&state_dir)?;
         let engine = match Engine::start(
             Arc::clone(&stores.runs),
             Arc::clone(&agents),

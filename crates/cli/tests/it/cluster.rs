@@ -391,11 +391,15 @@ async fn workers_behind_one_serving_node_survive_one_sigkilled_mid_load() {
 
 /// A worker's admin port serves the probes and the metrics, and nothing of the API; a worker
 /// without a shared database refuses to start; a second process under a live node's name is
-/// refused (it would requeue the live node's runs).
+/// refused (it would requeue the live node's runs), while the same node restarted on its state
+/// directory right after a SIGKILL starts at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_serves_only_probes_and_metrics_and_names_are_not_shared() {
     let schema = schema();
-    let w = node(&schema, "solo", true, &[]).start();
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut w = node(&schema, "solo", true, &[])
+        .state_dir(state.path())
+        .start();
     assert_eq!(get(&w.url("/healthz")).await.0, 200);
     let (status, text) = get(&w.url("/readyz")).await;
     assert_eq!(status, 200, "{text}");
@@ -429,5 +433,14 @@ async fn a_worker_serves_only_probes_and_metrics_and_names_are_not_shared() {
         .err()
         .expect("a second process under a live node's name must not start");
     assert!(err.contains("in use by another live node"), "{err}");
-    drop(w);
+
+    w.stop(nix::sys::signal::Signal::SIGKILL);
+    // Its record is fresh (it reported within the lease TTL), yet this is no second live
+    // process: it holds the state directory's lock, so the holder is dead.
+    let again = node(&schema, "solo", true, &[])
+        .state_dir(state.path())
+        .try_start()
+        .unwrap_or_else(|log| panic!("the restarted node was refused:\n{log}"));
+    let (status, text) = get(&again.url("/readyz")).await;
+    assert_eq!(status, 200, "{text}");
 }

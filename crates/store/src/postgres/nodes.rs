@@ -34,6 +34,7 @@ pub(super) async fn register(
         .bind(&report.agents)
         .bind(count(report.capacity))
         .bind(gone_after_ms)
+        .bind(&report.home)
         .fetch_optional(pool)
         .await
         .map_err(db_err)?;
@@ -88,6 +89,7 @@ pub(super) async fn list(pool: &PgPool, gone_after_ms: i64) -> Result<Vec<NodeRe
                 report: NodeReport {
                     name: row.try_get("name").map_err(field)?,
                     owner: row.try_get("owner").map_err(field)?,
+                    home: String::new(),
                     role: NodeRole::parse(&role).unwrap_or_default(),
                     version: row.try_get("version").map_err(field)?,
                     agents: row.try_get("agents").map_err(field)?,
