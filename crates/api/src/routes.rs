@@ -327,13 +327,15 @@ mod tests {
             Access::Scope(Scope::RunsWrite)
         );
         assert_eq!(of("get", "/v1/keys"), Access::Scope(Scope::Admin));
+        assert_eq!(of("get", "/v1/nodes"), Access::Scope(Scope::RunsRead));
+        assert_eq!(of("get", "/metrics"), Access::AnyKey);
         assert_eq!(of("delete", "/v1/keys/{id}"), Access::Scope(Scope::Admin));
         // Every route of the store says so; the probes and the spec are never limited by
         // the store.
         for (path, method, policy) in &table {
             assert_eq!(
                 policy.uses_store,
-                path.starts_with("/v1/runs") || path.starts_with("/v1/keys"),
+                path.starts_with("/v1/runs") || path.starts_with("/v1/keys") || path == "/v1/nodes",
                 "{method} {path}"
             );
         }
