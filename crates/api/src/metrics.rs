@@ -14,6 +14,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
+use crate::auth::{Caller, principal};
 use crate::state::AppState;
 
 type Labels = Vec<(&'static str, String)>;
@@ -35,7 +36,9 @@ fn count(n: usize) -> i64 {
 /// workers per agent, whether the store answers.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
-pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+pub(crate) async fn metrics(State(state): State<Arc<AppState>>, caller: Caller) -> Response {
+    // A key limited to some agents sees the series of those agents only.
+    let who = principal(caller);
     let engine = &state.engine;
     let store_up = engine.store_reachable().await;
     let counters = engine.counters();
@@ -45,15 +48,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     info.get_or_create(&vec![
         ("version", env!("CARGO_PKG_VERSION").to_string()),
         ("role", engine.role().as_str().to_string()),
-        (
-            "node",
-            engine
-                .owner()
-                .split('/')
-                .next()
-                .unwrap_or_default()
-                .to_string(),
-        ),
+        ("node", engine.node_name().to_string()),
     ])
     .set(1);
     registry.register("build_info", "This node's version, role and name", info);
@@ -100,7 +95,7 @@ pub(crate) async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     );
     let live = Family::<Labels, IntGauge>::default();
     let crash_loop = Family::<Labels, IntGauge>::default();
-    for a in state.agents.iter() {
+    for a in state.agents.iter().filter(|a| who.allows(a)) {
         let health = a.executor.health();
         let labels = vec![("agent", a.config.agent_id.clone())];
         live.get_or_create(&labels).set(count(health.live_workers));

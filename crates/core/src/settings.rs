@@ -148,6 +148,13 @@ impl Config {
         self.http.validate()?;
         self.workers.validate()?;
         self.runs.validate()?;
+        if self.runs.max_running == 0 && self.store.database_url.is_none() {
+            // With the embedded store no other node can reach the queue: runs would wait forever.
+            return Err(bad(
+                "runs.max_running",
+                "0 (execute nothing here) needs a shared database (store.database_url) whose workers execute the runs",
+            ));
+        }
         self.store.validate()?;
         self.gateway.validate()?;
         for (name, agent) in &self.agents {
@@ -966,6 +973,12 @@ mod tests {
         let mut c = Config::default();
         c.runs.lease_ttl_s = 0.0;
         assert_eq!(c.validate().unwrap_err().key, "runs.lease_ttl_s");
+        // Executing nothing is for a node in front of workers, on a shared database only.
+        let mut c = Config::default();
+        c.runs.max_running = 0;
+        assert_eq!(c.validate().unwrap_err().key, "runs.max_running");
+        c.store.database_url = Some("postgres://db/agentry".into());
+        c.validate().unwrap();
         let mut c = Config::default();
         c.gateway.rate_limits = vec!["bogus".into()];
         assert_eq!(c.validate().unwrap_err().key, "gateway.rate_limits");

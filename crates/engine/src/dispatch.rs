@@ -17,7 +17,7 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
         let woken = inner.wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
-        if inner.stopping() {
+        if !inner.claiming() {
             return;
         }
         let per_agent = inner.free_capacity();

@@ -82,6 +82,7 @@ impl Engine {
             tasks: Mutex::new(JoinSet::new()),
             started_at: agentry_core::runs::now_ms(),
             counters: Default::default(),
+            name_lost: Default::default(),
         });
         // Before anything of this node's previous life is requeued: a live process under the
         // same name would lose its runs.
@@ -135,6 +136,11 @@ impl Engine {
     /// Runs this node may hold at once, all agents together.
     pub fn capacity(&self) -> usize {
         self.inner.settings.max_running
+    }
+
+    /// This node's name.
+    pub fn node_name(&self) -> &str {
+        &self.inner.settings.node
     }
 
     /// What this node does (`serve` or `worker`).
@@ -328,6 +334,16 @@ impl Engine {
     /// them all back is what the next start of this node would do. If the store cannot be
     /// reached, the leases expire and the reapers take them.
     async fn hand_back(&self) {
+        if self
+            .inner
+            .name_lost
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "not handing runs back: another process holds this node's name; this one's leases expire"
+            );
+            return;
+        }
         let not_an_owner = format!("{}/stopped", self.inner.owner);
         let node = Some((self.inner.settings.node.clone(), not_an_owner));
         let now = self.inner.settings.clock.now_ms();

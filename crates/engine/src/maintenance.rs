@@ -75,22 +75,26 @@ pub(crate) async fn heartbeat_loop(inner: Arc<Inner>) {
 
 /// Tells the node registry, every heartbeat, that this node is alive and how loaded it is.
 /// Losing the name to another process (this one was silent past a lease TTL and a new one
-/// took it) is only logged: this process's leases are fenced by their owner anyway.
+/// took it) stops this one claiming: its running attempts are fenced by their owner anyway,
+/// and at shutdown it hands nothing back, since what is leased under the name may be the
+/// other's. A failed report is retried at the next heartbeat.
 pub(crate) async fn node_report_loop(inner: Arc<Inner>) {
     let mut tick = tokio::time::interval(inner.settings.heartbeat_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let mut warned = false;
     loop {
         tick.tick().await;
         match inner.store.report_node(&inner.node_report()).await {
-            Ok(true) => warned = false,
-            Ok(false) if !warned => {
-                warned = true;
-                tracing::warn!(node = %inner.settings.node, "another process has taken this node's name in the registry");
+            Ok(true) => {}
+            Ok(false) => {
+                inner
+                    .name_lost
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                inner.wake.notify_one();
+                tracing::error!(node = %inner.settings.node, "another process has taken this node's name in the registry; this one claims no more runs (restart it under its own name)");
+                return;
             }
-            Ok(false) => {}
-            Err(e) => tracing::debug!("reporting this node failed: {e}"),
+            Err(e) => tracing::warn!("reporting this node to the registry failed: {e}"),
         }
     }
 }

@@ -113,6 +113,10 @@ pub(crate) struct Inner {
     pub(crate) stopping: watch::Sender<bool>,
     pub(crate) tasks: Mutex<JoinSet<()>>,
     pub(crate) counters: crate::metrics::EngineCounters,
+    /// Another process took this node's name in the registry (this one was silent too long):
+    /// it claims nothing more, and hands nothing back at shutdown (what is leased under the
+    /// name may be the other's).
+    pub(crate) name_lost: std::sync::atomic::AtomicBool,
     /// When this process started its engine (Unix ms), for the node registry.
     pub(crate) started_at: i64,
 }
@@ -122,8 +126,16 @@ impl Inner {
         *self.stopping.borrow()
     }
 
+    /// Whether this process may take more runs: not stopping, and still the holder of its name.
+    pub(crate) fn claiming(&self) -> bool {
+        !self.stopping() && !self.name_lost.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Holds one slot of `agent`'s capacity for a submission that may lease its run directly.
     pub(crate) fn reserve(self: &Arc<Self>, agent: &str) -> Option<Reservation> {
+        if !self.claiming() {
+            return None;
+        }
         let cap = self.agents.by_id(agent)?.run_capacity();
         let running = self.running.lock();
         let mut reserved = self.reserved.lock();

@@ -140,8 +140,26 @@ fn node_name(config: &Config, state_dir: &Path) -> anyhow::Result<String> {
     Ok(id)
 }
 
-/// The id of this state directory, created once: the node registry lets a process holding this
-/// directory's lock take over its node name from a holder that died.
+/// Where this node runs from: its state directory's id (created once), its path, and this
+/// machine's host name and boot: the node registry lets a process holding that directory's lock
+/// take over its node name at once from a holder that died. The machine's part keeps a copied
+/// state directory (a cloned volume, an image with the directory baked in) from passing for the
+/// same home on another host.
+fn node_home(state_dir: &Path) -> anyhow::Result<String> {
+    let kernel = |key: &str| {
+        std::fs::read_to_string(format!("/proc/sys/kernel/{key}"))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    Ok(format!(
+        "{}:{}@{}/{}",
+        state_id(state_dir)?,
+        state_dir.display(),
+        kernel("hostname"),
+        kernel("random/boot_id")
+    ))
+}
+
 fn state_id(state_dir: &Path) -> anyhow::Result<String> {
     let file = state_dir.join("state-id");
     if let Ok(id) = std::fs::read_to_string(&file)
@@ -212,6 +230,50 @@ async fn shared_buckets(
     Ok(Some(store))
 }
 
+/// Says what this node serves or executes, and that it is ready (the tests wait for this line).
+fn log_ready(state: &AppState, role: NodeRole, auth: &Auth, addr: SocketAddr, t0: Instant) {
+    if role == NodeRole::Worker {
+        for a in state.agents.iter() {
+            tracing::info!(
+                "executing runs of agent {} ({}) with {} warm worker(s)",
+                a.config.agent_name,
+                a.config.agent_id,
+                a.executor.health().live_workers,
+            );
+        }
+        tracing::info!(
+            "worker ready in {} ms; admin port http://{addr} (/healthz, /readyz, /metrics)",
+            t0.elapsed().as_millis()
+        );
+        return;
+    }
+    for a in state.agents.iter() {
+        tracing::info!(
+            "serving agent {} ({}) with {} warm worker(s): http://{addr}/v1/agents/{}  (RunAgent: http://{addr}/api/v1/agents/{}/run)",
+            a.config.agent_name,
+            a.config.agent_id,
+            a.executor.health().live_workers,
+            a.config.agent_name,
+            a.config.agent_id
+        );
+    }
+    let auth_line = if auth.enabled() {
+        format!(
+            "authentication is on: {} active API key(s)",
+            auth.active_keys()
+        )
+    } else if addr.ip().is_loopback() {
+        "authentication is off: no API key exists; it turns on with the first `agentry keys create`"
+            .to_string()
+    } else {
+        "authentication is OFF on a non-loopback address (--insecure-no-auth)".to_string()
+    };
+    tracing::info!(
+        "ready on http://{addr} in {} ms ({auth_line})",
+        t0.elapsed().as_millis()
+    );
+}
+
 impl Application {
     /// Opens the stores, starts the agents' workers, binds the listener and starts the run
     /// engine. Nothing is served until `run_until_stopped`.
@@ -227,6 +289,9 @@ impl Application {
             bail!(
                 "a worker needs --database postgres://…: it executes the runs that serving nodes accept into a shared PostgreSQL; with the embedded store, `agentry serve` both accepts and executes"
             );
+        }
+        if config.runs.max_running == 0 {
+            bail!("a worker with --max-running-runs 0 would execute nothing");
         }
         Self::build_as(config, NodeRole::Worker).await
     }
@@ -304,7 +369,7 @@ impl Application {
         let mut engine_settings =
             EngineSettings::new(node_name(&config, &state_dir)?, &config.runs);
         engine_settings.role = role;
-        engine_settings.home = state_id(&state_dir)?;
+        engine_settings.home = node_home(&state_dir)?;
         let engine = match Engine::start(
             Arc::clone(&stores.runs),
             Arc::clone(&agents),
@@ -374,53 +439,7 @@ impl Application {
             NodeRole::Serve => agentry_api::router(Arc::clone(&state)),
             NodeRole::Worker => agentry_api::admin_router(Arc::clone(&state)),
         };
-        if role == NodeRole::Worker {
-            for a in state.agents.iter() {
-                tracing::info!(
-                    "executing runs of agent {} ({}) with {} warm worker(s)",
-                    a.config.agent_name,
-                    a.config.agent_id,
-                    a.executor.health().live_workers,
-                );
-            }
-            tracing::info!(
-                "worker ready in {} ms; admin port http://{addr} (/healthz, /readyz, /metrics)",
-                t0.elapsed().as_millis()
-            );
-            return Ok(Self {
-                listener,
-                addr,
-                state,
-                app,
-                history,
-                lock,
-            });
-        }
-        for a in state.agents.iter() {
-            tracing::info!(
-                "serving agent {} ({}) with {} warm worker(s): http://{addr}/v1/agents/{}  (RunAgent: http://{addr}/api/v1/agents/{}/run)",
-                a.config.agent_name,
-                a.config.agent_id,
-                a.executor.health().live_workers,
-                a.config.agent_name,
-                a.config.agent_id
-            );
-        }
-        let auth_line = if auth.enabled() {
-            format!(
-                "authentication is on: {} active API key(s)",
-                auth.active_keys()
-            )
-        } else if addr.ip().is_loopback() {
-            "authentication is off: no API key exists; it turns on with the first `agentry keys create`"
-                .to_string()
-        } else {
-            "authentication is OFF on a non-loopback address (--insecure-no-auth)".to_string()
-        };
-        tracing::info!(
-            "ready on http://{addr} in {} ms ({auth_line})",
-            t0.elapsed().as_millis()
-        );
+        log_ready(&state, role, &auth, addr, t0);
         Ok(Self {
             listener,
             addr,

@@ -35,6 +35,7 @@ pub(super) async fn register(
         .bind(count(report.capacity))
         .bind(gone_after_ms)
         .bind(&report.home)
+        .bind(gone_after_ms)
         .fetch_optional(pool)
         .await
         .map_err(db_err)?;

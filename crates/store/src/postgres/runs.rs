@@ -53,6 +53,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_nodes_and_buckets",
         include_str!("migrations/0004_nodes_and_buckets.sql"),
     ),
+    (
+        "0005_node_homes",
+        include_str!("migrations/0005_node_homes.sql"),
+    ),
 ];
 
 /// The NOTIFY channels (see `Notifier`).

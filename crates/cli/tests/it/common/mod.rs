@@ -294,15 +294,21 @@ pub fn client() -> reqwest::Client {
 
 /// POSTs JSON text and returns (status, body text).
 pub async fn post(url: &str, body: &str) -> (u16, String) {
+    try_post(url, body)
+        .await
+        .unwrap_or_else(|e| panic!("POST {url}: {e}"))
+}
+
+/// POSTs JSON text; the error when no answer came (a dead server, a cut connection).
+pub async fn try_post(url: &str, body: &str) -> Result<(u16, String), reqwest::Error> {
     let r = client()
         .post(url)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
-        .await
-        .expect("request");
+        .await?;
     let status = r.status().as_u16();
-    (status, r.text().await.expect("body"))
+    Ok((status, r.text().await?))
 }
 
 pub async fn get(url: &str) -> (u16, String) {

@@ -6,7 +6,6 @@
 CREATE TABLE agentry_nodes (
     name       TEXT    PRIMARY KEY,
     owner      TEXT    NOT NULL,     -- name/incarnation: the lease owner of its runs
-    home       TEXT    NOT NULL,     -- its state directory's id: '' when unknown
     role       TEXT    NOT NULL,     -- serve | worker
     version    TEXT    NOT NULL,
     agents     TEXT[]  NOT NULL,
