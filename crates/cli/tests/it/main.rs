@@ -1,4 +1,4 @@
-//! The CLI's integration tests, in one test binary: one link instead of twelve keeps CI short.
+//! The CLI's integration tests, in one test binary (the multi-process cluster tests have their own, `tests/cluster`, so that they never load the machine under the timing-sensitive tests here): one link instead of twelve keeps CI short.
 //! Most build the application in this process (`common::app`); the rest spawn the `agentry`
 //! binary where a separate process is the point (signals, crashes, the CLI itself).
 
@@ -7,7 +7,6 @@ mod common;
 mod api;
 mod auth;
 mod cli;
-mod cluster;
 mod compat_golden;
 mod config;
 mod limits;

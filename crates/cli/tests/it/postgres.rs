@@ -6,51 +6,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::common::app::app;
+use crate::common::pg::*;
 use crate::common::*;
 use serde_json::json;
-
-pub(crate) fn pg_url() -> String {
-    std::env::var("AGENTRY_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-/// A fresh schema, dropped with the guard; the tables are created by the first node that
-/// starts on it.
-pub(crate) struct Schema(String);
-
-pub(crate) fn schema() -> Schema {
-    Schema(format!(
-        "agentry_it_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..16]
-    ))
-}
-
-impl std::ops::Deref for Schema {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let drop_it = sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {} CASCADE", self.0));
-        // From a runtime of its own: the test's may be shutting down.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                use sqlx::Connection;
-                if let Ok(mut c) = sqlx::PgConnection::connect(&pg_url()).await {
-                    let _ = sqlx::raw_sql(drop_it).execute(&mut c).await;
-                }
-            });
-        })
-        .join();
-    }
-}
 
 /// Creates a run through `node`; its id.
 async fn create_on(node: &impl Served, body: serde_json::Value) -> String {
@@ -81,15 +39,6 @@ async fn node(schema: &str) -> crate::common::app::TestApp {
         .args(on_postgres(schema))
         .start()
         .await
-}
-
-pub(crate) fn on_postgres(schema: &str) -> Vec<String> {
-    vec![
-        "--database".into(),
-        pg_url(),
-        "--database-schema".into(),
-        schema.into(),
-    ]
 }
 
 /// Two nodes on one database share one queue: runs created on either are executed once, by

@@ -88,7 +88,7 @@ async fn what_one_node_spends_the_other_cannot() {
 async fn nodes_on_one_run_database_share_limits_through_it() {
     let dir = tempfile::tempdir().expect("dir");
     let (agent, _) = fresh_agent(dir.path());
-    let schema = crate::postgres::schema();
+    let schema = crate::common::pg::schema();
     let url = pg_url();
     let through = ["--database", url.as_str(), "--database-schema", &schema];
     let a = sharing(&agent, "invoke=1:3", &through);

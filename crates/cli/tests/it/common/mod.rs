@@ -2,6 +2,8 @@
 //! with its own state directory and its own RunAgent cache directory.
 
 pub mod app;
+pub mod pg;
+pub mod sse;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -63,7 +65,8 @@ impl ServerBuilder {
         self.default_workers = false;
         self
     }
-    /// Start an execution-only node (`agentry worker`).
+    /// Start an execution-only node (`agentry worker`). Used by the `cluster` test binary.
+    #[allow(dead_code)]
     pub fn worker(mut self) -> Self {
         self.worker = true;
         self

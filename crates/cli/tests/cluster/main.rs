@@ -1,3 +1,6 @@
+//! A test binary of its own, so that these clusters of processes never share the machine with
+//! the timing-sensitive tests of `it` (cargo runs test binaries one after another).
+//!
 //! Clusters of real `agentry` processes on one PostgreSQL, one of them SIGKILLed part-way
 //! through 500 runs: three `serve` nodes, or one `serve` node taking requests in front of
 //! three `agentry worker` processes doing all the execution. What must hold: every run ends
@@ -9,8 +12,13 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+#[path = "../it/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
+use crate::common::pg::{Schema, on_postgres, pg_url, schema};
+use crate::common::sse::{events, sse};
 use crate::common::*;
-use crate::postgres::{Schema, on_postgres, pg_url, schema};
 use serde_json::{Value, json};
 
 /// Short leases, so that a takeover happens within the test: renewed every second, expired
@@ -256,7 +264,7 @@ async fn cluster_survives_a_sigkilled_node(layout: Layout) {
     );
     let (status, streamed) = stream.await.expect("stream");
     assert_eq!(status, 200);
-    let streamed = crate::runs::sse(&streamed);
+    let streamed = sse(&streamed);
     assert_eq!(
         streamed.last().map(|(_, k, _)| k.as_str()),
         Some("run.cancelled"),
@@ -271,7 +279,7 @@ async fn cluster_survives_a_sigkilled_node(layout: Layout) {
         assert_eq!(status, 200, "{text}");
         let run = json(&text);
         assert_eq!(run["status"], "succeeded", "{text}");
-        let events = crate::runs::events(front, id).await;
+        let events = events(front, id).await;
         let seqs: Vec<i64> = events.iter().map(|(seq, _, _)| *seq).collect();
         let expected: Vec<i64> = (1..=seqs.len() as i64).collect();
         assert_eq!(seqs, expected, "{id}: {events:?}");
