@@ -1,12 +1,21 @@
-"""Durable no-op runs: Agentry against Celery + Redis, interleaved rounds, one machine, loopback.
+"""Durable no-op runs: Agentry (SQLite; PostgreSQL with one node and with two) against Celery +
+Redis and PgQueuer, interleaved rounds, one machine, loopback.
 
-Each round runs the Celery baseline (the copied kit's bench.py against a fresh prefork worker,
-its `prefork-durable` configuration) and then Agentry (bench/loadgen against a fresh server on a
-fresh state directory, fsync on every commit), with the same load: warm-up, 200 sequential
-enqueue->start samples, then N no-op runs submitted by 32 concurrent submitters, every result
-fetched and checked. Prints per-round figures, medians, ratios (Agentry / Celery), and writes
-everything to bench/results/runs-<time>.json. With --baseline-agentry, an older build runs the
-same load in every round too (`agentry_old`), and the new/old ratios are printed (an A/B).
+Each round runs, in turn and each on a fresh worker, server or schema, with the same load:
+  celery    the copied kit's bench.py against a fresh prefork worker (its `prefork-durable`
+            configuration);
+  pgqueuer  bench/pgqueuer/bench.py (PgQueuer on the same PostgreSQL, two worker processes);
+  sqlite    bench/loadgen against `agentry serve` on a fresh state directory (fsync on every
+            commit);
+  pg1, pg2  the same against one and two `agentry serve` nodes on one fresh PostgreSQL schema
+            (the submitters split between the nodes);
+Load: warm-up, 200 sequential enqueue->start samples, then N no-op runs submitted by 32
+concurrent submitters, every result fetched and checked. After the load, the sqlite and pg1
+servers also take `wrk -t1 -c32` on POST /v1/runs/wait (one no-op run created, executed and
+awaited per request), with their CPU per run. Prints per-round figures, medians, ratios to
+Celery and PgQueuer, and writes everything to bench/results/runs-<time>.json. With
+--baseline-agentry, an older build runs the sqlite load in every round too (`agentry_old`), and
+the new/old ratios are printed (an A/B).
 """
 import argparse
 import json
@@ -67,35 +76,122 @@ def celery_round(venv, n, threads, outdir, r):
                 pass
 
 
-def agentry_round(agentry, loadgen, n, threads, outdir, r, extra):
+PGQ_DIR = os.path.join(HERE, "pgqueuer")
+WAIT_LUA = os.path.join(HERE, "wait.lua")
+
+
+def pg_postmaster_pid(pg_url):
+    """The PostgreSQL server's postmaster pid (its data directory's postmaster.pid)."""
+    out = subprocess.run(["psql", pg_url, "-Atc", "SHOW data_directory"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"PostgreSQL is not reachable at {pg_url}: {out.stderr.strip()}")
+    with open(os.path.join(out.stdout.strip(), "postmaster.pid")) as f:
+        return int(f.readline())
+
+
+def reset_schema(pg_url, schema):
+    subprocess.run(["psql", pg_url, "-qc", f"DROP SCHEMA IF EXISTS {schema} CASCADE"], check=True,
+                   capture_output=True)
+
+
+def pgqueuer_round(venv, pg_url, pg_pid, n, threads, outdir, r):
+    py = os.path.join(venv, "bin", "python")
+    out = subprocess.run([py, os.path.join(PGQ_DIR, "bench.py"), "--dsn", pg_url, "--n", str(n),
+                          "--threads", str(threads), "--pg-pid", str(pg_pid), "--workers", "2"],
+                         cwd=PGQ_DIR, capture_output=True, text=True, timeout=400)
+    with open(os.path.join(outdir, f"pgqueuer.{r}.log"), "w") as f:
+        f.write(out.stderr)
+    if out.returncode != 0:
+        raise RuntimeError(f"pgqueuer bench failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout)
+
+
+def tree_cpu_s(pid, reaped=False):
+    """utime+stime of pid and its direct children; with reaped, also the children it waited for."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if int(entry) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+            if reaped and int(entry) == pid:
+                total += (int(fields[13]) + int(fields[14])) / tick
+    return total
+
+
+def wait_path(port, server_pids, pg_pid, seconds):
+    """wrk -t1 -c32 on POST /v1/runs/wait: runs/s, latency, and the server's (and database's)
+    CPU per run."""
+    cpu0 = sum(tree_cpu_s(p) for p in server_pids), (tree_cpu_s(pg_pid, True) if pg_pid else 0.0)
+    out = subprocess.run(["wrk", "-t1", "-c32", f"-d{seconds}s", "--latency", "-s", WAIT_LUA,
+                          f"http://127.0.0.1:{port}/v1/runs/wait"], capture_output=True, text=True, timeout=seconds + 60)
+    cpu1 = sum(tree_cpu_s(p) for p in server_pids), (tree_cpu_s(pg_pid, True) if pg_pid else 0.0)
+    text = out.stdout
+    reqs = int(re.search(r"(\d+) requests in", text).group(1))
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errs = re.search(r"Socket errors: (.*)", text)
+    p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)", text)
+    scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    server_s, db_s = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+    return {"runs_per_s": float(re.search(r"Requests/sec:\s+([\d.]+)", text).group(1)),
+            "requests": reqs, "p50_ms": round(float(p50.group(1)) * scale[p50.group(2)], 3) if p50 else None,
+            "server_cpu_us_per_run": round(server_s / max(reqs, 1) * 1e6, 1),
+            "db_cpu_us_per_run": round(db_s / max(reqs, 1) * 1e6, 1),
+            "errors": ([f"{bad.group(1)} non-2xx"] if bad else []) + ([errs.group(1)] if errs else [])}
+
+
+def start_node(agentry, label, outdir, extra):
     state = tempfile.mkdtemp(prefix="agentry-runs-bench-")
-    slog = open(os.path.join(outdir, f"agentry.{r}.server.log"), "w+")
+    slog = open(os.path.join(outdir, f"{label}.server.log"), "w+")
     server = subprocess.Popen([agentry, "serve", AGENT, "--port", "0", "--state-dir", state, "--no-runagent-db",
                                *extra], stdout=subprocess.DEVNULL, stderr=slog,
                               env=dict(os.environ, NO_COLOR="1"))
+    for _ in range(600):
+        slog.flush()
+        with open(slog.name) as f:
+            m = re.search(r"ready on http://127\.0\.0\.1:(\d+)", f.read())
+        if m:
+            return server, state, int(m.group(1))
+        if server.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop(server)
+    raise RuntimeError(f"agentry did not start ({label}); see {slog.name}")
+
+
+def agentry_round(agentry, loadgen, n, threads, outdir, label, extra, nodes=1, pg=None, wait_s=0):
+    """`nodes` servers (on PostgreSQL when `pg` = (url, schema, postmaster pid)), the loadgen
+    across them, then the create-and-wait path on the first when wait_s > 0."""
+    if pg:
+        reset_schema(pg[0], pg[1])
+        extra = [*extra, "--database", pg[0], "--database-schema", pg[1]]
+    started = []
     try:
-        port = None
-        for _ in range(600):
-            slog.flush()
-            with open(slog.name) as f:
-                m = re.search(r"ready on http://127\.0\.0\.1:(\d+)", f.read())
-            if m:
-                port = int(m.group(1))
-                break
-            if server.poll() is not None:
-                break
-            time.sleep(0.05)
-        if port is None:
-            raise RuntimeError("agentry did not start")
-        out = subprocess.run([loadgen, "--url", f"http://127.0.0.1:{port}", "--n", str(n), "--threads", str(threads),
-                              "--server-pid", str(server.pid), "--label", "agentry"],
-                             capture_output=True, text=True, timeout=200)
+        for k in range(nodes):
+            started.append(start_node(agentry, f"{label}.{k}", outdir, extra))
+        cmd = [loadgen, "--n", str(n), "--threads", str(threads), "--label", label]
+        for server, _, port in started:
+            cmd += ["--url", f"http://127.0.0.1:{port}", "--server-pid", str(server.pid)]
+        if pg:
+            cmd += ["--db-pid", str(pg[2])]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
         if out.returncode != 0:
             raise RuntimeError(f"loadgen failed: {out.stderr[-2000:]}")
-        return json.loads(out.stdout)
+        result = json.loads(out.stdout)
+        if wait_s:
+            server, _, port = started[0]
+            result["wait_path"] = wait_path(port, [server.pid], pg[2] if pg else None, wait_s)
+        return result
     finally:
-        stop(server)
-        subprocess.run(["rm", "-rf", state])
+        for server, state, _ in started:
+            stop(server)
+            subprocess.run(["rm", "-rf", state])
 
 
 def med(rows, *path):
@@ -103,9 +199,28 @@ def med(rows, *path):
     for row in rows:
         v = row
         for p in path:
-            v = v[p]
-        vals.append(v)
-    return statistics.median(vals)
+            v = v[p] if v is not None else None
+        if v is not None:
+            vals.append(v)
+    return statistics.median(vals) if vals else None
+
+
+def figures(rows):
+    f = {"e2e_runs_per_s": med(rows, "e2e_runs_per_s"), "submit_runs_per_s": med(rows, "submit_runs_per_s"),
+         "enqueue_to_start_p50_ms": med(rows, "enqueue_to_start_ms", "p50"),
+         "enqueue_to_start_p99_ms": med(rows, "enqueue_to_start_ms", "p99"),
+         "round_trip_p50_ms": med(rows, "round_trip_ms", "p50"),
+         "cpu_us_per_run": med(rows, "cpu_us_per_run"),
+         "db_cpu_us_per_run": med(rows, "db_cpu_us_per_run")}
+    if any("wait_path" in r for r in rows):
+        f["wait_runs_per_s"] = med(rows, "wait_path", "runs_per_s")
+        f["wait_p50_ms"] = med(rows, "wait_path", "p50_ms")
+        f["wait_server_cpu_us_per_run"] = med(rows, "wait_path", "server_cpu_us_per_run")
+        f["wait_db_cpu_us_per_run"] = med(rows, "wait_path", "db_cpu_us_per_run")
+    return f
+
+
+SYSTEMS = ["celery", "pgqueuer", "sqlite", "pg1", "pg2"]
 
 
 def main():
@@ -113,89 +228,100 @@ def main():
     ap.add_argument("--agentry", required=True)
     ap.add_argument("--loadgen", required=True)
     ap.add_argument("--celery-venv", required=True)
+    ap.add_argument("--pgqueuer-venv", required=True)
+    ap.add_argument("--pg-url", default="postgres://postgres@127.0.0.1:5432/test?sslmode=disable")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--wait-seconds", type=int, default=10, help="wrk duration on POST /v1/runs/wait (0: skip)")
+    ap.add_argument("--only", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}")
     ap.add_argument("--agentry-arg", action="append", default=[], help="extra flag for agentry serve")
-    ap.add_argument("--baseline-agentry", help="an older agentry binary, run in every round too (A/B)")
+    ap.add_argument("--baseline-agentry", help="an older agentry binary, run in every round too (A/B, SQLite)")
     a = ap.parse_args()
+    only = [x for x in a.only.split(",") if x]
+    unknown = set(only) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"unknown systems {sorted(unknown)}")
+    pg_pid = pg_postmaster_pid(a.pg_url) if {"pgqueuer", "pg1", "pg2"} & set(only) else None
     outdir = tempfile.mkdtemp(prefix="runs-bench-")
     rounds = []
     for r in range(1, a.rounds + 1):
-        c = celery_round(a.celery_venv, a.n, a.threads, outdir, r)
-        log(f"round {r} celery : e2e {c['e2e_runs_per_s']}/s submit {c['submit_runs_per_s']}/s "
-            f"enq->start p50 {c['enqueue_to_start_ms']['p50']} ms cpu {c['cpu_us_per_run']} us/run")
-        g = agentry_round(a.agentry, a.loadgen, a.n, a.threads, outdir, r, a.agentry_arg)
-        log(f"round {r} agentry: e2e {g['e2e_runs_per_s']}/s submit {g['submit_runs_per_s']}/s "
-            f"enq->start p50 {g['enqueue_to_start_ms']['p50']} ms cpu {g['cpu_us_per_run']} us/run "
-            f"errors {g['errors']}")
-        row = {"celery": c, "agentry": g}
+        row = {}
+        for system in only:
+            if system == "celery":
+                g = celery_round(a.celery_venv, a.n, a.threads, outdir, r)
+            elif system == "pgqueuer":
+                g = pgqueuer_round(a.pgqueuer_venv, a.pg_url, pg_pid, a.n, a.threads, outdir, r)
+            elif system == "sqlite":
+                g = agentry_round(a.agentry, a.loadgen, a.n, a.threads, outdir, f"sqlite.{r}", a.agentry_arg,
+                                  wait_s=a.wait_seconds)
+            else:
+                nodes = 1 if system == "pg1" else 2
+                g = agentry_round(a.agentry, a.loadgen, a.n, a.threads, outdir, f"{system}.{r}", a.agentry_arg,
+                                  nodes=nodes, pg=(a.pg_url, "agentry_bench", pg_pid),
+                                  wait_s=a.wait_seconds if system == "pg1" else 0)
+            wp = g.get("wait_path")
+            log(f"round {r} {system:8}: e2e {g['e2e_runs_per_s']}/s submit {g['submit_runs_per_s']}/s "
+                f"enq->start p50 {g['enqueue_to_start_ms']['p50']} ms cpu {g['cpu_us_per_run']} us/run "
+                f"(db {g.get('db_cpu_us_per_run')})"
+                + (f" | wait path {wp['runs_per_s']}/s server cpu {wp['server_cpu_us_per_run']} us/run" if wp else "")
+                + f" errors {g.get('errors', []) + (wp['errors'] if wp else [])}")
+            row[system] = g
         if a.baseline_agentry:
-            o = agentry_round(a.baseline_agentry, a.loadgen, a.n, a.threads, outdir, f"{r}-old", a.agentry_arg)
-            log(f"round {r} old    : e2e {o['e2e_runs_per_s']}/s submit {o['submit_runs_per_s']}/s "
-                f"enq->start p50 {o['enqueue_to_start_ms']['p50']} ms cpu {o['cpu_us_per_run']} us/run "
-                f"errors {o['errors']}")
+            o = agentry_round(a.baseline_agentry, a.loadgen, a.n, a.threads, outdir, f"old.{r}", a.agentry_arg,
+                              wait_s=a.wait_seconds)
+            log(f"round {r} old     : e2e {o['e2e_runs_per_s']}/s cpu {o['cpu_us_per_run']} us/run")
             row["agentry_old"] = o
         rounds.append(row)
-    cel = [x["celery"] for x in rounds]
-    agt = [x["agentry"] for x in rounds]
-    old = [x["agentry_old"] for x in rounds if "agentry_old" in x]
-
-    def figures(rows):
-        return {"e2e_runs_per_s": med(rows, "e2e_runs_per_s"), "submit_runs_per_s": med(rows, "submit_runs_per_s"),
-                "enqueue_to_start_p50_ms": med(rows, "enqueue_to_start_ms", "p50"),
-                "enqueue_to_start_p99_ms": med(rows, "enqueue_to_start_ms", "p99"),
-                "round_trip_p50_ms": med(rows, "round_trip_ms", "p50"),
-                "cpu_us_per_run": med(rows, "cpu_us_per_run")}
-    summary = {
-        "n": a.n, "threads": a.threads, "rounds": a.rounds,
-        "celery": {"e2e_runs_per_s": med(cel, "e2e_runs_per_s"), "submit_runs_per_s": med(cel, "submit_runs_per_s"),
-                   "enqueue_to_start_p50_ms": med(cel, "enqueue_to_start_ms", "p50"),
-                   "enqueue_to_start_p99_ms": med(cel, "enqueue_to_start_ms", "p99"),
-                   "round_trip_p50_ms": med(cel, "round_trip_ms", "p50"),
-                   "cpu_us_per_run": med(cel, "cpu_us_per_run")},
-        "agentry": {"e2e_runs_per_s": med(agt, "e2e_runs_per_s"), "submit_runs_per_s": med(agt, "submit_runs_per_s"),
-                    "enqueue_to_start_p50_ms": med(agt, "enqueue_to_start_ms", "p50"),
-                    "enqueue_to_start_p99_ms": med(agt, "enqueue_to_start_ms", "p99"),
-                    "round_trip_p50_ms": med(agt, "round_trip_ms", "p50"),
-                    "cpu_us_per_run": med(agt, "cpu_us_per_run")},
-        "errors": [e for g in agt for e in g["errors"]],
-    }
-    s = summary
-    s["ratios"] = {
-        "e2e_throughput": round(s["agentry"]["e2e_runs_per_s"] / s["celery"]["e2e_runs_per_s"], 2),
-        "enqueue_to_start_p50": round(s["agentry"]["enqueue_to_start_p50_ms"] / s["celery"]["enqueue_to_start_p50_ms"], 2),
-        "cpu_per_run": round(s["agentry"]["cpu_us_per_run"] / s["celery"]["cpu_us_per_run"], 2),
-    }
-    if old:
-        s["agentry_old"] = figures(old)
-        s["errors"] += [e for o in old for e in o["errors"]]
-        s["new_vs_old"] = {
-            k: round(s["agentry"][k] / s["agentry_old"][k], 3) if s["agentry_old"][k] else None
-            for k in ["e2e_runs_per_s", "submit_runs_per_s", "enqueue_to_start_p50_ms", "cpu_us_per_run"]
-        }
+    summary = {"n": a.n, "threads": a.threads, "rounds": a.rounds,
+               "errors": [e for row in rounds for g in row.values()
+                          for e in g.get("errors", []) + g.get("wait_path", {}).get("errors", [])]}
+    for system in only + (["agentry_old"] if a.baseline_agentry else []):
+        summary[system] = figures([row[system] for row in rounds])
+    ratios = {}
+    for mine in [x for x in ["sqlite", "pg1", "pg2"] if x in only]:
+        for base in [x for x in ["celery", "pgqueuer"] if x in only]:
+            m, b = summary[mine], summary[base]
+            ratios[f"{mine}/{base}"] = {
+                "e2e_throughput": round(m["e2e_runs_per_s"] / b["e2e_runs_per_s"], 2),
+                "enqueue_to_start_p50": round(m["enqueue_to_start_p50_ms"] / b["enqueue_to_start_p50_ms"], 2),
+                "cpu_per_run": round(m["cpu_us_per_run"] / b["cpu_us_per_run"], 2)}
+    if "pg1" in only and "pg2" in only:
+        ratios["pg2/pg1"] = {"e2e_throughput": round(summary["pg2"]["e2e_runs_per_s"] / summary["pg1"]["e2e_runs_per_s"], 2)}
+    if a.baseline_agentry and "sqlite" in only:
+        ratios["new/old"] = {k: round(summary["sqlite"][k] / summary["agentry_old"][k], 3)
+                             for k in ["e2e_runs_per_s", "submit_runs_per_s", "enqueue_to_start_p50_ms", "cpu_us_per_run"]
+                             if summary["agentry_old"].get(k)}
+    summary["ratios"] = ratios
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     path = os.path.join(HERE, "results", time.strftime("runs-%Y%m%d-%H%M%S.json"))
     with open(path, "w") as f:
         json.dump({"summary": summary, "rounds": rounds}, f, indent=1)
-    print(f"""
-| durable no-op runs (medians of {a.rounds}) | Celery + Redis | Agentry (SQLite, fsync) | ratio |
-|---|---|---|---|
-| submit→all results, runs/s | {s['celery']['e2e_runs_per_s']:,.0f} | {s['agentry']['e2e_runs_per_s']:,.0f} | **{s['ratios']['e2e_throughput']}×** |
-| submit only, runs/s | {s['celery']['submit_runs_per_s']:,.0f} | {s['agentry']['submit_runs_per_s']:,.0f} | |
-| enqueue→start p50 / p99, ms (idle) | {s['celery']['enqueue_to_start_p50_ms']} / {s['celery']['enqueue_to_start_p99_ms']} | {s['agentry']['enqueue_to_start_p50_ms']} / {s['agentry']['enqueue_to_start_p99_ms']} | {s['ratios']['enqueue_to_start_p50']}× |
-| round trip p50, ms (idle) | {s['celery']['round_trip_p50_ms']} | {s['agentry']['round_trip_p50_ms']} | |
-| CPU µs per run (client + server/worker + broker) | {s['celery']['cpu_us_per_run']:,.0f} | {s['agentry']['cpu_us_per_run']:,.0f} | {s['ratios']['cpu_per_run']}× |
-""")
-    if old:
-        o, n_ = s["agentry_old"], s["agentry"]
-        print(f"""| A/B (same rounds) | old | new | new / old |
-|---|---|---|---|
-| submit→all results, runs/s | {o['e2e_runs_per_s']:,.0f} | {n_['e2e_runs_per_s']:,.0f} | {s['new_vs_old']['e2e_runs_per_s']} |
-| submit only, runs/s | {o['submit_runs_per_s']:,.0f} | {n_['submit_runs_per_s']:,.0f} | {s['new_vs_old']['submit_runs_per_s']} |
-| enqueue→start p50, ms | {o['enqueue_to_start_p50_ms']} | {n_['enqueue_to_start_p50_ms']} | {s['new_vs_old']['enqueue_to_start_p50_ms']} |
-| CPU µs per run | {o['cpu_us_per_run']:,.0f} | {n_['cpu_us_per_run']:,.0f} | {s['new_vs_old']['cpu_us_per_run']} |
-""")
+    names = {"celery": "Celery + Redis", "pgqueuer": "PgQueuer", "sqlite": "Agentry SQLite",
+             "pg1": "Agentry PG, 1 node", "pg2": "Agentry PG, 2 nodes", "agentry_old": "Agentry SQLite (old)"}
+    cols = [x for x in only + (["agentry_old"] if a.baseline_agentry else [])]
+    fmt = lambda v, d=0: "" if v is None else (f"{v:,.{d}f}")
+    lines = [f"| durable no-op runs (medians of {a.rounds}) | " + " | ".join(names[c] for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    rows_spec = [("submit → all results, runs/s", "e2e_runs_per_s", 0), ("submit only, runs/s", "submit_runs_per_s", 0),
+                 ("enqueue → start p50, ms (idle)", "enqueue_to_start_p50_ms", 2),
+                 ("enqueue → start p99, ms (idle)", "enqueue_to_start_p99_ms", 2),
+                 ("round trip p50, ms (idle)", "round_trip_p50_ms", 2),
+                 ("CPU µs per run, all processes", "cpu_us_per_run", 0),
+                 ("of which the database (PostgreSQL)", "db_cpu_us_per_run", 0),
+                 ("create-and-wait (`wrk -c32`), runs/s", "wait_runs_per_s", 0),
+                 ("create-and-wait p50, ms", "wait_p50_ms", 2),
+                 ("create-and-wait: server CPU µs per run", "wait_server_cpu_us_per_run", 0),
+                 ("create-and-wait: PostgreSQL CPU µs per run", "wait_db_cpu_us_per_run", 0)]
+    for title, key, d in rows_spec:
+        vals = [summary[c].get(key) for c in cols]
+        if all(v is None for v in vals):
+            continue
+        lines.append(f"| {title} | " + " | ".join(fmt(v, d) for v in vals) + " |")
+    print("\n".join(lines))
+    print("\nratios (same run):")
+    for k, v in ratios.items():
+        print(f"  {k}: {v}")
     print(f"errors: {summary['errors']}\nfull results: {path}\nlogs: {outdir}")
 
 

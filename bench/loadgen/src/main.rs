@@ -8,8 +8,12 @@
 //! 3. throughput: `--n` no-op runs `work(i)` submitted by `--threads` concurrent submitters
 //!    (submitter k sends i = k, k+threads, …). When all have submitted, each fetches every
 //!    result of its own with `GET /v1/runs/{id}/wait` and checks it is `{"i": i}`;
-//! 4. CPU seconds of this client and of the server with its workers (`--server-pid`) during
-//!    phase 3, as CPU µs per run.
+//! 4. CPU seconds of this client, of the servers with their workers (`--server-pid`, once per
+//!    node) and of the database (`--db-pid`: PostgreSQL's postmaster, its backends included,
+//!    the ended ones too) during phase 3, as CPU µs per run.
+//!
+//! With several `--url`s (nodes of one cluster), submitter k sends its runs to node k mod n
+//! and fetches their results from the same node.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,9 +24,9 @@ use serde_json::{Value, json};
 
 #[derive(Parser)]
 struct Args {
-    /// Server base URL.
+    /// Server base URL; repeated for several nodes.
     #[arg(long, default_value = "http://127.0.0.1:8450")]
-    url: String,
+    url: Vec<String>,
     /// Agent id or name.
     #[arg(long, default_value = "runs_bench")]
     agent: String,
@@ -34,9 +38,12 @@ struct Args {
     lat_n: usize,
     #[arg(long, default_value_t = 200)]
     warmup: usize,
-    /// The server's pid, to count its and its workers' CPU.
+    /// A server's pid, to count its and its workers' CPU; repeated for several nodes.
     #[arg(long)]
-    server_pid: Option<i32>,
+    server_pid: Vec<i32>,
+    /// The database server's pid (PostgreSQL's postmaster), to count its CPU.
+    #[arg(long)]
+    db_pid: Option<i32>,
     #[arg(long, default_value = "")]
     label: String,
 }
@@ -48,8 +55,9 @@ fn now_s() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// utime+stime of `pid` and of every process whose parent it is, in seconds.
-fn tree_cpu_s(pid: i32) -> f64 {
+/// utime+stime of `pid` and of every process whose parent it is, in seconds; with `reaped`,
+/// also of the children `pid` has waited for (PostgreSQL's ended backends).
+fn tree_cpu_s(pid: i32, reaped: bool) -> f64 {
     let tick = 100.0; // USER_HZ on Linux
     let mut total = 0.0;
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -72,6 +80,11 @@ fn tree_cpu_s(pid: i32) -> f64 {
             let ut: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0);
             let st: f64 = f.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
             total += (ut + st) / tick;
+            if reaped && p == pid {
+                let cut: f64 = f.get(13).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+                let cst: f64 = f.get(14).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+                total += (cut + cst) / tick;
+            }
         }
     }
     total
@@ -138,14 +151,24 @@ fn summary_ms(mut xs: Vec<f64>) -> Value {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = Arc::new(Client {
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(args.threads * 2)
-            .tcp_nodelay(true)
-            .build()?,
-        url: args.url.trim_end_matches('/').to_string(),
-        agent: args.agent.clone(),
-    });
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.threads * 2)
+        .tcp_nodelay(true)
+        .build()?;
+    let nodes: Vec<Arc<Client>> = args
+        .url
+        .iter()
+        .map(|url| {
+            Arc::new(Client {
+                http: http.clone(),
+                url: url.trim_end_matches('/').to_string(),
+                agent: args.agent.clone(),
+            })
+        })
+        .collect();
+    let client = Arc::clone(&nodes[0]);
+    let servers_cpu = || args.server_pid.iter().map(|p| tree_cpu_s(*p, false)).sum::<f64>();
+    let db_cpu = || args.db_pid.map_or(0.0, |p| tree_cpu_s(p, true));
 
     // 1. warm-up
     let t = Instant::now();
@@ -182,12 +205,12 @@ async fn main() -> anyhow::Result<()> {
 
     // 3. throughput
     let cpu_client0 = self_cpu_s();
-    let cpu_server0 = args.server_pid.map(tree_cpu_s);
+    let (cpu_server0, cpu_db0) = (servers_cpu(), db_cpu());
     let start = Instant::now();
     let barrier = Arc::new(tokio::sync::Barrier::new(args.threads));
     let tasks: Vec<_> = (0..args.threads)
         .map(|k| {
-            let c = Arc::clone(&client);
+            let c = Arc::clone(&nodes[k % nodes.len()]);
             let barrier = Arc::clone(&barrier);
             let (n, threads) = (args.n, args.threads);
             tokio::spawn(async move {
@@ -224,8 +247,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let cpu_client = self_cpu_s() - cpu_client0;
-    let cpu_server = cpu_server0.map(|c0| args.server_pid.map(tree_cpu_s).unwrap_or(0.0) - c0);
-    let cpu_total = cpu_client + cpu_server.unwrap_or(0.0);
+    let cpu_server = servers_cpu() - cpu_server0;
+    let cpu_db = db_cpu() - cpu_db0;
+    let cpu_total = cpu_client + cpu_server + cpu_db;
     let r1 = |x: f64| (x * 10.0).round() / 10.0;
     let r2 = |x: f64| (x * 100.0).round() / 100.0;
     println!(
@@ -241,8 +265,10 @@ async fn main() -> anyhow::Result<()> {
             "enqueue_to_start_ms": summary_ms(enq_start),
             "round_trip_ms": summary_ms(round_trip),
             "lat_n": args.lat_n,
-            "cpu_s": {"client": r2(cpu_client), "server": cpu_server.map(r2)},
+            "nodes": nodes.len(),
+            "cpu_s": {"client": r2(cpu_client), "server": r2(cpu_server), "database": r2(cpu_db)},
             "cpu_us_per_run": r1(cpu_total / args.n as f64 * 1e6),
+            "db_cpu_us_per_run": r1(cpu_db / args.n as f64 * 1e6),
             "first_run_s": first_s,
             "errors": errors,
         })

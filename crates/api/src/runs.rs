@@ -281,6 +281,29 @@ pub(crate) async fn submit(
     who: &Principal,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(Run, bool), ApiError> {
+    let run = admit(state, who, body)?;
+    state.engine.submit(run).await.map_err(submit_error)
+}
+
+/// The error a refused submission answers.
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::Conflict(existing) => ApiError::new(
+            ErrorCode::IdempotencyConflict,
+            "this idempotency_key was used with a different request",
+        )
+        .with_details(json!({"run_id": existing})),
+        SubmitError::Store(e) => ApiError::from_store(e),
+    }
+}
+
+/// A run request checked (body, agent, the caller's rights, the agent's rate limit) and built,
+/// ready to be stored.
+fn admit(
+    state: &S,
+    who: &Principal,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<NewRun, ApiError> {
     let body = body_or_error(body, state.config.http.max_body_bytes)?;
     let run = new_run(state, who, &body)?;
     if let Some(agent) = state.agent(&run.agent)
@@ -304,14 +327,7 @@ pub(crate) async fn submit(
             ),
         ));
     }
-    state.engine.submit(run).await.map_err(|e| match e {
-        SubmitError::Conflict(existing) => ApiError::new(
-            ErrorCode::IdempotencyConflict,
-            "this idempotency_key was used with a different request",
-        )
-        .with_details(json!({"run_id": existing})),
-        SubmitError::Store(e) => ApiError::from_store(e),
-    })
+    Ok(run)
 }
 
 fn run_response(
@@ -557,13 +573,12 @@ pub(crate) async fn create_and_wait(
     let q = query(q)?;
     let wait = wait_for(&q)?;
     let who = principal(caller);
-    let (run, _) = submit(&state, &who, body).await?;
-    let run = state
+    let run = admit(&state, &who, body)?;
+    let (run, _) = state
         .engine
-        .wait(&run.id, wait, |_| true)
+        .submit_and_wait(run, wait)
         .await
-        .map_err(ApiError::from_store)?
-        .unwrap_or(run);
+        .map_err(submit_error)?;
     Ok(Json(run_view(&state, &run, &who)).into_response())
 }
 

@@ -92,6 +92,12 @@ pub struct ServeFlags {
     /// Runs of one agent leased at once; the rest wait queued.
     #[arg(long)]
     max_running_runs_per_agent: Option<usize>,
+    /// Runs leased at once by all the nodes on the shared database together.
+    #[arg(long)]
+    cluster_max_running_runs: Option<usize>,
+    /// Runs of one agent leased at once by all the nodes on the shared database together.
+    #[arg(long)]
+    cluster_max_running_runs_per_agent: Option<usize>,
     /// Seconds a run's lease lasts without renewal (renewed every third of it).
     #[arg(long)]
     lease_ttl_s: Option<f64>,
@@ -218,6 +224,16 @@ impl ServeFlags {
             &mut out,
             "runs.max_running_per_agent",
             &self.max_running_runs_per_agent,
+        );
+        put(
+            &mut out,
+            "runs.cluster_max_running",
+            &self.cluster_max_running_runs,
+        );
+        put(
+            &mut out,
+            "runs.cluster_max_running_per_agent",
+            &self.cluster_max_running_runs_per_agent,
         );
         put(&mut out, "runs.lease_ttl_s", &self.lease_ttl_s);
         put(&mut out, "runs.heartbeat_event_s", &self.heartbeat_event_s);

@@ -534,6 +534,26 @@ pub struct ClaimRequest {
     pub lease_until: i64,
     /// (agent, how many more runs it may start now).
     pub per_agent: Vec<(String, usize)>,
+    /// Caps over every node sharing the store, checked by the store in the claim.
+    pub cluster: ClusterCaps,
+}
+
+/// Caps on the runs leased at once across all the nodes of a shared store (PostgreSQL), on top
+/// of each node's own. Exact: the store counts the runs leased (on every node) and claims under
+/// one lock, so two nodes claiming together never pass a cap between them. Every node enforces
+/// the caps it is configured with; configure them alike.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterCaps {
+    /// Runs leased at once, all agents together.
+    pub total: Option<usize>,
+    /// Runs of one agent leased at once.
+    pub per_agent: Option<usize>,
+}
+
+impl ClusterCaps {
+    pub fn is_set(&self) -> bool {
+        self.total.is_some() || self.per_agent.is_some()
+    }
 }
 
 /// The outcome of a claim.
@@ -542,6 +562,9 @@ pub struct Claimed {
     pub runs: Vec<ClaimedRun>,
     /// When the earliest queued run that is not due yet becomes due.
     pub next_due: Option<i64>,
+    /// A cluster-wide cap let this claim take fewer runs than asked: room may free up on
+    /// another node, which tells nobody, so look again soon.
+    pub held_back: bool,
 }
 
 /// How an attempt ended.

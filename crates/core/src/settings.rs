@@ -155,6 +155,23 @@ impl Config {
                 "0 (execute nothing here) needs a shared database (store.database_url) whose workers execute the runs",
             ));
         }
+        if self.store.database_url.is_none() {
+            // One node is the whole cluster there: its own caps say it.
+            for (key, set) in [
+                ("runs.cluster_max_running", self.runs.cluster_max_running),
+                (
+                    "runs.cluster_max_running_per_agent",
+                    self.runs.cluster_max_running_per_agent,
+                ),
+            ] {
+                if set.is_some() {
+                    return Err(bad(
+                        key,
+                        "caps runs across the nodes of a shared database (store.database_url); on the embedded store use runs.max_running and runs.max_running_per_agent",
+                    ));
+                }
+            }
+        }
         self.store.validate()?;
         self.gateway.validate()?;
         for (name, agent) in &self.agents {
@@ -354,6 +371,10 @@ pub struct RunsConfig {
     pub max_input_bytes: usize,
     pub max_running: usize,
     pub max_running_per_agent: Option<usize>,
+    /// Runs leased at once across every node on the shared database, all agents together.
+    pub cluster_max_running: Option<usize>,
+    /// Runs of one agent leased at once across every node on the shared database.
+    pub cluster_max_running_per_agent: Option<usize>,
     pub lease_ttl_s: f64,
     pub heartbeat_event_s: f64,
     pub cancel_grace_s: f64,
@@ -370,6 +391,8 @@ impl Default for RunsConfig {
             max_input_bytes: 1024 * 1024,
             max_running: 1024,
             max_running_per_agent: None,
+            cluster_max_running: None,
+            cluster_max_running_per_agent: None,
             lease_ttl_s: 30.0,
             heartbeat_event_s: 30.0,
             cancel_grace_s: 5.0,
@@ -393,6 +416,12 @@ impl RunsConfig {
         }
         if self.max_running_per_agent == Some(0) {
             return Err(bad("runs.max_running_per_agent", "must be at least 1"));
+        }
+        if self.cluster_max_running == Some(0) {
+            return Err(bad("runs.cluster_max_running", "must be at least 1"));
+        }
+        if self.cluster_max_running_per_agent == Some(0) {
+            return Err(bad("runs.cluster_max_running_per_agent", "must be at least 1"));
         }
         if self.max_input_bytes == 0 {
             return Err(bad("runs.max_input_bytes", "must be at least 1"));
@@ -807,6 +836,10 @@ pub const FIELDS: &[Field] = &[
     field("runs.max_running", "max-running-runs", "AGENTRY_MAX_RUNNING_RUNS", "runs leased by this node at once, all agents together; `0`: this node executes no durable run (it accepts them for `agentry worker` nodes, and still serves sync calls)"),
     field("runs.max_running_per_agent", "max-running-runs-per-agent", "AGENTRY_MAX_RUNNING_RUNS_PER_AGENT", "runs of one agent leased at once; default: what its workers can start soon (`max_async_per_worker` each for an agent whose entrypoints are all async; otherwise 16 pipelines' worth each once its entrypoints are known to be short, else 2 each). A leased run waiting for a worker has not started: its timeout and its `run.started` wait for its code")
         .default_doc("workers × 16 × pipeline depth (sync agents), workers × async calls per worker (agents with async entrypoints)"),
+    field("runs.cluster_max_running", "cluster-max-running-runs", "AGENTRY_CLUSTER_MAX_RUNNING_RUNS", "runs leased at once by all the nodes on the shared database together, all agents together (exact: counted in the claim, under one lock); needs `store.database_url`. Configure every node alike: each enforces its own setting. While a cluster cap is set, a new run is never leased in the commit that creates it")
+        .default_doc("none"),
+    field("runs.cluster_max_running_per_agent", "cluster-max-running-runs-per-agent", "AGENTRY_CLUSTER_MAX_RUNNING_RUNS_PER_AGENT", "runs of one agent leased at once by all the nodes on the shared database together (exact, as above); needs `store.database_url`")
+        .default_doc("none"),
     field("runs.lease_ttl_s", "lease-ttl-s", "AGENTRY_LEASE_TTL_S", "a run lease's lifetime; renewed every third of it; a node silent for longer loses its runs to other nodes' reapers (checked every sixth of it)"),
     field("runs.heartbeat_event_s", "heartbeat-event-s", "AGENTRY_HEARTBEAT_EVENT_S", "least time between two `run.heartbeat` events of a run"),
     field("runs.cancel_grace_s", "cancel-grace-s", "AGENTRY_CANCEL_GRACE_S", "time a cancelled running run gets to stop before its worker is killed"),
@@ -979,6 +1012,17 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().key, "runs.max_running");
         c.store.database_url = Some("postgres://db/agentry".into());
         c.validate().unwrap();
+        // Cluster caps count across the nodes of a shared database, and are at least 1.
+        let mut c = Config::default();
+        c.runs.cluster_max_running_per_agent = Some(2);
+        assert_eq!(
+            c.validate().unwrap_err().key,
+            "runs.cluster_max_running_per_agent"
+        );
+        c.store.database_url = Some("postgres://db/agentry".into());
+        c.validate().unwrap();
+        c.runs.cluster_max_running = Some(0);
+        assert_eq!(c.validate().unwrap_err().key, "runs.cluster_max_running");
         let mut c = Config::default();
         c.gateway.rate_limits = vec!["bogus".into()];
         assert_eq!(c.validate().unwrap_err().key, "gateway.rate_limits");

@@ -10,6 +10,10 @@ use agentry_core::runs::ClaimRequest;
 use crate::execute;
 use crate::state::Inner;
 
+/// How soon a dispatcher held back by a cluster-wide cap looks again: room freed on another node
+/// is not announced (only new and requeued runs are).
+const HELD_BACK_POLL: Duration = Duration::from_millis(50);
+
 pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -32,6 +36,7 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
                 now,
                 lease_until: now + inner.settings.lease_ttl.as_millis() as i64,
                 per_agent,
+                cluster: inner.settings.cluster,
             };
             match inner.store.claim_runs(request).await {
                 Ok(claimed) => {
@@ -44,6 +49,9 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
                     if got >= wanted {
                         // Maybe more are due: look again once capacity frees up.
                         continue;
+                    }
+                    if claimed.held_back {
+                        sleep_for = sleep_for.min(HELD_BACK_POLL);
                     }
                     if let Some(due) = claimed.next_due {
                         let wait = Duration::from_millis(

@@ -76,6 +76,24 @@ impl EventFeed {
         })
     }
 
+    /// A feed whose subscription was taken before the event numbered `after` was published
+    /// (e.g. before the run was created): it starts live, without reading the store.
+    pub(crate) fn live(
+        store: Arc<dyn RunStore>,
+        sub: Subscription,
+        run_id: &str,
+        after: i64,
+    ) -> Self {
+        Self {
+            store,
+            sub,
+            run_id: run_id.to_string(),
+            after,
+            phase: Phase::Live,
+            page: VecDeque::new(),
+        }
+    }
+
     /// The sequence number of the last event handed out (or where the feed started).
     pub fn position(&self) -> i64 {
         self.after

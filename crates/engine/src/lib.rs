@@ -260,7 +260,7 @@ impl Engine {
         allow: impl FnOnce(&Run) -> bool,
     ) -> Result<Option<Run>, StoreError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut feed = self.follow(id, Follow::Now).await?;
+        // Most waits are for runs already over: one read answers them.
         let Some(run) = self.inner.store.get_run(id).await? else {
             return Ok(None);
         };
@@ -270,6 +270,58 @@ impl Engine {
         if run.status.is_terminal() {
             return Ok(Some(run));
         }
+        // Still going: follow from here on, then look again, since the run may have ended
+        // between the first read and the feed's start (its end would then be behind the feed).
+        let feed = self.follow(id, Follow::Now).await?;
+        match self.inner.store.get_run(id).await? {
+            Some(run) if run.status.is_terminal() => return Ok(Some(run)),
+            None => return Ok(None),
+            Some(_) => {}
+        }
+        self.follow_to_end(feed, deadline, id).await
+    }
+
+    /// Creates a run and waits until it is terminal or `timeout` passes: the run as it then
+    /// stands, and whether it was created (false: an idempotency key found an earlier one).
+    /// A new run's feed is subscribed before the run exists, so no read of the store is
+    /// needed to follow it: every event after its creation arrives live (or, should the live
+    /// feed skip, is read back by the feed).
+    pub async fn submit_and_wait(
+        &self,
+        run: NewRun,
+        timeout: Duration,
+    ) -> Result<(Run, bool), SubmitError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sub = self.inner.hub.subscribe(&run.id);
+        let id = run.id.clone();
+        let (created, is_new) = self.submit(run).await?;
+        if !is_new || created.id != id {
+            drop(sub);
+            let run = self
+                .wait(&created.id, timeout, |_| true)
+                .await
+                .map_err(SubmitError::Store)?
+                .unwrap_or(created);
+            return Ok((run, is_new));
+        }
+        // Its first event, `run.queued`, is number 1; what follows is live.
+        let feed = EventFeed::live(Arc::clone(&self.inner.store), sub, &id, 1);
+        let run = self
+            .follow_to_end(feed, deadline, &id)
+            .await
+            .map_err(SubmitError::Store)?
+            .unwrap_or(created);
+        Ok((run, true))
+    }
+
+    /// Reads `feed` until the run's terminal event (the run as it ended) or the deadline (the
+    /// run as it then stands, read from the store).
+    async fn follow_to_end(
+        &self,
+        mut feed: EventFeed,
+        deadline: tokio::time::Instant,
+        id: &str,
+    ) -> Result<Option<Run>, StoreError> {
         while let Ok(Some(p)) = tokio::time::timeout_at(deadline, feed.next()).await {
             if p.event.kind.is_terminal() {
                 if let Some(run) = p.run {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use agentry_core::nodes::NodeRole;
-use agentry_core::runs::Clock;
+use agentry_core::runs::{Clock, ClusterCaps};
 use agentry_core::settings::RunsConfig;
 
 /// Tuning of the engine, derived from the `runs` section of the configuration.
@@ -17,6 +17,8 @@ pub struct EngineSettings {
     pub role: NodeRole,
     /// Runs executing at once on this node, all agents together.
     pub max_running: usize,
+    /// Caps over all the nodes of a shared store.
+    pub cluster: ClusterCaps,
     /// How long a claim holds a run without renewal.
     pub lease_ttl: Duration,
     /// How often leases are renewed.
@@ -49,6 +51,10 @@ impl EngineSettings {
             home: String::new(),
             role: NodeRole::Serve,
             max_running: runs.max_running,
+            cluster: ClusterCaps {
+                total: runs.cluster_max_running,
+                per_agent: runs.cluster_max_running_per_agent,
+            },
             lease_ttl: runs.lease_ttl(),
             heartbeat_every: runs.heartbeat_every(),
             heartbeat_event_every: runs.heartbeat_event_every(),

@@ -133,7 +133,9 @@ impl Inner {
 
     /// Holds one slot of `agent`'s capacity for a submission that may lease its run directly.
     pub(crate) fn reserve(self: &Arc<Self>, agent: &str) -> Option<Reservation> {
-        if !self.claiming() {
+        // A cluster cap is counted in the claim, under the store's lock: a run leased in its
+        // creating commit would pass it.
+        if !self.claiming() || self.settings.cluster.is_set() {
             return None;
         }
         let cap = self.agents.by_id(agent)?.run_capacity();

@@ -569,6 +569,7 @@ async fn a_lost_lease_stops_the_attempt_without_writing_anything() {
             now,
             lease_until: now + 60_000,
             per_agent: vec![(AGENT.into(), 1)],
+            cluster: Default::default(),
         })
         .await
         .expect("claim");
@@ -628,6 +629,7 @@ async fn a_restarted_node_requeues_and_runs_its_previous_lifes_runs_without_usin
                 now,
                 lease_until: now + 3_600_000,
                 per_agent: vec![(AGENT.into(), 10)],
+                cluster: Default::default(),
             })
             .await
             .expect("claim");
@@ -833,6 +835,7 @@ async fn a_follower_gets_the_terminal_event_of_a_run_that_ends_while_it_catches_
             now,
             lease_until: now + 60_000,
             per_agent: vec![(AGENT.into(), 1)],
+            cluster: Default::default(),
         })
         .await
         .expect("claim");

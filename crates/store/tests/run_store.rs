@@ -176,6 +176,7 @@ fn claim_for(owner: &str, n: usize) -> agentry_core::runs::ClaimRequest {
         now,
         lease_until: now + 60_000,
         per_agent: vec![("a".into(), n)],
+        cluster: Default::default(),
     }
 }
 
@@ -309,4 +310,85 @@ async fn postgres_a_reaper_whose_clock_runs_ahead_leaves_fresh_leases_alone() {
         .expect("recover");
     let ids: Vec<&str> = taken.iter().map(|f| f.run.id.as_str()).collect();
     assert_eq!(ids, ["stale"], "only the lease that really expired");
+}
+
+/// Cluster-wide caps hold across nodes claiming at once: four nodes, each asking for more than
+/// the caps allow, never hold more than 3 runs of agent `a`, nor more than 4 runs in all
+/// (agents `a` and `b`), at any moment, counted from the database right after each claim;
+/// and together they run every run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_cluster_caps_hold_across_claimers() {
+    use agentry_core::runs::{ClusterCaps, LeaseRef, Outcome, RunQuery, RunStatus};
+    use agentry_core::store::RunStore;
+    let (schema, store) = postgres().await;
+    for i in 0..60 {
+        let mut run = contract::new_run(&format!("c{i:02}"), 0, None);
+        if i % 2 == 1 {
+            run.agent = "b".into();
+        }
+        store.create_run(run, None).await.expect("create");
+    }
+    let most = std::sync::Arc::new(parking_lot::Mutex::new((0usize, 0usize)));
+    let mut nodes = Vec::new();
+    for n in 0..4 {
+        let node = another_node(&schema).await;
+        let most = std::sync::Arc::clone(&most);
+        nodes.push(tokio::spawn(async move {
+            let owner = format!("node{n}");
+            let mut done = 0;
+            let mut idle = 0;
+            while idle < 100 {
+                let mut request = claim_for(&owner, 5);
+                request.per_agent.push(("b".into(), 5));
+                request.cluster = ClusterCaps {
+                    total: Some(4),
+                    per_agent: Some(3),
+                };
+                let got = node.claim_runs(request).await.expect("claim");
+                if got.runs.is_empty() {
+                    idle += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                    continue;
+                }
+                idle = 0;
+                let running = node
+                    .list_runs(RunQuery {
+                        status: Some(RunStatus::Running),
+                        limit: 100,
+                        ..RunQuery::default()
+                    })
+                    .await
+                    .expect("list");
+                let of_a = running.iter().filter(|r| r.agent == "a").count();
+                {
+                    let mut m = most.lock();
+                    m.0 = m.0.max(of_a);
+                    m.1 = m.1.max(running.len());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+                for claimed in got.runs {
+                    let lease = LeaseRef {
+                        run_id: claimed.run.id.clone(),
+                        owner: owner.clone(),
+                        attempt: claimed.run.attempt,
+                    };
+                    node.finish_run(lease, Outcome::Succeeded { result: "1".into() }, None)
+                        .await
+                        .expect("finish");
+                    done += 1;
+                }
+            }
+            done
+        }));
+    }
+    let mut done = 0;
+    for node in nodes {
+        done += node.await.expect("node");
+    }
+    assert_eq!(done, 60, "every run ran once");
+    let (of_a, in_all) = *most.lock();
+    assert!(of_a <= 3, "{of_a} runs of agent a at once (cap 3)");
+    assert!(in_all <= 4, "{in_all} runs at once (cap 4)");
+    // The caps were reached, so the test shows them holding, not just a slow claimer.
+    assert!(in_all >= 3, "only {in_all} at once: the caps were never approached");
 }

@@ -673,3 +673,78 @@ async fn postgres_restarted_mid_load_loses_no_run_and_runs_none_twice() {
     }
     drop((a, b));
 }
+
+/// The most of `spans` ([start, end], ISO times of one format) that overlap at any moment.
+fn most_at_once(spans: &[(String, String)]) -> usize {
+    let mut edges: Vec<(&str, i32)> = spans
+        .iter()
+        .flat_map(|(s, e)| [(s.as_str(), 1), (e.as_str(), -1)])
+        .collect();
+    // At one instant an end comes before a start: touching spans do not overlap.
+    edges.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+/// A cluster-wide cap per agent holds across nodes: two nodes, each free to run many at once,
+/// together never run more than 2 runs of the agent at a time (from the run records' start
+/// and end), and both take part.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_cap_per_agent_holds_across_nodes() {
+    let schema = schema();
+    let mut args = on_postgres(&schema);
+    args.extend(["--cluster-max-running-runs-per-agent".into(), "2".into()]);
+    let a = app(fixture("durable")).args(args.clone()).start().await;
+    let b = app(fixture("durable")).args(args).start().await;
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        ids.push(
+            create_on(
+                node,
+                json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": 150}}),
+            )
+            .await,
+        );
+    }
+    let mut spans = Vec::new();
+    let mut by_node: HashMap<String, usize> = HashMap::new();
+    for id in &ids {
+        let (status, text) = get(&a.url(&format!("/v1/runs/{id}/wait?timeout_s=60"))).await;
+        assert_eq!(status, 200, "{text}");
+        let run = json(&text);
+        assert_eq!(run["status"], "succeeded", "{run}");
+        spans.push((
+            run["started_at"].as_str().expect("started").to_string(),
+            run["finished_at"].as_str().expect("finished").to_string(),
+        ));
+        let events = crate::runs::events(&a, id).await;
+        let node = events[1].2["data"]["node"].as_str().unwrap_or_default().to_string();
+        *by_node.entry(node).or_default() += 1;
+    }
+    let most = most_at_once(&spans);
+    assert!(most <= 2, "{most} runs of the agent at once across nodes (cap 2): {spans:?}");
+    assert_eq!(most, 2, "the cap was never reached: {spans:?}");
+    assert_eq!(by_node.len(), 2, "both nodes ran runs: {by_node:?}");
+}
+
+/// A cluster cap needs the shared database: on the embedded store it is refused, naming the
+/// setting.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cluster_cap_without_a_database_is_refused() {
+    let out = agentry(&[
+        "serve",
+        fixture("durable").to_str().expect("path"),
+        "--port",
+        "0",
+        "--cluster-max-running-runs",
+        "3",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("runs.cluster_max_running"), "{err}");
+}

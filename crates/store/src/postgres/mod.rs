@@ -1,6 +1,7 @@
 //! PostgreSQL: the run store and API keys of several nodes (`runs`), and the rate-limit buckets
 //! they share (`SharedBuckets`, here). The SQL is in `queries/`, one statement per file.
 
+mod batch;
 mod nodes;
 mod runs;
 

@@ -27,6 +27,7 @@ use sqlx::{Connection, Row};
 use std::str::FromStr;
 use std::time::Duration;
 
+use super::batch::Batcher;
 use crate::transitions::{
     CANCELLED_BEFORE_START, LostAttempt, checkpoint_event_data, queued_event_data,
     started_event_data, transition,
@@ -56,6 +57,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
     (
         "0005_node_homes",
         include_str!("migrations/0005_node_homes.sql"),
+    ),
+    (
+        "0006_batches",
+        include_str!("migrations/0006_batches.sql"),
     ),
 ];
 
@@ -189,6 +194,45 @@ pub struct PgStore {
     /// The schema the tables are in: NOTIFY payloads start with it.
     schema: std::sync::Arc<str>,
     notifier: Notifier,
+    batches: Batches,
+}
+
+/// The operations sent in batches (group commit, see `batch.rs`).
+#[derive(Clone)]
+struct Batches {
+    creates: Batcher<CreateRequest, CreateOutcome>,
+    finishes: Batcher<FinishRequest, Finished>,
+    reads: Batcher<String, Option<Run>>,
+}
+
+/// Most requests in one batch: big enough that a busy node needs few round trips, small enough
+/// that one statement's arrays stay far below any protocol limit.
+const BATCH_MAX: usize = 128;
+
+impl Batches {
+    /// At most `in_flight` batches of each kind at once (each holds one pooled connection).
+    fn start(pool: &PgPool, in_flight: usize) -> Self {
+        let p = pool.clone();
+        let creates = Batcher::start(BATCH_MAX, in_flight, move |batch: Vec<CreateRequest>| {
+            let p = p.clone();
+            async move { insert_runs(&p, &batch).await.map_err(db_err) }
+        });
+        let p = pool.clone();
+        let finishes = Batcher::start(BATCH_MAX, in_flight, move |batch: Vec<FinishRequest>| {
+            let p = p.clone();
+            async move { finish_runs(&p, &batch).await }
+        });
+        let p = pool.clone();
+        let reads = Batcher::start(BATCH_MAX, in_flight, move |ids: Vec<String>| {
+            let p = p.clone();
+            async move { get_runs(&p, &ids).await }
+        });
+        Self {
+            creates,
+            finishes,
+            reads,
+        }
+    }
 }
 
 /// SQLSTATEs after which the same request may well succeed: the connection or the server went
@@ -281,9 +325,21 @@ impl PgStore {
         let schema: std::sync::Arc<str> = schema.into();
         Ok(Self {
             notifier: Notifier::start(pool.clone(), std::sync::Arc::clone(&schema)),
+            batches: Batches::start(&pool, (options.max_connections as usize / 4).max(1)),
             pool,
             schema,
         })
+    }
+
+    /// Tells the other nodes of a committed creation: its event, and a run to claim unless
+    /// this node leased it.
+    fn created(&self, outcome: &CreateOutcome) {
+        if let CreateOutcome::Created { event, claimed, .. } = outcome {
+            self.notifier.events(std::slice::from_ref(event));
+            if claimed.is_none() {
+                self.notifier.runs_due();
+            }
+        }
     }
 
     /// The rate-limit buckets in this database (its schema, its pool): what the gateway's
@@ -540,93 +596,143 @@ fn queued_event_data_of(run: &NewRun) -> String {
     crate::transitions::queued_event_data_parts(run.priority, run.run_at)
 }
 
-async fn create_run(
+/// Looks an idempotency key up (in the caller's transaction): the run it made, or a conflict
+/// when it was made by another request. `None`: the key is new.
+async fn find_idempotent(
     c: &mut PgConnection,
     run: &NewRun,
-    claim: Option<&DirectClaim>,
+    key: &str,
 ) -> Result<Option<CreateOutcome>, StoreError> {
-    if let Some(key) = &run.idempotency_key {
-        let found: Option<(String, Option<String>)> = sqlx::query_as(sql!("find_idempotency_key"))
-            .bind(&run.idempotency_scope)
-            .bind(key)
-            .fetch_optional(&mut *c)
-            .await
-            .map_err(db_err)?;
-        if let Some((existing_id, hash)) = found {
-            if hash == run.request_hash {
-                let existing = get_run(c, &existing_id).await?;
-                return existing
-                    .map(|r| Some(CreateOutcome::Existing(r)))
-                    .ok_or_else(|| StoreError::Internal("an idempotent run vanished".into()));
-            }
-            return Ok(Some(CreateOutcome::Conflict { existing_id }));
-        }
-    }
-    let backoff =
-        serde_json::to_string(&run.backoff).map_err(|e| StoreError::Internal(e.to_string()))?;
-    let inserted = sqlx::query(sql!("insert_run"))
-        .bind(&run.id)
-        .bind(&run.agent)
-        .bind(&run.entrypoint)
-        .bind(&run.input)
-        .bind(i64::from(run.max_attempts))
-        .bind(run.priority)
-        .bind(run.run_at)
-        .bind(run.timeout_ms)
-        .bind(backoff)
-        .bind(&run.concurrency_key)
-        .bind(&run.idempotency_key)
-        .bind(&run.request_hash)
-        .bind(&run.metadata)
-        .bind(run.created_at)
+    let found: Option<(String, Option<String>)> = sqlx::query_as(sql!("find_idempotency_key"))
         .bind(&run.idempotency_scope)
-        .bind(queued_event_data_of(run))
-        .fetch_one(&mut *c)
-        .await;
-    // Another node stored the same idempotency key a moment ago: `None`, and the caller starts
-    // over (in a new transaction) and finds it.
-    let row = match inserted {
-        Ok(row) => row,
-        Err(e) if is_unique_violation(&e) => return Ok(None),
-        Err(e) => return Err(db_err(e)),
+        .bind(key)
+        .fetch_optional(&mut *c)
+        .await
+        .map_err(db_err)?;
+    let Some((existing_id, hash)) = found else {
+        return Ok(None);
     };
-    let stored = run_from_row(&row).map_err(db_err)?;
-    let event = RunEvent {
-        run_id: stored.id.clone(),
-        seq: 1,
-        kind: EventKind::Queued,
-        data: queued_event_data(&stored),
-        at: run.created_at,
+    if hash != run.request_hash {
+        return Ok(Some(CreateOutcome::Conflict { existing_id }));
+    }
+    get_run(c, &existing_id)
+        .await?
+        .map(|r| Some(CreateOutcome::Existing(r)))
+        .ok_or_else(|| StoreError::Internal("an idempotent run vanished".into()))
+}
+
+/// A run to create, with the lease its node asks for when the run may skip the queue.
+pub(super) struct CreateRequest {
+    run: NewRun,
+    claim: Option<DirectClaim>,
+}
+
+/// Stores new runs (each leased to its claim at once when it may skip the queue) in one
+/// statement; the outcomes in the order given. A unique violation (another request stored the
+/// same idempotency key a moment ago) fails the statement; the keyed path then starts over.
+async fn insert_runs<'c>(
+    c: impl sqlx::PgExecutor<'c>,
+    batch: &[CreateRequest],
+) -> Result<Vec<Result<CreateOutcome, StoreError>>, sqlx::Error> {
+    let (node, owner) = batch
+        .iter()
+        .find_map(|q| q.claim.as_ref())
+        .map_or((None, None), |c| (Some(c.node.as_str()), Some(c.owner.as_str())));
+    // One node and owner per statement: a request whose claim names another is queued.
+    let claims: Vec<bool> = batch
+        .iter()
+        .map(|q| {
+            q.claim
+                .as_ref()
+                .is_some_and(|c| Some(c.node.as_str()) == node && Some(c.owner.as_str()) == owner)
+        })
+        .collect();
+    let lease_ms = batch
+        .iter()
+        .filter_map(|q| q.claim.as_ref().map(|c| c.lease_until - q.run.created_at))
+        .max()
+        .unwrap_or(0);
+    let mut backoffs = Vec::with_capacity(batch.len());
+    for q in batch {
+        backoffs.push(
+            serde_json::to_string(&q.run.backoff)
+                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+        );
+    }
+    let col = |f: fn(&NewRun) -> &str| batch.iter().map(|q| f(&q.run)).collect::<Vec<&str>>();
+    let opt = |f: fn(&NewRun) -> Option<&str>| {
+        batch.iter().map(|q| f(&q.run)).collect::<Vec<Option<&str>>>()
     };
-    // A new run may skip the queue when it is due, has no concurrency key, and no due run of
-    // its agent waits ahead of it (checked in the same statement that leases it).
-    let claimed = match claim {
-        Some(claim) if stored.concurrency_key.is_none() && stored.run_at <= stored.created_at => {
-            let row = sqlx::query(sql!("claim_new_run"))
-                .bind(&stored.id)
-                .bind(&claim.node)
-                .bind(&claim.owner)
-                .bind(claim.lease_until - run.created_at)
-                .bind(run.created_at)
-                .bind(&stored.agent)
-                .bind(stored.run_at)
-                .bind(stored.seq)
-                .fetch_optional(&mut *c)
-                .await
-                .map_err(db_err)?;
-            one_run(row)?.map(|run| ClaimedRun {
-                run,
+    let num = |f: fn(&NewRun) -> i64| batch.iter().map(|q| f(&q.run)).collect::<Vec<i64>>();
+    let rows = sqlx::query(sql!("insert_run"))
+        .bind(col(|r| &r.id))
+        .bind(col(|r| &r.agent))
+        .bind(col(|r| &r.entrypoint))
+        .bind(col(|r| &r.input))
+        .bind(num(|r| i64::from(r.max_attempts)))
+        .bind(batch.iter().map(|q| q.run.priority).collect::<Vec<i32>>())
+        .bind(num(|r| r.run_at))
+        .bind(num(|r| r.timeout_ms))
+        .bind(&backoffs)
+        .bind(opt(|r| r.concurrency_key.as_deref()))
+        .bind(opt(|r| r.idempotency_key.as_deref()))
+        .bind(opt(|r| r.request_hash.as_deref()))
+        .bind(col(|r| &r.metadata))
+        .bind(num(|r| r.created_at))
+        .bind(col(|r| &r.idempotency_scope))
+        .bind(&claims)
+        .bind(node)
+        .bind(owner)
+        .bind(lease_ms)
+        .bind(batch.iter().map(|q| queued_event_data_of(&q.run)).collect::<Vec<String>>())
+        .fetch_all(c)
+        .await?;
+    let mut stored: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
+    for row in &rows {
+        let run = run_from_row(row)?;
+        stored.insert(run.id.clone(), run);
+    }
+    Ok(batch
+        .iter()
+        .map(|q| {
+            let run = stored
+                .remove(&q.run.id)
+                .ok_or_else(|| StoreError::Internal("a created run was not returned".into()))?;
+            let event = RunEvent {
+                run_id: run.id.clone(),
+                seq: 1,
+                kind: EventKind::Queued,
+                data: queued_event_data(&run),
+                at: q.run.created_at,
+            };
+            let claimed = (run.status == RunStatus::Running).then(|| ClaimedRun {
+                run: run.clone(),
                 checkpoint: None,
+            });
+            Ok(CreateOutcome::Created {
+                run,
+                event,
+                claimed,
             })
-        }
-        _ => None,
-    };
-    let stored = claimed.as_ref().map_or(stored, |c| c.run.clone());
-    Ok(Some(CreateOutcome::Created {
-        run: stored,
-        event,
-        claimed,
-    }))
+        })
+        .collect())
+}
+
+/// Reads runs by id in one statement: each `None` when there is no such run.
+async fn get_runs<'c>(
+    c: impl sqlx::PgExecutor<'c>,
+    ids: &[String],
+) -> Result<Vec<Result<Option<Run>, StoreError>>, StoreError> {
+    let rows = sqlx::query(sql!("get_runs"))
+        .bind(ids)
+        .fetch_all(c)
+        .await
+        .map_err(db_err)?;
+    let mut found: std::collections::HashMap<String, Run> = runs(rows)?
+        .into_iter()
+        .map(|r| (r.id.clone(), r))
+        .collect();
+    Ok(ids.iter().map(|id| Ok(found.remove(id))).collect())
 }
 
 async fn start_attempt(
@@ -649,13 +755,60 @@ async fn start_attempt(
     insert_event(c, &lease.run_id, EventKind::Started, &data, start.at).await
 }
 
+/// What each agent may still lease under the cluster-wide caps, counted under their lock
+/// (held until the claim commits): (per agent left, in all left).
+async fn cluster_room(
+    c: &mut PgConnection,
+    req: &ClaimRequest,
+) -> Result<(std::collections::HashMap<String, usize>, Option<usize>), StoreError> {
+    sqlx::query(sql!("cluster_caps_lock"))
+        .execute(&mut *c)
+        .await
+        .map_err(db_err)?;
+    let running: Vec<(String, i64)> = sqlx::query_as(sql!("running_by_agent"))
+        .fetch_all(&mut *c)
+        .await
+        .map_err(db_err)?;
+    let total: usize = running.iter().map(|(_, n)| *n as usize).sum();
+    let per_agent = req
+        .per_agent
+        .iter()
+        .map(|(agent, _)| {
+            let here = running
+                .iter()
+                .find(|(a, _)| a == agent)
+                .map_or(0, |(_, n)| *n as usize);
+            let left = req
+                .cluster
+                .per_agent
+                .map_or(usize::MAX, |cap| cap.saturating_sub(here));
+            (agent.clone(), left)
+        })
+        .collect();
+    Ok((per_agent, req.cluster.total.map(|cap| cap.saturating_sub(total))))
+}
+
 async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed, StoreError> {
     let mut out = Claimed::default();
     let mut short = false;
-    for (agent, free) in &req.per_agent {
-        if *free == 0 {
+    let (cluster_left, mut total_left) = if req.cluster.is_set() {
+        cluster_room(c, req).await?
+    } else {
+        (Default::default(), None)
+    };
+    for (agent, asked) in &req.per_agent {
+        let mut free = *asked;
+        if let Some(left) = cluster_left.get(agent) {
+            free = free.min(*left);
+        }
+        if let Some(left) = total_left {
+            free = free.min(left);
+        }
+        out.held_back |= free < *asked;
+        if free == 0 {
             continue;
         }
+        let free = &free;
         let candidates: Vec<(String, Option<String>)> = sqlx::query_as(sql!("claim_candidates"))
             .bind(agent)
             .bind(req.now)
@@ -673,7 +826,11 @@ async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed,
                 Some(_) => short = true,
             }
         }
-        out.runs.extend(claim_batch(c, &batch, req).await?);
+        let leased = claim_batch(c, &batch, req).await?;
+        if let Some(left) = total_left.as_mut() {
+            *left = left.saturating_sub(leased.len());
+        }
+        out.runs.extend(leased);
     }
     if short {
         out.next_due = sqlx::query_scalar(sql!("next_due"))
@@ -709,39 +866,85 @@ async fn key_is_free(c: &mut PgConnection, key: &str, id: &str) -> Result<bool, 
         .map_err(db_err)
 }
 
-async fn finish_run(
-    c: &mut PgConnection,
-    lease: &LeaseRef,
-    outcome: &Outcome,
-    start: Option<&AttemptStart>,
+/// An attempt to end, and its start when that was not recorded yet.
+pub(super) struct FinishRequest {
+    lease: LeaseRef,
+    outcome: Outcome,
+    start: Option<AttemptStart>,
     now: i64,
-) -> Result<Finished, StoreError> {
-    let started = match start {
-        Some(start) => Some(start_attempt(c, lease, start).await?),
-        None => None,
-    };
-    let t = transition(outcome, lease.attempt, now);
-    let row = sqlx::query(sql!("finish_run"))
-        .bind(&lease.run_id)
-        .bind(&lease.owner)
-        .bind(i64::from(lease.attempt))
-        .bind(t.status.as_str())
-        .bind(t.result)
-        .bind(t.error)
-        .bind(t.finished_at)
-        .bind(t.run_at)
-        .bind(now)
-        .fetch_optional(&mut *c)
+}
+
+/// Ends a batch of attempts (recording their starts first where given) in one call of
+/// `agentry_finish_attempts`: one round trip and one commit. An attempt whose lease is lost
+/// gets `LeaseLost`; the others are unaffected.
+async fn finish_runs<'c>(
+    c: impl sqlx::PgExecutor<'c>,
+    batch: &[FinishRequest],
+) -> Result<Vec<Result<Finished, StoreError>>, StoreError> {
+    let ts: Vec<_> = batch
+        .iter()
+        .map(|q| transition(&q.outcome, q.lease.attempt, q.now))
+        .collect();
+    let started_data: Vec<Option<String>> = batch
+        .iter()
+        .map(|q| {
+            q.start
+                .as_ref()
+                .map(|s| started_event_data(q.lease.attempt, &s.node))
+        })
+        .collect();
+    let rows = sqlx::query(sql!("finish_run"))
+        .bind(batch.iter().map(|q| q.lease.run_id.as_str()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|q| q.lease.owner.as_str()).collect::<Vec<_>>())
+        .bind(batch.iter().map(|q| i64::from(q.lease.attempt)).collect::<Vec<_>>())
+        .bind(batch.iter().map(|q| q.start.as_ref().map(|s| s.at)).collect::<Vec<_>>())
+        .bind(started_data.iter().map(|d| d.as_deref()).collect::<Vec<_>>())
+        .bind(ts.iter().map(|t| t.status.as_str()).collect::<Vec<_>>())
+        .bind(ts.iter().map(|t| t.result).collect::<Vec<_>>())
+        .bind(ts.iter().map(|t| t.error).collect::<Vec<_>>())
+        .bind(ts.iter().map(|t| t.finished_at).collect::<Vec<_>>())
+        .bind(ts.iter().map(|t| t.run_at).collect::<Vec<_>>())
+        .bind(batch.iter().map(|q| q.now).collect::<Vec<_>>())
+        .bind(ts.iter().map(|t| t.event.as_str()).collect::<Vec<_>>())
+        .bind(ts.iter().map(|t| t.data.as_str()).collect::<Vec<_>>())
+        .fetch_all(c)
         .await
         .map_err(db_err)?;
-    let Some(run) = one_run(row)? else {
-        return Err(StoreError::LeaseLost);
-    };
-    let event = insert_event(c, &run.id, t.event, &t.data, now).await?;
-    Ok(Finished {
-        run,
-        events: started.into_iter().chain([event]).collect(),
-    })
+    let mut ended: std::collections::HashMap<String, (Run, Option<i64>, i64)> =
+        std::collections::HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let run = run_from_row(row).map_err(db_err)?;
+        let started_seq: Option<i64> = row.try_get(25).map_err(db_err)?;
+        let finished_seq: i64 = row.try_get(26).map_err(db_err)?;
+        ended.insert(run.id.clone(), (run, started_seq, finished_seq));
+    }
+    Ok(batch
+        .iter()
+        .zip(ts)
+        .zip(started_data)
+        .map(|((q, t), data)| {
+            let (run, started_seq, finished_seq) =
+                ended.remove(&q.lease.run_id).ok_or(StoreError::LeaseLost)?;
+            let mut events = Vec::with_capacity(2);
+            if let (Some(start), Some(seq), Some(data)) = (&q.start, started_seq, data) {
+                events.push(RunEvent {
+                    run_id: run.id.clone(),
+                    seq,
+                    kind: EventKind::Started,
+                    data,
+                    at: start.at,
+                });
+            }
+            events.push(RunEvent {
+                run_id: run.id.clone(),
+                seq: finished_seq,
+                kind: t.event,
+                data: t.data,
+                at: q.now,
+            });
+            Ok(Finished { run, events })
+        })
+        .collect())
 }
 
 async fn cancel_run(c: &mut PgConnection, id: &str, now: i64) -> Result<CancelOutcome, StoreError> {
@@ -1006,18 +1209,31 @@ impl RunStore for PgStore {
         run: NewRun,
         claim: Option<DirectClaim>,
     ) -> Result<CreateOutcome, StoreError> {
+        let keyed = run.idempotency_key.is_some();
+        let request = CreateRequest { run, claim };
+        if !keyed {
+            // Without a key: gathered with the other creations of the moment.
+            let outcome = self.batches.creates.call(request).await?;
+            self.created(&outcome);
+            return Ok(outcome);
+        }
+        let key = request.run.idempotency_key.as_deref().unwrap_or_default();
         // A lost race for an idempotency key rolls back; the next try finds the winner's run.
         for _ in 0..3 {
             let mut tx = self.pool.begin().await.map_err(db_err)?;
-            match create_run(&mut tx, &run, claim.as_ref()).await {
+            let outcome = match find_idempotent(&mut tx, &request.run, key).await {
+                Ok(Some(found)) => Ok(Some(found)),
+                Ok(None) => match insert_runs(&mut *tx, std::slice::from_ref(&request)).await {
+                    Ok(mut one) => one.pop().transpose(),
+                    Err(e) if is_unique_violation(&e) => Ok(None),
+                    Err(e) => Err(db_err(e)),
+                },
+                Err(e) => Err(e),
+            };
+            match outcome {
                 Ok(Some(outcome)) => {
                     tx.commit().await.map_err(db_err)?;
-                    if let CreateOutcome::Created { event, claimed, .. } = &outcome {
-                        self.notifier.events(std::slice::from_ref(event));
-                        if claimed.is_none() {
-                            self.notifier.runs_due();
-                        }
-                    }
+                    self.created(&outcome);
                     return Ok(outcome);
                 }
                 Ok(None) => {
@@ -1035,12 +1251,7 @@ impl RunStore for PgStore {
     }
 
     async fn get_run(&self, id: &str) -> Result<Option<Run>, StoreError> {
-        let row = sqlx::query(sql!("get_run"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        one_run(row)
+        self.batches.reads.call(id.to_string()).await
     }
 
     async fn list_runs(&self, q: RunQuery) -> Result<Vec<Run>, StoreError> {
@@ -1185,15 +1396,16 @@ impl RunStore for PgStore {
         outcome: Outcome,
         start: Option<AttemptStart>,
     ) -> Result<Finished, StoreError> {
-        let now = now_ms();
-        let finished: Result<Finished, StoreError> = in_tx!(self, |c| finish_run(
-            c,
-            &lease,
-            &outcome,
-            start.as_ref(),
-            now
-        )
-        .await);
+        let finished = self
+            .batches
+            .finishes
+            .call(FinishRequest {
+                lease,
+                outcome,
+                start,
+                now: now_ms(),
+            })
+            .await;
         if let Ok(f) = &finished {
             self.notifier.finished(f);
         }

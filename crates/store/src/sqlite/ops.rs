@@ -198,6 +198,7 @@ pub fn create_run(
                 now: run.created_at,
                 lease_until: claim.lease_until,
                 per_agent: Vec::new(),
+                cluster: Default::default(),
             };
             Some(claim_one(c, &stored.id, &request)?)
         }

@@ -46,6 +46,7 @@ fn claim(owner: &str, n: usize, lease_ms: i64) -> ClaimRequest {
         now,
         lease_until: now + lease_ms,
         per_agent: vec![("a".into(), n)],
+        cluster: Default::default(),
     }
 }
 
