@@ -129,6 +129,9 @@ pub struct ServeFlags {
     /// PostgreSQL connections this node keeps at most.
     #[arg(long)]
     database_max_connections: Option<u32>,
+    /// PostgreSQL batches of each kind sent at once (group commit).
+    #[arg(long)]
+    database_batches_in_flight: Option<u32>,
     /// Commit runs without fsync: they survive a crash of the server, not a power loss.
     #[arg(long)]
     runs_db_no_fsync: bool,
@@ -256,6 +259,11 @@ impl ServeFlags {
             &mut out,
             "store.database_max_connections",
             &self.database_max_connections,
+        );
+        put(
+            &mut out,
+            "store.database_batches_in_flight",
+            &self.database_batches_in_flight,
         );
         if self.runs_db_no_fsync {
             out.push(("store.fsync", json!(false)));

@@ -480,6 +480,8 @@ pub struct StoreConfig {
     pub database_schema: Option<String>,
     /// PostgreSQL connections this node keeps at most.
     pub database_max_connections: u32,
+    /// Batches of each kind (creations, attempts' ends, reads) on the wire at once.
+    pub database_batches_in_flight: u32,
     pub fsync: bool,
     pub busy_timeout_s: f64,
     pub runagent_db: bool,
@@ -497,6 +499,7 @@ impl Default for StoreConfig {
             database_url: None,
             database_schema: None,
             database_max_connections: 16,
+            database_batches_in_flight: 1,
             fsync: true,
             busy_timeout_s: 5.0,
             runagent_db: true,
@@ -536,6 +539,15 @@ impl StoreConfig {
         }
         if self.database_max_connections == 0 {
             return Err(bad("store.database_max_connections", "must be at least 1"));
+        }
+        if self.database_batches_in_flight == 0
+            || (self.database_url.is_some()
+                && self.database_batches_in_flight.saturating_mul(3) >= self.database_max_connections)
+        {
+            return Err(bad(
+                "store.database_batches_in_flight",
+                "must be at least 1, and three times it (one per kind) below store.database_max_connections",
+            ));
         }
         if !(self.runagent_history_max_age_s >= 0.0 && self.runagent_history_max_age_s.is_finite())
         {
@@ -857,6 +869,7 @@ pub const FIELDS: &[Field] = &[
         .text()
         .default_doc("the URL's default (`public`)"),
     field("store.database_max_connections", "database-max-connections", "AGENTRY_DATABASE_MAX_CONNECTIONS", "PostgreSQL connections this node keeps at most"),
+    field("store.database_batches_in_flight", "database-batches-in-flight", "AGENTRY_DATABASE_BATCHES_IN_FLIGHT", "PostgreSQL group commit: batches of each kind (runs created, attempts ended, runs read) sent at once; what arrives meanwhile joins the next batch. One was fastest on a 2-core machine whose CPU the database shares (BENCHMARKS.md); a database on its own, larger machine may take more"),
     field("store.fsync", "runs-db-no-fsync", "AGENTRY_RUNS_DB_NO_FSYNC", "fsync every commit of the run database (`synchronous=FULL`); the flag turns it off: runs then survive a crash of the server, not a power loss")
         .negated(),
     field("store.busy_timeout_s", "runs-db-busy-timeout-s", "AGENTRY_RUNS_DB_BUSY_TIMEOUT_S", "how long a write waits for another process's lock on the database before the request gets 503"),

@@ -1,6 +1,8 @@
-//! The dispatcher: claims due runs within the caps and starts an attempt for each. It is
-//! woken at once by new runs and freed capacity, and otherwise sleeps until the next delayed
-//! run is due (at most `idle_poll`).
+//! The dispatcher: claims due runs within the caps and starts an attempt for each. It looks at
+//! once when something may have queued a due run (a run created without a lease, a retry, a
+//! requeue, another node's notice) and it has room, and otherwise sleeps until the next delayed
+//! run is due (at most `idle_poll`). Freed capacity alone wakes it but does not make it claim:
+//! see `Inner::runs_hinted`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,7 +17,11 @@ use crate::state::Inner;
 const HELD_BACK_POLL: Duration = Duration::from_millis(50);
 
 pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
+    use std::sync::atomic::Ordering;
     let mut backoff = Duration::from_millis(50);
+    // When to look even if nothing said runs are due: the poll, the next delayed run, a cap's
+    // re-check, or the retry of a failed claim.
+    let mut next_look = Instant::now();
     loop {
         // Register for wake-ups before looking, so none is lost in between.
         let woken = inner.wake.notified();
@@ -25,8 +31,16 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
             return;
         }
         let per_agent = inner.free_capacity();
-        let mut sleep_for = inner.settings.idle_poll;
-        if !per_agent.is_empty() {
+        let due = Instant::now() >= next_look;
+        if per_agent.is_empty() {
+            if due {
+                // No room now: look once room frees up.
+                inner.runs_hinted.store(true, Ordering::SeqCst);
+                next_look = Instant::now() + inner.settings.idle_poll;
+            }
+        // Cleared before the claim: a hint that comes during it makes the next round look.
+        } else if due || inner.runs_hinted.swap(false, Ordering::SeqCst) {
+            next_look = Instant::now() + inner.settings.idle_poll;
             let wanted: usize = per_agent.iter().map(|(_, n)| n).sum();
             let now = inner.settings.clock.now_ms();
             let asked_at = Instant::now();
@@ -48,25 +62,27 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
                     }
                     if got >= wanted {
                         // Maybe more are due: look again once capacity frees up.
+                        inner.runs_hinted.store(true, Ordering::SeqCst);
                         continue;
                     }
                     if claimed.held_back {
-                        sleep_for = sleep_for.min(HELD_BACK_POLL);
+                        next_look = next_look.min(Instant::now() + HELD_BACK_POLL);
                     }
                     if let Some(due) = claimed.next_due {
                         let wait = Duration::from_millis(
                             (due - inner.settings.clock.now_ms()).max(0) as u64,
                         );
-                        sleep_for = sleep_for.min(wait);
+                        next_look = next_look.min(Instant::now() + wait);
                     }
                 }
                 Err(e) => {
                     tracing::warn!("claiming runs failed: {e}; retrying in {backoff:?}");
-                    sleep_for = backoff;
+                    next_look = Instant::now() + backoff;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
             }
         }
+        let sleep_for = next_look.saturating_duration_since(Instant::now());
         let _ = tokio::time::timeout(sleep_for, woken).await;
     }
 }

@@ -210,6 +210,10 @@ async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Rec
         {
             Ok(f) => {
                 inner.counters.ended(f.run.status);
+                if f.run.status == agentry_core::runs::RunStatus::Queued {
+                    // A retry: due after its backoff, which the next claim reports.
+                    inner.runs_may_be_due();
+                }
                 return inner.publish(&f.events, Some(&f.run));
             }
             Err(StoreError::LeaseLost) => {

@@ -75,6 +75,7 @@ impl Engine {
             owner,
             hub: Arc::new(EventHub::default()),
             wake: Notify::new(),
+            runs_hinted: std::sync::atomic::AtomicBool::new(true),
             running: Mutex::new(HashMap::new()),
             reserved: Mutex::new(HashMap::new()),
             turn: std::sync::atomic::AtomicUsize::new(0),
@@ -181,34 +182,15 @@ impl Engine {
 
     /// Stores a run (committed when this returns). When its agent has room and nothing waits
     /// ahead of it, the same commit leases it to this node and it starts at once; otherwise the
-    /// dispatcher is woken.
+    /// dispatcher is woken. The store's work and what must follow its commit (starting a run
+    /// leased here, the wake-ups) run to the end even if the caller goes away meanwhile (its
+    /// client disconnected): a run committed as leased to this node and never started would
+    /// sit until its lease expired.
     pub async fn submit(&self, run: NewRun) -> Result<(Run, bool), SubmitError> {
-        let reservation = self.inner.reserve(&run.agent);
-        let asked_at = std::time::Instant::now();
-        let claim = reservation.as_ref().map(|_| DirectClaim {
-            node: self.inner.settings.node.clone(),
-            owner: self.inner.owner.clone(),
-            lease_until: self.inner.settings.clock.now_ms()
-                + self.inner.settings.lease_ttl.as_millis() as i64,
-        });
-        match self.inner.store.create_run(run, claim).await {
-            Ok(CreateOutcome::Created {
-                run,
-                event,
-                claimed,
-            }) => {
-                self.inner.hub.publish(std::slice::from_ref(&event), None);
-                match claimed {
-                    Some(claimed) => execute::start(&self.inner, claimed, asked_at),
-                    None => self.inner.wake.notify_one(),
-                }
-                drop(reservation);
-                Ok((run, true))
-            }
-            Ok(CreateOutcome::Existing(run)) => Ok((run, false)),
-            Ok(CreateOutcome::Conflict { existing_id }) => Err(SubmitError::Conflict(existing_id)),
-            Err(e) => Err(SubmitError::Store(e)),
-        }
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move { submit_now(&inner, run).await })
+            .await
+            .map_err(|e| SubmitError::Store(StoreError::Internal(format!("a submission failed: {e}"))))?
     }
 
     /// Cancels a run: a queued one at once, a running one by signalling its executor (here) or
@@ -297,8 +279,9 @@ impl Engine {
         let (created, is_new) = self.submit(run).await?;
         if !is_new || created.id != id {
             drop(sub);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let run = self
-                .wait(&created.id, timeout, |_| true)
+                .wait(&created.id, left, |_| true)
                 .await
                 .map_err(SubmitError::Store)?
                 .unwrap_or(created);
@@ -423,5 +406,34 @@ impl Engine {
                 tracing::warn!("handing unfinished runs back timed out; their leases will expire")
             }
         }
+    }
+}
+
+/// See [`Engine::submit`].
+async fn submit_now(inner: &Arc<Inner>, run: NewRun) -> Result<(Run, bool), SubmitError> {
+    let reservation = inner.reserve(&run.agent);
+    let asked_at = std::time::Instant::now();
+    let claim = reservation.as_ref().map(|_| DirectClaim {
+        node: inner.settings.node.clone(),
+        owner: inner.owner.clone(),
+        lease_until: inner.settings.clock.now_ms() + inner.settings.lease_ttl.as_millis() as i64,
+    });
+    match inner.store.create_run(run, claim).await {
+        Ok(CreateOutcome::Created {
+            run,
+            event,
+            claimed,
+        }) => {
+            inner.hub.publish(std::slice::from_ref(&event), None);
+            match claimed {
+                Some(claimed) => execute::start(inner, claimed, asked_at),
+                None => inner.runs_may_be_due(),
+            }
+            drop(reservation);
+            Ok((run, true))
+        }
+        Ok(CreateOutcome::Existing(run)) => Ok((run, false)),
+        Ok(CreateOutcome::Conflict { existing_id }) => Err(SubmitError::Conflict(existing_id)),
+        Err(e) => Err(SubmitError::Store(e)),
     }
 }

@@ -154,7 +154,7 @@ pub(crate) async fn reaper_loop(inner: Arc<Inner>) {
                 for f in &recovered {
                     inner.publish(&f.events, Some(&f.run));
                 }
-                inner.wake.notify_one();
+                inner.runs_may_be_due();
             }
             Ok(_) => {}
             Err(e) => tracing::warn!("looking for expired leases failed: {e}"),
@@ -206,7 +206,7 @@ pub(crate) async fn follow_other_nodes(inner: Arc<Inner>, mut changes: StoreChan
     use futures_util::StreamExt;
     while let Some(change) = changes.next().await {
         match change {
-            StoreChange::RunsDue => inner.wake.notify_one(),
+            StoreChange::RunsDue => inner.runs_may_be_due(),
             StoreChange::CancelRequested { run_id } => {
                 for (key, run) in inner.running.lock().iter() {
                     if key.run_id == run_id {
@@ -216,7 +216,7 @@ pub(crate) async fn follow_other_nodes(inner: Arc<Inner>, mut changes: StoreChan
             }
             StoreChange::Events { run_id, seq } => inner.hub.poke(&run_id, seq),
             StoreChange::Missed => {
-                inner.wake.notify_one();
+                inner.runs_may_be_due();
                 inner.hub.poke_all();
             }
         }

@@ -104,7 +104,14 @@ pub(crate) struct Inner {
     /// `node/incarnation`: the lease owner of everything this process claims.
     pub(crate) owner: String,
     pub(crate) hub: Arc<EventHub>,
+    /// Wakes the dispatcher: capacity freed, or (with `runs_may_be_due`) runs to look for.
     pub(crate) wake: Notify,
+    /// Something may have queued a due run since the dispatcher last looked (a run created
+    /// without a lease, a retry, a requeue, another node's notice). Freed capacity alone does
+    /// not make the dispatcher claim: on a shared database an empty claim is a transaction of
+    /// its own, and a node whose runs are all leased as they are created would otherwise run
+    /// one after every attempt. The dispatcher's poll looks regardless.
+    pub(crate) runs_hinted: std::sync::atomic::AtomicBool,
     pub(crate) running: Mutex<HashMap<AttemptKey, Running>>,
     /// Slots held by submissions that may lease their run directly, per agent.
     pub(crate) reserved: Mutex<HashMap<String, usize>>,
@@ -122,6 +129,13 @@ pub(crate) struct Inner {
 }
 
 impl Inner {
+    /// Due runs may be waiting: the dispatcher looks as soon as it has room.
+    pub(crate) fn runs_may_be_due(&self) {
+        self.runs_hinted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+    }
+
     pub(crate) fn stopping(&self) -> bool {
         *self.stopping.borrow()
     }

@@ -75,6 +75,7 @@ pub fn pg_options(config: &Config) -> Option<PgOptions> {
     Some(PgOptions {
         url: url.clone(),
         max_connections: config.store.database_max_connections,
+        batches_in_flight: config.store.database_batches_in_flight,
         acquire_timeout: Duration::from_secs(5),
         schema: config.store.database_schema.clone(),
     })

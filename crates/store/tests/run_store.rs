@@ -107,6 +107,7 @@ async fn postgres() -> (PgSchema, PgStore) {
         url: pg_url(),
         max_connections: 4,
         acquire_timeout: std::time::Duration::from_secs(5),
+        batches_in_flight: 1,
         schema: Some(schema.clone()),
     })
     .await
@@ -162,6 +163,7 @@ async fn another_node(schema: &PgSchema) -> PgStore {
         url: pg_url(),
         max_connections: 4,
         acquire_timeout: std::time::Duration::from_secs(5),
+        batches_in_flight: 1,
         schema: Some(schema.0.clone()),
     })
     .await

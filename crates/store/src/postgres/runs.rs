@@ -168,6 +168,8 @@ pub struct PgOptions {
     pub url: String,
     /// Connections this node keeps at most.
     pub max_connections: u32,
+    /// Batches of each kind on the wire at once (group commit, see `batch.rs`).
+    pub batches_in_flight: u32,
     /// How long an operation waits for a free connection (or a new one) before failing with
     /// `Unavailable`, which the API answers 503.
     pub acquire_timeout: Duration,
@@ -211,6 +213,8 @@ const BATCH_MAX: usize = 128;
 
 impl Batches {
     /// At most `in_flight` batches of each kind at once (each holds one pooled connection).
+    /// Fewer in flight make bigger batches: on a database short of CPU, one of each kind was
+    /// fastest (BENCHMARKS.md).
     fn start(pool: &PgPool, in_flight: usize) -> Self {
         let p = pool.clone();
         let creates = Batcher::start(BATCH_MAX, in_flight, move |batch: Vec<CreateRequest>| {
@@ -325,7 +329,7 @@ impl PgStore {
         let schema: std::sync::Arc<str> = schema.into();
         Ok(Self {
             notifier: Notifier::start(pool.clone(), std::sync::Arc::clone(&schema)),
-            batches: Batches::start(&pool, (options.max_connections as usize / 4).max(1)),
+            batches: Batches::start(&pool, options.batches_in_flight.max(1) as usize),
             pool,
             schema,
         })
@@ -728,11 +732,12 @@ async fn get_runs<'c>(
         .fetch_all(c)
         .await
         .map_err(db_err)?;
-    let mut found: std::collections::HashMap<String, Run> = runs(rows)?
+    let found: std::collections::HashMap<String, Run> = runs(rows)?
         .into_iter()
         .map(|r| (r.id.clone(), r))
         .collect();
-    Ok(ids.iter().map(|id| Ok(found.remove(id))).collect())
+    // Several callers may ask for one run in one batch: each gets it.
+    Ok(ids.iter().map(|id| Ok(found.get(id).cloned())).collect())
 }
 
 async fn start_attempt(
@@ -804,8 +809,16 @@ async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed,
         if let Some(left) = total_left {
             free = free.min(left);
         }
-        out.held_back |= free < *asked;
+        let trimmed = free < *asked;
         if free == 0 {
+            if trimmed && !out.held_back {
+                out.held_back = sqlx::query_scalar(sql!("due_queued_exists"))
+                    .bind(agent)
+                    .bind(req.now)
+                    .fetch_one(&mut *c)
+                    .await
+                    .map_err(db_err)?;
+            }
             continue;
         }
         let free = &free;
@@ -817,6 +830,8 @@ async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed,
             .await
             .map_err(db_err)?;
         short |= candidates.len() < *free;
+        // All the cap allowed were there: more may be waiting behind it.
+        out.held_back |= trimmed && candidates.len() == *free;
         // Runs without a key are leased in one statement; a keyed one only under its key's lock.
         let mut batch = Vec::with_capacity(candidates.len());
         for (id, key) in candidates {
@@ -910,21 +925,28 @@ async fn finish_runs<'c>(
         .fetch_all(c)
         .await
         .map_err(db_err)?;
-    let mut ended: std::collections::HashMap<String, (Run, Option<i64>, i64)> =
-        std::collections::HashMap::with_capacity(rows.len());
+    // By position in the batch: one run may appear twice (a stale attempt still retrying its
+    // end beside the current one), and each gets its own answer.
+    let mut ended: Vec<Option<(Run, Option<i64>, i64)>> = (0..batch.len()).map(|_| None).collect();
     for row in &rows {
         let run = run_from_row(row).map_err(db_err)?;
         let started_seq: Option<i64> = row.try_get(25).map_err(db_err)?;
         let finished_seq: i64 = row.try_get(26).map_err(db_err)?;
-        ended.insert(run.id.clone(), (run, started_seq, finished_seq));
+        let position: i64 = row.try_get(27).map_err(db_err)?;
+        if let Some(slot) = usize::try_from(position - 1)
+            .ok()
+            .and_then(|i| ended.get_mut(i))
+        {
+            *slot = Some((run, started_seq, finished_seq));
+        }
     }
     Ok(batch
         .iter()
         .zip(ts)
         .zip(started_data)
-        .map(|((q, t), data)| {
-            let (run, started_seq, finished_seq) =
-                ended.remove(&q.lease.run_id).ok_or(StoreError::LeaseLost)?;
+        .zip(ended)
+        .map(|(((q, t), data), ended)| {
+            let (run, started_seq, finished_seq) = ended.ok_or(StoreError::LeaseLost)?;
             let mut events = Vec::with_capacity(2);
             if let (Some(start), Some(seq), Some(data)) = (&q.start, started_seq, data) {
                 events.push(RunEvent {
@@ -1287,6 +1309,12 @@ impl RunStore for PgStore {
         let attempts: Vec<i64> = leases.iter().map(|l| i64::from(l.attempt)).collect();
         in_tx!(self, |c| {
             async {
+                // Row locks in id order, as the batched ends take them (no deadlock cycle).
+                sqlx::query(sql!("lock_runs"))
+                    .bind(&ids)
+                    .execute(&mut *c)
+                    .await
+                    .map_err(db_err)?;
                 let held: Vec<(String, i64, bool)> = sqlx::query_as(sql!("renew_lease"))
                     .bind(&ids)
                     .bind(&owners)

@@ -36,20 +36,28 @@ RETURNS TABLE (
     o_started_at BIGINT,
     o_finished_at BIGINT,
     o_updated_at BIGINT,
-    o_started_seq BIGINT, o_finished_seq BIGINT)
--- Every lookup here goes through an index, whatever the statistics say: a plan cached while
--- the tables were still small (a new deployment) would otherwise scan them whole until the
--- next ANALYZE, and planning afresh at every call cost more than the writes.
+    o_started_seq BIGINT, o_finished_seq BIGINT, o_position BIGINT)
+-- Every lookup here goes through an index, whatever the statistics say, and the plans are
+-- made once per connection: a plan cached while the tables were still small (a new
+-- deployment) would otherwise scan them whole until the next ANALYZE, and planning afresh at
+-- every call (PostgreSQL's choice for array parameters) cost more than the writes.
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    done TEXT[];
+    done BIGINT[];
 BEGIN
+    -- Row locks in id order, as every multi-run writer takes them (renewals too): two
+    -- batches of one node, or a batch and a renewal, never wait on each other in a cycle.
+    PERFORM 1 FROM runs WHERE id = ANY(p_ids) ORDER BY id FOR UPDATE;
+    -- Which requests (by position, from 1) ended their attempt: answers are matched by
+    -- position, so two attempts of one run in one batch (a stale one still retrying) never
+    -- take each other's answer.
     WITH i AS (
         SELECT * FROM unnest(p_ids, p_owners, p_attempts, p_started_at, p_status, p_result,
-                             p_error, p_finished_at, p_run_at, p_now)
-            AS t(id, owner, attempt, started_at, status, result, error, finished_at, run_at, now)
+                             p_error, p_finished_at, p_run_at, p_now) WITH ORDINALITY
+            AS t(id, owner, attempt, started_at, status, result, error, finished_at, run_at, now, n)
     ), u AS (
         UPDATE runs r
         SET status = i.status, result = i.result, error = i.error, finished_at = i.finished_at,
@@ -58,18 +66,18 @@ BEGIN
         FROM i
         WHERE r.id = i.id AND r.status = 'running' AND r.lease_owner = i.owner
           AND r.attempt = i.attempt
-        RETURNING r.id
+        RETURNING i.n
     )
-    SELECT array_agg(u.id) INTO done FROM u;
+    SELECT array_agg(u.n) INTO done FROM u;
     IF done IS NULL THEN
         RETURN;
     END IF;
     RETURN QUERY
     WITH base AS (
         SELECT t.*, (SELECT coalesce(max(e.seq), 0) FROM run_events e WHERE e.run_id = t.id) AS last
-        FROM unnest(p_ids, p_started_at, p_started_data, p_now, p_kinds, p_data)
-            AS t(id, started_at, started_data, now, kind, data)
-        WHERE t.id = ANY(done)
+        FROM unnest(p_ids, p_started_at, p_started_data, p_now, p_kinds, p_data) WITH ORDINALITY
+            AS t(id, started_at, started_data, now, kind, data, n)
+        WHERE t.n = ANY(done)
     ), ins AS (
         INSERT INTO run_events (run_id, seq, kind, data, at)
         SELECT id, last + 1, 'run.started', started_data, started_at
@@ -80,9 +88,10 @@ BEGIN
     )
     SELECT r.seq, r.id, r.agent, r.entrypoint, r.input, r.status, r.attempt, r.max_attempts, r.lease_losses, r.priority, r.run_at, r.timeout_ms, r.backoff, r.concurrency_key, r.idempotency_key, r.metadata, r.result, r.error, r.cancel_requested, r.lease_owner, r.lease_expires_at, r.created_at, r.started_at, r.finished_at, r.updated_at,
            CASE WHEN b.started_at IS NULL THEN NULL ELSE b.last + 1 END,
-           b.last + CASE WHEN b.started_at IS NULL THEN 1 ELSE 2 END
+           b.last + CASE WHEN b.started_at IS NULL THEN 1 ELSE 2 END,
+           b.n
     FROM base b JOIN runs r ON r.id = b.id
-    WHERE r.id = ANY(done);
+    WHERE r.id = ANY(p_ids);
 END
 $$;
 
@@ -90,6 +99,7 @@ $$;
 -- statistics say (as above).
 CREATE FUNCTION agentry_get_runs(p_ids TEXT[]) RETURNS SETOF runs
 SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN QUERY SELECT * FROM runs WHERE id = ANY(p_ids);
