@@ -167,7 +167,12 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
     let client = Arc::clone(&nodes[0]);
-    let servers_cpu = || args.server_pid.iter().map(|p| tree_cpu_s(*p, false)).sum::<f64>();
+    let servers_cpu = || {
+        args.server_pid
+            .iter()
+            .map(|p| tree_cpu_s(*p, false))
+            .sum::<f64>()
+    };
     let db_cpu = || args.db_pid.map_or(0.0, |p| tree_cpu_s(p, true));
 
     // 1. warm-up

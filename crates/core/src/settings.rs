@@ -421,7 +421,10 @@ impl RunsConfig {
             return Err(bad("runs.cluster_max_running", "must be at least 1"));
         }
         if self.cluster_max_running_per_agent == Some(0) {
-            return Err(bad("runs.cluster_max_running_per_agent", "must be at least 1"));
+            return Err(bad(
+                "runs.cluster_max_running_per_agent",
+                "must be at least 1",
+            ));
         }
         if self.max_input_bytes == 0 {
             return Err(bad("runs.max_input_bytes", "must be at least 1"));
@@ -542,7 +545,8 @@ impl StoreConfig {
         }
         if self.database_batches_in_flight == 0
             || (self.database_url.is_some()
-                && self.database_batches_in_flight.saturating_mul(3) >= self.database_max_connections)
+                && self.database_batches_in_flight.saturating_mul(3)
+                    >= self.database_max_connections)
         {
             return Err(bad(
                 "store.database_batches_in_flight",

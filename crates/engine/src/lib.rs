@@ -190,7 +190,9 @@ impl Engine {
         let inner = Arc::clone(&self.inner);
         tokio::spawn(async move { submit_now(&inner, run).await })
             .await
-            .map_err(|e| SubmitError::Store(StoreError::Internal(format!("a submission failed: {e}"))))?
+            .map_err(|e| {
+                SubmitError::Store(StoreError::Internal(format!("a submission failed: {e}")))
+            })?
     }
 
     /// Cancels a run: a queued one at once, a running one by signalling its executor (here) or

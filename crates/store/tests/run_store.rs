@@ -392,5 +392,8 @@ async fn postgres_cluster_caps_hold_across_claimers() {
     assert!(of_a <= 3, "{of_a} runs of agent a at once (cap 3)");
     assert!(in_all <= 4, "{in_all} runs at once (cap 4)");
     // The caps were reached, so the test shows them holding, not just a slow claimer.
-    assert!(in_all >= 3, "only {in_all} at once: the caps were never approached");
+    assert!(
+        in_all >= 3,
+        "only {in_all} at once: the caps were never approached"
+    );
 }

@@ -723,11 +723,17 @@ async fn a_cluster_cap_per_agent_holds_across_nodes() {
             run["finished_at"].as_str().expect("finished").to_string(),
         ));
         let events = crate::runs::events(&a, id).await;
-        let node = events[1].2["data"]["node"].as_str().unwrap_or_default().to_string();
+        let node = events[1].2["data"]["node"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
         *by_node.entry(node).or_default() += 1;
     }
     let most = most_at_once(&spans);
-    assert!(most <= 2, "{most} runs of the agent at once across nodes (cap 2): {spans:?}");
+    assert!(
+        most <= 2,
+        "{most} runs of the agent at once across nodes (cap 2): {spans:?}"
+    );
     assert_eq!(most, 2, "the cap was never reached: {spans:?}");
     assert_eq!(by_node.len(), 2, "both nodes ran runs: {by_node:?}");
 }

@@ -58,10 +58,7 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_node_homes",
         include_str!("migrations/0005_node_homes.sql"),
     ),
-    (
-        "0006_batches",
-        include_str!("migrations/0006_batches.sql"),
-    ),
+    ("0006_batches", include_str!("migrations/0006_batches.sql")),
 ];
 
 /// The NOTIFY channels (see `Notifier`).
@@ -641,7 +638,9 @@ async fn insert_runs<'c>(
     let (node, owner) = batch
         .iter()
         .find_map(|q| q.claim.as_ref())
-        .map_or((None, None), |c| (Some(c.node.as_str()), Some(c.owner.as_str())));
+        .map_or((None, None), |c| {
+            (Some(c.node.as_str()), Some(c.owner.as_str()))
+        });
     // One node and owner per statement: a request whose claim names another is queued.
     let claims: Vec<bool> = batch
         .iter()
@@ -659,13 +658,15 @@ async fn insert_runs<'c>(
     let mut backoffs = Vec::with_capacity(batch.len());
     for q in batch {
         backoffs.push(
-            serde_json::to_string(&q.run.backoff)
-                .map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
+            serde_json::to_string(&q.run.backoff).map_err(|e| sqlx::Error::Encode(Box::new(e)))?,
         );
     }
     let col = |f: fn(&NewRun) -> &str| batch.iter().map(|q| f(&q.run)).collect::<Vec<&str>>();
     let opt = |f: fn(&NewRun) -> Option<&str>| {
-        batch.iter().map(|q| f(&q.run)).collect::<Vec<Option<&str>>>()
+        batch
+            .iter()
+            .map(|q| f(&q.run))
+            .collect::<Vec<Option<&str>>>()
     };
     let num = |f: fn(&NewRun) -> i64| batch.iter().map(|q| f(&q.run)).collect::<Vec<i64>>();
     let rows = sqlx::query(sql!("insert_run"))
@@ -688,7 +689,12 @@ async fn insert_runs<'c>(
         .bind(node)
         .bind(owner)
         .bind(lease_ms)
-        .bind(batch.iter().map(|q| queued_event_data_of(&q.run)).collect::<Vec<String>>())
+        .bind(
+            batch
+                .iter()
+                .map(|q| queued_event_data_of(&q.run))
+                .collect::<Vec<String>>(),
+        )
         .fetch_all(c)
         .await?;
     let mut stored: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
@@ -732,10 +738,8 @@ async fn get_runs<'c>(
         .fetch_all(c)
         .await
         .map_err(db_err)?;
-    let found: std::collections::HashMap<String, Run> = runs(rows)?
-        .into_iter()
-        .map(|r| (r.id.clone(), r))
-        .collect();
+    let found: std::collections::HashMap<String, Run> =
+        runs(rows)?.into_iter().map(|r| (r.id.clone(), r)).collect();
     // Several callers may ask for one run in one batch: each gets it.
     Ok(ids.iter().map(|id| Ok(found.get(id).cloned())).collect())
 }
@@ -790,7 +794,10 @@ async fn cluster_room(
             (agent.clone(), left)
         })
         .collect();
-    Ok((per_agent, req.cluster.total.map(|cap| cap.saturating_sub(total))))
+    Ok((
+        per_agent,
+        req.cluster.total.map(|cap| cap.saturating_sub(total)),
+    ))
 }
 
 async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed, StoreError> {
@@ -909,11 +916,36 @@ async fn finish_runs<'c>(
         })
         .collect();
     let rows = sqlx::query(sql!("finish_run"))
-        .bind(batch.iter().map(|q| q.lease.run_id.as_str()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|q| q.lease.owner.as_str()).collect::<Vec<_>>())
-        .bind(batch.iter().map(|q| i64::from(q.lease.attempt)).collect::<Vec<_>>())
-        .bind(batch.iter().map(|q| q.start.as_ref().map(|s| s.at)).collect::<Vec<_>>())
-        .bind(started_data.iter().map(|d| d.as_deref()).collect::<Vec<_>>())
+        .bind(
+            batch
+                .iter()
+                .map(|q| q.lease.run_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|q| q.lease.owner.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|q| i64::from(q.lease.attempt))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            batch
+                .iter()
+                .map(|q| q.start.as_ref().map(|s| s.at))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            started_data
+                .iter()
+                .map(|d| d.as_deref())
+                .collect::<Vec<_>>(),
+        )
         .bind(ts.iter().map(|t| t.status.as_str()).collect::<Vec<_>>())
         .bind(ts.iter().map(|t| t.result).collect::<Vec<_>>())
         .bind(ts.iter().map(|t| t.error).collect::<Vec<_>>())
@@ -1603,5 +1635,150 @@ impl KeyStore for PgStore {
             }
             .await
         })
+    }
+}
+
+/// The batched statements' answers, on a real PostgreSQL (`AGENTRY_TEST_POSTGRES_URL`, else
+/// 127.0.0.1:5432/test), each test in a schema of its own.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn store() -> (PgStore, String) {
+        let schema = format!("agentry_ut_{}", uuid::Uuid::new_v4().simple());
+        let store = PgStore::connect(&PgOptions {
+            url: std::env::var("AGENTRY_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+            max_connections: 4,
+            acquire_timeout: Duration::from_secs(5),
+            batches_in_flight: 1,
+            schema: Some(schema.clone()),
+        })
+        .await
+        .expect("PostgreSQL (start it: .ci/run does)");
+        (store, schema)
+    }
+
+    async fn drop_schema(store: &PgStore, schema: &str) {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(store.pool())
+            .await;
+    }
+
+    fn new_run(id: &str) -> NewRun {
+        let now = now_ms();
+        NewRun {
+            id: id.into(),
+            agent: "a".into(),
+            entrypoint: "e".into(),
+            input: "{}".into(),
+            idempotency_key: None,
+            idempotency_scope: String::new(),
+            request_hash: None,
+            priority: 0,
+            run_at: now,
+            timeout_ms: 1000,
+            max_attempts: 5,
+            backoff: Backoff::default(),
+            concurrency_key: None,
+            metadata: "{}".into(),
+            created_at: now,
+        }
+    }
+
+    fn claim(owner: &str) -> ClaimRequest {
+        let now = now_ms();
+        ClaimRequest {
+            node: "n".into(),
+            owner: owner.into(),
+            now,
+            lease_until: now + 60_000,
+            per_agent: vec![("a".into(), 1)],
+            cluster: Default::default(),
+        }
+    }
+
+    /// Two attempts of one run in one batch (a stale one still retrying its end beside the
+    /// current one): the stale one is refused, the current one ends the run, and each gets
+    /// its own answer; the log's numbers stay unique.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_batch_with_two_attempts_of_one_run_answers_each_by_position() {
+        let (store, schema) = store().await;
+        store.create_run(new_run("r1"), None).await.expect("create");
+        let first = store.claim_runs(claim("n/1")).await.expect("claim").runs;
+        assert_eq!(first.len(), 1);
+        // Attempt 1's lease is handed back (as by a reaper), and the run is claimed again.
+        store
+            .recover_leases(now_ms(), Some(("n".into(), "n/other".into())), Vec::new())
+            .await
+            .expect("requeue");
+        let second = store.claim_runs(claim("n/1")).await.expect("claim").runs;
+        assert_eq!(second[0].run.attempt, 2);
+        let end = |attempt: u32| FinishRequest {
+            lease: LeaseRef {
+                run_id: "r1".into(),
+                owner: "n/1".into(),
+                attempt,
+            },
+            outcome: Outcome::Succeeded {
+                result: format!("{attempt}"),
+            },
+            start: Some(AttemptStart {
+                at: now_ms(),
+                node: "n".into(),
+            }),
+            now: now_ms(),
+        };
+        let answers = finish_runs(store.pool(), &[end(1), end(2)])
+            .await
+            .expect("batch");
+        assert!(
+            matches!(answers[0], Err(StoreError::LeaseLost)),
+            "{:?}",
+            answers[0].as_ref().err()
+        );
+        let ended = answers[1]
+            .as_ref()
+            .expect("the current attempt ends the run");
+        assert_eq!(ended.run.attempt, 2);
+        assert_eq!(ended.run.result.as_deref(), Some("2"));
+        let events = store.events_after("r1", 0, 100).await.expect("events");
+        let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=events.len() as i64).collect::<Vec<_>>());
+        assert_eq!(
+            ended.events.last().map(|e| e.seq),
+            seqs.last().copied(),
+            "the answer names the log's last event"
+        );
+        drop_schema(&store, &schema).await;
+    }
+
+    /// One run asked for twice in one batch of reads: both callers get it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_read_batch_answers_every_caller_of_one_run() {
+        let (store, schema) = store().await;
+        store.create_run(new_run("r1"), None).await.expect("create");
+        let answers = get_runs(store.pool(), &["r1".into(), "r1".into(), "nope".into()])
+            .await
+            .expect("batch");
+        assert_eq!(answers.len(), 3);
+        assert_eq!(
+            answers[0]
+                .as_ref()
+                .ok()
+                .and_then(|r| r.as_ref())
+                .map(|r| r.id.as_str()),
+            Some("r1")
+        );
+        assert_eq!(
+            answers[1]
+                .as_ref()
+                .ok()
+                .and_then(|r| r.as_ref())
+                .map(|r| r.id.as_str()),
+            Some("r1")
+        );
+        assert!(matches!(answers[2], Ok(None)));
+        drop_schema(&store, &schema).await;
     }
 }
