@@ -199,7 +199,7 @@ def med(rows, *path):
     for row in rows:
         v = row
         for p in path:
-            v = v[p] if v is not None else None
+            v = v.get(p) if isinstance(v, dict) else None
         if v is not None:
             vals.append(v)
     return statistics.median(vals) if vals else None
@@ -273,6 +273,11 @@ def main():
             log(f"round {r} old     : e2e {o['e2e_runs_per_s']}/s cpu {o['cpu_us_per_run']} us/run")
             row["agentry_old"] = o
         rounds.append(row)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    path = os.path.join(HERE, "results", time.strftime("runs-%Y%m%d-%H%M%S.json"))
+    # The raw rounds first: a failure in the summary below loses nothing measured.
+    with open(path, "w") as f:
+        json.dump({"rounds": rounds}, f, indent=1)
     summary = {"n": a.n, "threads": a.threads, "rounds": a.rounds,
                "errors": [e for row in rounds for g in row.values()
                           for e in g.get("errors", []) + g.get("wait_path", {}).get("errors", [])]}
@@ -293,8 +298,6 @@ def main():
                              for k in ["e2e_runs_per_s", "submit_runs_per_s", "enqueue_to_start_p50_ms", "cpu_us_per_run"]
                              if summary["agentry_old"].get(k)}
     summary["ratios"] = ratios
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    path = os.path.join(HERE, "results", time.strftime("runs-%Y%m%d-%H%M%S.json"))
     with open(path, "w") as f:
         json.dump({"summary": summary, "rounds": rounds}, f, indent=1)
     names = {"celery": "Celery + Redis", "pgqueuer": "PgQueuer", "sqlite": "Agentry SQLite",

@@ -20,7 +20,8 @@ use agentry_core::nodes::NodeRole;
 use agentry_core::{Config, KeyStore, SharedBuckets};
 use agentry_engine::{Agents, Engine, EngineSettings};
 use agentry_store::{
-    Durability, History, HistoryBounds, PgOptions, PgStore, RunAgentDb, SqliteOptions, SqliteStore,
+    Durability, History, HistoryBounds, PgHistory, PgOptions, PgStore, RunAgentDb, SqliteOptions,
+    SqliteStore,
 };
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
@@ -56,6 +57,9 @@ pub struct Stores {
     /// Rate-limit buckets in the same database (PostgreSQL only): what shared limits use when
     /// no other database is named for them.
     pub buckets: Option<Arc<dyn SharedBuckets>>,
+    /// RunAgent's invocation history in the same database (PostgreSQL only), shared by the
+    /// nodes on it.
+    pub history: Option<PgHistory>,
     /// The SQLite store, to close its writer at the end.
     sqlite: Option<Arc<SqliteStore>>,
 }
@@ -95,6 +99,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
         return Ok(Stores {
             runs: Arc::clone(&store) as Arc<dyn RunStore>,
             buckets: Some(Arc::new(store.shared_buckets()) as Arc<dyn SharedBuckets>),
+            history: Some(store.shared_history()),
             keys: store as Arc<dyn KeyStore>,
             sqlite: None,
         });
@@ -118,6 +123,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
         runs: Arc::clone(&store) as Arc<dyn RunStore>,
         keys: Arc::clone(&store) as Arc<dyn KeyStore>,
         buckets: None,
+        history: None,
         sqlite: Some(store),
     })
 }
@@ -403,8 +409,18 @@ impl Application {
             max_age,
             agents: agents.iter().map(|a| a.config.agent_id.clone()).collect(),
         };
-        let history: Option<Arc<dyn InvocationHistory>> =
-            db.map(|db| Arc::new(History::start(db, 16_384, bounds)) as Arc<dyn InvocationHistory>);
+        // On a shared database the history is the cluster's; RunAgent's own file keeps this
+        // node's discovery row and call counters.
+        let history: Option<Arc<dyn InvocationHistory>> = match stores.history.clone() {
+            Some(shared) if config.store.runagent_db => Some(Arc::new(History::start_shared(
+                shared.with_local(db),
+                16_384,
+                bounds,
+            ))),
+            _ => db.map(|db| {
+                Arc::new(History::start(db, 16_384, bounds)) as Arc<dyn InvocationHistory>
+            }),
+        };
         let limits = RateLimits::new(&caller_limits, &agent_limits);
         let shared = shared_buckets(&config, &limits, stores.buckets.clone()).await?;
         let state = Arc::new(AppState {

@@ -754,3 +754,60 @@ async fn a_cluster_cap_without_a_database_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("runs.cluster_max_running"), "{err}");
 }
+
+/// RunAgent's invocation history is the cluster's on a shared database: a call made through
+/// one node is listed, found and counted by another, while each node keeps its own RunAgent
+/// database for discovery.
+#[tokio::test(flavor = "multi_thread")]
+async fn runagent_history_is_shared_by_the_nodes_of_one_database() {
+    let schema = schema();
+    let a = app(fixture("compat"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    let b = app(fixture("compat"))
+        .args(on_postgres(&schema))
+        .start()
+        .await;
+    let run = a.url(&format!("/api/v1/agents/{COMPAT_ID}/run"));
+    let (status, text) = post(
+        &run,
+        r#"{"entrypoint_tag":"echo","input_kwargs":{"message":"through a"}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    // A call that raises is recorded as failed (whatever RunAgent's route answers).
+    post(
+        &b.url(&format!("/api/v1/agents/{COMPAT_ID}/run")),
+        r#"{"entrypoint_tag":"boom","input_kwargs":{"message":"through b"}}"#,
+    )
+    .await;
+    // Each node flushes its own writer before reading: wait until a's record reached the
+    // database, as b sees it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let list = loop {
+        let (status, text) =
+            get(&b.url(&format!("/api/v1/agents/{COMPAT_ID}/invocations?limit=10"))).await;
+        assert_eq!(status, 200, "{text}");
+        let v = json(&text);
+        if v["total_count"] == 2 || std::time::Instant::now() > deadline {
+            break v["invocations"].as_array().cloned().unwrap_or_default();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(list.len(), 2, "{list:?}");
+    let from_a = list
+        .iter()
+        .find(|i| i["status"] == "completed")
+        .expect("a's call, listed by b");
+    assert_eq!(from_a["output_data"], json!({"message": "through a"}));
+    let id = from_a["invocation_id"].as_str().unwrap_or_default();
+    let (status, text) = get(&b.url(&format!("/api/v1/invocations/{id}"))).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["invocation_id"], id);
+    let (_, text) = get(&a.url(&format!("/api/v1/agents/{COMPAT_ID}/invocations/stats"))).await;
+    let stats = &json(&text)["stats"];
+    assert_eq!(stats["total_invocations"], 2, "{stats}");
+    assert_eq!(stats["completed_invocations"], 1, "{stats}");
+    assert_eq!(stats["failed_invocations"], 1, "{stats}");
+}

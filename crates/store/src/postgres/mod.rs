@@ -2,9 +2,11 @@
 //! they share (`SharedBuckets`, here). The SQL is in `queries/`, one statement per file.
 
 mod batch;
+mod history;
 mod nodes;
 mod runs;
 
+pub use history::PgHistory;
 pub use runs::{MIGRATIONS, MigrationState, PgOptions, PgStore};
 
 use agentry_core::{InUse, SharedBuckets, SharedTats, StoreError};

@@ -59,6 +59,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         include_str!("migrations/0005_node_homes.sql"),
     ),
     ("0006_batches", include_str!("migrations/0006_batches.sql")),
+    (
+        "0007_invocations",
+        include_str!("migrations/0007_invocations.sql"),
+    ),
 ];
 
 /// The NOTIFY channels (see `Notifier`).
@@ -332,15 +336,19 @@ impl PgStore {
         })
     }
 
-    /// Tells the other nodes of a committed creation: its event, and a run to claim unless
-    /// this node leased it.
+    /// Tells the other nodes of a committed creation: a run to claim, unless this node leased
+    /// it. Its `run.queued` event is not announced: no one elsewhere can be following a run
+    /// whose id was not given out yet (a follower that comes later reads the log first).
     fn created(&self, outcome: &CreateOutcome) {
-        if let CreateOutcome::Created { event, claimed, .. } = outcome {
-            self.notifier.events(std::slice::from_ref(event));
-            if claimed.is_none() {
-                self.notifier.runs_due();
-            }
+        if let CreateOutcome::Created { claimed: None, .. } = outcome {
+            self.notifier.runs_due();
         }
+    }
+
+    /// RunAgent's invocation history in this database (its schema, its pool), shared by the
+    /// nodes on it.
+    pub fn shared_history(&self) -> super::PgHistory {
+        super::PgHistory::from_pool(self.pool.clone())
     }
 
     /// The rate-limit buckets in this database (its schema, its pool): what the gateway's

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentry_core::{AgentConfig, Invocation, InvocationHistory};
@@ -26,7 +27,8 @@ use sqlx::{Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot};
 
 const SCHEMA: &str = include_str!("schema.sql");
-const TIMESTAMP: &str = "%Y-%m-%d %H:%M:%S%.6f";
+/// How RunAgent writes times (UTC, microseconds): text of one width, which sorts.
+pub(crate) const TIMESTAMP: &str = "%Y-%m-%d %H:%M:%S%.6f";
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -180,37 +182,107 @@ impl RunAgentDb {
         .bind(agent_id)
         .fetch_one(&self.pool)
         .await?;
-        let total: i64 = row.try_get(0)?;
-        let completed: i64 = row.try_get(1)?;
-        let failed: i64 = row.try_get(2)?;
-        let pending: i64 = row.try_get(3)?;
-        let avg: Option<f64> = row.try_get(4)?;
-        let success_rate = if total > 0 {
-            (completed as f64 / total as f64 * 100.0 * 100.0).round() / 100.0
-        } else {
-            0.0
-        };
-        Ok(json!({
-            "total_invocations": total,
-            "completed_invocations": completed,
-            "failed_invocations": failed,
-            "pending_invocations": pending,
-            "success_rate": if total > 0 { json!(success_rate) } else { json!(0) },
-            "avg_execution_time_ms": avg.filter(|_| completed > 0).map(|a| (a * 100.0).round() / 100.0),
-            "agent_id": agent_id,
-        }))
+        let counts = (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        );
+        Ok(stats_json(agent_id, counts, row.try_get(4)?))
     }
 
-    /// Starts the batching writer; record invocations through the returned handle.
-    pub fn start_invocation_log(&self, capacity: usize, bounds: HistoryBounds) -> InvocationLog {
-        let (tx, rx) = mpsc::channel(capacity.max(16));
-        tokio::spawn(write_invocations(self.pool.clone(), rx, bounds));
-        InvocationLog { tx }
+    /// Adds a batch's calls to the `agents` rows' counters (RunAgent's CLI shows them).
+    pub(crate) async fn add_counters(
+        &self,
+        counters: &HashMap<String, (i64, i64, i64, String)>,
+    ) -> Result<(), sqlx::Error> {
+        let mut conn = self.pool.acquire().await?;
+        add_counters(&mut conn, counters).await
+    }
+}
+
+/// Starts the batching writer into `backend`; record invocations through the returned handle.
+fn start_invocation_log(
+    backend: Arc<dyn HistoryBackend>,
+    capacity: usize,
+    bounds: HistoryBounds,
+) -> InvocationLog {
+    let (tx, rx) = mpsc::channel(capacity.max(16));
+    tokio::spawn(write_invocations(backend, rx, bounds));
+    InvocationLog { tx }
+}
+
+/// Where the invocation history is kept: RunAgent's own SQLite file ([`RunAgentDb`]), or the
+/// run store's PostgreSQL database, shared by every node on it (`crate::postgres::PgHistory`).
+/// The writer batches, prunes and flushes the same way into either.
+#[async_trait]
+pub(crate) trait HistoryBackend: Send + Sync + 'static {
+    /// Stores a batch of rows (and counts them in the `agents` rows, where those are kept).
+    async fn write(&self, batch: &EncodedBatch) -> Result<(), sqlx::Error>;
+    /// Deletes up to `limit` rows beyond the bounds, oldest first; how many went.
+    async fn prune(&self, bounds: &HistoryBounds, limit: i64) -> Result<u64, sqlx::Error>;
+    async fn list(
+        &self,
+        agent_id: &str,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Value>, sqlx::Error>;
+    async fn get(&self, invocation_id: &str) -> Result<Option<Value>, sqlx::Error>;
+    async fn stats(&self, agent_id: &str) -> Result<Value, sqlx::Error>;
+}
+
+#[async_trait]
+impl HistoryBackend for RunAgentDb {
+    async fn write(&self, batch: &EncodedBatch) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        insert_batch(&mut tx, batch).await?;
+        tx.commit().await
+    }
+
+    async fn prune(&self, bounds: &HistoryBounds, limit: i64) -> Result<u64, sqlx::Error> {
+        prune(&self.pool, bounds, limit).await
+    }
+
+    async fn list(
+        &self,
+        agent_id: &str,
+        status: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<Value>, sqlx::Error> {
+        self.list_invocations(agent_id, status, limit)
+            .await
+            .map_err(into_sqlx)
+    }
+
+    async fn get(&self, invocation_id: &str) -> Result<Option<Value>, sqlx::Error> {
+        self.invocation(invocation_id).await.map_err(into_sqlx)
+    }
+
+    async fn stats(&self, agent_id: &str) -> Result<Value, sqlx::Error> {
+        self.invocation_stats(agent_id).await.map_err(into_sqlx)
+    }
+}
+
+fn into_sqlx(e: StoreError) -> sqlx::Error {
+    match e {
+        StoreError::Database(e) => e,
+        other => sqlx::Error::Protocol(other.to_string()),
     }
 }
 
 fn invocation_json(row: &sqlx::sqlite::SqliteRow) -> Value {
-    let text = |i: usize| row.try_get::<Option<String>, _>(i).ok().flatten();
+    invocation_json_from(
+        &|i| row.try_get::<Option<String>, _>(i).ok().flatten(),
+        row.try_get::<Option<f64>, _>(7).ok().flatten(),
+    )
+}
+
+/// RunAgent's JSON object of one history row, from its columns in RunAgent's order (`text`)
+/// and its execution time: the same from every database the history is kept in.
+pub(crate) fn invocation_json_from(
+    text: &dyn Fn(usize) -> Option<String>,
+    execution_time_ms: Option<f64>,
+) -> Value {
     let parsed =
         |i: usize| text(i).map(|t| serde_json::from_str::<Value>(&t).unwrap_or(Value::String(t)));
     let iso = |i: usize| {
@@ -228,11 +300,33 @@ fn invocation_json(row: &sqlx::sqlite::SqliteRow) -> Value {
         "error_detail": text(4),
         "request_timestamp": iso(5),
         "response_timestamp": iso(6),
-        "execution_time_ms": row.try_get::<Option<f64>, _>(7).ok().flatten(),
+        "execution_time_ms": execution_time_ms,
         "status": text(8),
         "entrypoint_tag": text(9),
         "sdk_type": text(10),
         "client_info": parsed(11),
+    })
+}
+
+/// RunAgent's stats object for an agent, from the counts and the completed calls' mean time.
+pub(crate) fn stats_json(
+    agent_id: &str,
+    (total, completed, failed, pending): (i64, i64, i64, i64),
+    avg: Option<f64>,
+) -> Value {
+    let success_rate = if total > 0 {
+        (completed as f64 / total as f64 * 100.0 * 100.0).round() / 100.0
+    } else {
+        0.0
+    };
+    json!({
+        "total_invocations": total,
+        "completed_invocations": completed,
+        "failed_invocations": failed,
+        "pending_invocations": pending,
+        "success_rate": if total > 0 { json!(success_rate) } else { json!(0) },
+        "avg_execution_time_ms": avg.filter(|_| completed > 0).map(|a| (a * 100.0).round() / 100.0),
+        "agent_id": agent_id,
     })
 }
 
@@ -330,7 +424,7 @@ async fn prune(pool: &SqlitePool, bounds: &HistoryBounds, limit: i64) -> Result<
 }
 
 async fn write_invocations(
-    pool: SqlitePool,
+    backend: Arc<dyn HistoryBackend>,
     mut rx: mpsc::Receiver<LogCommand>,
     bounds: HistoryBounds,
 ) {
@@ -343,7 +437,7 @@ async fn write_invocations(
             Ok(Some(first)) => first,
             Ok(None) => return,
             Err(_) => {
-                if let Err(e) = prune(&pool, &bounds, PRUNE_BATCH).await {
+                if let Err(e) = backend.prune(&bounds, PRUNE_BATCH).await {
                     tracing::warn!("could not prune invocation history: {e}");
                 }
                 last_prune = tokio::time::Instant::now();
@@ -373,14 +467,7 @@ async fn write_invocations(
             // Encoding thousands of rows takes milliseconds: not on the threads serving requests.
             let taken = std::mem::take(&mut batch);
             let result = match tokio::task::spawn_blocking(move || encode_batch(taken)).await {
-                Ok(encoded) => {
-                    async {
-                        let mut tx = pool.begin().await?;
-                        insert_batch(&mut tx, &encoded).await?;
-                        tx.commit().await
-                    }
-                    .await
-                }
+                Ok(encoded) => backend.write(&encoded).await,
                 Err(e) => Err(sqlx::Error::Protocol(format!(
                     "encoding the batch failed: {e}"
                 ))),
@@ -394,7 +481,7 @@ async fn write_invocations(
         // A read (a flush) sees the history within its bounds.
         if last_prune.elapsed() >= PRUNE_BUSY_EVERY || !flushes.is_empty() {
             let limit = PRUNE_BATCH.max(added_since_prune.saturating_mul(2));
-            if let Err(e) = prune(&pool, &bounds, limit).await {
+            if let Err(e) = backend.prune(&bounds, limit).await {
                 tracing::warn!("could not prune invocation history: {e}");
             }
             added_since_prune = 0;
@@ -416,9 +503,11 @@ const INSERT_INVOCATIONS: &str = "INSERT OR REPLACE INTO agent_invocations (invo
     FROM json_each(?1)";
 
 /// A batch ready to write: its rows as one JSON array, and per-agent counters.
-struct EncodedBatch {
-    rows_json: String,
-    counters: HashMap<String, (i64, i64, i64, String)>,
+pub(crate) struct EncodedBatch {
+    /// The rows, each an array of RunAgent's columns in order.
+    pub(crate) rows_json: String,
+    /// Per agent: calls, completed, failed, the latest response time.
+    pub(crate) counters: HashMap<String, (i64, i64, i64, String)>,
 }
 
 fn encode_batch(batch: Vec<Invocation>) -> EncodedBatch {
@@ -468,7 +557,14 @@ async fn insert_batch(
         .bind(batch.rows_json.as_str())
         .execute(&mut *conn)
         .await?;
-    for (agent_id, (runs, ok, failed, last)) in &batch.counters {
+    add_counters(conn, &batch.counters).await
+}
+
+async fn add_counters(
+    conn: &mut SqliteConnection,
+    counters: &HashMap<String, (i64, i64, i64, String)>,
+) -> Result<(), sqlx::Error> {
+    for (agent_id, (runs, ok, failed, last)) in counters {
         sqlx::query(
             "UPDATE agents SET run_count = COALESCE(run_count, 0) + ?2, success_count = COALESCE(success_count, 0) + ?3,
                 error_count = COALESCE(error_count, 0) + ?4, last_run = ?5 WHERE agent_id = ?1",
@@ -484,22 +580,37 @@ async fn insert_batch(
     Ok(())
 }
 
-/// RunAgent's invocation history: the database, and the writer that batches records into it.
+/// RunAgent's invocation history: where it is kept, and the writer that batches records into
+/// it.
 pub struct History {
-    db: RunAgentDb,
+    backend: Arc<dyn HistoryBackend>,
     log: InvocationLog,
 }
 
 impl History {
-    /// Starts the batching writer (its queue holds `capacity` records), keeping the history
-    /// within `bounds`.
+    /// In RunAgent's database: starts the batching writer (its queue holds `capacity`
+    /// records), keeping the history within `bounds`.
     pub fn start(db: RunAgentDb, capacity: usize, bounds: HistoryBounds) -> Self {
-        let log = db.start_invocation_log(capacity, bounds);
-        Self { db, log }
+        Self::start_in(Arc::new(db), capacity, bounds)
+    }
+
+    /// In the run store's PostgreSQL database, shared by the nodes on it: every node's calls
+    /// are listed by every node.
+    pub fn start_shared(
+        history: crate::postgres::PgHistory,
+        capacity: usize,
+        bounds: HistoryBounds,
+    ) -> Self {
+        Self::start_in(Arc::new(history), capacity, bounds)
+    }
+
+    fn start_in(backend: Arc<dyn HistoryBackend>, capacity: usize, bounds: HistoryBounds) -> Self {
+        let log = start_invocation_log(Arc::clone(&backend), capacity, bounds);
+        Self { backend, log }
     }
 }
 
-fn unavailable(e: StoreError) -> agentry_core::StoreError {
+fn unavailable(e: sqlx::Error) -> agentry_core::StoreError {
     agentry_core::StoreError::Unavailable(e.to_string())
 }
 
@@ -516,23 +627,20 @@ impl InvocationHistory for History {
         limit: i64,
     ) -> Result<Vec<Value>, agentry_core::StoreError> {
         self.flush().await;
-        self.db
-            .list_invocations(agent_id, status, limit)
+        self.backend
+            .list(agent_id, status, limit)
             .await
             .map_err(unavailable)
     }
 
     async fn get(&self, invocation_id: &str) -> Result<Option<Value>, agentry_core::StoreError> {
         self.flush().await;
-        self.db.invocation(invocation_id).await.map_err(unavailable)
+        self.backend.get(invocation_id).await.map_err(unavailable)
     }
 
     async fn stats(&self, agent_id: &str) -> Result<Value, agentry_core::StoreError> {
         self.flush().await;
-        self.db
-            .invocation_stats(agent_id)
-            .await
-            .map_err(unavailable)
+        self.backend.stats(agent_id).await.map_err(unavailable)
     }
 
     async fn flush(&self) {
