@@ -28,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from proc_cpu import tree_cpu_s
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CELERY_DIR = os.path.join(HERE, "celery-baseline")
 AGENT = os.path.join(HERE, "agents", "runs_bench")
@@ -104,25 +106,6 @@ def pgqueuer_round(venv, pg_url, pg_pid, n, threads, outdir, r):
     if out.returncode != 0:
         raise RuntimeError(f"pgqueuer bench failed: {out.stderr[-2000:]}")
     return json.loads(out.stdout)
-
-
-def tree_cpu_s(pid, reaped=False):
-    """utime+stime of pid and its direct children; with reaped, also the children it waited for."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(entry) == pid or int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / tick
-            if reaped and int(entry) == pid:
-                total += (int(fields[13]) + int(fields[14])) / tick
-    return total
 
 
 def wait_path(port, server_pids, pg_pid, seconds):

@@ -35,6 +35,8 @@ from pgqueuer.queries import Queries
 from pgqueuer.core.completion import CompletionWatcher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+from proc_cpu import tree_cpu_s  # noqa: E402
 
 
 def summary_ms(xs):
@@ -42,29 +44,6 @@ def summary_ms(xs):
     pct = lambda p: xs[min(len(xs) - 1, int(p * len(xs)))]
     return {"p50": round(pct(0.5), 3), "p90": round(pct(0.9), 3), "p99": round(pct(0.99), 3),
             "mean": round(statistics.mean(xs), 3), "max": round(xs[-1], 3)}
-
-
-def stat_fields(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def tree_cpu_s(pid, reaped=False):
-    """utime+stime of pid and its direct children; with reaped, also the children it waited for."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            f = stat_fields(entry)
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if int(entry) == pid or int(f[1]) == pid:
-            total += (int(f[11]) + int(f[12])) / tick
-            if reaped and int(entry) == pid:
-                total += (int(f[13]) + int(f[14])) / tick
-    return total
 
 
 def self_cpu_s():
