@@ -38,8 +38,13 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
                 inner.runs_hinted.store(true, Ordering::SeqCst);
                 next_look = Instant::now() + inner.settings.idle_poll;
             }
-        // Cleared before the claim: a hint that comes during it makes the next round look.
-        } else if due || inner.runs_hinted.swap(false, Ordering::SeqCst) {
+        } else if inner.runs_hinted.swap(false, Ordering::SeqCst) | due {
+            // The hint is cleared before the claim (one that comes during it makes the next
+            // round look), and kept when the claim leaves out an agent with no room now: the
+            // run hinted may be that agent's, claimable once its room frees.
+            if per_agent.len() < inner.order.len() {
+                inner.runs_hinted.store(true, Ordering::SeqCst);
+            }
             next_look = Instant::now() + inner.settings.idle_poll;
             let wanted: usize = per_agent.iter().map(|(_, n)| n).sum();
             let now = inner.settings.clock.now_ms();

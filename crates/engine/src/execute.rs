@@ -47,6 +47,7 @@ pub(crate) fn start(inner: &Arc<Inner>, claimed: ClaimedRun, asked_at: Instant) 
     tokio::spawn(async move {
         execute(&inner, claimed, rx).await;
         inner.running.lock().remove(&key);
+        // After the slot is free: a hint its end left (see `finish`) finds the room.
         inner.wake.notify_one();
     });
 }
@@ -210,9 +211,15 @@ async fn execute(inner: &Arc<Inner>, claimed: ClaimedRun, mut signal: watch::Rec
         {
             Ok(f) => {
                 inner.counters.ended(f.run.status);
-                if f.run.status == agentry_core::runs::RunStatus::Queued {
-                    // A retry: due after its backoff, which the next claim reports.
-                    inner.runs_may_be_due();
+                // A retry is due after its backoff (the next claim says when), and a run of a
+                // concurrency key held up the key's next run: either may have made a run
+                // claimable. The wake comes once the attempt's slot is free.
+                if f.run.status == agentry_core::runs::RunStatus::Queued
+                    || f.run.concurrency_key.is_some()
+                {
+                    inner
+                        .runs_hinted
+                        .store(true, std::sync::atomic::Ordering::SeqCst);
                 }
                 return inner.publish(&f.events, Some(&f.run));
             }

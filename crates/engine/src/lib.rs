@@ -206,7 +206,8 @@ impl Engine {
         match &outcome {
             CancelOutcome::Cancelled(f) => {
                 self.inner.hub.publish(&f.events, Some(&f.run));
-                self.inner.wake.notify_one();
+                // It may have held up the next run of its concurrency key.
+                self.inner.runs_may_be_due();
             }
             CancelOutcome::Requested { run, event } => {
                 if let Some(e) = event {
@@ -427,11 +428,12 @@ async fn submit_now(inner: &Arc<Inner>, run: NewRun) -> Result<(Run, bool), Subm
             claimed,
         }) => {
             inner.hub.publish(std::slice::from_ref(&event), None);
+            // The slot is released first, so the dispatcher the hint wakes sees the room.
+            drop(reservation);
             match claimed {
                 Some(claimed) => execute::start(inner, claimed, asked_at),
                 None => inner.runs_may_be_due(),
             }
-            drop(reservation);
             Ok((run, true))
         }
         Ok(CreateOutcome::Existing(run)) => Ok((run, false)),

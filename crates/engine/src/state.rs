@@ -232,9 +232,13 @@ pub(crate) struct Reservation {
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        let mut reserved = self.inner.reserved.lock();
-        if let Some(n) = reserved.get_mut(&self.agent) {
-            *n = n.saturating_sub(1);
+        {
+            let mut reserved = self.inner.reserved.lock();
+            if let Some(n) = reserved.get_mut(&self.agent) {
+                *n = n.saturating_sub(1);
+            }
         }
+        // The slot is free again: a dispatcher that found no room while it was held looks.
+        self.inner.wake.notify_one();
     }
 }

@@ -516,6 +516,36 @@ async fn runs_sharing_a_concurrency_key_run_one_at_a_time_in_order() {
     );
 }
 
+/// The next run of a concurrency key starts as soon as the previous one ends, not at the
+/// dispatcher's next poll (1 s): six runs of 100 ms of one key take well under the five
+/// seconds five polls would.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_run_of_a_key_starts_when_the_previous_ends() {
+    let srv = server(durable()).start();
+    // Warm: the first call of an entrypoint is not what is measured.
+    let first = create(
+        &srv,
+        json!({"agent": "durable", "entrypoint": "work", "input": {"i": -1}}),
+    )
+    .await;
+    wait(&srv, first["id"].as_str().expect("id")).await;
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        // 100 ms each: all six are queued while the first still runs.
+        let r = create(&srv, json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": 100}, "concurrency_key": "chain"})).await;
+        ids.push(r["id"].as_str().expect("id").to_string());
+    }
+    for id in &ids {
+        assert_eq!(wait(&srv, id).await["status"], "succeeded");
+    }
+    let took = started.elapsed();
+    assert!(
+        took < std::time::Duration::from_millis(2500),
+        "six keyed runs took {took:?}: the next of a key waited for the poll"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_client_reattaching_with_last_event_id_gets_every_event_once_in_order() {
     let srv = app(durable()).start().await;

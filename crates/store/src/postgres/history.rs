@@ -30,7 +30,14 @@ pub struct PgHistory {
 }
 
 impl PgHistory {
-    pub(crate) fn from_pool(pool: PgPool) -> Self {
+    /// On a pool of its own (two connections, to the run store's database and schema): the
+    /// history's reads and prunes never take the connections lease renewals need.
+    pub(crate) fn beside(runs: &PgPool) -> Self {
+        let options = (*runs.connect_options()).clone();
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(std::time::Duration::from_secs(5))
+            .connect_lazy_with(options);
         Self { pool, local: None }
     }
 
@@ -38,6 +45,26 @@ impl PgHistory {
     pub fn with_local(mut self, local: Option<RunAgentDb>) -> Self {
         self.local = local;
         self
+    }
+}
+
+/// The rows' JSON with every U+0000 removed from its strings (decoded first: the text
+/// `\u0000` may also be an escaped backslash followed by `u0000`, which stays).
+fn strip_nul(rows_json: &str) -> String {
+    fn strip(v: &mut Value) {
+        match v {
+            Value::String(s) => s.retain(|c| c != '\0'),
+            Value::Array(a) => a.iter_mut().for_each(strip),
+            Value::Object(o) => o.values_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    match serde_json::from_str::<Value>(rows_json) {
+        Ok(mut v) => {
+            strip(&mut v);
+            v.to_string()
+        }
+        Err(_) => rows_json.to_string(),
     }
 }
 
@@ -51,8 +78,16 @@ fn row_json(row: &PgRow) -> Value {
 #[async_trait]
 impl HistoryBackend for PgHistory {
     async fn write(&self, batch: &EncodedBatch) -> Result<(), sqlx::Error> {
+        // PostgreSQL's text cannot hold U+0000 (an agent's error may carry one): without it.
+        let without_nul;
+        let rows = if batch.rows_json.contains("\\u0000") {
+            without_nul = strip_nul(&batch.rows_json);
+            without_nul.as_str()
+        } else {
+            batch.rows_json.as_str()
+        };
         sqlx::query(sql!("history_insert"))
-            .bind(batch.rows_json.as_str())
+            .bind(rows)
             .execute(&self.pool)
             .await?;
         if let Some(local) = &self.local
@@ -123,5 +158,63 @@ impl HistoryBackend for PgHistory {
             row.try_get(3)?,
         );
         Ok(stats_json(agent_id, counts, row.try_get(4)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentry_core::Invocation;
+
+    /// A call whose error carries U+0000 is recorded (without it), and so is the rest of its
+    /// batch; an escaped backslash before `u0000` is kept as it was.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_nul_in_a_call_costs_neither_it_nor_its_batch() {
+        let schema = format!("agentry_ut_{}", uuid::Uuid::new_v4().simple());
+        let store = crate::PgStore::connect(&crate::PgOptions {
+            url: std::env::var("AGENTRY_TEST_POSTGRES_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into()),
+            max_connections: 4,
+            acquire_timeout: std::time::Duration::from_secs(5),
+            batches_in_flight: 1,
+            schema: Some(schema.clone()),
+        })
+        .await
+        .expect("PostgreSQL (start it: .ci/run does)");
+        let history = store.shared_history();
+        let now = Utc::now().naive_utc();
+        let call = |id: &str, error: Option<&str>| Invocation {
+            invocation_id: id.into(),
+            agent_id: "agent".into(),
+            input_data: "{}".into(),
+            output_data: None,
+            error_detail: error.map(Into::into),
+            request_timestamp: now,
+            response_timestamp: now,
+            execution_time_ms: 1.0,
+            status: "failed",
+            entrypoint_tag: "e".into(),
+            sdk_type: "local_server",
+            client_info: "{}".into(),
+        };
+        let batch = crate::runagent::encode_batch(vec![
+            call("with-nul", Some("bad\0byte")),
+            call("escaped", Some("a \\u0000 b")),
+            call("plain", None),
+        ]);
+        history.write(&batch).await.expect("the batch is written");
+        let listed = history.list("agent", None, 10).await.expect("list");
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        let error_of = |id: &str| {
+            listed
+                .iter()
+                .find(|v| v["invocation_id"] == id)
+                .map(|v| v["error_detail"].clone())
+        };
+        assert_eq!(error_of("with-nul"), Some(Value::from("badbyte")));
+        assert_eq!(error_of("escaped"), Some(Value::from("a \\u0000 b")));
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+            .execute(store.pool())
+            .await;
     }
 }

@@ -156,7 +156,8 @@ impl Notifier {
     /// claim if it went back to the queue.
     fn finished(&self, f: &Finished) {
         self.events(&f.events);
-        if f.run.status == RunStatus::Queued {
+        // Requeued, or the end of a run that held up the next of its concurrency key.
+        if f.run.status == RunStatus::Queued || f.run.concurrency_key.is_some() {
             self.runs_due();
         }
     }
@@ -348,7 +349,7 @@ impl PgStore {
     /// RunAgent's invocation history in this database (its schema, its pool), shared by the
     /// nodes on it.
     pub fn shared_history(&self) -> super::PgHistory {
-        super::PgHistory::from_pool(self.pool.clone())
+        super::PgHistory::beside(&self.pool)
     }
 
     /// The rate-limit buckets in this database (its schema, its pool): what the gateway's
@@ -825,6 +826,8 @@ async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed,
             free = free.min(left);
         }
         let trimmed = free < *asked;
+        // Runs left queued by a cap: when the next delayed one is due matters as well.
+        short |= trimmed;
         if free == 0 {
             if trimmed && !out.held_back {
                 out.held_back = sqlx::query_scalar(sql!("due_queued_exists"))

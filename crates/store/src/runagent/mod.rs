@@ -510,7 +510,7 @@ pub(crate) struct EncodedBatch {
     pub(crate) counters: HashMap<String, (i64, i64, i64, String)>,
 }
 
-fn encode_batch(batch: Vec<Invocation>) -> EncodedBatch {
+pub(crate) fn encode_batch(batch: Vec<Invocation>) -> EncodedBatch {
     let mut counters: HashMap<String, (i64, i64, i64, String)> = HashMap::new();
     let mut rows = Vec::with_capacity(batch.len());
     for inv in batch {

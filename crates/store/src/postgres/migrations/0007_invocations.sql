@@ -3,6 +3,7 @@
 -- RunAgent writes them (`YYYY-MM-DD HH:MM:SS.ffffff`, UTC): text of one width, which sorts.
 -- RunAgent's `agents` rows (discovery) stay in each node's own RunAgent database.
 CREATE TABLE agent_invocations (
+    seq                BIGINT GENERATED ALWAYS AS IDENTITY, -- insertion order, for the row bound
     invocation_id      TEXT PRIMARY KEY,
     agent_id           TEXT NOT NULL,
     input_data         TEXT NOT NULL,
@@ -18,3 +19,4 @@ CREATE TABLE agent_invocations (
 );
 CREATE INDEX agent_invocations_agent ON agent_invocations (agent_id, request_timestamp);
 CREATE INDEX agent_invocations_time ON agent_invocations (request_timestamp);
+CREATE INDEX agent_invocations_seq ON agent_invocations (seq);
