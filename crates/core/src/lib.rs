@@ -16,6 +16,7 @@ pub use settings::Config;
 pub mod keys;
 pub mod nodes;
 pub mod runs;
+pub mod schedules;
 pub mod schema;
 pub mod store;
 
