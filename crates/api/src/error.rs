@@ -193,8 +193,9 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::AgentNotFound
         | ErrorCode::EntrypointNotFound
         | ErrorCode::RunNotFound
-        | ErrorCode::KeyNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::IdempotencyConflict => StatusCode::CONFLICT,
+        | ErrorCode::KeyNotFound
+        | ErrorCode::ScheduleNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::IdempotencyConflict | ErrorCode::Conflict => StatusCode::CONFLICT,
         ErrorCode::WrongEntrypointKind => StatusCode::BAD_REQUEST,
         ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
         ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

@@ -24,6 +24,7 @@ pub mod pyjson;
 pub mod request_id;
 pub mod routes;
 pub mod runs;
+mod schedules;
 pub mod server;
 pub mod state;
 pub mod views;

@@ -80,6 +80,8 @@ pub const RUNS_READ: Policy = Policy::new(Access::Scope(Scope::RunsRead), RouteC
 pub const RUNS_READ_WS: Policy = RUNS_READ.websocket();
 pub const RUNS_WRITE: Policy =
     Policy::new(Access::Scope(Scope::RunsWrite), RouteClass::Runs).store();
+pub const SCHEDULES: Policy =
+    Policy::new(Access::Scope(Scope::Schedules), RouteClass::Runs).store();
 pub const KEYS: Policy = Policy::new(Access::Scope(Scope::Admin), RouteClass::Other).store();
 
 /// The policies of the native API's operations, by path and method (for the OpenAPI

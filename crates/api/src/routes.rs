@@ -20,7 +20,7 @@ use utoipa_axum::routes;
 use crate::auth::{Principal, presented_token, refuse};
 pub use crate::policy::*;
 use crate::state::AppState;
-use crate::{compat, keys, metrics, native, nodes, openapi, probes, runs};
+use crate::{compat, keys, metrics, native, nodes, openapi, probes, runs, schedules};
 
 type S = Arc<AppState>;
 
@@ -41,6 +41,15 @@ fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
         (RUNS_WRITE, routes!(runs::cancel_run)),
         (RUNS_READ, routes!(runs::run_events)),
         (RUNS_READ_WS, routes!(runs::run_events_ws)),
+        (SCHEDULES, routes!(schedules::create_schedule)),
+        (SCHEDULES, routes!(schedules::list_schedules)),
+        (SCHEDULES, routes!(schedules::get_schedule)),
+        (SCHEDULES, routes!(schedules::update_schedule)),
+        (SCHEDULES, routes!(schedules::delete_schedule)),
+        (SCHEDULES, routes!(schedules::pause_schedule)),
+        (SCHEDULES, routes!(schedules::resume_schedule)),
+        (SCHEDULES, routes!(schedules::trigger_schedule)),
+        (SCHEDULES, routes!(schedules::list_fires)),
         (KEYS, routes!(keys::create_key)),
         (KEYS, routes!(keys::list_keys)),
         (KEYS, routes!(keys::revoke_key)),

@@ -286,7 +286,7 @@ pub(crate) async fn submit(
 }
 
 /// The error a refused submission answers.
-fn submit_error(e: SubmitError) -> ApiError {
+pub(crate) fn submit_error(e: SubmitError) -> ApiError {
     match e {
         SubmitError::Conflict(existing) => ApiError::new(
             ErrorCode::IdempotencyConflict,
@@ -692,9 +692,9 @@ pub(crate) async fn sse_of(
         .into_response())
 }
 
-type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
+pub(crate) type QueryResult<T> = Result<Query<T>, axum::extract::rejection::QueryRejection>;
 
-fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
+pub(crate) fn query<T>(q: QueryResult<T>) -> Result<T, ApiError> {
     q.map(|Query(q)| q)
         .map_err(|e| ApiError::new(ErrorCode::ValidationError, e.body_text()))
 }

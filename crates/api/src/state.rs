@@ -28,6 +28,8 @@ pub struct AppState {
     pub draining: AtomicBool,
     /// Durable runs.
     pub engine: agentry_engine::Engine,
+    /// Schedules, and this node's scheduler.
+    pub scheduler: agentry_engine::Scheduler,
     /// API keys, and whether they are required.
     pub auth: Arc<Auth>,
     /// Rate limits.

@@ -23,6 +23,11 @@ pub enum ErrorCode {
     RunNotFound,
     /// No API key with that id.
     KeyNotFound,
+    /// No schedule with that id (never created, or deleted).
+    ScheduleNotFound,
+    /// The request conflicts with what is stored: a schedule's name is taken, or the schedule
+    /// changed while the request was applied (retry it).
+    Conflict,
     /// The idempotency key was already used with a different request.
     IdempotencyConflict,
     /// A streaming entrypoint was called on a non-streaming route, or the reverse.
@@ -53,7 +58,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in documentation order.
-    pub const ALL: [ErrorCode; 20] = [
+    pub const ALL: [ErrorCode; 22] = [
         Self::AuthenticationError,
         Self::PermissionError,
         Self::RateLimitError,
@@ -62,6 +67,8 @@ impl ErrorCode {
         Self::EntrypointNotFound,
         Self::RunNotFound,
         Self::KeyNotFound,
+        Self::ScheduleNotFound,
+        Self::Conflict,
         Self::IdempotencyConflict,
         Self::WrongEntrypointKind,
         Self::UpgradeRequired,
@@ -87,6 +94,8 @@ impl ErrorCode {
             Self::EntrypointNotFound => "entrypoint_not_found",
             Self::RunNotFound => "run_not_found",
             Self::KeyNotFound => "key_not_found",
+            Self::ScheduleNotFound => "schedule_not_found",
+            Self::Conflict => "conflict",
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::WrongEntrypointKind => "wrong_entrypoint_kind",
             Self::UpgradeRequired => "upgrade_required",
@@ -130,6 +139,8 @@ mod tests {
                 | ErrorCode::EntrypointNotFound
                 | ErrorCode::RunNotFound
                 | ErrorCode::KeyNotFound
+                | ErrorCode::ScheduleNotFound
+                | ErrorCode::Conflict
                 | ErrorCode::IdempotencyConflict
                 | ErrorCode::WrongEntrypointKind
                 | ErrorCode::UpgradeRequired

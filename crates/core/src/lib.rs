@@ -21,6 +21,6 @@ pub mod schema;
 pub mod store;
 
 pub use store::{
-    InUse, Invocation, InvocationHistory, KeyStore, RunStore, SharedBuckets, SharedTats,
-    StoreChange, StoreChanges, StoreError,
+    FireBatch, Fired, InUse, Invocation, InvocationHistory, KeyStore, RunStore, SchedulePlanner,
+    ScheduleStore, ScheduleWrite, SharedBuckets, SharedTats, StoreChange, StoreChanges, StoreError,
 };

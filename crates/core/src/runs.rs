@@ -730,3 +730,32 @@ mod tests {
         assert!(r.may_retry());
     }
 }
+
+impl std::fmt::Display for RunRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::AgentNotFound(key) => write!(f, "no agent `{key}` is served"),
+            Self::EntrypointNotFound { agent, tag } => {
+                write!(f, "agent `{agent}` has no entrypoint `{tag}`")
+            }
+            Self::InputTooLarge { size, limit } => {
+                write!(
+                    f,
+                    "the input is {size} bytes, more than the limit of {limit}"
+                )
+            }
+            Self::Invalid { message, .. } => f.write_str(message),
+            Self::Arguments { tag, error } => match error {
+                crate::agent::ArgumentsError::Schema(violations) => {
+                    write!(f, "the input does not match entrypoint `{tag}`: ")?;
+                    let parts: Vec<String> = violations
+                        .iter()
+                        .map(|v| format!("{}: {}", v.path, v.message))
+                        .collect();
+                    f.write_str(&parts.join("; "))
+                }
+                _ => write!(f, "the input of entrypoint `{tag}` is not an object"),
+            },
+        }
+    }
+}

@@ -1,6 +1,7 @@
-//! When a schedule fires (issue #12's first part: the timing rules, no storage or API yet).
+//! Schedules: when one fires (this file's timings), what a schedule is and which of its slots
+//! fire at a moment (`spec.rs`), and one-shot times written in English (`when.rs`).
 //!
-//! Two kinds:
+//! Two kinds of recurring timing:
 //!
 //! * **cron**: 5 fields, or 6 with seconds first, read by the `croner` crate, in an IANA time
 //!   zone (`chrono-tz`, default UTC). A cron expression names wall-clock times, so the
@@ -18,6 +19,12 @@
 //!
 //! Times are Unix milliseconds; every answer is strictly after the time asked about, so a
 //! slot is never computed twice.
+
+mod spec;
+mod when;
+
+pub use spec::*;
+pub use when::{WhenError, parse_when};
 
 use std::str::FromStr;
 

@@ -105,6 +105,7 @@ pub struct Config {
     pub runs: RunsConfig,
     pub store: StoreConfig,
     pub gateway: GatewayConfig,
+    pub schedules: SchedulesConfig,
     /// Per-agent settings, by agent name (or id).
     pub agents: BTreeMap<String, AgentSettings>,
     /// The settings given by a flag or an environment variable (filled by the loader): these
@@ -125,6 +126,7 @@ impl Default for Config {
             runs: RunsConfig::default(),
             store: StoreConfig::default(),
             gateway: GatewayConfig::default(),
+            schedules: SchedulesConfig::default(),
             agents: BTreeMap::new(),
             command_line_keys: Default::default(),
         }
@@ -174,6 +176,7 @@ impl Config {
         }
         self.store.validate()?;
         self.gateway.validate()?;
+        self.schedules.validate()?;
         for (name, agent) in &self.agents {
             agent.validate(&format!("agents.{name}"))?;
         }
@@ -361,6 +364,55 @@ impl WorkersConfig {
             .unwrap_or(self.timeout_s)
             .min(max_s);
         Duration::try_from_secs_f64(pick_s).unwrap_or_else(|_| self.max_timeout())
+    }
+}
+
+/// Schedules: their defaults and how nodes fire them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulesConfig {
+    /// The IANA zone of cron expressions and English times that name none.
+    pub default_timezone: String,
+    /// A slot found later than this is missed (the node was down), and the schedule's
+    /// missed-fire policy decides; a slot less late fires as usual.
+    pub missed_after_s: f64,
+    /// How often a node looks for schedules that another node (or the CLI) made or changed;
+    /// its own are seen at once.
+    pub poll_s: f64,
+    /// Fire this node's share of due schedules (false: this node never fires any).
+    pub enabled: bool,
+}
+
+impl Default for SchedulesConfig {
+    fn default() -> Self {
+        Self {
+            default_timezone: "UTC".to_string(),
+            missed_after_s: 60.0,
+            poll_s: 1.0,
+            enabled: true,
+        }
+    }
+}
+
+impl SchedulesConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.default_timezone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(bad(
+                "schedules.default_timezone",
+                "must be an IANA time zone (e.g. `UTC`, `Europe/Berlin`)",
+            ));
+        }
+        positive_secs("schedules.missed_after_s", self.missed_after_s)?;
+        positive_secs("schedules.poll_s", self.poll_s)?;
+        Ok(())
+    }
+
+    pub fn missed_after_ms(&self) -> i64 {
+        (self.missed_after_s * 1000.0) as i64
+    }
+
+    pub fn poll(&self) -> Duration {
+        secs_or(self.poll_s, Duration::from_secs(1))
     }
 }
 
@@ -862,6 +914,12 @@ pub const FIELDS: &[Field] = &[
     field("runs.retention_h", "run-retention-h", "AGENTRY_RUN_RETENTION_H", "hours finished runs (with events and checkpoints) are kept; 0 keeps them forever"),
     field("runs.max_events_per_attempt", "max-events-per-attempt", "AGENTRY_MAX_EVENTS_PER_ATTEMPT", "most events (chunks, `ctx.emit`, `ctx.log`) one attempt of a run may write; beyond it the attempt is stopped and the run fails with `payload_too_large`"),
     field("runs.max_event_bytes_per_attempt", "max-event-bytes-per-attempt", "AGENTRY_MAX_EVENT_BYTES_PER_ATTEMPT", "most bytes of event data one attempt may write (64 MiB); beyond it the attempt is stopped and the run fails with `payload_too_large`"),
+    field("schedules.default_timezone", "default-timezone", "AGENTRY_DEFAULT_TIMEZONE", "the IANA time zone of schedules that name none (cron expressions, English one-shot times)")
+        .text(),
+    field("schedules.missed_after_s", "schedule-missed-after-s", "AGENTRY_SCHEDULE_MISSED_AFTER_S", "a schedule's slot found later than this (the nodes were down) is missed: its `missed` policy decides (`skip`, `once`, `all`); a slot less late fires as usual"),
+    field("schedules.poll_s", "schedule-poll-s", "AGENTRY_SCHEDULE_POLL_S", "how often a node looks for schedules made or changed elsewhere (another node, the CLI); its own changes are seen at once"),
+    field("schedules.enabled", "no-schedules", "AGENTRY_NO_SCHEDULES", "fire due schedules on this node; the flag turns it off (the node still serves the schedules API)")
+        .negated(),
     field("store.path", "runs-db", "AGENTRY_RUNS_DB", "the run database (SQLite, WAL)")
         .text()
         .default_doc("`<state_dir>/agentry.db`"),

@@ -274,3 +274,107 @@ pub trait InvocationHistory: Send + Sync + 'static {
     /// Waits until everything recorded so far is stored.
     async fn flush(&self);
 }
+
+/// How a schedule write ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScheduleWrite {
+    /// Stored; the schedule as it now stands.
+    Done(crate::schedules::Schedule),
+    /// Another schedule of the same owner has this name; its id.
+    NameTaken(String),
+    /// The schedule changed since it was read (a fire, another update): read it again.
+    Stale,
+    /// No such schedule.
+    Missing,
+}
+
+/// Decides, inside the store's transaction, what a due schedule fires: the schedule's rules
+/// (`Schedule::plan`) and the runs they create.
+pub type SchedulePlanner = std::sync::Arc<
+    dyn Fn(&crate::schedules::DueSchedule, i64) -> crate::schedules::FirePlan + Send + Sync,
+>;
+
+/// What one schedule's fire stored.
+#[derive(Debug, Clone)]
+pub struct Fired {
+    pub schedule: crate::schedules::Schedule,
+    pub fires: Vec<crate::schedules::ScheduleFire>,
+    /// The runs created, with their `run.queued` events.
+    pub runs: Vec<(crate::runs::Run, crate::runs::RunEvent)>,
+}
+
+/// What `ScheduleStore::fire_due` did.
+#[derive(Debug, Clone, Default)]
+pub struct FireBatch {
+    pub fired: Vec<Fired>,
+    /// The earliest slot of an unpaused schedule of these agents still to fire, after this
+    /// batch (what the caller sleeps until).
+    pub next_due: Option<i64>,
+    /// The batch was full: more schedules may be due now.
+    pub more: bool,
+}
+
+/// Schedules and their fires. A slot fires once: `fire_due` locks the schedules it fires (or
+/// skips those another node is firing), records each fire under a unique (schedule, slot)
+/// key, creates the fires' runs and moves the schedules on, all in one transaction.
+#[async_trait]
+pub trait ScheduleStore: Send + Sync + 'static {
+    async fn create_schedule(
+        &self,
+        schedule: crate::schedules::Schedule,
+    ) -> Result<ScheduleWrite, StoreError>;
+
+    async fn get_schedule(
+        &self,
+        id: &str,
+    ) -> Result<Option<crate::schedules::Schedule>, StoreError>;
+
+    /// Schedules in id order (creation order), after the cursor `after`, at most `limit`;
+    /// only those of `agents` when given.
+    async fn list_schedules(
+        &self,
+        after: Option<String>,
+        agents: Option<Vec<String>>,
+        limit: usize,
+    ) -> Result<Vec<crate::schedules::Schedule>, StoreError>;
+
+    /// Replaces a schedule read at `schedule.version` (the stored version becomes one more).
+    async fn update_schedule(
+        &self,
+        schedule: crate::schedules::Schedule,
+    ) -> Result<ScheduleWrite, StoreError>;
+
+    /// Deletes a schedule and its fires; false when there was none.
+    async fn delete_schedule(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Fires the schedules of `agents` due at `now`, at most `limit` of them: `planner`
+    /// decides each one's fires and next slot.
+    async fn fire_due(
+        &self,
+        now: i64,
+        node: &str,
+        agents: Vec<String>,
+        limit: usize,
+        planner: SchedulePlanner,
+    ) -> Result<FireBatch, StoreError>;
+
+    /// Records a manual fire (`trigger`) and creates its run; `None`: no such schedule.
+    async fn fire_manual(
+        &self,
+        id: &str,
+        node: &str,
+        fire: crate::schedules::NewFire,
+        now: i64,
+    ) -> Result<Option<Fired>, StoreError>;
+
+    /// A schedule's fires, newest first, before the cursor `before` (a fire's `seq`).
+    async fn list_fires(
+        &self,
+        id: &str,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<crate::schedules::ScheduleFire>, StoreError>;
+
+    /// Deletes up to `limit` fires recorded before `before`; how many were deleted.
+    async fn purge_fires(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
+}

@@ -22,6 +22,7 @@ mod follow;
 mod hub;
 mod maintenance;
 pub mod metrics;
+mod schedules;
 mod settings;
 mod state;
 
@@ -39,6 +40,7 @@ use tokio::task::JoinSet;
 
 pub use follow::{EventFeed, Follow};
 pub use hub::{EventHub, Published, Subscription};
+pub use schedules::{Scheduler, SchedulerSettings, TriggerError};
 pub use settings::EngineSettings;
 use state::{Abandon, Inner};
 

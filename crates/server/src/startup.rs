@@ -17,7 +17,7 @@ use agentry_api::server::ConnectionLimits;
 use agentry_core::InvocationHistory;
 use agentry_core::RunStore;
 use agentry_core::nodes::NodeRole;
-use agentry_core::{Config, KeyStore, SharedBuckets};
+use agentry_core::{Config, KeyStore, ScheduleStore, SharedBuckets};
 use agentry_engine::{Agents, Engine, EngineSettings};
 use agentry_store::{
     Durability, History, HistoryBounds, PgHistory, PgOptions, PgStore, RunAgentDb, SqliteOptions,
@@ -54,6 +54,7 @@ pub fn state_dir(config: &Config) -> anyhow::Result<PathBuf> {
 pub struct Stores {
     pub runs: Arc<dyn RunStore>,
     pub keys: Arc<dyn KeyStore>,
+    pub schedules: Arc<dyn ScheduleStore>,
     /// Rate-limit buckets in the same database (PostgreSQL only): what shared limits use when
     /// no other database is named for them.
     pub buckets: Option<Arc<dyn SharedBuckets>>,
@@ -100,6 +101,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
             runs: Arc::clone(&store) as Arc<dyn RunStore>,
             buckets: Some(Arc::new(store.shared_buckets()) as Arc<dyn SharedBuckets>),
             history: Some(store.shared_history()),
+            schedules: Arc::clone(&store) as Arc<dyn ScheduleStore>,
             keys: store as Arc<dyn KeyStore>,
             sqlite: None,
         });
@@ -122,6 +124,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
     Ok(Stores {
         runs: Arc::clone(&store) as Arc<dyn RunStore>,
         keys: Arc::clone(&store) as Arc<dyn KeyStore>,
+        schedules: Arc::clone(&store) as Arc<dyn ScheduleStore>,
         buckets: None,
         history: None,
         sqlite: Some(store),
@@ -390,6 +393,15 @@ impl Application {
                 bail!("cannot start the run engine: {e}");
             }
         };
+        let scheduler = agentry_engine::Scheduler::start(
+            &engine,
+            Arc::clone(&stores.schedules),
+            agentry_engine::SchedulerSettings {
+                workers: config.workers.clone(),
+                runs: config.runs.clone(),
+                schedules: config.schedules.clone(),
+            },
+        );
         if let Some(db) = &db {
             for a in agents.iter() {
                 if let Err(e) = db
@@ -431,6 +443,7 @@ impl Application {
             bound: addr,
             draining: Default::default(),
             engine,
+            scheduler,
             auth: Arc::clone(&auth),
             limits,
             openapi: Default::default(),

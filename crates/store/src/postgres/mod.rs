@@ -5,6 +5,7 @@ mod batch;
 mod history;
 mod nodes;
 mod runs;
+mod schedules;
 
 pub use history::PgHistory;
 pub use runs::{MIGRATIONS, MigrationState, PgOptions, PgStore};

@@ -63,6 +63,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0007_invocations",
         include_str!("migrations/0007_invocations.sql"),
     ),
+    (
+        "0008_schedules",
+        include_str!("migrations/0008_schedules.sql"),
+    ),
 ];
 
 /// The NOTIFY channels (see `Notifier`).
@@ -85,7 +89,7 @@ enum Notice {
 /// node: it cut throughput by a third when measured.) A crash between the commit and the
 /// notice loses the notice; the other nodes' polls cover it, as for any lost notification.
 #[derive(Clone)]
-struct Notifier(tokio::sync::mpsc::UnboundedSender<Notice>);
+pub(super) struct Notifier(tokio::sync::mpsc::UnboundedSender<Notice>);
 
 impl Notifier {
     fn start(pool: PgPool, schema: std::sync::Arc<str>) -> Notifier {
@@ -133,7 +137,7 @@ impl Notifier {
         Notifier(tx)
     }
 
-    fn runs_due(&self) {
+    pub(super) fn runs_due(&self) {
         let _ = self.0.send(Notice::RunsDue);
     }
 
@@ -194,10 +198,10 @@ pub struct MigrationState {
 /// The PostgreSQL implementation of [`RunStore`] and [`KeyStore`]. Cheap to clone.
 #[derive(Clone)]
 pub struct PgStore {
-    pool: PgPool,
+    pub(super) pool: PgPool,
     /// The schema the tables are in: NOTIFY payloads start with it.
     schema: std::sync::Arc<str>,
-    notifier: Notifier,
+    pub(super) notifier: Notifier,
     batches: Batches,
 }
 
@@ -270,7 +274,7 @@ pub(super) fn db_err(e: sqlx::Error) -> StoreError {
     }
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
+pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some("23505"))
 }
 
@@ -633,14 +637,14 @@ async fn find_idempotent(
 
 /// A run to create, with the lease its node asks for when the run may skip the queue.
 pub(super) struct CreateRequest {
-    run: NewRun,
-    claim: Option<DirectClaim>,
+    pub(super) run: NewRun,
+    pub(super) claim: Option<DirectClaim>,
 }
 
 /// Stores new runs (each leased to its claim at once when it may skip the queue) in one
 /// statement; the outcomes in the order given. A unique violation (another request stored the
 /// same idempotency key a moment ago) fails the statement; the keyed path then starts over.
-async fn insert_runs<'c>(
+pub(super) async fn insert_runs<'c>(
     c: impl sqlx::PgExecutor<'c>,
     batch: &[CreateRequest],
 ) -> Result<Vec<Result<CreateOutcome, StoreError>>, sqlx::Error> {

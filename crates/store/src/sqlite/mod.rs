@@ -10,6 +10,7 @@
 //! writer (WAL). The SQL is in `queries/*.sql` and `migrations/*.sql`, one statement per file.
 
 mod ops;
+mod schedules;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +33,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0001_runs.sql"),
     include_str!("migrations/0002_api_keys.sql"),
     include_str!("migrations/0003_idempotency_scope.sql"),
+    include_str!("migrations/0004_schedules.sql"),
 ];
 
 /// How hard a commit tries to reach the disk.

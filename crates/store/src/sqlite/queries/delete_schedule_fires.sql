@@ -1,0 +1,1 @@
+DELETE FROM schedule_fires WHERE schedule_id = ?1
