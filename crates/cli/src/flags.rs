@@ -116,6 +116,19 @@ pub struct ServeFlags {
     /// Most bytes of event data one attempt may write.
     #[arg(long)]
     max_event_bytes_per_attempt: Option<u64>,
+    /// The IANA time zone of schedules that name none (default UTC).
+    #[arg(long)]
+    default_timezone: Option<String>,
+    /// Seconds after which a schedule's slot not yet fired is missed (its `missed` policy
+    /// decides).
+    #[arg(long)]
+    schedule_missed_after_s: Option<f64>,
+    /// Seconds between looks for schedules made or changed elsewhere.
+    #[arg(long)]
+    schedule_poll_s: Option<f64>,
+    /// Never fire schedules on this node (the schedules API still works).
+    #[arg(long)]
+    no_schedules: bool,
     /// The run database file. Default: <state-dir>/agentry.db.
     #[arg(long)]
     runs_db: Option<PathBuf>,
@@ -252,6 +265,20 @@ impl ServeFlags {
             "runs.max_event_bytes_per_attempt",
             &self.max_event_bytes_per_attempt,
         );
+        put(
+            &mut out,
+            "schedules.default_timezone",
+            &self.default_timezone,
+        );
+        put(
+            &mut out,
+            "schedules.missed_after_s",
+            &self.schedule_missed_after_s,
+        );
+        put(&mut out, "schedules.poll_s", &self.schedule_poll_s);
+        if self.no_schedules {
+            out.push(("schedules.enabled", json!(false)));
+        }
         put(&mut out, "store.path", &self.runs_db);
         put(&mut out, "store.database_url", &self.database);
         put(&mut out, "store.database_schema", &self.database_schema);

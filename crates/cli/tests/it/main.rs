@@ -14,6 +14,7 @@ mod openapi;
 mod postgres;
 mod runagent_sdk;
 mod runs;
+mod schedules;
 mod shared_limits;
 mod validation;
 mod workers;

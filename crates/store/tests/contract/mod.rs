@@ -347,3 +347,213 @@ pub async fn the_last_event_seq_is_the_end_of_the_log(s: &dyn RunStore) {
     );
     assert_eq!(all.last().map(|e| e.seq), Some(2));
 }
+
+/// A schedule firing every second from `start`, of agent `a`, named `name`.
+pub fn every_second(id: &str, name: Option<&str>, start: i64) -> agentry_core::schedules::Schedule {
+    use agentry_core::schedules::{Schedule, ScheduleSpec};
+    let spec: ScheduleSpec = serde_json::from_value(serde_json::json!({
+        "agent": "a", "entrypoint": "e", "every": "1s", "name": name,
+        "start_at": chrono::DateTime::from_timestamp_millis(start).map(|t| t.to_rfc3339()),
+    }))
+    .expect("a spec");
+    let spec = spec.prepare(start, "UTC").expect("valid");
+    Schedule {
+        id: id.into(),
+        owner: String::new(),
+        spec,
+        paused: false,
+        next_fire_at: Some(start),
+        fires: 0,
+        last_fire_at: None,
+        last_run_id: None,
+        version: 1,
+        created_at: start,
+        updated_at: start,
+    }
+}
+
+/// The planner of these tests: the schedule's own rules, each fire a plain run of `a`.
+pub fn planner() -> agentry_core::store::SchedulePlanner {
+    use agentry_core::schedules::{FireOutcome, FirePlan, NewFire, PlanRules, PlannedFire};
+    std::sync::Arc::new(|due, now| {
+        let rules = PlanRules {
+            default_zone: "UTC",
+            missed_after_ms: 60_000,
+        };
+        let plan = due.schedule.plan(now, due.previous_unfinished(), &rules);
+        FirePlan {
+            fires: plan
+                .fires
+                .iter()
+                .map(|f| match f {
+                    PlannedFire::Create(slot) => NewFire {
+                        slot: *slot,
+                        manual: false,
+                        outcome: FireOutcome::Created,
+                        run: Some(new_run(&agentry_core::runs::new_run_id(), 0, None)),
+                        detail: None,
+                    },
+                    PlannedFire::SkipOverlap(slot) => NewFire {
+                        slot: *slot,
+                        manual: false,
+                        outcome: FireOutcome::SkippedOverlap,
+                        run: None,
+                        detail: None,
+                    },
+                })
+                .collect(),
+            next_fire_at: plan.next_fire_at,
+        }
+    })
+}
+
+/// Schedules: a fire records each due slot once with its run and moves the schedule on; a
+/// second look at the same moment fires nothing; manual fires do not move it; names are
+/// unique per owner; a stale update is refused; only the served agents' schedules fire.
+pub async fn schedules_fire_each_slot_once_and_move_on<S>(store: &S)
+where
+    S: agentry_core::store::ScheduleStore + RunStore,
+{
+    use agentry_core::schedules::{FireOutcome, NewFire};
+    use agentry_core::store::ScheduleWrite;
+    let t0 = 1_800_000_000_000;
+    let s = every_second("sch_a", Some("tick"), t0);
+    assert!(matches!(
+        store.create_schedule(s.clone()).await.expect("create"),
+        ScheduleWrite::Done(_)
+    ));
+    let twin = every_second("sch_b", Some("tick"), t0);
+    assert_eq!(
+        store.create_schedule(twin).await.expect("create"),
+        ScheduleWrite::NameTaken("sch_a".into())
+    );
+    let mut other = every_second("sch_c", None, t0);
+    other.spec.agent = "b".into();
+    store.create_schedule(other).await.expect("create");
+
+    let served = vec!["a".to_string()];
+    let batch = store
+        .fire_due(t0 + 2_500, "n1", served.clone(), 100, planner())
+        .await
+        .expect("fire");
+    assert_eq!(batch.fired.len(), 1, "only agent a's schedule fires");
+    let fired = &batch.fired[0];
+    let slots: Vec<i64> = fired.fires.iter().map(|f| f.slot).collect();
+    assert_eq!(slots, vec![t0, t0 + 1_000, t0 + 2_000]);
+    assert_eq!(fired.runs.len(), 3);
+    assert_eq!(fired.schedule.next_fire_at, Some(t0 + 3_000));
+    assert_eq!(fired.schedule.fires, 3);
+    assert_eq!(fired.schedule.last_fire_at, Some(t0 + 2_000));
+    assert_eq!(
+        fired.schedule.last_run_id.as_deref(),
+        Some(fired.runs[2].0.id.as_str())
+    );
+    assert_eq!(batch.next_due, Some(t0 + 3_000));
+    for (run, event) in &fired.runs {
+        let stored = store.get_run(&run.id).await.expect("read").expect("stored");
+        assert_eq!(stored.status, RunStatus::Queued);
+        assert_eq!(event.seq, 1);
+    }
+
+    let again = store
+        .fire_due(t0 + 2_500, "n2", served.clone(), 100, planner())
+        .await
+        .expect("fire");
+    assert!(again.fired.is_empty(), "nothing is due twice");
+
+    let manual = store
+        .fire_manual(
+            "sch_a",
+            "n1",
+            NewFire {
+                slot: t0 + 2_600,
+                manual: true,
+                outcome: FireOutcome::Created,
+                run: Some(new_run("manual-run", 0, None)),
+                detail: None,
+            },
+            t0 + 2_600,
+        )
+        .await
+        .expect("trigger")
+        .expect("found");
+    assert_eq!(manual.runs.len(), 1);
+    assert_eq!(manual.schedule.next_fire_at, Some(t0 + 3_000));
+    assert_eq!(manual.schedule.fires, 3, "a manual fire is not counted");
+    assert_eq!(manual.schedule.last_run_id.as_deref(), Some("manual-run"));
+
+    let fires = store.list_fires("sch_a", None, 2).await.expect("fires");
+    assert_eq!(fires.len(), 2);
+    assert!(fires[0].manual && fires[0].run_id.as_deref() == Some("manual-run"));
+    assert_eq!(fires[1].slot, t0 + 2_000);
+    let older = store
+        .list_fires("sch_a", Some(fires[1].seq), 10)
+        .await
+        .expect("fires");
+    assert_eq!(
+        older.iter().map(|f| f.slot).collect::<Vec<_>>(),
+        vec![t0 + 1_000, t0]
+    );
+
+    // A change made against an old version is refused; against the current one it is stored.
+    let mut stale = s.clone();
+    stale.paused = true;
+    assert_eq!(
+        store.update_schedule(stale).await.expect("update"),
+        ScheduleWrite::Stale
+    );
+    let mut current = store
+        .get_schedule("sch_a")
+        .await
+        .expect("read")
+        .expect("found");
+    current.paused = true;
+    let ScheduleWrite::Done(paused) = store.update_schedule(current).await.expect("update") else {
+        panic!("not stored");
+    };
+    assert!(paused.paused);
+    let none = store
+        .fire_due(t0 + 10_000, "n1", served.clone(), 100, planner())
+        .await
+        .expect("fire");
+    assert!(none.fired.is_empty(), "a paused schedule does not fire");
+    assert_eq!(none.next_due, None);
+    assert_eq!(
+        store
+            .list_schedules(None, Some(served.clone()), 10)
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
+    assert_eq!(
+        store
+            .list_schedules(None, None, 10)
+            .await
+            .expect("list")
+            .len(),
+        2
+    );
+    assert_eq!(
+        store
+            .list_schedules(Some("sch_a".into()), None, 10)
+            .await
+            .expect("list")
+            .iter()
+            .map(|s| s.id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["sch_c"]
+    );
+
+    assert_eq!(store.purge_fires(t0 + 2_600, 100).await.expect("purge"), 3);
+    assert!(store.delete_schedule("sch_a").await.expect("delete"));
+    assert!(!store.delete_schedule("sch_a").await.expect("delete"));
+    assert_eq!(store.get_schedule("sch_a").await.expect("read"), None);
+    assert!(
+        store
+            .list_fires("sch_a", None, 10)
+            .await
+            .expect("fires")
+            .is_empty()
+    );
+}
