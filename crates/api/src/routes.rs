@@ -336,6 +336,23 @@ mod tests {
             Access::Scope(Scope::RunsWrite)
         );
         assert_eq!(of("get", "/v1/keys"), Access::Scope(Scope::Admin));
+        for (method, path) in [
+            ("post", "/v1/schedules"),
+            ("get", "/v1/schedules"),
+            ("get", "/v1/schedules/{id}"),
+            ("patch", "/v1/schedules/{id}"),
+            ("delete", "/v1/schedules/{id}"),
+            ("post", "/v1/schedules/{id}/pause"),
+            ("post", "/v1/schedules/{id}/resume"),
+            ("post", "/v1/schedules/{id}/trigger"),
+            ("get", "/v1/schedules/{id}/fires"),
+        ] {
+            assert_eq!(
+                of(method, path),
+                Access::Scope(Scope::Schedules),
+                "{method} {path}"
+            );
+        }
         assert_eq!(of("get", "/v1/nodes"), Access::Scope(Scope::RunsRead));
         assert_eq!(of("get", "/metrics"), Access::AnyKey);
         assert_eq!(of("delete", "/v1/keys/{id}"), Access::Scope(Scope::Admin));
@@ -344,7 +361,10 @@ mod tests {
         for (path, method, policy) in &table {
             assert_eq!(
                 policy.uses_store,
-                path.starts_with("/v1/runs") || path.starts_with("/v1/keys") || path == "/v1/nodes",
+                path.starts_with("/v1/runs")
+                    || path.starts_with("/v1/keys")
+                    || path.starts_with("/v1/schedules")
+                    || path == "/v1/nodes",
                 "{method} {path}"
             );
         }

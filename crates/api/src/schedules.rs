@@ -69,7 +69,11 @@ fn rejected(e: agentry_core::schedules::ScheduleRejection) -> ApiError {
 #[schema(as = Schedule)]
 pub(crate) struct ScheduleView {
     id: String,
+    /// The fields of `ScheduleSpec`, as stored: one-shot times resolved (`at`, with what an
+    /// English `at` said in `at_text`), `times` as `max_fires`, an `every` schedule's
+    /// `start_at` set.
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     spec: ScheduleSpec,
     /// `cron`, `every` or `once`.
     kind: &'static str,
@@ -357,6 +361,13 @@ pub(crate) async fn list_schedules(
             "limit",
             "integer from 1 to 500",
             "`limit` must be from 1 to 500",
+        ));
+    }
+    if q.cursor.as_deref().is_some_and(|c| c.len() > 100) {
+        return Err(invalid(
+            "cursor",
+            "a cursor from next_cursor",
+            "invalid cursor",
         ));
     }
     let agents: Option<Vec<String>> = match &q.agent {

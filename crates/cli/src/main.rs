@@ -9,6 +9,7 @@ mod init;
 mod keys;
 mod migrate;
 mod runs;
+mod schedules;
 mod serve;
 
 use std::path::PathBuf;
@@ -44,6 +45,9 @@ enum Command {
     Run(client::RunArgs),
     /// Durable runs on a running server: create, get, list, wait, cancel, events.
     Runs(runs::RunsArgs),
+    /// Schedules on a running server: create, list, get, update, pause, resume, trigger,
+    /// delete, fires.
+    Schedules(schedules::SchedulesArgs),
     /// API keys, offline in the state directory (or the shared database): create, list, revoke.
     Keys(keys::KeysArgs),
     /// Bring a PostgreSQL database's schema up to date, or list what is applied (`--status`).
@@ -123,6 +127,7 @@ fn main() -> ExitCode {
             Command::Config(args) => config::config(args),
             Command::Run(args) => client::run(args).await,
             Command::Runs(args) => runs::runs(args).await,
+            Command::Schedules(args) => schedules::schedules(args).await,
             Command::Keys(args) => keys::keys(args).await,
             Command::Migrate(args) => migrate::migrate(args).await,
             Command::Init { path } => init::init(&path),

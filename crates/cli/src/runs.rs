@@ -10,8 +10,9 @@ use serde_json::{Value, json};
 
 use crate::client::encode;
 
+/// The server a command talks to.
 #[derive(Args)]
-pub struct RunsArgs {
+pub struct ServerArgs {
     /// The server.
     #[arg(
         long,
@@ -19,10 +20,16 @@ pub struct RunsArgs {
         env = "AGENTRY_URL",
         default_value = "http://127.0.0.1:8450"
     )]
-    url: String,
+    pub url: String,
     /// API key, sent as `Authorization: Bearer`.
     #[arg(long, global = true, env = "AGENTRY_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    pub api_key: Option<String>,
+}
+
+#[derive(Args)]
+pub struct RunsArgs {
+    #[command(flatten)]
+    server: ServerArgs,
     #[command(subcommand)]
     command: RunsCommand,
 }
@@ -110,7 +117,7 @@ async fn answer(response: reqwest::Response) -> anyhow::Result<Value> {
 }
 
 /// Sends a request and prints the JSON answer.
-async fn show(request: reqwest::RequestBuilder, base: &str) -> anyhow::Result<()> {
+pub(crate) async fn show(request: reqwest::RequestBuilder, base: &str) -> anyhow::Result<()> {
     let r = request
         .send()
         .await
@@ -125,8 +132,8 @@ fn print(v: &Value) -> anyhow::Result<()> {
 }
 
 pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
-    let base = args.url.trim_end_matches('/').to_string();
-    let http = crate::client::http_client(args.api_key.as_deref())?;
+    let base = args.server.url.trim_end_matches('/').to_string();
+    let http = crate::client::http_client(args.server.api_key.as_deref())?;
     match args.command {
         RunsCommand::Create(c) => {
             let input: Value = serde_json::from_str(&c.input).context("--input must be JSON")?;

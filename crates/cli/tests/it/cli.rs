@@ -291,3 +291,97 @@ fn two_agents_that_one_name_would_name_are_refused() {
         .expect("refused");
     assert!(log.contains("would share the name `durable`"), "{log}");
 }
+
+fn schedules_cli(srv: &Server, args: &[&str]) -> serde_json::Value {
+    let out = agentry()
+        .arg("schedules")
+        .args(["--url", &srv.base])
+        .args(args)
+        .output()
+        .expect("agentry schedules");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// `agentry schedules`: create (English one-shot and cron), get with the next slots, update,
+/// pause, resume, trigger, fires, list and delete, against a running server.
+#[test]
+fn schedules_commands_create_get_update_pause_resume_trigger_fires_delete() {
+    let srv = server(fixture("durable")).start();
+    let once = schedules_cli(
+        &srv,
+        &[
+            "create",
+            "durable",
+            "work",
+            "--input",
+            r#"{"i": 1}"#,
+            "--at",
+            "in 10 minutes",
+        ],
+    );
+    assert_eq!(once["kind"], "once");
+    assert_eq!(once["at_text"], "in 10 minutes");
+    let cron = schedules_cli(
+        &srv,
+        &[
+            "create",
+            "durable",
+            "work",
+            "--input",
+            r#"{"i": 2}"#,
+            "--cron",
+            "0 9 * * *",
+            "--timezone",
+            "Europe/Berlin",
+            "--name",
+            "daily",
+            "--overlap",
+            "skip",
+        ],
+    );
+    let id = cron["id"].as_str().expect("id").to_string();
+    assert_eq!(cron["overlap"], "skip");
+    let got = schedules_cli(&srv, &["get", &id, "--next", "3"]);
+    assert_eq!(got["next_fires"].as_array().map(Vec::len), Some(3));
+    let changed = schedules_cli(&srv, &["update", &id, r#"{"cron": "30 9 * * *"}"#]);
+    assert_eq!(changed["cron"], "30 9 * * *");
+    assert_eq!(schedules_cli(&srv, &["pause", &id])["paused"], true);
+    assert_eq!(schedules_cli(&srv, &["resume", &id])["paused"], false);
+    let triggered = schedules_cli(&srv, &["trigger", &id]);
+    let run = triggered["run"]["id"].as_str().expect("run").to_string();
+    let fires = schedules_cli(&srv, &["fires", &id]);
+    assert_eq!(fires["fires"][0]["run_id"], run.as_str());
+    let list = schedules_cli(&srv, &["list", "--agent", "durable"]);
+    assert_eq!(list["schedules"].as_array().map(Vec::len), Some(2));
+    assert_eq!(
+        schedules_cli(&srv, &["delete", &id])["deleted"],
+        id.as_str()
+    );
+    let out = agentry()
+        .args(["schedules", "--url", &srv.base, "get", &id])
+        .output()
+        .expect("agentry schedules get");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("schedule_not_found"));
+    let out = agentry()
+        .args([
+            "schedules",
+            "--url",
+            &srv.base,
+            "create",
+            "durable",
+            "work",
+            "--every",
+            "1m",
+            "--cron",
+            "* * * * *",
+        ])
+        .output()
+        .expect("agentry schedules create");
+    assert!(!out.status.success(), "two timings are refused by the CLI");
+}

@@ -43,6 +43,10 @@ async fn every_documented_operation_is_served() {
                 "get" => client.get(&url),
                 "post" => client.post(&url).body("{}"),
                 "delete" => client.delete(&url),
+                "patch" => client
+                    .patch(&url)
+                    .header("content-type", "application/json")
+                    .body("{}"),
                 other => panic!("unexpected method {other} on {path}"),
             };
             let resp = req.send().await.expect("request");
