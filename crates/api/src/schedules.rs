@@ -59,6 +59,14 @@ fn kept_changing() -> ApiError {
     )
 }
 
+fn never_fires() -> ApiError {
+    invalid(
+        "cron",
+        "a timing with a slot after now, within start_at, end_at and max_fires",
+        "the schedule would never fire: its timing and bounds leave no slot after now",
+    )
+}
+
 fn rejected(e: agentry_core::schedules::ScheduleRejection) -> ApiError {
     invalid(e.field, "see `docs/schedules.md`", e.message)
 }
@@ -260,7 +268,10 @@ pub(crate) async fn create_schedule(
         .spec
         .when(state.scheduler.default_timezone())
         .map_err(rejected)?;
-    schedule.next_fire_at = schedule.slot_after(&when, now, 0);
+    schedule.next_fire_at = schedule.first_slot(&when, now);
+    if schedule.next_fire_at.is_none() {
+        return Err(never_fires());
+    }
     match state
         .scheduler
         .store()
@@ -493,7 +504,10 @@ pub(crate) async fn update_schedule(
                 .spec
                 .when(state.scheduler.default_timezone())
                 .map_err(rejected)?;
-            changed.next_fire_at = changed.slot_after(&when, now, changed.fires);
+            changed.next_fire_at = changed.first_slot(&when, now);
+            if changed.next_fire_at.is_none() && !changed.spec.at.is_some() {
+                return Err(never_fires());
+            }
         }
         match write(&state, changed).await? {
             Some(s) => return Ok(Json(view(&state, &s, NEXT_SHOWN)).into_response()),
@@ -543,7 +557,7 @@ async fn set_paused(
             ..current.clone()
         };
         if !paused && let Ok(when) = changed.spec.when(state.scheduler.default_timezone()) {
-            changed.next_fire_at = changed.slot_after(&when, now, changed.fires);
+            changed.next_fire_at = changed.first_slot(&when, now);
         }
         if let Some(s) = write(state, changed).await? {
             return Ok(Json(view(state, &s, 0)).into_response());

@@ -107,6 +107,30 @@ impl Timing {
         }
     }
 
+    /// The last fire at or before `at_ms`; `None` when there is none (before an `every`
+    /// schedule's anchor, or a cron expression that never matched).
+    pub fn prev_at_or_before(&self, at_ms: i64) -> Option<i64> {
+        match self {
+            Timing::Cron { zone, cron, .. } => {
+                let floor_ms = at_ms.div_euclid(1000) * 1000;
+                let at = zone
+                    .from_utc_datetime(&Utc.timestamp_millis_opt(floor_ms).single()?.naive_utc());
+                let prev = cron.find_previous_occurrence(&at, true).ok()?;
+                Some(prev.timestamp_millis())
+            }
+            Timing::Every {
+                every_ms,
+                anchor_ms,
+            } => {
+                if at_ms < *anchor_ms {
+                    return None;
+                }
+                let done = (at_ms - anchor_ms) / every_ms;
+                anchor_ms.checked_add(done.checked_mul(*every_ms)?)
+            }
+        }
+    }
+
     /// The next `n` fires strictly after `after_ms`.
     pub fn next_n(&self, after_ms: i64, n: usize) -> Vec<i64> {
         let mut out = Vec::with_capacity(n);
@@ -124,7 +148,10 @@ impl Timing {
     }
 }
 
-/// `"90s"`, `"15m"`, `"2h"`, `"1d"` in milliseconds (at least one second).
+/// The longest interval: a hundred years.
+const MAX_INTERVAL_MS: i64 = 100 * 366 * 86_400_000;
+
+/// `"90s"`, `"15m"`, `"2h"`, `"1d"` in milliseconds (one second to a hundred years).
 pub fn parse_interval_ms(text: &str) -> Result<i64, TimingError> {
     let bad = || TimingError::Every(text.to_string());
     let t = text.trim();
@@ -139,7 +166,8 @@ pub fn parse_interval_ms(text: &str) -> Result<i64, TimingError> {
         _ => return Err(bad()),
     };
     let ms = n.checked_mul(unit_ms).ok_or_else(bad)?;
-    if ms < 1_000 {
+    // At least a second; at most a hundred years (so that no time computed from it overflows).
+    if !(1_000..=MAX_INTERVAL_MS).contains(&ms) {
         return Err(bad());
     }
     Ok(ms)

@@ -24,6 +24,9 @@ const FIRE_BATCH: usize = 500;
 /// Fires older than the runs' retention are deleted this many at a time.
 const PURGE_BATCH: usize = 1_000;
 const PURGE_EVERY: Duration = Duration::from_secs(60);
+/// Least sleep after a pass that fired nothing although something was due (another node was
+/// firing it).
+const BUSY_FLOOR: Duration = Duration::from_millis(50);
 
 /// What the scheduler needs of the configuration: the runs' rules (a fire's run is built and
 /// checked as `POST /v1/runs` builds one) and the schedules section.
@@ -197,12 +200,17 @@ impl Scheduler {
                     if fires > 0 {
                         tracing::debug!(schedules = batch.fired.len(), fires, "schedules fired");
                     }
-                    if batch.more {
+                    if batch.more && !batch.fired.is_empty() {
                         continue;
                     }
                     if let Some(next) = batch.next_due {
                         let left = next - engine.settings.clock.now_ms();
                         sleep = sleep.min(Duration::from_millis(left.max(0) as u64));
+                    }
+                    if batch.fired.is_empty() {
+                        // Due but not ours to fire now (another node holds it): look again
+                        // soon, without spinning.
+                        sleep = sleep.max(BUSY_FLOOR);
                     }
                 }
                 Err(e) => tracing::warn!("cannot fire due schedules: {e}; trying again"),
@@ -263,7 +271,7 @@ fn plan(
             "slots of a schedule were missed while no node could fire them"
         );
     }
-    let fires = plan
+    let fires: Vec<NewFire> = plan
         .fires
         .iter()
         .map(|fire| match fire {
@@ -292,8 +300,24 @@ fn plan(
             },
         })
         .collect();
+    // A refused fire is not a fire: the schedule's `max_fires` counts runs created.
+    let mut next_fire_at = plan.next_fire_at;
+    let refused = fires
+        .iter()
+        .filter(|f: &&NewFire| f.outcome == FireOutcome::Refused)
+        .count();
+    if refused > 0
+        && schedule.spec.max_fires.is_some()
+        && let Ok(when) = schedule.spec.when(&settings.schedules.default_timezone)
+    {
+        let created = fires
+            .iter()
+            .filter(|f: &&NewFire| f.outcome == FireOutcome::Created)
+            .count() as u64;
+        next_fire_at = schedule.slot_after(&when, now, schedule.fires + created);
+    }
     FirePlan {
         fires,
-        next_fire_at: plan.next_fire_at,
+        next_fire_at,
     }
 }

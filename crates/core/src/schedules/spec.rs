@@ -155,9 +155,11 @@ const MAX_DELAY_S: f64 = 31_536_000.0;
 /// Default and largest `missed_limit`.
 pub const DEFAULT_MISSED_LIMIT: u32 = 100;
 const MAX_MISSED_LIMIT: u32 = 1_000;
-/// Slots looked at in one plan at most (a cron schedule down for long is walked this far,
-/// then jumps to now).
-const MAX_SLOTS_WALKED: usize = 100_000;
+/// Slots one plan fires at most (a schedule more frequent than this many per
+/// `missed_after_s` fires its latest ones).
+const MAX_ON_TIME: usize = 1_000;
+/// Missed cron slots counted for the log at most.
+const MISSED_COUNTED: u64 = 100_000;
 
 /// When a schedule fires: recurring, or once.
 #[derive(Debug, Clone)]
@@ -288,7 +290,10 @@ impl ScheduleSpec {
             let every_ms =
                 super::parse_interval_ms(every).map_err(|e| reject("every", e.to_string()))?;
             if start.is_none() {
-                self.start_at = Some(rfc3339(now + every_ms));
+                let first = now
+                    .checked_add(every_ms)
+                    .ok_or_else(|| reject("every", "`every` is too long"))?;
+                self.start_at = Some(rfc3339(first));
             }
         }
         match (self.at.take(), self.delay_s.take()) {
@@ -463,6 +468,10 @@ impl Schedule {
 
     /// What to fire at `now`. `previous_unfinished`: the last fire's run has not ended (for
     /// `overlap: skip`).
+    ///
+    /// The due slots are found from `now` backwards, so a long downtime costs what the policy
+    /// keeps, not what was missed: the slots within `missed_after_ms` of now fire as on time;
+    /// of the older ones, the policy keeps none, the latest, or the latest `missed_limit`.
     pub fn plan(&self, now: i64, previous_unfinished: bool, rules: &PlanRules<'_>) -> Plan {
         let nothing = Plan {
             fires: Vec::new(),
@@ -481,49 +490,82 @@ impl Schedule {
                 ..nothing
             };
         };
-        // The slots due by now, oldest first (a long downtime of a frequent schedule is walked
-        // a bounded way, then resumes from now).
-        let mut due = vec![first];
-        let mut fired = self.fires;
-        let mut next = self.slot_after(&when, first, fired + 1);
-        let mut walked_out = false;
-        while let Some(slot) = next
-            && slot <= now
-        {
-            if due.len() >= MAX_SLOTS_WALKED {
-                walked_out = true;
-                break;
-            }
-            due.push(slot);
-            next = self.slot_after(&when, slot, fired + due.len() as u64);
-        }
         let late = now - first > rules.missed_after_ms;
-        let keep = if !late {
-            due.len()
-        } else {
-            // The slots still within the lateness allowed fire as on time; the policy takes
-            // the rest.
-            let on_time = due
-                .iter()
-                .rev()
-                .take_while(|s| now - **s <= rules.missed_after_ms)
-                .count();
-            match self.spec.missed {
-                Missed::Skip => on_time,
-                Missed::Once => on_time.max(1),
-                Missed::All => on_time.max(
-                    self.spec
-                        .missed_limit
-                        .unwrap_or(DEFAULT_MISSED_LIMIT)
-                        .min(MAX_MISSED_LIMIT) as usize,
-                ),
+        let limit = self
+            .spec
+            .missed_limit
+            .unwrap_or(DEFAULT_MISSED_LIMIT)
+            .min(MAX_MISSED_LIMIT) as usize;
+        let left = self
+            .spec
+            .max_fires
+            .map_or(usize::MAX, |m| m.saturating_sub(self.fires) as usize);
+        let cap = MAX_ON_TIME.min(left);
+        let mut due = Vec::new();
+        let mut passed_over = false;
+        if !late {
+            // On time (or a little late): the due slots from the first, oldest first.
+            let mut at = Some(first);
+            while let Some(slot) = at
+                && slot <= now
+            {
+                if due.len() >= cap {
+                    passed_over = true;
+                    break;
+                }
+                due.push(slot);
+                at = self.slot_after(&when, slot, self.fires + due.len() as u64);
             }
-        };
-        let keep = keep.min(due.len());
-        let missed = (due.len() - keep) as u64;
-        let mut fires = Vec::with_capacity(keep);
+        } else {
+            // After downtime: from now backwards, the slots within the lateness allowed, then
+            // as many older ones as the policy keeps (none, the latest, or `missed_limit`).
+            let keep_older = match self.spec.missed {
+                Missed::Skip => 0,
+                Missed::Once => 1,
+                Missed::All => limit,
+            };
+            let start = self.bound("start_at");
+            let end = self.bound("end_at");
+            let on_time_from = now - rules.missed_after_ms;
+            let mut older = 0usize;
+            let mut at = match &when {
+                When::Once(at) => Some(*at),
+                When::Recurring(timing) => {
+                    timing.prev_at_or_before(end.map_or(now, |e| e.min(now)))
+                }
+            };
+            while let Some(slot) = at {
+                if slot < first || start.is_some_and(|s| slot < s) || slot > now {
+                    break;
+                }
+                if due.len() >= cap {
+                    passed_over = true;
+                    break;
+                }
+                if slot < on_time_from {
+                    if older >= keep_older {
+                        passed_over = true;
+                        break;
+                    }
+                    older += 1;
+                }
+                due.push(slot);
+                at = match &when {
+                    When::Once(_) => None,
+                    When::Recurring(timing) => timing.prev_at_or_before(slot - 1),
+                };
+            }
+            // `once` catches up with one fire: an on-time slot, if there is one, is it.
+            if self.spec.missed == Missed::Once && older == 1 && due.len() > 1 {
+                due.pop();
+                passed_over = true;
+            }
+            due.reverse();
+        }
+        let mut fires = Vec::with_capacity(due.len());
+        let mut fired = self.fires;
         let mut busy = previous_unfinished;
-        for slot in &due[due.len() - keep..] {
+        for slot in &due {
             if self.spec.overlap == Overlap::Skip && busy {
                 fires.push(PlannedFire::SkipOverlap(*slot));
             } else {
@@ -532,19 +574,53 @@ impl Schedule {
                 busy = true;
             }
         }
-        if walked_out || missed > 0 || keep < due.len() {
-            next = self.slot_after(&when, now, fired);
+        let next_fire_at = self.slot_after(&when, now, fired);
+        let missed = if passed_over {
+            self.missed_between(&when, first, due.first().copied().unwrap_or(now + 1))
         } else {
-            next = match due.last() {
-                Some(last) => self.slot_after(&when, (*last).max(now), fired),
-                None => None,
-            };
-        }
+            0
+        };
         Plan {
             fires,
-            next_fire_at: next,
+            next_fire_at,
             missed,
         }
+    }
+
+    /// The slots from `from` (inclusive) to `to` (exclusive), counted for the log: exactly for
+    /// `every`, up to a bound for cron (a count, never kept).
+    fn missed_between(&self, when: &When, from: i64, to: i64) -> u64 {
+        match when {
+            When::Once(_) => u64::from(from < to),
+            When::Recurring(Timing::Every { every_ms, .. }) => ((to - from).max(0) + every_ms - 1)
+                .checked_div(*every_ms)
+                .unwrap_or(0) as u64,
+            When::Recurring(timing) => {
+                let mut n = 0u64;
+                let mut at = Some(from);
+                while let Some(slot) = at
+                    && slot < to
+                    && n < MISSED_COUNTED
+                {
+                    n += 1;
+                    at = timing.next_after(slot);
+                }
+                n
+            }
+        }
+    }
+
+    fn bound(&self, field: &'static str) -> Option<i64> {
+        let text = match field {
+            "start_at" => self.spec.start_at.as_deref(),
+            _ => self.spec.end_at.as_deref(),
+        };
+        text.and_then(|t| parse_time(field, t).ok())
+    }
+
+    /// The first slot at or after `now` (what a new, changed or resumed schedule fires next).
+    pub fn first_slot(&self, when: &When, now: i64) -> Option<i64> {
+        self.slot_after(when, now - 1, self.fires)
     }
 
     /// The request each fire's run is built from (checked as `POST /v1/runs` checks one).
@@ -755,6 +831,58 @@ mod tests {
     }
 
     #[test]
+    fn a_long_downtime_fires_the_latest_slots_and_costs_what_is_kept() {
+        // Two days down, every second: `once` fires the slot of just now, not an old one.
+        let mut s = every_second(0);
+        let now = 2 * 86_400_000 + 500;
+        let plan = s.plan(now, false, &RULES);
+        assert_eq!(plan.fires.len(), 60, "the last minute's slots are on time");
+        assert_eq!(
+            plan.fires.last(),
+            Some(&PlannedFire::Create(2 * 86_400_000))
+        );
+        assert_eq!(plan.missed, 2 * 86_400 - 60);
+        s.spec.missed = Missed::All;
+        s.spec.missed_limit = Some(5);
+        assert_eq!(s.plan(now, false, &RULES).fires.len(), 65);
+        // A per-second cron down for two days: planned from now backwards, at once.
+        let mut cron = s.clone();
+        cron.spec.every = None;
+        cron.spec.start_at = None;
+        cron.spec.cron = Some("* * * * * *".into());
+        cron.spec.missed = Missed::Once;
+        cron.next_fire_at = Some(1_000);
+        let t = std::time::Instant::now();
+        let plan = cron.plan(now, false, &RULES);
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            plan.fires.last(),
+            Some(&PlannedFire::Create(2 * 86_400_000))
+        );
+        assert_eq!(plan.next_fire_at, Some(2 * 86_400_000 + 1_000));
+    }
+
+    #[test]
+    fn a_one_shot_for_now_fires_at_once() {
+        let spec: ScheduleSpec = serde_json::from_value(serde_json::json!({
+            "agent": "a", "entrypoint": "e", "delay_s": 0
+        }))
+        .expect("a spec");
+        let mut s = every_second(5_000);
+        s.spec = spec.prepare(5_000, "UTC").expect("valid");
+        let when = s.spec.when("UTC").expect("timing");
+        s.next_fire_at = s.first_slot(&when, 5_000);
+        assert_eq!(s.next_fire_at, Some(5_000));
+        let plan = s.plan(5_001, false, &RULES);
+        assert_eq!(plan.fires, vec![PlannedFire::Create(5_000)]);
+        assert_eq!(plan.next_fire_at, None);
+    }
+
+    #[test]
     fn overlap_skip_records_the_slot_without_a_run() {
         let mut s = every_second(0);
         s.spec.overlap = Overlap::Skip;
@@ -824,6 +952,7 @@ mod tests {
             "timezone"
         );
         assert_eq!(bad(serde_json::json!({"every": "1x"})), "every");
+        assert_eq!(bad(serde_json::json!({"every": "106751991167d"})), "every");
         assert_eq!(bad(serde_json::json!({"every": "1s", "times": 0})), "times");
         assert_eq!(
             bad(serde_json::json!({"cron": "* * * * *", "times": 3})),

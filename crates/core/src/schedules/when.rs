@@ -69,8 +69,14 @@ fn english(text: &str, now_ms: i64, zone: &str) -> Result<i64, WhenError> {
     let now = jiff::Timestamp::from_millisecond(now_ms)
         .map_err(|_| unreadable())?
         .to_zoned(tz);
-    match parse_datetime::parse_datetime_at_date(now, words.join(" ")) {
-        Ok(parse_datetime::ParsedDateTime::InRange(z)) => Ok(z.timestamp().as_millisecond()),
+    let text = words.join(" ");
+    // The parser's arithmetic on extreme numbers may overflow (a panic where overflow is
+    // checked): such text is unreadable, not a crash.
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        parse_datetime::parse_datetime_at_date(now, text)
+    }));
+    match parsed {
+        Ok(Ok(parse_datetime::ParsedDateTime::InRange(z))) => Ok(z.timestamp().as_millisecond()),
         _ => Err(unreadable()),
     }
 }

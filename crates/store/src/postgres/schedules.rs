@@ -364,23 +364,29 @@ impl ScheduleStore for PgStore {
     ) -> Result<FireBatch, StoreError> {
         let limit = limit.max(1);
         let mut tx = self.pool.begin().await.map_err(db_err)?;
-        let due: Vec<DueSchedule> = sqlx::query(sql!("due_schedules"))
+        let rows = sqlx::query(sql!("due_schedules"))
             .bind(now)
             .bind(&agents)
             .bind(limit as i64)
             .fetch_all(&mut *tx)
             .await
-            .map_err(db_err)?
-            .iter()
-            .map(|row| {
-                let status: Option<String> = row.try_get(13).map_err(db_err)?;
-                Ok(DueSchedule {
-                    schedule: schedule_from_row(row)?,
+            .map_err(db_err)?;
+        let more = rows.len() >= limit;
+        let mut due = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let status: Option<String> = row.try_get(13).map_err(db_err)?;
+            match schedule_from_row(row) {
+                Ok(schedule) => due.push(DueSchedule {
+                    schedule,
                     last_run_status: status.as_deref().and_then(RunStatus::parse),
-                })
-            })
-            .collect::<Result<_, StoreError>>()?;
-        let more = due.len() >= limit;
+                }),
+                // One unreadable row must not stop every other schedule from firing.
+                Err(e) => {
+                    let id: String = row.try_get(0).unwrap_or_default();
+                    tracing::warn!(schedule = %id, "cannot read a stored schedule, skipping it: {e}");
+                }
+            }
+        }
         let fired = if due.is_empty() {
             let _ = tx.rollback().await;
             Vec::new()

@@ -216,17 +216,33 @@ fn fire_due(
     limit: usize,
     planner: &SchedulePlanner,
 ) -> rusqlite::Result<Result<FireBatch, StoreError>> {
-    let due: Vec<DueSchedule> = c
-        .prepare_cached(sql!("due_schedules"))?
-        .query_map(params![now, agents, limit as i64], |row| {
-            let status: Option<String> = row.get(13)?;
-            Ok(DueSchedule {
-                schedule: schedule_from_row(row)?,
+    let mut statement = c.prepare_cached(sql!("due_schedules"))?;
+    let rows = statement.query_map(params![now, agents, limit as i64], |row| {
+        let id: String = row.get(0)?;
+        let status: Option<String> = row.get(13)?;
+        Ok((
+            id,
+            schedule_from_row(row).map(|schedule| DueSchedule {
+                schedule,
                 last_run_status: status.as_deref().and_then(RunStatus::parse),
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
-    let more = due.len() >= limit;
+            }),
+        ))
+    })?;
+    let mut due = Vec::new();
+    let mut seen = 0;
+    for row in rows {
+        let (id, decoded) = row?;
+        seen += 1;
+        match decoded {
+            Ok(d) => due.push(d),
+            // One unreadable row must not stop every other schedule from firing.
+            Err(e) => {
+                tracing::warn!(schedule = %id, "cannot read a stored schedule, skipping it: {e}")
+            }
+        }
+    }
+    drop(statement);
+    let more = seen >= limit;
     let mut batch = FireBatch {
         more,
         ..FireBatch::default()
