@@ -71,3 +71,33 @@ pub(crate) fn body_or_error(
         }
     })
 }
+
+/// A list's `limit` (1 to 500; default 50), the same on every paged route.
+pub fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(crate::error::invalid(
+            "limit",
+            "integer from 1 to 500",
+            "`limit` must be from 1 to 500",
+        ));
+    }
+    Ok(limit)
+}
+
+/// A list's `cursor` that is a sequence number (`next_cursor` of the previous page); `None`:
+/// the first page.
+pub fn seq_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
+    match cursor {
+        None | Some("") => Ok(None),
+        Some(c) => c
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            .then(|| c.parse::<i64>().ok())
+            .flatten()
+            .map(Some)
+            .ok_or_else(|| {
+                crate::error::invalid("cursor", "a cursor from next_cursor", "invalid cursor")
+            }),
+    }
+}

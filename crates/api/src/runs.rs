@@ -463,24 +463,8 @@ pub(crate) async fn list_runs(
             )
         })?),
     };
-    let before_seq = match q.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(
-            c.bytes()
-                .all(|b| b.is_ascii_digit())
-                .then(|| c.parse::<i64>().ok())
-                .flatten()
-                .ok_or_else(|| invalid("cursor", "a cursor from next_cursor", "invalid cursor"))?,
-        ),
-    };
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(invalid(
-            "limit",
-            "integer from 1 to 500",
-            "`limit` must be from 1 to 500",
-        ));
-    }
+    let before_seq = crate::de::seq_cursor(q.cursor.as_deref())?;
+    let limit = crate::de::page_limit(q.limit)?;
     // An agent given by name is stored by id.
     let agent = q.agent.map(|a| {
         state

@@ -366,14 +366,7 @@ pub(crate) async fn list_schedules(
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let who = principal(caller);
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(invalid(
-            "limit",
-            "integer from 1 to 500",
-            "`limit` must be from 1 to 500",
-        ));
-    }
+    let limit = crate::de::page_limit(q.limit)?;
     if q.cursor.as_deref().is_some_and(|c| c.len() > 100) {
         return Err(invalid(
             "cursor",
@@ -704,21 +697,8 @@ pub(crate) async fn list_fires(
 ) -> Result<Response, ApiError> {
     let q = query(q)?;
     let who = principal(caller);
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(invalid(
-            "limit",
-            "integer from 1 to 500",
-            "`limit` must be from 1 to 500",
-        ));
-    }
-    let before = match q.cursor.as_deref() {
-        None | Some("") => None,
-        Some(c) => Some(
-            c.parse::<i64>()
-                .map_err(|_| invalid("cursor", "a cursor from next_cursor", "invalid cursor"))?,
-        ),
-    };
+    let limit = crate::de::page_limit(q.limit)?;
+    let before = crate::de::seq_cursor(q.cursor.as_deref())?;
     find(&state, &who, &id).await?;
     let fires = state
         .scheduler

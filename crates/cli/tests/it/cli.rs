@@ -171,19 +171,24 @@ fn the_default_relative_state_dir_works_from_any_directory() {
     );
 }
 
-fn runs_cli(srv: &Server, args: &[&str]) -> serde_json::Value {
+/// `agentry COMMAND --url <srv> ARGS…`, which must succeed; its JSON output.
+fn client_cli(srv: &Server, command: &str, args: &[&str]) -> serde_json::Value {
     let out = agentry()
-        .arg("runs")
+        .arg(command)
         .args(["--url", &srv.base])
         .args(args)
         .output()
-        .expect("agentry runs");
+        .expect("agentry");
     assert!(
         out.status.success(),
-        "{args:?}: {}",
+        "{command} {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     json(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn runs_cli(srv: &Server, args: &[&str]) -> serde_json::Value {
+    client_cli(srv, "runs", args)
 }
 
 #[test]
@@ -293,18 +298,7 @@ fn two_agents_that_one_name_would_name_are_refused() {
 }
 
 fn schedules_cli(srv: &Server, args: &[&str]) -> serde_json::Value {
-    let out = agentry()
-        .arg("schedules")
-        .args(["--url", &srv.base])
-        .args(args)
-        .output()
-        .expect("agentry schedules");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    json(&String::from_utf8_lossy(&out.stdout))
+    client_cli(srv, "schedules", args)
 }
 
 /// `agentry schedules`: create (English one-shot and cron), get with the next slots, update,
