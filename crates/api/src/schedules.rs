@@ -612,8 +612,8 @@ pub(crate) async fn trigger_schedule(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let who = principal(caller);
-    find(&state, &who, &id).await?;
-    let (run, fire) = match state.scheduler.trigger(&id).await {
+    let schedule = find(&state, &who, &id).await?;
+    let (run, fire) = match state.scheduler.trigger(&schedule).await {
         Ok(Some(done)) => done,
         Ok(None) => return Err(not_found(&id)),
         Err(TriggerError::Rejected(r)) => return Err(crate::error::run_rejected(r)),

@@ -119,16 +119,18 @@ impl Scheduler {
         )
     }
 
-    /// Fires `id` now, outside its timing (`POST /v1/schedules/{id}/trigger`): a run, recorded
-    /// as a manual fire. `None`: no such schedule.
-    pub async fn trigger(&self, id: &str) -> Result<Option<(Run, ScheduleFire)>, TriggerError> {
+    /// Fires `schedule` (as the caller read it) now, outside its timing
+    /// (`POST /v1/schedules/{id}/trigger`): a run, recorded as a manual fire. `None`: the
+    /// schedule was deleted meanwhile.
+    pub async fn trigger(
+        &self,
+        schedule: &Schedule,
+    ) -> Result<Option<(Run, ScheduleFire)>, TriggerError> {
         let store = &self.inner.store;
-        let Some(schedule) = store.get_schedule(id).await.map_err(TriggerError::Store)? else {
-            return Ok(None);
-        };
+        let id = schedule.id.as_str();
         let now = self.inner.engine.inner.settings.clock.now_ms();
         let run = self
-            .build_run(&schedule, now)
+            .build_run(schedule, now)
             .map_err(TriggerError::Rejected)?;
         let fire = NewFire {
             slot: now,
