@@ -209,7 +209,7 @@ impl Scheduler {
                         let left = next - engine.settings.clock.now_ms();
                         sleep = sleep.min(Duration::from_millis(left.max(0) as u64));
                     }
-                    if batch.fired.is_empty() {
+                    if batch.fired.is_empty() && batch.next_due.is_some_and(|n| n <= now) {
                         // Due but not ours to fire now (another node holds it): look again
                         // soon, without spinning.
                         sleep = sleep.max(BUSY_FLOOR);

@@ -470,14 +470,16 @@ async fn a_node_stopped_gracefully_hands_its_runs_to_another_at_once() {
         .args(["--shutdown-grace-s", "0.2"])
         .start()
         .await;
+    // The other node is up before the run starts (its start-up, slow on a busy machine, must
+    // not outlast the run); the run is leased in its creating commit to the node it is
+    // created on.
+    let staying = node(&schema).await;
     let id = create_on(
         &leaving,
         json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1, "ms": 1500}}),
     )
     .await;
     wait_started(&leaving, &id).await;
-    // The other node is up before the first one leaves.
-    let staying = node(&schema).await;
     let stopped = std::time::Instant::now();
     leaving.stop().await;
     let (status, text) = get(&staying.url(&format!("/v1/runs/{id}/wait?timeout_s=25"))).await;
