@@ -43,18 +43,26 @@ async fn node(schema: &str) -> crate::common::app::TestApp {
 
 /// Two nodes on one database share one queue: runs created on either are executed once, by
 /// whichever node claims them, and each node answers for every run (its `wait` returns when the
-/// other node finishes it).
+/// other node finishes it). Each node runs one run at a time and each run lasts 50 ms, so a
+/// node woken by a run it accepted finds the other busy: both take part by construction, not
+/// by winning a race.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_nodes_on_one_postgres_share_their_runs() {
     let schema = schema();
-    let a = node(&schema).await;
-    let b = node(&schema).await;
+    let one_at_a_time = |schema: &str| {
+        let mut args = on_postgres(schema);
+        args.extend(["--max-running-runs".into(), "1".into()]);
+        app(fixture("durable")).args(args).start()
+    };
+    let a = one_at_a_time(&schema).await;
+    let b = one_at_a_time(&schema).await;
     let mut ids = Vec::new();
     for i in 0..40 {
         let node = if i % 2 == 0 { &a } else { &b };
         let (status, text) = post(
             &node.url("/v1/runs"),
-            &json!({"agent": "durable", "entrypoint": "work", "input": {"i": i}}).to_string(),
+            &json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": 50}})
+                .to_string(),
         )
         .await;
         assert_eq!(status, 202, "{text}");
