@@ -194,7 +194,8 @@ pub fn status_of(code: ErrorCode) -> StatusCode {
         | ErrorCode::EntrypointNotFound
         | ErrorCode::RunNotFound
         | ErrorCode::KeyNotFound
-        | ErrorCode::ScheduleNotFound => StatusCode::NOT_FOUND,
+        | ErrorCode::ScheduleNotFound
+        | ErrorCode::HookNotFound => StatusCode::NOT_FOUND,
         ErrorCode::IdempotencyConflict | ErrorCode::Conflict => StatusCode::CONFLICT,
         ErrorCode::WrongEntrypointKind => StatusCode::BAD_REQUEST,
         ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,

@@ -12,6 +12,7 @@ mod browser;
 pub mod compat;
 mod de;
 pub mod error;
+mod hooks;
 pub mod keys;
 pub mod limits;
 mod metrics;

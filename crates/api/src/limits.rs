@@ -29,6 +29,8 @@ use crate::error::ApiError;
 pub enum RouteClass {
     Invoke,
     Runs,
+    /// Webhook deliveries (per sending address: a delivery carries no key).
+    Hooks,
     Other,
 }
 
@@ -37,6 +39,7 @@ impl RouteClass {
         match self {
             Self::Invoke => "invoke",
             Self::Runs => "runs",
+            Self::Hooks => "hooks",
             Self::Other => "other",
         }
     }
@@ -45,6 +48,7 @@ impl RouteClass {
         match s {
             "invoke" => Some(Self::Invoke),
             "runs" => Some(Self::Runs),
+            "hooks" => Some(Self::Hooks),
             "other" => Some(Self::Other),
             _ => None,
         }

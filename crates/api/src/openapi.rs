@@ -41,6 +41,7 @@ type S = Arc<AppState>;
         (name = "invoke", description = "Calls: answered at once, never stored"),
         (name = "entrypoints", description = "One path per served entrypoint, with its parameters and docstring"),
         (name = "runs", description = "Durable runs: queued, retried, resumable"),
+        (name = "hooks", description = "Webhook deliveries, signed with the hook's secret instead of an API key"),
         (name = "keys", description = "API keys (admin scope)"),
         (name = "operations", description = "Probes and this description"),
     ),

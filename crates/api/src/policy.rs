@@ -82,6 +82,8 @@ pub const RUNS_WRITE: Policy =
     Policy::new(Access::Scope(Scope::RunsWrite), RouteClass::Runs).store();
 pub const SCHEDULES: Policy =
     Policy::new(Access::Scope(Scope::Schedules), RouteClass::Runs).store();
+/// Webhook deliveries: no key (the handler checks the hook's signature), their own limit.
+pub const HOOKS: Policy = Policy::new(Access::Public, RouteClass::Hooks).store();
 pub const KEYS: Policy = Policy::new(Access::Scope(Scope::Admin), RouteClass::Other).store();
 
 /// The policies of the native API's operations, by path and method (for the OpenAPI

@@ -20,7 +20,7 @@ use utoipa_axum::routes;
 use crate::auth::{Principal, presented_token, refuse};
 pub use crate::policy::*;
 use crate::state::AppState;
-use crate::{compat, keys, metrics, native, nodes, openapi, probes, runs, schedules};
+use crate::{compat, hooks, keys, metrics, native, nodes, openapi, probes, runs, schedules};
 
 type S = Arc<AppState>;
 
@@ -50,6 +50,7 @@ fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
         (SCHEDULES, routes!(schedules::resume_schedule)),
         (SCHEDULES, routes!(schedules::trigger_schedule)),
         (SCHEDULES, routes!(schedules::list_fires)),
+        (HOOKS, routes!(hooks::deliver)),
         (KEYS, routes!(keys::create_key)),
         (KEYS, routes!(keys::list_keys)),
         (KEYS, routes!(keys::revoke_key)),
@@ -353,6 +354,8 @@ mod tests {
                 "{method} {path}"
             );
         }
+        // A delivery carries its hook's signature, not a key.
+        assert_eq!(of("post", "/v1/hooks/{name}"), Access::Public);
         assert_eq!(of("get", "/v1/nodes"), Access::Scope(Scope::RunsRead));
         assert_eq!(of("get", "/metrics"), Access::AnyKey);
         assert_eq!(of("delete", "/v1/keys/{id}"), Access::Scope(Scope::Admin));
@@ -364,6 +367,7 @@ mod tests {
                 path.starts_with("/v1/runs")
                     || path.starts_with("/v1/keys")
                     || path.starts_with("/v1/schedules")
+                    || path.starts_with("/v1/hooks")
                     || path == "/v1/nodes",
                 "{method} {path}"
             );

@@ -25,6 +25,8 @@ pub enum ErrorCode {
     KeyNotFound,
     /// No schedule with that id (never created, or deleted).
     ScheduleNotFound,
+    /// No webhook with that name is declared.
+    HookNotFound,
     /// The request conflicts with what is stored: a schedule's name is taken, or the schedule
     /// changed while the request was applied (retry it).
     Conflict,
@@ -58,7 +60,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, in documentation order.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::AuthenticationError,
         Self::PermissionError,
         Self::RateLimitError,
@@ -68,6 +70,7 @@ impl ErrorCode {
         Self::RunNotFound,
         Self::KeyNotFound,
         Self::ScheduleNotFound,
+        Self::HookNotFound,
         Self::Conflict,
         Self::IdempotencyConflict,
         Self::WrongEntrypointKind,
@@ -95,6 +98,7 @@ impl ErrorCode {
             Self::RunNotFound => "run_not_found",
             Self::KeyNotFound => "key_not_found",
             Self::ScheduleNotFound => "schedule_not_found",
+            Self::HookNotFound => "hook_not_found",
             Self::Conflict => "conflict",
             Self::IdempotencyConflict => "idempotency_conflict",
             Self::WrongEntrypointKind => "wrong_entrypoint_kind",
@@ -140,6 +144,7 @@ mod tests {
                 | ErrorCode::RunNotFound
                 | ErrorCode::KeyNotFound
                 | ErrorCode::ScheduleNotFound
+                | ErrorCode::HookNotFound
                 | ErrorCode::Conflict
                 | ErrorCode::IdempotencyConflict
                 | ErrorCode::WrongEntrypointKind

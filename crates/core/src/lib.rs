@@ -19,6 +19,7 @@ pub mod runs;
 pub mod schedules;
 pub mod schema;
 pub mod store;
+pub mod webhooks;
 
 pub use store::{
     FireBatch, Fired, InUse, Invocation, InvocationHistory, KeyStore, RunStore, SchedulePlanner,

@@ -44,8 +44,10 @@ impl RateSpec {
                 .ok_or_else(|| format!("`{text}`: the burst must be a positive integer"))?,
             None => per_second.ceil().max(1.0) as u32,
         };
-        if !["invoke", "runs", "other"].contains(&class) {
-            return Err(format!("`{text}`: the class is invoke, runs or other"));
+        if !["invoke", "runs", "hooks", "other"].contains(&class) {
+            return Err(format!(
+                "`{text}`: the class is invoke, runs, hooks or other"
+            ));
         }
         Ok((class.to_string(), RateSpec { per_second, burst }))
     }
@@ -177,10 +179,35 @@ impl Config {
         self.store.validate()?;
         self.gateway.validate()?;
         self.schedules.validate()?;
+        let mut hooks: BTreeMap<&str, String> = BTreeMap::new();
         for (name, agent) in &self.agents {
             agent.validate(&format!("agents.{name}"))?;
+            for (tag, e) in &agent.entrypoints {
+                let Some(hook) = &e.webhook else { continue };
+                let at = format!("agents.{name}.entrypoints.{tag}.webhook.name");
+                if let Some(first) = hooks.insert(&hook.name, at.clone()) {
+                    return Err(bad(
+                        &at,
+                        format!("the hook `{}` is also declared at {first}", hook.name),
+                    ));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Every webhook declared: the agent's key under `agents`, the entrypoint's tag, and
+    /// the hook's settings.
+    pub fn webhooks(
+        &self,
+    ) -> impl Iterator<Item = (&str, &str, &crate::webhooks::WebhookSettings)> {
+        self.agents.iter().flat_map(|(agent, a)| {
+            a.entrypoints.iter().filter_map(move |(tag, e)| {
+                e.webhook
+                    .as_ref()
+                    .map(|h| (agent.as_str(), tag.as_str(), h))
+            })
+        })
     }
 
     pub fn shutdown_grace(&self) -> Duration {
@@ -737,6 +764,8 @@ pub struct AgentSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct EntrypointSettings {
     pub timeout_s: Option<f64>,
+    /// A webhook that starts a run of this entrypoint (`docs/webhooks.md`).
+    pub webhook: Option<crate::webhooks::WebhookSettings>,
 }
 
 impl AgentSettings {
@@ -757,9 +786,48 @@ impl AgentSettings {
             if let Some(t) = e.timeout_s {
                 positive_secs(&format!("{at}.entrypoints.{tag}.timeout_s"), t)?;
             }
+            if let Some(hook) = &e.webhook {
+                validate_webhook(&format!("{at}.entrypoints.{tag}.webhook"), hook)?;
+            }
         }
         Ok(())
     }
+}
+
+/// A webhook's settings on their own; names unique across agents are checked by
+/// `Config::validate`.
+fn validate_webhook(at: &str, hook: &crate::webhooks::WebhookSettings) -> Result<(), ConfigError> {
+    if !crate::webhooks::valid_name(&hook.name) {
+        return Err(bad(
+            &format!("{at}.name"),
+            "must be 1 to 64 of A-Z a-z 0-9 . _ -, starting with a letter or digit",
+        ));
+    }
+    match (&hook.secret_env, &hook.secret_file) {
+        (Some(_), Some(_)) | (None, None) => {
+            return Err(bad(
+                &format!("{at}.secret_env"),
+                "give exactly one of `secret_env` (a variable's name) and `secret_file` (a path); a secret is never written inline",
+            ));
+        }
+        (Some(var), None) if var.is_empty() => {
+            return Err(bad(&format!("{at}.secret_env"), "must name a variable"));
+        }
+        _ => {}
+    }
+    if !(1..=86_400).contains(&hook.tolerance_s) {
+        return Err(bad(
+            &format!("{at}.tolerance_s"),
+            "must be from 1 to 86400 seconds",
+        ));
+    }
+    if hook.max_body_bytes == Some(0) {
+        return Err(bad(&format!("{at}.max_body_bytes"), "must be at least 1"));
+    }
+    for (param, path) in &hook.input {
+        crate::webhooks::parse_path(path).map_err(|m| bad(&format!("{at}.input.{param}"), m))?;
+    }
+    Ok(())
 }
 
 /// How a setting's environment variable or flag turns into its value.
@@ -949,7 +1017,7 @@ pub const FIELDS: &[Field] = &[
         .no_env(),
     field("gateway.expose_tracebacks", "expose-tracebacks", "AGENTRY_EXPOSE_TRACEBACKS", "include Python tracebacks in native errors for every caller (development); admin keys always see them")
         .flag(),
-    field("gateway.rate_limits", "rate-limit", "AGENTRY_RATE_LIMIT", "`CLASS=RATE[:BURST]` per caller (API key, or client IP without keys); classes `invoke`, `runs`, `other`; repeatable or comma-separated")
+    field("gateway.rate_limits", "rate-limit", "AGENTRY_RATE_LIMIT", "`CLASS=RATE[:BURST]` per caller (API key, or client IP without keys); classes `invoke`, `runs`, `hooks` (webhook deliveries, per sending IP), `other`; repeatable or comma-separated")
         .list(),
     field("gateway.agent_rate_limits", "agent-rate-limit", "AGENTRY_AGENT_RATE_LIMIT", "`CLASS=RATE[:BURST]` per agent")
         .list(),

@@ -3,6 +3,7 @@
 //! * `config`: the layered configuration (defaults, `agentry.toml`, `AGENTRY_*` variables,
 //!   flags), with the source of every value.
 //! * `agents`: reading agent folders and starting their warm workers.
+//! * `hooks`: the configured webhooks, their secrets read and their mappings checked.
 //! * `lock`: one owner per state directory and run database.
 //! * `startup`: [`Application`], which opens the stores, starts the agents and the run engine,
 //!   binds, serves, and shuts everything down in order.
@@ -11,6 +12,7 @@
 
 pub mod agents;
 pub mod config;
+mod hooks;
 mod lock;
 mod startup;
 

@@ -356,6 +356,13 @@ impl Application {
             tracing::warn!("{w}");
         }
         let agents = Arc::new(Agents::new(started.agents));
+        let hooks = match crate::hooks::resolve(&config, &agents) {
+            Ok(h) => h,
+            Err(e) => {
+                agents.shutdown(Duration::ZERO).await;
+                return Err(e);
+            }
+        };
         let db = match db {
             Some(Ok(db)) => Some(db),
             Some(Err(e)) => {
@@ -444,6 +451,7 @@ impl Application {
             draining: Default::default(),
             engine,
             scheduler,
+            hooks,
             auth: Arc::clone(&auth),
             limits,
             openapi: Default::default(),

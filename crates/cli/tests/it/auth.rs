@@ -547,7 +547,7 @@ async fn without_keys_rate_limits_apply_per_client_address() {
     let bad = server(durable())
         .args(["--rate-limit", "everything=5"])
         .try_start();
-    assert!(bad.is_err_and(|log| log.contains("the class is invoke, runs or other")));
+    assert!(bad.is_err_and(|log| log.contains("the class is invoke, runs, hooks or other")));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -9,6 +9,7 @@ mod auth;
 mod cli;
 mod compat_golden;
 mod config;
+mod hooks;
 mod limits;
 mod openapi;
 mod postgres;

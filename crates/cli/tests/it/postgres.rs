@@ -712,9 +712,7 @@ async fn a_cluster_cap_per_agent_holds_across_nodes() {
     args.extend(["--cluster-max-running-runs-per-agent".into(), "2".into()]);
     let a = app(fixture("durable")).args(args.clone()).start().await;
     let b = app(fixture("durable")).args(args).start().await;
-    let sleepy = |i: usize, ms: u64| {
-        json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": ms}})
-    };
+    let sleepy = |i: usize, ms: u64| json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": i, "ms": ms}});
     let long = [
         create_on(&a, sleepy(0, 3000)).await,
         create_on(&b, sleepy(1, 3000)).await,

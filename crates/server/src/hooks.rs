@@ -1,0 +1,96 @@
+//! The webhooks declared in the configuration, made ready at start-up: each secret read from
+//! its variable or file (never from the configuration itself), each target entrypoint found,
+//! and each input mapping checked against the parameters its worker reported, so that a hook
+//! which could never start a run stops the start instead of answering 422 to every delivery.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use agentry_core::Config;
+use agentry_core::webhooks::{Hook, WebhookSettings};
+use agentry_engine::Agents;
+use anyhow::bail;
+use serde_json::Value;
+
+/// The hooks by name.
+pub fn resolve(config: &Config, agents: &Agents) -> anyhow::Result<HashMap<String, Arc<Hook>>> {
+    let mut hooks = HashMap::new();
+    let mut problems = Vec::new();
+    for (agent_key, tag, settings) in config.webhooks() {
+        let at = format!("agents.{agent_key}.entrypoints.{tag}.webhook");
+        match resolve_one(config, agents, agent_key, tag, settings) {
+            Ok(hook) => {
+                hooks.insert(hook.name.clone(), Arc::new(hook));
+            }
+            Err(why) => problems.push(format!("configuration error: {at}: {why}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(hooks)
+}
+
+fn resolve_one(
+    config: &Config,
+    agents: &Agents,
+    agent_key: &str,
+    tag: &str,
+    settings: &WebhookSettings,
+) -> Result<Hook, String> {
+    let agent = agents
+        .get(agent_key)
+        .ok_or_else(|| format!("no agent served here has the name or id `{agent_key}`"))?;
+    let secret = match (&settings.secret_env, &settings.secret_file) {
+        (Some(var), _) => std::env::var(var)
+            .map_err(|_| format!("the variable `{var}` that holds its secret is not set"))?,
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| format!("its secret file {} cannot be read: {e}", path.display()))?
+            .trim_end()
+            .to_string(),
+        (None, None) => return Err("it has no secret".into()),
+    };
+    let hook = Hook::new(
+        settings,
+        &agent.config.agent_id,
+        tag,
+        &secret,
+        config.http.max_body_bytes,
+    )?;
+    if let Some(report) = agent.executor.entrypoint(tag) {
+        check_mapping(&hook, &report.schema)?;
+    }
+    Ok(hook)
+}
+
+/// Every mapped parameter exists, and every required one is mapped.
+fn check_mapping(hook: &Hook, schema: &Value) -> Result<(), String> {
+    let mapped: Vec<&str> = hook.mapped_parameters().collect();
+    if mapped.is_empty() {
+        return Ok(());
+    }
+    let props = schema.get("properties").and_then(Value::as_object);
+    let open = !matches!(schema.get("additionalProperties"), Some(Value::Bool(false)));
+    if let Some(unknown) = mapped
+        .iter()
+        .find(|p| !open && !props.is_some_and(|props| props.contains_key(**p)))
+    {
+        return Err(format!(
+            "`input.{unknown}`: entrypoint `{}` has no such parameter",
+            hook.entrypoint
+        ));
+    }
+    let required = schema.get("required").and_then(Value::as_array);
+    if let Some(missing) = required
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|r| !mapped.contains(r))
+    {
+        return Err(format!(
+            "`input` maps nothing to `{missing}`, a required parameter of entrypoint `{}`",
+            hook.entrypoint
+        ));
+    }
+    Ok(())
+}
