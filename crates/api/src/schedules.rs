@@ -97,7 +97,8 @@ pub(crate) struct ScheduleView {
     fires: u64,
     last_fire_at: Option<String>,
     last_run_id: Option<String>,
-    /// The id of the API key that created it (null: authentication off, or configuration).
+    /// The id of the API key that created it (null: authentication off; `config`: a timer
+    /// declared in the configuration).
     created_by: Option<String>,
     created_at: Option<String>,
     updated_at: Option<String>,

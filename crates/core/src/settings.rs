@@ -179,6 +179,7 @@ impl Config {
         self.store.validate()?;
         self.gateway.validate()?;
         self.schedules.validate()?;
+        self.timers()?;
         let mut hooks: BTreeMap<&str, String> = BTreeMap::new();
         for (name, agent) in &self.agents {
             agent.validate(&format!("agents.{name}"))?;
@@ -194,6 +195,59 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Every timer declared, as the schedule it stands for (its agent as written under
+    /// `agents`).
+    pub fn timers(&self) -> Result<Vec<crate::schedules::ScheduleSpec>, ConfigError> {
+        let mut out: Vec<crate::schedules::ScheduleSpec> = Vec::new();
+        for (agent, a) in &self.agents {
+            for (tag, e) in &a.entrypoints {
+                for (i, timer) in e.timers.iter().enumerate() {
+                    let at = format!("agents.{agent}.entrypoints.{tag}.timers[{i}]");
+                    let mut doc = timer.clone();
+                    for reserved in ["agent", "entrypoint"] {
+                        if doc.contains_key(reserved) {
+                            return Err(bad(
+                                &format!("{at}.{reserved}"),
+                                "is the agent and entrypoint the timer is declared under",
+                            ));
+                        }
+                    }
+                    doc.insert("agent".into(), agent.as_str().into());
+                    doc.insert("entrypoint".into(), tag.as_str().into());
+                    let spec: crate::schedules::ScheduleSpec =
+                        serde_json::from_value(serde_json::Value::Object(doc))
+                            .map_err(|e| bad(&at, format!("not a schedule: {e}")))?;
+                    let Some(name) = spec.name.as_deref() else {
+                        return Err(bad(&format!("{at}.name"), "a timer needs a name"));
+                    };
+                    // Declared again at every start, a timer must mean the same instant each time.
+                    if spec.delay_s.is_some() || spec.at_text.is_some() {
+                        return Err(bad(
+                            &at,
+                            "a timer's one-shot time is an RFC 3339 `at` (a delay or an English time would move at every start)",
+                        ));
+                    }
+                    if let Some(when) = &spec.at
+                        && chrono::DateTime::parse_from_rfc3339(when).is_err()
+                    {
+                        return Err(bad(
+                            &format!("{at}.at"),
+                            "must be an RFC 3339 time (a delay or an English time would move at every start)",
+                        ));
+                    }
+                    if out.iter().any(|o| o.name.as_deref() == Some(name)) {
+                        return Err(bad(
+                            &format!("{at}.name"),
+                            format!("another timer is named `{name}`"),
+                        ));
+                    }
+                    out.push(spec);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Every webhook declared: the agent's key under `agents`, the entrypoint's tag, and
@@ -766,6 +820,9 @@ pub struct EntrypointSettings {
     pub timeout_s: Option<f64>,
     /// A webhook that starts a run of this entrypoint (`docs/webhooks.md`).
     pub webhook: Option<crate::webhooks::WebhookSettings>,
+    /// Schedules of this entrypoint, declared here (`docs/schedules.md`, "Timers"): each the
+    /// fields of `POST /v1/schedules` but `agent` and `entrypoint`, with a `name`.
+    pub timers: Vec<serde_json::Map<String, serde_json::Value>>,
 }
 
 impl AgentSettings {

@@ -25,6 +25,7 @@ pub mod metrics;
 mod schedules;
 mod settings;
 mod state;
+mod timers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -43,6 +44,7 @@ pub use hub::{EventHub, Published, Subscription};
 pub use schedules::{Scheduler, SchedulerSettings, TriggerError};
 pub use settings::EngineSettings;
 use state::{Abandon, Inner};
+pub use timers::{CONFIG_OWNER, Declared};
 
 /// The engine of one node. Cheap to clone.
 #[derive(Clone)]

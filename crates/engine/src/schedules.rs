@@ -40,12 +40,12 @@ pub struct SchedulerSettings {
 /// The scheduler of this node. Cheap to clone.
 #[derive(Clone)]
 pub struct Scheduler {
-    inner: Arc<SchedulerInner>,
+    pub(crate) inner: Arc<SchedulerInner>,
 }
 
-struct SchedulerInner {
-    engine: Engine,
-    store: Arc<dyn ScheduleStore>,
+pub(crate) struct SchedulerInner {
+    pub(crate) engine: Engine,
+    pub(crate) store: Arc<dyn ScheduleStore>,
     settings: SchedulerSettings,
     wake: Notify,
 }

@@ -409,6 +409,30 @@ impl Application {
                 schedules: config.schedules.clone(),
             },
         );
+        if role == NodeRole::Serve {
+            let declared = match config.timers() {
+                Ok(timers) => scheduler.declare_timers(&timers).await,
+                Err(e) => Err(e.to_string()),
+            };
+            match declared {
+                Ok(d) => {
+                    if d != agentry_engine::Declared::default() {
+                        tracing::info!(
+                            created = ?d.created,
+                            changed = ?d.changed,
+                            unchanged = ?d.unchanged,
+                            deleted = ?d.deleted,
+                            "timers declared"
+                        );
+                    }
+                }
+                Err(e) => {
+                    engine.shutdown(Duration::ZERO).await;
+                    agents.shutdown(Duration::ZERO).await;
+                    bail!("configuration error: {e}");
+                }
+            }
+        }
         if let Some(db) = &db {
             for a in agents.iter() {
                 if let Err(e) = db

@@ -595,3 +595,170 @@ async fn a_node_sigkilled_just_after_a_fire_leaves_the_slots_run_exactly_once() 
         assert_eq!(ends, 1, "{events:?}");
     }
 }
+
+/// `durable`'s `work` entrypoint with these timers declared.
+fn with_timers(timers: Vec<Value>) -> agentry_core::settings::AgentSettings {
+    let entrypoint = agentry_core::settings::EntrypointSettings {
+        timers: timers
+            .into_iter()
+            .map(|t| t.as_object().cloned().expect("a timer is an object"))
+            .collect(),
+        ..Default::default()
+    };
+    agentry_core::settings::AgentSettings {
+        entrypoints: [("work".to_string(), entrypoint)].into(),
+        ..Default::default()
+    }
+}
+
+async fn all_schedules(node: &impl Served) -> Vec<Value> {
+    let (status, text) = get(&node.url("/v1/schedules?limit=500")).await;
+    assert_eq!(status, 200, "{text}");
+    json(&text)["schedules"]
+        .as_array()
+        .expect("schedules")
+        .clone()
+}
+
+/// Serves `durable` on `state` (kept across restarts) with `timers`.
+async fn serve_timers(
+    state: &std::path::Path,
+    timers: Vec<Value>,
+    also: impl FnOnce(&mut agentry_server::Config),
+) -> crate::common::app::TestApp {
+    let state = state.to_path_buf();
+    crate::common::app::TestApp::start(vec![fixture("durable")], move |c| {
+        c.state_dir = state;
+        c.agents.insert("durable".into(), with_timers(timers));
+        also(c);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_timer_in_the_configuration_is_declared_once_and_follows_its_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let tick = |i: i64| json!({"name": "tick", "every": "1s", "input": {"i": i}});
+
+    let node = serve_timers(&state, vec![tick(3)], |_| {}).await;
+    let list = all_schedules(&node).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    let id = list[0]["id"].as_str().expect("id").to_string();
+    assert_eq!(list[0]["created_by"], "config");
+    assert_eq!(list[0]["name"], "tick");
+    assert_eq!(list[0]["input"], json!({"i": 3}));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(!fires(&node, &id).await.is_empty(), "the timer fires");
+    node.stop().await;
+
+    // The same configuration again: the same schedule, untouched.
+    let node = serve_timers(&state, vec![tick(3)], |_| {}).await;
+    let list = all_schedules(&node).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["id"], id.as_str());
+    let first_start = list[0]["start_at"].clone();
+    node.stop().await;
+
+    // Changed: the same schedule, changed, keeping its phase; a second timer is created.
+    let nightly = json!({"name": "nightly", "cron": "0 3 * * *", "timezone": "Europe/Berlin", "input": {"i": 1}});
+    let node = serve_timers(&state, vec![tick(4), nightly.clone()], |_| {}).await;
+    let list = all_schedules(&node).await;
+    assert_eq!(list.len(), 2, "{list:?}");
+    let tick_now = list.iter().find(|s| s["name"] == "tick").expect("tick");
+    assert_eq!(tick_now["id"], id.as_str());
+    assert_eq!(tick_now["input"], json!({"i": 4}));
+    assert_eq!(tick_now["start_at"], first_start);
+    node.stop().await;
+
+    // Taken out of the configuration: its schedule is deleted; an API schedule stays.
+    let node = serve_timers(&state, vec![nightly], |_| {}).await;
+    create(&node, every_second("from-the-api")).await;
+    node.stop().await;
+    let node = serve_timers(&state, vec![], |_| {}).await;
+    let names: Vec<Value> = all_schedules(&node)
+        .await
+        .iter()
+        .map(|s| s["name"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("from-the-api")]);
+    node.stop().await;
+}
+
+/// Three nodes starting at once on one PostgreSQL declare one schedule per timer.
+#[tokio::test]
+async fn nodes_starting_together_on_postgres_declare_each_timer_once() {
+    let schema = schema();
+    let start = |_: usize| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schema = schema.to_string();
+        async move {
+            let node = serve_timers(
+                &dir.path().join("state"),
+                vec![json!({"name": "tick", "every": "1s", "input": {"i": 1}})],
+                move |c| {
+                    c.store.database_url = Some(pg_url());
+                    c.store.database_schema = Some(schema);
+                },
+            )
+            .await;
+            (node, dir)
+        }
+    };
+    let (a, b, c) = tokio::join!(start(0), start(1), start(2));
+    let list = all_schedules(&a.0).await;
+    assert_eq!(list.len(), 1, "{list:?}");
+    for (node, _) in [c, b, a] {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_timer_that_cannot_be_declared_stops_the_start() {
+    let cases = [
+        (json!({"every": "1s"}), "needs a name"),
+        (json!({"name": "t", "delay_s": 5}), "RFC 3339"),
+        (json!({"name": "t", "at": "tomorrow at 9am"}), "RFC 3339"),
+        (
+            json!({"name": "t", "every": "1s", "agent": "x"}),
+            "declared under",
+        ),
+        (
+            json!({"name": "t", "every": "1s", "colour": "red"}),
+            "not a schedule",
+        ),
+    ];
+    for (timer, expected) in cases {
+        let mut config = agentry_server::Config::default();
+        config
+            .agents
+            .insert("durable".into(), with_timers(vec![timer.clone()]));
+        let said = config.validate().map_err(|e| e.to_string());
+        assert!(
+            said.as_ref().is_err_and(|e| e.contains(expected)),
+            "{timer}: expected `{expected}` in {said:?}"
+        );
+    }
+    // Valid as configuration, refused by the entrypoint: `i` must be an integer.
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut config = agentry_server::Config {
+        agent_dirs: vec![fixture("durable")],
+        state_dir: state.path().to_path_buf(),
+        ..Default::default()
+    };
+    config.http.port = Some(0);
+    config.workers.count = Some(1);
+    config.store.runagent_db = false;
+    config.agents.insert(
+        "durable".into(),
+        with_timers(vec![
+            json!({"name": "t", "every": "1s", "input": {"i": "x"}}),
+        ]),
+    );
+    config.validate().expect("valid as configuration");
+    let said = match agentry_server::Application::build(config).await {
+        Ok(_) => "started".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(said.contains("timer `t`"), "{said}");
+}
