@@ -45,10 +45,6 @@ fn integral<'de, D: Deserializer<'de>, T: TryFrom<i64>>(
         .ok_or_else(|| D::Error::custom(format!("{number} is not an integer in range")))
 }
 
-pub fn int<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<T, D::Error> {
-    integral::<D, T>(serde_json::Number::deserialize(d)?)
-}
-
 pub fn opt_int<'de, D: Deserializer<'de>, T: TryFrom<i64>>(d: D) -> Result<Option<T>, D::Error> {
     Option::<serde_json::Number>::deserialize(d)?
         .map(integral::<D, T>)

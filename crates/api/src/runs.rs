@@ -89,9 +89,9 @@ struct CreateBody<'a> {
     #[serde(default)]
     #[schema(min_length = 1, max_length = 256)]
     idempotency_key: Option<String>,
-    /// Higher runs first.
-    #[serde(default, deserialize_with = "crate::de::int")]
-    priority: i32,
+    /// Higher runs first (default: the entrypoint's configured `priority`, else 0).
+    #[serde(default, deserialize_with = "crate::de::opt_int")]
+    priority: Option<i32>,
     /// Start no earlier than this many seconds from now (0 to 31536000).
     #[serde(default)]
     #[schema(minimum = 0.0, maximum = 31536000.0)]

@@ -92,6 +92,8 @@ pub struct Entrypoint {
     pub extractor: serde_json::Map<String, Value>,
     /// Agentry: the default deadline of a call, from `agentry.entrypoints.<tag>.timeout_s`.
     pub timeout_s: Option<f64>,
+    /// Agentry: the default priority of its runs, from `[agents.<name>.entrypoints.<tag>]`.
+    pub priority: Option<i32>,
 }
 
 impl Entrypoint {
@@ -503,6 +505,7 @@ fn parse_entrypoints(
             kind,
             extractor,
             timeout_s,
+            priority: None,
         });
     }
     Ok(out)

@@ -200,7 +200,8 @@ pub struct RunRequest<'a> {
     pub idempotency_key: Option<&'a str>,
     /// The calling API key's id, which scopes `idempotency_key` (`None`: authentication off).
     pub idempotency_scope: Option<&'a str>,
-    pub priority: i32,
+    /// `None`: the entrypoint's configured default, else 0.
+    pub priority: Option<i32>,
     pub delay_s: Option<f64>,
     /// RFC 3339.
     pub run_at: Option<&'a str>,
@@ -383,7 +384,7 @@ impl NewRun {
             idempotency_key: req.idempotency_key.map(str::to_string),
             idempotency_scope: req.idempotency_scope.unwrap_or_default().to_string(),
             request_hash,
-            priority: req.priority,
+            priority: req.priority.or(entrypoint.priority).unwrap_or(0),
             run_at,
             timeout_ms: timeout.as_millis().min(i64::MAX as u128) as i64,
             max_attempts,

@@ -818,6 +818,8 @@ pub struct AgentSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct EntrypointSettings {
     pub timeout_s: Option<f64>,
+    /// The default priority of its runs (a run or schedule that gives one wins).
+    pub priority: Option<i32>,
     /// A webhook that starts a run of this entrypoint (`docs/webhooks.md`).
     pub webhook: Option<crate::webhooks::WebhookSettings>,
     /// Schedules of this entrypoint, declared here (`docs/schedules.md`, "Timers"): each the
@@ -826,6 +828,26 @@ pub struct EntrypointSettings {
 }
 
 impl AgentSettings {
+    /// These settings over `lower` (an agent folder's `agentry.agent.toml`): each one set
+    /// here wins, the rest come from `lower`; an entrypoint's timers come from one side only.
+    pub fn over(mut self, lower: AgentSettings) -> AgentSettings {
+        self.workers = self.workers.or(lower.workers);
+        self.python = self.python.or(lower.python);
+        self.timeout_s = self.timeout_s.or(lower.timeout_s);
+        self.memory_mb = self.memory_mb.or(lower.memory_mb);
+        self.max_running_runs = self.max_running_runs.or(lower.max_running_runs);
+        for (tag, low) in lower.entrypoints {
+            let e = self.entrypoints.entry(tag).or_default();
+            e.timeout_s = e.timeout_s.or(low.timeout_s);
+            e.priority = e.priority.or(low.priority);
+            e.webhook = e.webhook.take().or(low.webhook);
+            if e.timers.is_empty() {
+                e.timers = low.timers;
+            }
+        }
+        self
+    }
+
     fn validate(&self, at: &str) -> Result<(), ConfigError> {
         if self.workers == Some(0) {
             return Err(bad(&format!("{at}.workers"), "must be at least 1"));
@@ -1165,6 +1187,9 @@ impl Config {
             }
         }
         for e in &mut agent.entrypoints {
+            if let Some(p) = own.entrypoints.get(&e.tag).and_then(|s| s.priority) {
+                e.priority = Some(p);
+            }
             if let Some(t) = own.entrypoints.get(&e.tag).and_then(|s| s.timeout_s) {
                 e.timeout_s = Some(t);
             } else if let Some(t) = own.timeout_s

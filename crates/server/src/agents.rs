@@ -232,3 +232,36 @@ fn served(
         max_running_runs,
     })
 }
+
+/// The file beside an agent's `runagent.config.json` that holds its Agentry settings.
+pub const AGENT_FILE: &str = "agentry.agent.toml";
+
+/// Folds each agent folder's `agentry.agent.toml` into `config.agents`, under what
+/// `agentry.toml` says of the same agent (which wins setting by setting). A folder whose
+/// RunAgent configuration cannot be read is left to the start to report.
+pub fn merge_agent_files(config: &mut Config) -> anyhow::Result<()> {
+    use figment::providers::{Format, Toml};
+    for dir in config.agent_dirs.clone() {
+        let file = dir.join(AGENT_FILE);
+        if !file.is_file() {
+            continue;
+        }
+        let Ok(agent) = AgentConfig::load(&dir) else {
+            continue;
+        };
+        let from_folder: agentry_core::settings::AgentSettings =
+            figment::Figment::from(Toml::file(&file))
+                .extract()
+                .with_context(|| format!("configuration error: {}", file.display()))?;
+        let key = [&agent.agent_name, &agent.agent_id]
+            .into_iter()
+            .find(|k| config.agents.contains_key(k.as_str()))
+            .unwrap_or(&agent.agent_name)
+            .clone();
+        let own = config.agents.remove(&key).unwrap_or_default();
+        config.agents.insert(key, own.over(from_folder));
+    }
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("configuration error: {e}"))
+}

@@ -308,6 +308,7 @@ impl Application {
 
     async fn build_as(mut config: Config, role: NodeRole) -> anyhow::Result<Self> {
         let t0 = Instant::now();
+        crate::agents::merge_agent_files(&mut config)?;
         if role == NodeRole::Worker {
             // A worker answers no RunAgent client: nothing to record in RunAgent's database,
             // and its admin port is not RunAgent's.

@@ -416,3 +416,69 @@ async fn a_delivery_sent_to_two_nodes_on_postgres_starts_one_run() {
     b.stop().await;
     a.stop().await;
 }
+
+/// A hook, a default priority and a timer in the agent folder's `agentry.agent.toml`;
+/// `agentry.toml` wins where both say something.
+#[tokio::test]
+async fn an_agent_folder_declares_its_triggers_in_agentry_agent_toml() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = dir.path().join("durable");
+    std::fs::create_dir(&agent).expect("agent dir");
+    for f in ["agent.py", "runagent.config.json"] {
+        std::fs::copy(fixture("durable").join(f), agent.join(f)).expect("copy the fixture");
+    }
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).expect("secret");
+    std::fs::write(
+        agent.join("agentry.agent.toml"),
+        format!(
+            "[entrypoints.work]\npriority = 3\n[entrypoints.work.webhook]\nname = \"folder-hook\"\nsecret_file = {:?}\n\n[entrypoints.sleepy]\npriority = 5\n\n[[entrypoints.sleepy.timers]]\nname = \"folder-timer\"\nevery = \"1h\"\ninput = {{ i = 1 }}\n",
+            secret.display().to_string()
+        ),
+    )
+    .expect("agentry.agent.toml");
+    let app = TestApp::start(vec![agent], |c| {
+        // agentry.toml's word on `sleepy`'s priority wins over the folder's.
+        let sleepy = EntrypointSettings {
+            priority: Some(9),
+            ..Default::default()
+        };
+        c.agents.insert(
+            "durable".into(),
+            AgentSettings {
+                entrypoints: [("sleepy".to_string(), sleepy)].into(),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let body = r#"{"i": 2}"#;
+    let (status, accepted) = deliver(
+        &app,
+        "folder-hook",
+        &standard("msg_folder", now_s(), body),
+        body,
+    )
+    .await;
+    assert_eq!(status, 202, "{accepted}");
+    let (_, text) = get(&app.url(&format!(
+        "/v1/runs/{}",
+        accepted["run_id"].as_str().unwrap_or_default()
+    )))
+    .await;
+    assert_eq!(json(&text)["priority"], 3, "the folder's priority: {text}");
+    let (status, text) = post(
+        &app.url("/v1/runs"),
+        r#"{"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1}}"#,
+    )
+    .await;
+    assert_eq!(status, 202, "{text}");
+    assert_eq!(json(&text)["priority"], 9, "agentry.toml wins: {text}");
+    let (_, text) = get(&app.url("/v1/schedules")).await;
+    assert_eq!(
+        json(&text)["schedules"][0]["name"],
+        "folder-timer",
+        "{text}"
+    );
+    app.stop().await;
+}

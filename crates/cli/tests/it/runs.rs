@@ -1441,3 +1441,42 @@ async fn a_cancelled_run_that_keeps_emitting_is_stopped_at_its_window() {
         "{frames} frames after the window was used up"
     );
 }
+
+/// `[agents.durable.entrypoints.work] priority = 7`: runs that give none get it; a run that
+/// gives one keeps its own.
+#[tokio::test]
+async fn an_entrypoint_priority_is_the_default_of_its_runs() {
+    let app = crate::common::app::TestApp::start(vec![fixture("durable")], |c| {
+        let work = agentry_core::settings::EntrypointSettings {
+            priority: Some(7),
+            ..Default::default()
+        };
+        c.agents.insert(
+            "durable".into(),
+            agentry_core::settings::AgentSettings {
+                entrypoints: [("work".to_string(), work)].into(),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    for (body, expected) in [
+        (
+            json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}}),
+            7,
+        ),
+        (
+            json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}, "priority": -2}),
+            -2,
+        ),
+        (
+            json!({"agent": "durable", "entrypoint": "sleepy", "input": {"i": 1}}),
+            0,
+        ),
+    ] {
+        let (status, text) = post(&app.url("/v1/runs"), &body.to_string()).await;
+        assert_eq!(status, 202, "{text}");
+        assert_eq!(json(&text)["priority"], expected, "{body}");
+    }
+    app.stop().await;
+}

@@ -108,9 +108,9 @@ pub struct ScheduleSpec {
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000))]
     pub missed_limit: Option<u32>,
 
-    /// The runs' priority (higher first).
-    #[serde(default)]
-    pub priority: i32,
+    /// The runs' priority (higher first; default: the entrypoint's configured `priority`, else 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
     /// Each attempt's deadline, in seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0.0))]
