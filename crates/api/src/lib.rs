@@ -11,6 +11,7 @@ pub mod auth;
 mod browser;
 pub mod compat;
 mod de;
+mod deliveries;
 pub mod error;
 mod hooks;
 pub mod keys;

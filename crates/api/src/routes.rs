@@ -20,7 +20,9 @@ use utoipa_axum::routes;
 use crate::auth::{Principal, presented_token, refuse};
 pub use crate::policy::*;
 use crate::state::AppState;
-use crate::{compat, hooks, keys, metrics, native, nodes, openapi, probes, runs, schedules};
+use crate::{
+    compat, deliveries, hooks, keys, metrics, native, nodes, openapi, probes, runs, schedules,
+};
 
 type S = Arc<AppState>;
 
@@ -40,6 +42,8 @@ fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
         (RUNS_READ, routes!(runs::wait_run)),
         (RUNS_WRITE, routes!(runs::cancel_run)),
         (RUNS_READ, routes!(runs::run_events)),
+        (RUNS_READ, routes!(deliveries::list_deliveries)),
+        (RUNS_WRITE, routes!(deliveries::resend_delivery)),
         (RUNS_READ_WS, routes!(runs::run_events_ws)),
         (SCHEDULES, routes!(schedules::create_schedule)),
         (SCHEDULES, routes!(schedules::list_schedules)),
@@ -354,6 +358,14 @@ mod tests {
                 "{method} {path}"
             );
         }
+        assert_eq!(
+            of("get", "/v1/runs/{id}/deliveries"),
+            Access::Scope(Scope::RunsRead)
+        );
+        assert_eq!(
+            of("post", "/v1/runs/{id}/deliveries"),
+            Access::Scope(Scope::RunsWrite)
+        );
         // A delivery carries its hook's signature, not a key.
         assert_eq!(of("post", "/v1/hooks/{name}"), Access::Public);
         assert_eq!(of("get", "/v1/nodes"), Access::Scope(Scope::RunsRead));

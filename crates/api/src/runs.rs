@@ -119,6 +119,10 @@ struct CreateBody<'a> {
     #[serde(borrow, default)]
     #[schema(value_type = Option<Object>)]
     metadata: Option<&'a RawValue>,
+    /// An http(s) URL that gets one signed POST when the run ends (`docs/callbacks.md`).
+    #[serde(default)]
+    #[schema(max_length = 2048, format = "uri")]
+    callback_url: Option<String>,
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -143,8 +147,10 @@ fn new_run(state: &S, who: &Principal, body: &[u8]) -> Result<NewRun, ApiError> 
         backoff: b.backoff,
         concurrency_key: b.concurrency_key.as_deref(),
         metadata: b.metadata.map(RawValue::get),
+        callback_url: b.callback_url.as_deref(),
     };
     let config = &state.config;
+    refuse_private_literal(state, request.callback_url)?;
     NewRun::build(
         &request,
         &state.agents,
@@ -153,6 +159,29 @@ fn new_run(state: &S, who: &Principal, body: &[u8]) -> Result<NewRun, ApiError> 
         now_ms(),
     )
     .map_err(crate::error::run_rejected)
+}
+
+/// A callback URL whose host is a private address literal, while private callbacks are not
+/// allowed, is refused at once (a name is checked on what it resolves to, at delivery).
+pub(crate) fn refuse_private_literal(state: &S, url: Option<&str>) -> Result<(), ApiError> {
+    use agentry_core::callbacks::{check_url, is_private, literal_ip};
+    if state.config.callbacks.allow_private {
+        return Ok(());
+    }
+    if let Some(ip) = url
+        .and_then(|u| check_url(u).ok())
+        .and_then(|u| literal_ip(&u))
+        .filter(|ip| is_private(*ip))
+    {
+        return Err(crate::error::invalid(
+            "callback_url",
+            "a public address (or `--allow-private-callbacks`)",
+            format!(
+                "`callback_url` points at the private address {ip}; callbacks to loopback, private and link-local addresses are refused unless allowed"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Stored JSON text as it is, without building a tree (`null` if it is not JSON, which the

@@ -30,6 +30,8 @@ pub struct AppState {
     pub engine: agentry_engine::Engine,
     /// Schedules, and this node's scheduler.
     pub scheduler: agentry_engine::Scheduler,
+    /// The callback outbox (`GET /v1/runs/{id}/deliveries`).
+    pub callbacks: Arc<dyn agentry_core::store::CallbackStore>,
     /// The webhooks by name (`POST /v1/hooks/{name}`).
     pub hooks: std::collections::HashMap<String, Arc<agentry_core::webhooks::Hook>>,
     /// API keys, and whether they are required.

@@ -129,6 +129,28 @@ pub struct ServeFlags {
     /// Never fire schedules on this node (the schedules API still works).
     #[arg(long)]
     no_schedules: bool,
+    /// A file holding the secret callbacks are signed with (AGENTRY_CALLBACK_SECRET gives it
+    /// directly).
+    #[arg(long)]
+    callback_secret_file: Option<PathBuf>,
+    /// Attempts to deliver a run's callback before it is marked failed.
+    #[arg(long)]
+    callback_max_attempts: Option<u32>,
+    /// One callback attempt's deadline, in seconds.
+    #[arg(long)]
+    callback_timeout_s: Option<f64>,
+    /// Seconds to wait after a failed callback attempt (doubled after each, with jitter).
+    #[arg(long)]
+    callback_retry_base_s: Option<f64>,
+    /// The longest wait between two callback attempts, in seconds.
+    #[arg(long)]
+    callback_retry_max_s: Option<f64>,
+    /// Deliver callbacks to loopback, private and link-local addresses too.
+    #[arg(long)]
+    allow_private_callbacks: bool,
+    /// Milliseconds between looks for callbacks due.
+    #[arg(long)]
+    callback_poll_ms: Option<u64>,
     /// The run database file. Default: <state-dir>/agentry.db.
     #[arg(long)]
     runs_db: Option<PathBuf>,
@@ -279,6 +301,31 @@ impl ServeFlags {
         if self.no_schedules {
             out.push(("schedules.enabled", json!(false)));
         }
+        put(
+            &mut out,
+            "callbacks.secret_file",
+            &self.callback_secret_file,
+        );
+        put(
+            &mut out,
+            "callbacks.max_attempts",
+            &self.callback_max_attempts,
+        );
+        put(&mut out, "callbacks.timeout_s", &self.callback_timeout_s);
+        put(
+            &mut out,
+            "callbacks.retry_base_s",
+            &self.callback_retry_base_s,
+        );
+        put(
+            &mut out,
+            "callbacks.retry_max_s",
+            &self.callback_retry_max_s,
+        );
+        if self.allow_private_callbacks {
+            out.push(("callbacks.allow_private", json!(true)));
+        }
+        put(&mut out, "callbacks.poll_ms", &self.callback_poll_ms);
         put(&mut out, "store.path", &self.runs_db);
         put(&mut out, "store.database_url", &self.database);
         put(&mut out, "store.database_schema", &self.database_schema);

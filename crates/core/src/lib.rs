@@ -3,6 +3,7 @@
 //! the CLI. This crate does no networking and spawns nothing; it only reads configuration files.
 
 pub mod agent;
+pub mod callbacks;
 pub mod config;
 pub mod error;
 pub mod events;

@@ -185,6 +185,8 @@ pub struct NewRun {
     pub concurrency_key: Option<String>,
     /// A JSON object's text, stored and returned as given.
     pub metadata: String,
+    /// Where the run's end is POSTed (`docs/callbacks.md`).
+    pub callback_url: Option<String>,
     pub created_at: i64,
 }
 
@@ -211,6 +213,8 @@ pub struct RunRequest<'a> {
     pub concurrency_key: Option<&'a str>,
     /// A JSON object's text; `None` or `null` is `{}`.
     pub metadata: Option<&'a str>,
+    /// An http(s) URL that gets the run's end (`docs/callbacks.md`).
+    pub callback_url: Option<&'a str>,
 }
 
 /// Why a run was refused before anything was stored.
@@ -373,6 +377,10 @@ impl NewRun {
                 ));
             }
         }
+        if let Some(url) = req.callback_url {
+            crate::callbacks::check_url(url)
+                .map_err(|e| invalid("callback_url", "an http:// or https:// URL", e.0))?;
+        }
         let request_hash = req
             .idempotency_key
             .map(|_| request_digest(req, &agent.config.agent_id, input_text, metadata));
@@ -391,6 +399,7 @@ impl NewRun {
             backoff,
             concurrency_key: req.concurrency_key.map(str::to_string),
             metadata: metadata.to_string(),
+            callback_url: req.callback_url.map(str::to_string),
             created_at: now,
         })
     }
@@ -414,6 +423,14 @@ fn request_digest(req: &RunRequest<'_>, agent_id: &str, input: &str, metadata: &
         req.concurrency_key,
         metadata,
     ]);
+    // Appended only when given, so digests of requests without one stay what they were.
+    let canonical = match (canonical, req.callback_url) {
+        (serde_json::Value::Array(mut fields), Some(url)) => {
+            fields.push(url.into());
+            serde_json::Value::Array(fields)
+        }
+        (canonical, _) => canonical,
+    };
     Sha256::digest(canonical.to_string().as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))

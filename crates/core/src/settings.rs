@@ -108,6 +108,7 @@ pub struct Config {
     pub store: StoreConfig,
     pub gateway: GatewayConfig,
     pub schedules: SchedulesConfig,
+    pub callbacks: CallbacksConfig,
     /// Per-agent settings, by agent name (or id).
     pub agents: BTreeMap<String, AgentSettings>,
     /// The settings given by a flag or an environment variable (filled by the loader): these
@@ -129,6 +130,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             gateway: GatewayConfig::default(),
             schedules: SchedulesConfig::default(),
+            callbacks: CallbacksConfig::default(),
             agents: BTreeMap::new(),
             command_line_keys: Default::default(),
         }
@@ -179,6 +181,7 @@ impl Config {
         self.store.validate()?;
         self.gateway.validate()?;
         self.schedules.validate()?;
+        self.callbacks.validate()?;
         self.timers()?;
         let mut hooks: BTreeMap<&str, String> = BTreeMap::new();
         for (name, agent) in &self.agents {
@@ -445,6 +448,75 @@ impl WorkersConfig {
             .unwrap_or(self.timeout_s)
             .min(max_s);
         Duration::try_from_secs_f64(pick_s).unwrap_or_else(|_| self.max_timeout())
+    }
+}
+
+/// Callbacks: how runs' `callback_url`s are delivered (`docs/callbacks.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbacksConfig {
+    /// The signing secret (`whsec_<base64>` or any text); `None`: `secret_file`, else one made
+    /// at the first start and kept in the state directory.
+    pub secret: Option<String>,
+    /// A file holding the signing secret.
+    pub secret_file: Option<PathBuf>,
+    /// Attempts per round (a re-send starts another).
+    pub max_attempts: u32,
+    /// One attempt's deadline, from connecting to the last byte of the answer.
+    pub timeout_s: f64,
+    /// The wait after the first failed attempt; it doubles after each (with jitter).
+    pub retry_base_s: f64,
+    /// The longest wait between two attempts.
+    pub retry_max_s: f64,
+    /// Deliver to loopback, private and link-local addresses too.
+    pub allow_private: bool,
+    /// How often a node looks for callbacks due.
+    pub poll_ms: u64,
+}
+
+impl Default for CallbacksConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            secret_file: None,
+            max_attempts: 8,
+            timeout_s: 10.0,
+            retry_base_s: 2.0,
+            retry_max_s: 600.0,
+            allow_private: false,
+            poll_ms: 500,
+        }
+    }
+}
+
+impl CallbacksConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=100).contains(&self.max_attempts) {
+            return Err(bad("callbacks.max_attempts", "must be from 1 to 100"));
+        }
+        positive_secs("callbacks.timeout_s", self.timeout_s)?;
+        positive_secs("callbacks.retry_base_s", self.retry_base_s)?;
+        positive_secs("callbacks.retry_max_s", self.retry_max_s)?;
+        if !(10..=60_000).contains(&self.poll_ms) {
+            return Err(bad("callbacks.poll_ms", "must be from 10 to 60000"));
+        }
+        if self.secret.as_deref() == Some("") {
+            return Err(bad("callbacks.secret", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    pub fn timeout(&self) -> Duration {
+        secs_or(self.timeout_s, Duration::from_secs(10))
+    }
+    pub fn retry_base(&self) -> Duration {
+        secs_or(self.retry_base_s, Duration::from_secs(2))
+    }
+    pub fn retry_max(&self) -> Duration {
+        secs_or(self.retry_max_s, Duration::from_secs(600))
+    }
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms)
     }
 }
 
@@ -996,6 +1068,10 @@ impl Field {
         self.default_doc = Some(text);
         self
     }
+    const fn no_flag(mut self) -> Self {
+        self.flag = None;
+        self
+    }
     const fn no_env(mut self) -> Self {
         self.env = None;
         self
@@ -1065,6 +1141,20 @@ pub const FIELDS: &[Field] = &[
         .text(),
     field("schedules.missed_after_s", "schedule-missed-after-s", "AGENTRY_SCHEDULE_MISSED_AFTER_S", "a schedule's slot found later than this (the nodes were down) is missed: its `missed` policy decides (`skip`, `once`, `all`); a slot less late fires as usual"),
     field("schedules.poll_s", "schedule-poll-s", "AGENTRY_SCHEDULE_POLL_S", "how often a node looks for schedules made or changed elsewhere (another node, the CLI); its own changes are seen at once"),
+    field("callbacks.secret", "callback-secret", "AGENTRY_CALLBACK_SECRET", "the secret callbacks are signed with (Standard Webhooks; `whsec_<base64>` or any text); every node of a cluster needs the same one. Never logged")
+        .text()
+        .secret()
+        .no_flag()
+        .default_doc("`callbacks.secret_file`, else one made at the first start in the state directory (`callback-secret`)"),
+    field("callbacks.secret_file", "callback-secret-file", "AGENTRY_CALLBACK_SECRET_FILE", "a file holding the callback signing secret")
+        .text(),
+    field("callbacks.max_attempts", "callback-max-attempts", "AGENTRY_CALLBACK_MAX_ATTEMPTS", "attempts to deliver a run's callback (1 to 100) before it is marked failed; a re-send starts another round"),
+    field("callbacks.timeout_s", "callback-timeout-s", "AGENTRY_CALLBACK_TIMEOUT_S", "one delivery attempt's deadline"),
+    field("callbacks.retry_base_s", "callback-retry-base-s", "AGENTRY_CALLBACK_RETRY_BASE_S", "the wait after a failed attempt: doubled after each, at most `callbacks.retry_max_s`, times a jitter from 0.5 to 1"),
+    field("callbacks.retry_max_s", "callback-retry-max-s", "AGENTRY_CALLBACK_RETRY_MAX_S", "the longest wait between two attempts"),
+    field("callbacks.allow_private", "allow-private-callbacks", "AGENTRY_ALLOW_PRIVATE_CALLBACKS", "deliver callbacks to loopback, private and link-local addresses (refused by default: checked on the address connected to, after DNS)")
+        .flag(),
+    field("callbacks.poll_ms", "callback-poll-ms", "AGENTRY_CALLBACK_POLL_MS", "how often a node looks for callbacks due (10 to 60000)"),
     field("schedules.enabled", "no-schedules", "AGENTRY_NO_SCHEDULES", "fire due schedules on this node; the flag turns it off (the node still serves the schedules API)")
         .negated(),
     field("store.path", "runs-db", "AGENTRY_RUNS_DB", "the run database (SQLite, WAL)")

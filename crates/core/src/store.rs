@@ -378,3 +378,43 @@ pub trait ScheduleStore: Send + Sync + 'static {
     /// Deletes up to `limit` fires recorded before `before`; how many were deleted.
     async fn purge_fires(&self, before: i64, limit: usize) -> Result<usize, StoreError>;
 }
+
+/// The callback outbox (`docs/callbacks.md`). A run's row is written with the run
+/// (`RunStore::create_run` of a `NewRun` with a `callback_url`); these move it along.
+#[async_trait]
+pub trait CallbackStore: Send + Sync + 'static {
+    /// Leases to `owner`, until `lease_until`, up to `limit` callbacks due at `now` whose runs
+    /// have ended; each with its run.
+    async fn claim_callbacks(
+        &self,
+        owner: &str,
+        now: i64,
+        lease_until: i64,
+        limit: usize,
+    ) -> Result<Vec<crate::callbacks::DueCallback>, StoreError>;
+
+    /// Records attempt `attempt.n` of a callback `owner` leased, and what follows it; false
+    /// (nothing recorded) when the lease was lost meanwhile.
+    async fn record_callback_attempt(
+        &self,
+        run_id: &str,
+        owner: &str,
+        attempt: crate::callbacks::DeliveryAttempt,
+        outcome: crate::callbacks::AttemptOutcome,
+    ) -> Result<bool, StoreError>;
+
+    /// A run's callback and its attempts, oldest first; `None`: the run has none.
+    async fn get_callback(
+        &self,
+        run_id: &str,
+    ) -> Result<
+        Option<(
+            crate::callbacks::Callback,
+            Vec<crate::callbacks::DeliveryAttempt>,
+        )>,
+        StoreError,
+    >;
+
+    /// Starts another round of attempts, due at `now`; false when the run has no callback.
+    async fn resend_callback(&self, run_id: &str, now: i64) -> Result<bool, StoreError>;
+}

@@ -16,6 +16,7 @@
 //! The engine never holds a transaction across an agent's run: every store call is one short
 //! group-committed write.
 
+mod callbacks;
 mod dispatch;
 mod execute;
 mod follow;
@@ -39,6 +40,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
 
+pub use callbacks::{CallbackSettings, start_deliverer};
 pub use follow::{EventFeed, Follow};
 pub use hub::{EventHub, Published, Subscription};
 pub use schedules::{Scheduler, SchedulerSettings, TriggerError};

@@ -382,6 +382,7 @@ fn new_run(tag: &str) -> NewRun {
         },
         concurrency_key: None,
         metadata: "{}".into(),
+        callback_url: None,
         created_at: now,
     }
 }

@@ -17,6 +17,7 @@ use agentry_api::server::ConnectionLimits;
 use agentry_core::InvocationHistory;
 use agentry_core::RunStore;
 use agentry_core::nodes::NodeRole;
+use agentry_core::store::CallbackStore;
 use agentry_core::{Config, KeyStore, ScheduleStore, SharedBuckets};
 use agentry_engine::{Agents, Engine, EngineSettings};
 use agentry_store::{
@@ -55,6 +56,8 @@ pub struct Stores {
     pub runs: Arc<dyn RunStore>,
     pub keys: Arc<dyn KeyStore>,
     pub schedules: Arc<dyn ScheduleStore>,
+    /// The callback outbox.
+    pub callbacks: Arc<dyn CallbackStore>,
     /// Rate-limit buckets in the same database (PostgreSQL only): what shared limits use when
     /// no other database is named for them.
     pub buckets: Option<Arc<dyn SharedBuckets>>,
@@ -102,6 +105,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
             buckets: Some(Arc::new(store.shared_buckets()) as Arc<dyn SharedBuckets>),
             history: Some(store.shared_history()),
             schedules: Arc::clone(&store) as Arc<dyn ScheduleStore>,
+            callbacks: Arc::clone(&store) as Arc<dyn CallbackStore>,
             keys: store as Arc<dyn KeyStore>,
             sqlite: None,
         });
@@ -125,6 +129,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
         runs: Arc::clone(&store) as Arc<dyn RunStore>,
         keys: Arc::clone(&store) as Arc<dyn KeyStore>,
         schedules: Arc::clone(&store) as Arc<dyn ScheduleStore>,
+        callbacks: Arc::clone(&store) as Arc<dyn CallbackStore>,
         buckets: None,
         history: None,
         sqlite: Some(store),
@@ -410,6 +415,21 @@ impl Application {
                 schedules: config.schedules.clone(),
             },
         );
+        match crate::callbacks::settings(&config, &state_dir) {
+            Ok(settings) => agentry_engine::start_deliverer(
+                &engine,
+                Arc::clone(&stores.callbacks),
+                Arc::new(crate::callbacks::HttpTransport::new(
+                    config.callbacks.allow_private,
+                )?),
+                settings,
+            ),
+            Err(e) => {
+                engine.shutdown(Duration::ZERO).await;
+                agents.shutdown(Duration::ZERO).await;
+                return Err(e);
+            }
+        }
         if role == NodeRole::Serve {
             let declared = match config.timers() {
                 Ok(timers) => scheduler.declare_timers(&timers).await,
@@ -476,6 +496,7 @@ impl Application {
             draining: Default::default(),
             engine,
             scheduler,
+            callbacks: Arc::clone(&stores.callbacks),
             hooks,
             auth: Arc::clone(&auth),
             limits,

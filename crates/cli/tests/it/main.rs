@@ -6,6 +6,7 @@ mod common;
 
 mod api;
 mod auth;
+mod callbacks;
 mod cli;
 mod compat_golden;
 mod config;

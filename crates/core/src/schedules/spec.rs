@@ -640,6 +640,7 @@ impl Schedule {
             backoff: self.spec.backoff,
             concurrency_key: self.concurrency_key(),
             metadata: Some(metadata),
+            callback_url: self.spec.callback_url.as_deref(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! they share (`SharedBuckets`, here). The SQL is in `queries/`, one statement per file.
 
 mod batch;
+mod callbacks;
 mod history;
 mod nodes;
 mod runs;

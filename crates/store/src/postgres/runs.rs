@@ -67,6 +67,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0008_schedules",
         include_str!("migrations/0008_schedules.sql"),
     ),
+    (
+        "0009_callbacks",
+        include_str!("migrations/0009_callbacks.sql"),
+    ),
 ];
 
 /// The NOTIFY channels (see `Notifier`).
@@ -556,7 +560,7 @@ async fn holds_lease(c: &mut PgConnection, lease: &LeaseRef) -> Result<bool, Sto
     Ok(found.is_some())
 }
 
-async fn get_run(c: &mut PgConnection, id: &str) -> Result<Option<Run>, StoreError> {
+pub(super) async fn get_run(c: &mut PgConnection, id: &str) -> Result<Option<Run>, StoreError> {
     let row = sqlx::query(sql!("get_run"))
         .bind(id)
         .fetch_optional(&mut *c)
@@ -708,6 +712,7 @@ pub(super) async fn insert_runs<'c>(
                 .map(|q| queued_event_data_of(&q.run))
                 .collect::<Vec<String>>(),
         )
+        .bind(opt(|r| r.callback_url.as_deref()))
         .fetch_all(c)
         .await?;
     let mut stored: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
@@ -1575,6 +1580,7 @@ impl RunStore for PgStore {
                 for query in [
                     sql!("purge_events"),
                     sql!("purge_checkpoints"),
+                    sql!("purge_callbacks"),
                     sql!("purge_run"),
                 ] {
                     sqlx::query(query)
@@ -1697,6 +1703,7 @@ mod tests {
             backoff: Backoff::default(),
             concurrency_key: None,
             metadata: "{}".into(),
+            callback_url: None,
             created_at: now,
         }
     }

@@ -9,6 +9,7 @@
 //! small pool of read-only connections on the blocking thread pool and never wait for the
 //! writer (WAL). The SQL is in `queries/*.sql` and `migrations/*.sql`, one statement per file.
 
+mod callbacks;
 mod ops;
 mod schedules;
 
@@ -34,6 +35,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0002_api_keys.sql"),
     include_str!("migrations/0003_idempotency_scope.sql"),
     include_str!("migrations/0004_schedules.sql"),
+    include_str!("migrations/0005_callbacks.sql"),
 ];
 
 /// How hard a commit tries to reach the disk.

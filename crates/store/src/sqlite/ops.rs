@@ -188,6 +188,9 @@ pub fn create_run(
         ],
         run_from_row,
     )?;
+    if let Some(url) = &run.callback_url {
+        super::callbacks::insert(c, &stored.id, url, run.created_at)?;
+    }
     let data = queued_event_data(&stored);
     let event = insert_event(c, &stored.id, EventKind::Queued, &data, run.created_at)?;
     let claimed = match claim {
@@ -527,6 +530,7 @@ pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Re
             .execute(params![id])?;
         c.prepare_cached(sql!("purge_checkpoints"))?
             .execute(params![id])?;
+        super::callbacks::purge(c, id)?;
         c.prepare_cached(sql!("purge_run"))?.execute(params![id])?;
     }
     Ok(ids.len())

@@ -34,6 +34,7 @@ pub fn new_run(id: &str, priority: i32, key: Option<&str>) -> NewRun {
         backoff: Backoff::default(),
         concurrency_key: key.map(Into::into),
         metadata: "{}".into(),
+        callback_url: None,
         created_at: now,
     }
 }

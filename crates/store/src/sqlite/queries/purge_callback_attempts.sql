@@ -1,0 +1,1 @@
+DELETE FROM callback_attempts WHERE run_id = ?1

@@ -1,0 +1,1 @@
+DELETE FROM run_callbacks WHERE run_id = ?1
