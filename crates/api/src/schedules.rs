@@ -214,6 +214,7 @@ fn check(
         ));
     }
     schedule.spec.agent = agent.config.agent_id.clone();
+    crate::runs::refuse_private_literal(state, schedule.spec.callback_url.as_deref())?;
     state
         .scheduler
         .build_run(&schedule, now)

@@ -68,10 +68,15 @@ pub fn is_private(ip: IpAddr) -> bool {
                 || a == 0
                 || (a == 100 && (64..=127).contains(&b))
                 || (a == 198 && (18..=19).contains(&b))
+                // IETF protocol assignments (192.0.0.0/24; cloud metadata lives there on
+                // some clouds) and the deprecated 6to4 relay anycast.
+                || (a == 192 && b == 0 && v4.octets()[2] == 0)
+                || (a == 192 && b == 88 && v4.octets()[2] == 99)
                 || a >= 240
         }
         IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
+            // IPv4-mapped (::ffff:a.b.c.d) and IPv4-compatible (::a.b.c.d) forms.
+            if let Some(v4) = v6.to_ipv4() {
                 return is_private(IpAddr::V4(v4));
             }
             let first = v6.segments()[0];
@@ -84,6 +89,9 @@ pub fn is_private(ip: IpAddr) -> bool {
                 // NAT64 and 6to4 embed an IPv4 address that may be private.
                 || first == 0x0064
                 || first == 0x2002
+                // Teredo, and the deprecated site-local range.
+                || (first == 0x2001 && v6.segments()[1] == 0)
+                || (first & 0xffc0) == 0xfec0
         }
     }
 }
@@ -96,6 +104,12 @@ pub fn payload(run: &Run, now_ms: i64) -> String {
         text.as_deref()
             .and_then(|t| RawValue::from_string(t.to_string()).ok())
     };
+    // A traceback stays inside: the receiver is a third party, and tracebacks are for admins.
+    let error = run.error.as_deref().and_then(|t| {
+        let mut e: serde_json::Map<String, serde_json::Value> = serde_json::from_str(t).ok()?;
+        e.remove("traceback");
+        Some(serde_json::Value::Object(e))
+    });
     let duration_ms = match (run.started_at, run.finished_at) {
         (Some(s), Some(f)) => Some(f.saturating_sub(s)),
         _ => None,
@@ -107,7 +121,7 @@ pub fn payload(run: &Run, now_ms: i64) -> String {
         "entrypoint": run.entrypoint,
         "status": run.status.as_str(),
         "output": raw(&run.result),
-        "error": raw(&run.error),
+        "error": error,
         "attempt": run.attempt,
         "duration_ms": duration_ms,
         "timestamp": crate::time::rfc3339_ms(now_ms),
@@ -178,6 +192,8 @@ pub struct Callback {
     pub attempts: u32,
     /// Attempts made before this round (a re-send starts a round).
     pub round_start: u32,
+    /// Which round this is: 0, then one more per re-send.
+    pub round: u32,
     /// When the next attempt is due (once the run has ended).
     pub next_at: i64,
     pub delivered_at: Option<i64>,
@@ -242,6 +258,10 @@ mod tests {
             "::ffff:169.254.169.254",
             "64:ff9b::a00:1",
             "2002:a00:1::",
+            "::127.0.0.1",
+            "192.0.0.192",
+            "2001:0:4136:e378::1",
+            "fec0::1",
         ] {
             assert!(is_private(ip.parse().expect(ip)), "{ip}");
         }

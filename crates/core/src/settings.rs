@@ -188,6 +188,16 @@ impl Config {
             agent.validate(&format!("agents.{name}"))?;
             for (tag, e) in &agent.entrypoints {
                 let Some(hook) = &e.webhook else { continue };
+                // A replay is refused while the first delivery's run is kept: it must be kept
+                // at least as long as a signed timestamp stays fresh.
+                if self.runs.retention_h > 0.0
+                    && hook.tolerance_s as f64 > self.runs.retention_h * 3600.0
+                {
+                    return Err(bad(
+                        &format!("agents.{name}.entrypoints.{tag}.webhook.tolerance_s"),
+                        "must not exceed runs.retention_h (a replay is recognised while the first delivery's run is kept)",
+                    ));
+                }
                 let at = format!("agents.{name}.entrypoints.{tag}.webhook.name");
                 if let Some(first) = hooks.insert(&hook.name, at.clone()) {
                     return Err(bad(

@@ -383,22 +383,26 @@ pub trait ScheduleStore: Send + Sync + 'static {
 /// (`RunStore::create_run` of a `NewRun` with a `callback_url`); these move it along.
 #[async_trait]
 pub trait CallbackStore: Send + Sync + 'static {
-    /// Leases to `owner`, until `lease_until`, up to `limit` callbacks due at `now` whose runs
-    /// have ended; each with its run.
+    /// Leases to `owner`, for `lease_ms`, up to `limit` callbacks due at `now` whose runs
+    /// have ended; each with its run. A shared database times leases by its own clock, not
+    /// the node's (`now` is then only the node's view).
     async fn claim_callbacks(
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<crate::callbacks::DueCallback>, StoreError>;
 
-    /// Records attempt `attempt.n` of a callback `owner` leased, and what follows it; false
-    /// (nothing recorded) when the lease was lost meanwhile.
+    /// Records attempt `attempt.n` of a callback `owner` leased in round `round`, and what
+    /// follows it; false (nothing recorded) when the lease was
+    /// lost meanwhile. A re-send made during the attempt (another round) wins over the outcome:
+    /// the callback stays due.
     async fn record_callback_attempt(
         &self,
         run_id: &str,
         owner: &str,
+        round: u32,
         attempt: crate::callbacks::DeliveryAttempt,
         outcome: crate::callbacks::AttemptOutcome,
     ) -> Result<bool, StoreError>;

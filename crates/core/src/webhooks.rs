@@ -29,7 +29,7 @@ pub enum Scheme {
     Any,
     /// `webhook-id`, `webhook-timestamp`, `webhook-signature`.
     Standard,
-    /// `X-Hub-Signature-256: sha256=<hex>` (and `X-GitHub-Delivery` as the id).
+    /// `X-Hub-Signature-256: sha256=<hex>` (the signature is the delivery's id).
     Github,
     /// `Stripe-Signature: t=<unix>,v1=<hex>`.
     Stripe,
@@ -125,8 +125,8 @@ impl std::fmt::Debug for Hook {
 /// A delivery whose signature checked out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
-    /// What makes a second delivery a replay: `webhook-id`, `X-GitHub-Delivery`, or the
-    /// Stripe event's `id` (else its signature).
+    /// What makes a second delivery a replay: `webhook-id`, GitHub's signature
+    /// (`sha256=<hex>`), or the Stripe event's `id` (else its `t=`).
     pub id: String,
     pub scheme: Scheme,
 }
@@ -163,7 +163,7 @@ impl std::fmt::Display for Refusal {
             } => write!(
                 f,
                 "the delivery's timestamp {timestamp} is {} s from now ({now}); at most {tolerance_s} s is accepted",
-                (now - timestamp).abs()
+                now.abs_diff(*timestamp)
             ),
         }
     }
@@ -199,9 +199,24 @@ fn mac(key: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     mac
 }
 
-/// Whether `signature` is the HMAC-SHA256 of `parts` under `key`, in constant time.
-fn matches(key: &[u8], parts: &[&[u8]], signature: &[u8]) -> bool {
-    mac(key, parts).verify_slice(signature).is_ok()
+/// Signatures of one delivery looked at, at most: a sender rotating its secret sends two.
+const MAX_CANDIDATES: usize = 8;
+
+/// Whether one of `candidates` is the HMAC-SHA256 of `parts` under `key`. The MAC is computed
+/// once, whatever the number of candidates (a header of thousands of empty ones must not cost
+/// thousands of passes over the body); each candidate of the right length is compared in
+/// constant time.
+fn any_matches(key: &[u8], parts: &[&[u8]], candidates: impl Iterator<Item = Vec<u8>>) -> bool {
+    use subtle::ConstantTimeEq;
+    let mut candidates = candidates
+        .filter(|c| c.len() == 32)
+        .take(MAX_CANDIDATES)
+        .peekable();
+    if candidates.peek().is_none() {
+        return false;
+    }
+    let expected = mac(key, parts).finalize().into_bytes();
+    candidates.fold(false, |found, c| found | bool::from(c.ct_eq(&expected[..])))
 }
 
 /// The Standard Webhooks signature of a delivery (`v1,<base64>`), as senders compute it.
@@ -286,7 +301,7 @@ impl Hook {
         if self.scheme.accepts(Scheme::Github)
             && let Some(signature) = header("x-hub-signature-256")
         {
-            return self.verify_github(&header, signature, body);
+            return self.verify_github(signature, body);
         }
         Err(Refusal::Unsigned)
     }
@@ -323,11 +338,11 @@ impl Hook {
         // The signature is checked before the time, so an unsigned caller learns nothing
         // about the clock; a stale but genuine delivery is still refused.
         let parts: [&[u8]; 5] = [id.as_bytes(), b".", ts_text.trim().as_bytes(), b".", body];
-        let signed = signatures
+        let candidates = signatures
             .split_ascii_whitespace()
             .filter_map(|s| s.strip_prefix("v1,"))
-            .filter_map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
-            .any(|sig| matches(&self.standard_key, &parts, &sig));
+            .filter_map(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok());
+        let signed = any_matches(&self.standard_key, &parts, candidates);
         if !signed {
             return Err(Refusal::BadSignature);
         }
@@ -353,10 +368,10 @@ impl Hook {
             .parse()
             .map_err(|_| Refusal::Malformed("`Stripe-Signature`'s `t=` is not a number"))?;
         let parts: [&[u8]; 3] = [ts_text.as_bytes(), b".", body];
-        let signed = signatures
+        let candidates = signatures
             .iter()
-            .filter_map(|hex_sig| hex::decode(hex_sig).ok())
-            .any(|sig| matches(&self.raw_key, &parts, &sig));
+            .filter_map(|hex_sig| hex::decode(hex_sig).ok());
+        let signed = any_matches(&self.raw_key, &parts, candidates);
         if !signed {
             return Err(Refusal::BadSignature);
         }
@@ -373,12 +388,7 @@ impl Hook {
         })
     }
 
-    fn verify_github<'h>(
-        &self,
-        header: &impl Fn(&str) -> Option<&'h str>,
-        signature: &str,
-        body: &[u8],
-    ) -> Result<Delivery, Refusal> {
+    fn verify_github(&self, signature: &str, body: &[u8]) -> Result<Delivery, Refusal> {
         let hex_sig = signature
             .trim()
             .strip_prefix("sha256=")
@@ -387,19 +397,14 @@ impl Hook {
             ))?;
         let sig = hex::decode(hex_sig)
             .map_err(|_| Refusal::Malformed("`X-Hub-Signature-256` is not hex"))?;
-        if !matches(&self.raw_key, &[body], &sig) {
+        if !any_matches(&self.raw_key, &[body], std::iter::once(sig)) {
             return Err(Refusal::BadSignature);
         }
-        // GitHub signs no timestamp: its delivery id (kept as the same id on a redelivery)
-        // is what refuses a replay; without one, the signature itself.
-        let id = header("x-github-delivery")
-            .filter(|id| !id.is_empty() && id.chars().count() <= MAX_DELIVERY_ID_CHARS)
-            .map_or_else(
-                || format!("sha256={}", hex_sig.to_ascii_lowercase()),
-                str::to_string,
-            );
+        // GitHub signs no timestamp and not its `X-GitHub-Delivery` header, so anyone holding
+        // one genuine delivery could resend it under a new GUID: what makes a replay is the
+        // signature, that is the body (a redelivery from GitHub's page is the same body).
         Ok(Delivery {
-            id,
+            id: format!("sha256={}", hex_sig.to_ascii_lowercase()),
             scheme: Scheme::Github,
         })
     }
@@ -511,8 +516,8 @@ mod tests {
         ];
         let d = h.verify(headers(&gh), body, 0).expect("github");
         assert_eq!(
-            (d.scheme, d.id.as_str()),
-            (Scheme::Github, "72d3162e-cc78-11e3-81ab-4c9367dc0958")
+            (d.scheme, d.id.clone()),
+            (Scheme::Github, format!("sha256={}", hex_of(&[body])))
         );
         let stripe = [(
             "stripe-signature",
@@ -567,6 +572,33 @@ mod tests {
         assert_eq!(plain.input(br#"{"i": 1}"#).as_deref(), Ok(r#"{"i": 1}"#));
         assert_eq!(plain.input(b"[1]"), Err(InputError::NotAnObject));
         assert!(parse_path("$.[").is_err());
+    }
+
+    /// Thousands of empty candidates cost one MAC, and match nothing.
+    #[test]
+    fn a_flood_of_candidate_signatures_is_refused_cheaply() {
+        let h = hook(&settings());
+        let flood = ["v1,"; 20_000].join(" ");
+        let list = [
+            ("webhook-id", "msg_1".to_string()),
+            ("webhook-timestamp", "100".to_string()),
+            ("webhook-signature", flood),
+        ];
+        assert_eq!(
+            h.verify(headers(&list), b"{}", 100),
+            Err(Refusal::BadSignature)
+        );
+        let mut genuine = standard_signature(&h.standard_key, "msg_1", 100, b"{}");
+        genuine = format!("{} {genuine}", ["v1,AAAA"; 8].join(" "));
+        let list = [
+            ("webhook-id", "msg_1".to_string()),
+            ("webhook-timestamp", "100".to_string()),
+            ("webhook-signature", genuine),
+        ];
+        assert!(
+            h.verify(headers(&list), b"{}", 100).is_ok(),
+            "short candidates do not count against the cap"
+        );
     }
 
     #[test]

@@ -69,10 +69,9 @@ impl Deliverer {
         loop {
             let now = now_ms();
             let lease = self.settings.config.timeout() + LEASE_MARGIN;
-            let lease_until = now + lease.as_millis() as i64;
             let due = match self
                 .store
-                .claim_callbacks(&self.owner, now, lease_until, BATCH)
+                .claim_callbacks(&self.owner, now, lease.as_millis() as i64, BATCH)
                 .await
             {
                 Ok(due) => due,
@@ -147,7 +146,13 @@ impl Deliverer {
         };
         match self
             .store
-            .record_callback_attempt(&due.run.id, &self.owner, attempt, outcome)
+            .record_callback_attempt(
+                &due.run.id,
+                &self.owner,
+                due.callback.round,
+                attempt,
+                outcome,
+            )
             .await
         {
             Ok(true) => {}
@@ -155,6 +160,8 @@ impl Deliverer {
                 run_id = %due.run.id,
                 "a callback attempt outlasted its lease; another node may deliver it again"
             ),
+            // The attempt is made again once the lease runs out: if it had been delivered, the
+            // receiver sees it twice (same `webhook-id`).
             Err(e) => tracing::warn!(
                 run_id = %due.run.id,
                 "cannot record a callback attempt ({e}); it will be made again once its lease runs out"

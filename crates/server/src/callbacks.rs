@@ -88,13 +88,11 @@ impl reqwest::dns::Resolve for PublicOnly {
                 .copied()
                 .filter(|a| !is_private(a.ip()))
                 .collect();
+            // The addresses are not named: the error is shown to whoever made the run, who
+            // must not learn the internal network's layout from it.
             if public.is_empty() {
-                let shown = found
-                    .first()
-                    .map(|a| a.ip().to_string())
-                    .unwrap_or_default();
                 return Err(format!(
-                    "refused: `{host}` resolves only to private addresses ({shown}); callbacks to them need --allow-private-callbacks"
+                    "refused: `{host}` resolves only to private addresses; callbacks to them need --allow-private-callbacks"
                 )
                 .into());
             }

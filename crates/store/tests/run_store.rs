@@ -46,6 +46,11 @@ macro_rules! contract_tests {
                 contract::schedules_fire_each_slot_once_and_move_on(&store).await;
             }
             #[tokio::test]
+            async fn callbacks_are_leased_once_and_a_resend_in_flight_holds() {
+                let (_keep, store) = $open;
+                contract::callbacks_are_leased_once_and_a_resend_in_flight_holds(&store).await;
+            }
+            #[tokio::test]
             async fn the_last_event_seq_is_the_end_of_the_log() {
                 let (_keep, store) = $open;
                 contract::the_last_event_seq_is_the_end_of_the_log(&store).await;

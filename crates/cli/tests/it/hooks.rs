@@ -242,9 +242,16 @@ async fn github_and_stripe_signatures_are_accepted() {
     let (status, accepted) = deliver(&app, "orders", &github, body).await;
     assert_eq!(status, 202, "{accepted}");
     assert_eq!(accepted["scheme"], "github");
-    // A redelivery from GitHub's page keeps its GUID: refused.
+    // A redelivery is refused, and so is the same delivery under another (unsigned) GUID.
     let (status, _) = deliver(&app, "orders", &github, body).await;
     assert_eq!(status, 409);
+    let mut regrouped = github.clone();
+    regrouped[1].1 = "00000000-0000-0000-0000-000000000000".into();
+    let (status, _) = deliver(&app, "orders", &regrouped, body).await;
+    assert_eq!(
+        status, 409,
+        "the GUID is not signed: the signature is the id"
+    );
     // Stripe: `t=` and `v1=` over `{t}.{body}`; the event's id is the delivery id, so a
     // retry of the event under a new timestamp is a replay.
     let body = r#"{"id": "evt_1NG8Du2eZvKYlo2C", "order": {"n": 4}}"#;

@@ -31,8 +31,9 @@ fn callback_from_row(row: &PgRow) -> Result<Callback, StoreError> {
             .ok_or_else(|| StoreError::Internal(format!("unknown callback state {state}")))?,
         attempts: count(3)?,
         round_start: count(4)?,
-        next_at: row.try_get(5).map_err(db_err)?,
-        delivered_at: row.try_get(6).map_err(db_err)?,
+        round: count(5)?,
+        next_at: row.try_get(6).map_err(db_err)?,
+        delivered_at: row.try_get(7).map_err(db_err)?,
     })
 }
 
@@ -56,14 +57,14 @@ impl CallbackStore for PgStore {
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<DueCallback>, StoreError> {
         let mut c = self.pool.acquire().await.map_err(db_err)?;
         let rows = sqlx::query(sql!("claim_callbacks"))
             .bind(now)
             .bind(owner)
-            .bind(lease_until)
+            .bind(lease_ms)
             .bind(limit as i64)
             .fetch_all(&mut *c)
             .await
@@ -82,6 +83,7 @@ impl CallbackStore for PgStore {
         &self,
         run_id: &str,
         owner: &str,
+        round: u32,
         attempt: DeliveryAttempt,
         outcome: AttemptOutcome,
     ) -> Result<bool, StoreError> {
@@ -102,6 +104,7 @@ impl CallbackStore for PgStore {
             .bind(&attempt.error)
             .bind(attempt.duration_ms)
             .bind(&attempt.node)
+            .bind(round as i32)
             .execute(&self.pool)
             .await
             .map_err(db_err)?;

@@ -31,8 +31,9 @@ fn callback_from_row(row: &Row<'_>) -> rusqlite::Result<Callback> {
         })?,
         attempts: row.get(3)?,
         round_start: row.get(4)?,
-        next_at: row.get(5)?,
-        delivered_at: row.get(6)?,
+        round: row.get(5)?,
+        next_at: row.get(6)?,
+        delivered_at: row.get(7)?,
     })
 }
 
@@ -69,10 +70,11 @@ impl CallbackStore for SqliteStore {
         &self,
         owner: &str,
         now: i64,
-        lease_until: i64,
+        lease_ms: i64,
         limit: usize,
     ) -> Result<Vec<DueCallback>, StoreError> {
         let owner = owner.to_string();
+        let lease_until = now.saturating_add(lease_ms);
         self.write(move |c| {
             let ids: Vec<String> = c
                 .prepare_cached(sql!("due_callbacks"))?
@@ -96,6 +98,7 @@ impl CallbackStore for SqliteStore {
         &self,
         run_id: &str,
         owner: &str,
+        round: u32,
         attempt: DeliveryAttempt,
         outcome: AttemptOutcome,
     ) -> Result<bool, StoreError> {
@@ -113,7 +116,9 @@ impl CallbackStore for SqliteStore {
                     owner,
                     state.as_str(),
                     next_at,
-                    delivered_at
+                    delivered_at,
+                    round,
+                    attempt.at
                 ])?
                 == 1;
             if held {

@@ -558,3 +558,102 @@ where
             .is_empty()
     );
 }
+
+/// The callback outbox: a row is written with its run, due only once the run has ended,
+/// leased to one claimer at a time, written only under its lease, and a re-send made while an
+/// attempt is in flight is not undone by that attempt's outcome.
+pub async fn callbacks_are_leased_once_and_a_resend_in_flight_holds<S>(s: &S)
+where
+    S: RunStore + agentry_core::store::CallbackStore,
+{
+    use agentry_core::callbacks::{AttemptOutcome, DeliveryAttempt, DeliveryState};
+    let mut run = new_run("c1", 0, None);
+    run.callback_url = Some("http://example.com/cb".into());
+    s.create_run(run, None).await.expect("create");
+    s.create_run(new_run("plain", 0, None), None)
+        .await
+        .expect("create");
+    assert!(s.get_callback("plain").await.expect("get").is_none());
+    let (cb, attempts) = s
+        .get_callback("c1")
+        .await
+        .expect("get")
+        .expect("a callback");
+    assert_eq!(
+        (cb.state, cb.attempts, attempts.len()),
+        (DeliveryState::Pending, 0, 0)
+    );
+    let claim = |owner: &'static str| async move {
+        s.claim_callbacks(owner, now_ms() + 1, 60_000, 10)
+            .await
+            .expect("claim")
+    };
+    assert!(claim("a").await.is_empty(), "not due before its run ends");
+    s.cancel_run("c1", now_ms()).await.expect("cancel");
+    let due = claim("a").await;
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].run.id, "c1");
+    assert!(due[0].run.status.is_terminal());
+    assert!(claim("b").await.is_empty(), "leased to a");
+
+    let attempt = |n| DeliveryAttempt {
+        n,
+        at: now_ms(),
+        status_code: Some(500),
+        error: Some("the receiver answered 500".into()),
+        duration_ms: 3,
+        node: "n1".into(),
+    };
+    assert!(
+        !s.record_callback_attempt("c1", "b", 0, attempt(1), AttemptOutcome::Failed)
+            .await
+            .expect("record"),
+        "b holds no lease"
+    );
+    // A re-send while a's attempt is in flight; a's attempt then fails for good.
+    assert!(s.resend_callback("c1", now_ms()).await.expect("resend"));
+    assert!(
+        s.record_callback_attempt(
+            "c1",
+            "a",
+            due[0].callback.round,
+            attempt(1),
+            AttemptOutcome::Failed
+        )
+        .await
+        .expect("record")
+    );
+    let (cb, attempts) = s
+        .get_callback("c1")
+        .await
+        .expect("get")
+        .expect("a callback");
+    assert_eq!(cb.state, DeliveryState::Pending, "the re-send stands");
+    assert_eq!((cb.attempts, attempts.len()), (1, 1));
+    assert_eq!(attempts[0].status_code, Some(500));
+    let due = claim("b").await;
+    assert_eq!(due.len(), 1, "due again at once");
+    assert!(
+        s.record_callback_attempt(
+            "c1",
+            "b",
+            due[0].callback.round,
+            attempt(2),
+            AttemptOutcome::Delivered
+        )
+        .await
+        .expect("record")
+    );
+    let (cb, attempts) = s
+        .get_callback("c1")
+        .await
+        .expect("get")
+        .expect("a callback");
+    assert_eq!(cb.state, DeliveryState::Delivered);
+    assert_eq!(attempts.iter().map(|a| a.n).collect::<Vec<_>>(), vec![1, 2]);
+    assert!(claim("a").await.is_empty(), "nothing more once delivered");
+    assert!(!s.resend_callback("plain", now_ms()).await.expect("resend"));
+    // Retention takes the outbox row with its run.
+    assert_eq!(s.purge_finished(now_ms() + 1, 10).await.expect("purge"), 1);
+    assert!(s.get_callback("c1").await.expect("get").is_none());
+}

@@ -8,6 +8,7 @@ CREATE TABLE run_callbacks (
     state        TEXT NOT NULL DEFAULT 'pending',
     attempts     INTEGER NOT NULL DEFAULT 0,
     round_start  INTEGER NOT NULL DEFAULT 0,
+    round        INTEGER NOT NULL DEFAULT 0,
     next_at      INTEGER NOT NULL DEFAULT 0,
     lease_owner  TEXT,
     lease_until  INTEGER,
