@@ -325,8 +325,8 @@ async fn a_callback_to_a_private_address_is_refused_unless_allowed() {
         "{d}"
     );
     assert!(r.got().is_empty(), "nothing reached the receiver");
-    // Not a URL, or not http(s): refused as input.
-    for url in ["ftp://example.com/x", "nope"] {
+    // Not a URL, not http, or https (no TLS yet): refused as input.
+    for url in ["ftp://example.com/x", "nope", "https://example.com/cb"] {
         let body = json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}, "callback_url": url});
         let (status, _) = post(&app.url("/v1/runs"), &body.to_string()).await;
         assert_eq!(status, 422, "{url}");
