@@ -65,6 +65,12 @@ enum RunsCommand {
     },
     /// Cancel a queued or running run.
     Cancel { id: String },
+    /// Show a run's callback and every delivery attempt; `--resend` starts another round.
+    Deliveries {
+        id: String,
+        #[arg(long)]
+        resend: bool,
+    },
     /// Print a run's events from the start (or after `--after`), then live until it ends.
     Events {
         id: String,
@@ -99,6 +105,9 @@ struct CreateArgs {
     /// Metadata as a JSON object.
     #[arg(long)]
     metadata: Option<String>,
+    /// An http:// URL that gets a signed POST when the run ends (docs/callbacks.md).
+    #[arg(long)]
+    callback_url: Option<String>,
     /// Wait for the run to end and print it then.
     #[arg(long)]
     wait: bool,
@@ -157,6 +166,7 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
                 "concurrency_key",
                 &mut body,
             );
+            opt(c.callback_url.map(Value::from), "callback_url", &mut body);
             if let Some(m) = c.metadata {
                 body["metadata"] = serde_json::from_str(&m).context("--metadata must be JSON")?;
             }
@@ -205,6 +215,15 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
                 &base,
             )
             .await
+        }
+        RunsCommand::Deliveries { id, resend } => {
+            let url = format!("{base}/v1/runs/{}/deliveries", encode(&id));
+            let request = if resend {
+                http.post(url)
+            } else {
+                http.get(url)
+            };
+            show(request, &base).await
         }
         RunsCommand::Cancel { id } => {
             show(

@@ -379,7 +379,7 @@ impl NewRun {
         }
         if let Some(url) = req.callback_url {
             crate::callbacks::check_url(url)
-                .map_err(|e| invalid("callback_url", "an http:// or https:// URL", e.0))?;
+                .map_err(|e| invalid("callback_url", "an http:// URL", e.0))?;
         }
         let request_hash = req
             .idempotency_key

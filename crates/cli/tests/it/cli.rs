@@ -379,3 +379,46 @@ fn schedules_commands_create_get_update_pause_resume_trigger_fires_delete() {
         .expect("agentry schedules create");
     assert!(!out.status.success(), "two timings are refused by the CLI");
 }
+
+#[test]
+fn runs_deliveries_shows_a_callbacks_attempts_and_resends_it() {
+    let srv = server(fixture("durable"))
+        .args([
+            "--allow-private-callbacks",
+            "--callback-max-attempts",
+            "1",
+            "--callback-poll-ms",
+            "20",
+        ])
+        .start();
+    // Port 9 (discard) on loopback: nothing listens, every attempt fails.
+    let created = runs_cli(
+        &srv,
+        &[
+            "create",
+            "durable",
+            "work",
+            "--input",
+            r#"{"i": 1}"#,
+            "--callback-url",
+            "http://127.0.0.1:9/cb",
+            "--wait",
+        ],
+    );
+    let id = created["id"].as_str().expect("id").to_string();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut shown = runs_cli(&srv, &["deliveries", &id]);
+    while shown["state"] == "pending" && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        shown = runs_cli(&srv, &["deliveries", &id]);
+    }
+    assert_eq!(shown["state"], "failed", "{shown}");
+    assert_eq!(shown["callback_url"], "http://127.0.0.1:9/cb");
+    assert_eq!(
+        shown["attempts"].as_array().map(Vec::len),
+        Some(1),
+        "{shown}"
+    );
+    let resent = runs_cli(&srv, &["deliveries", &id, "--resend"]);
+    assert_eq!(resent["state"], "pending", "{resent}");
+}
