@@ -22,8 +22,9 @@ use crate::Engine;
 
 /// Callbacks leased at once; they are sent concurrently.
 const BATCH: usize = 32;
-/// How long a lease outlasts an attempt's deadline before another node may take over.
-const LEASE_MARGIN: Duration = Duration::from_secs(30);
+/// How long a lease outlasts twice an attempt's deadline before another node may take over
+/// (the deadline covers the request; the margin, recording it on a slow store).
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
 /// The longest error text kept per attempt.
 const MAX_ERROR_CHARS: usize = 500;
 
@@ -68,7 +69,7 @@ impl Deliverer {
         let poll = self.settings.config.poll();
         loop {
             let now = now_ms();
-            let lease = self.settings.config.timeout() + LEASE_MARGIN;
+            let lease = self.settings.config.timeout() * 2 + LEASE_MARGIN;
             let due = match self
                 .store
                 .claim_callbacks(&self.owner, now, lease.as_millis() as i64, BATCH)

@@ -25,7 +25,7 @@ struct Got {
 }
 
 /// A receiver on loopback: it records every request and answers the next scripted status
-/// (200 once the script is used up).
+/// (200 once the script is used up; 0: holds the request a minute, then 200).
 #[derive(Clone, Default)]
 struct Receiver {
     got: Arc<Mutex<Vec<Got>>>,
@@ -52,6 +52,10 @@ async fn receive(
         body: body.to_vec(),
         answered,
     });
+    if answered == 0 {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        return StatusCode::OK;
+    }
     StatusCode::from_u16(answered).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
 }
 
@@ -366,4 +370,57 @@ async fn two_nodes_on_postgres_deliver_each_callback_once() {
     }
     b.stop().await;
     a.stop().await;
+}
+
+/// A node SIGKILLed in the middle of an attempt (the receiver holds the request): its lease
+/// runs out and another node on the same PostgreSQL delivers the callback, once.
+#[tokio::test]
+async fn a_node_sigkilled_mid_attempt_leaves_the_callback_to_another() {
+    let schema = crate::common::pg::schema();
+    let r = receiver(&[0]).await;
+    let node = |dir: &std::path::Path| {
+        server(fixture("durable"))
+            .args(crate::common::pg::on_postgres(&schema))
+            .args([
+                "--allow-private-callbacks",
+                "--callback-timeout-s",
+                "3",
+                "--callback-poll-ms",
+                "50",
+            ])
+            .args([
+                "--callback-secret-file".to_string(),
+                dir.join("secret").display().to_string(),
+            ])
+            .start()
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("secret"), SECRET).expect("secret");
+    let mut a = node(dir.path());
+    let id = create(&a, &r.url, 3).await;
+    assert_eq!(
+        r.wait_for(1, Duration::from_secs(30)).await.len(),
+        1,
+        "a's attempt is held"
+    );
+    a.stop(nix::sys::signal::Signal::SIGKILL);
+    let b = node(dir.path());
+    let d = settled(&b, &id, Duration::from_secs(40)).await;
+    assert_eq!(d["state"], "delivered", "{d}");
+    let attempts = d["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "the killed node recorded nothing: {d}");
+    assert_eq!(attempts[0]["status_code"], 200, "{d}");
+    let got = r.got();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got.iter()
+            .all(|g| g.headers["webhook-id"] == format!("cb_{id}"))
+    );
+    assert!(snippet_verifies(
+        "python3",
+        "verify_callback.py",
+        SECRET,
+        &got[1],
+        &got[1].body
+    ));
 }
