@@ -13,6 +13,7 @@ pub mod compat;
 mod de;
 mod deliveries;
 pub mod error;
+mod event_bus;
 mod hooks;
 pub mod keys;
 pub mod limits;

@@ -21,7 +21,8 @@ use crate::auth::{Principal, presented_token, refuse};
 pub use crate::policy::*;
 use crate::state::AppState;
 use crate::{
-    compat, deliveries, hooks, keys, metrics, native, nodes, openapi, probes, runs, schedules,
+    compat, deliveries, event_bus, hooks, keys, metrics, native, nodes, openapi, probes, runs,
+    schedules,
 };
 
 type S = Arc<AppState>;
@@ -43,6 +44,7 @@ fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
         (RUNS_WRITE, routes!(runs::cancel_run)),
         (RUNS_READ, routes!(runs::run_events)),
         (RUNS_READ, routes!(deliveries::list_deliveries)),
+        (RUNS_READ, routes!(event_bus::events)),
         (RUNS_WRITE, routes!(deliveries::resend_delivery)),
         (RUNS_READ_WS, routes!(runs::run_events_ws)),
         (SCHEDULES, routes!(schedules::create_schedule)),
@@ -366,6 +368,7 @@ mod tests {
             of("post", "/v1/runs/{id}/deliveries"),
             Access::Scope(Scope::RunsWrite)
         );
+        assert_eq!(of("get", "/v1/events"), Access::Scope(Scope::RunsRead));
         // A delivery carries its hook's signature, not a key.
         assert_eq!(of("post", "/v1/hooks/{name}"), Access::Public);
         assert_eq!(of("get", "/v1/nodes"), Access::Scope(Scope::RunsRead));
@@ -380,6 +383,7 @@ mod tests {
                     || path.starts_with("/v1/keys")
                     || path.starts_with("/v1/schedules")
                     || path.starts_with("/v1/hooks")
+                    || path == "/v1/events"
                     || path == "/v1/nodes",
                 "{method} {path}"
             );

@@ -283,7 +283,7 @@ pub struct RunList<'a> {
 
 /// An event as the API shows it. Failure events carry the attempt's error, whose traceback
 /// only callers who see tracebacks get.
-fn event_json(e: &RunEvent, tracebacks: bool) -> String {
+pub(crate) fn event_json(e: &RunEvent, tracebacks: bool) -> String {
     if !tracebacks
         && e.data.contains("\"traceback\"")
         && let Ok(mut data) = serde_json::from_str::<Value>(&e.data)

@@ -141,3 +141,71 @@ mod tests {
         );
     }
 }
+
+/// A place in the global event log (`GET /v1/events`): after which event to go on. Its text
+/// form is the SSE id (`Last-Event-ID`): `<gseq>` on SQLite, `<tx>.<gseq>` on PostgreSQL,
+/// where events are ordered by the transaction that wrote them, then by insertion.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct EventCursor {
+    /// The writing transaction's id (PostgreSQL; 0 on SQLite).
+    pub tx: u64,
+    pub gseq: i64,
+}
+
+impl EventCursor {
+    /// Parses a cursor's text form; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let text = text.trim();
+        let (tx, gseq) = match text.split_once('.') {
+            Some((tx, gseq)) => (tx.parse().ok()?, gseq.parse().ok()?),
+            None => (0, text.parse().ok()?),
+        };
+        (gseq >= 0).then_some(Self { tx, gseq })
+    }
+}
+
+impl fmt::Display for EventCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tx == 0 {
+            write!(f, "{}", self.gseq)
+        } else {
+            write!(f, "{}.{}", self.tx, self.gseq)
+        }
+    }
+}
+
+/// One event of the global log, with its run's agent and entrypoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedEvent {
+    pub cursor: EventCursor,
+    pub agent: String,
+    pub entrypoint: String,
+    pub event: crate::runs::RunEvent,
+}
+
+/// A page of the global log: the events, and the cursor to go on from (past what was read,
+/// even where nothing was returned).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogPage {
+    pub events: Vec<LoggedEvent>,
+    pub next: EventCursor,
+}
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::EventCursor;
+
+    #[test]
+    fn cursors_read_back_what_they_print() {
+        for c in [
+            EventCursor { tx: 0, gseq: 42 },
+            EventCursor { tx: 731, gseq: 9 },
+        ] {
+            assert_eq!(EventCursor::parse(&c.to_string()), Some(c));
+        }
+        for bad in ["", "x", "1.x", "-3", "1.2.3"] {
+            assert_eq!(EventCursor::parse(bad), None, "{bad}");
+        }
+        assert!(EventCursor { tx: 2, gseq: 1 } > EventCursor { tx: 1, gseq: 9 });
+    }
+}

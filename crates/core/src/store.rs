@@ -153,6 +153,18 @@ pub trait RunStore: Send + Sync + 'static {
     /// The sequence number of the run's last event (0: none, or no such run).
     async fn last_event_seq(&self, id: &str) -> Result<i64, StoreError>;
 
+    /// The global event log (`GET /v1/events`): events of every run after `after`, in the
+    /// log's order, at most `limit` looked at; only runs of `agents` when given. An event is
+    /// in the log once nothing written before it can still appear (on PostgreSQL, once every
+    /// transaction that started before it has ended), so a reader going on from a page's
+    /// `next` never misses one.
+    async fn log_after(
+        &self,
+        after: crate::events::EventCursor,
+        limit: usize,
+        agents: Option<Vec<String>>,
+    ) -> Result<crate::events::LogPage, StoreError>;
+
     /// Events with `seq > after`, in order, at most `limit`.
     async fn events_after(
         &self,

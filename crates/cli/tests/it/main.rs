@@ -10,6 +10,7 @@ mod callbacks;
 mod cli;
 mod compat_golden;
 mod config;
+mod event_bus;
 mod hooks;
 mod limits;
 mod openapi;

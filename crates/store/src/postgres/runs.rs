@@ -71,6 +71,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0009_callbacks",
         include_str!("migrations/0009_callbacks.sql"),
     ),
+    (
+        "0010_event_log",
+        include_str!("migrations/0010_event_log.sql"),
+    ),
 ];
 
 /// The NOTIFY channels (see `Notifier`).
@@ -1517,6 +1521,49 @@ impl RunStore for PgStore {
             .map_err(db_err)
     }
 
+    async fn log_after(
+        &self,
+        after: agentry_core::events::EventCursor,
+        limit: usize,
+        agents: Option<Vec<String>>,
+    ) -> Result<agentry_core::events::LogPage, StoreError> {
+        use agentry_core::events::{EventCursor, LogPage, LoggedEvent};
+        let rows = sqlx::query(sql!("log_after"))
+            .bind(after.tx.to_string())
+            .bind(after.gseq)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let mut page = LogPage {
+            events: Vec::new(),
+            next: after,
+        };
+        for row in &rows {
+            let kind: String = row.try_get(4).map_err(db_err)?;
+            let e = LoggedEvent {
+                cursor: EventCursor {
+                    tx: row.try_get::<i64, _>(0).map_err(db_err)?.max(0) as u64,
+                    gseq: row.try_get(1).map_err(db_err)?,
+                },
+                event: RunEvent {
+                    run_id: row.try_get(2).map_err(db_err)?,
+                    seq: row.try_get(3).map_err(db_err)?,
+                    kind: EventKind::parse(&kind),
+                    data: row.try_get(5).map_err(db_err)?,
+                    at: row.try_get(6).map_err(db_err)?,
+                },
+                agent: row.try_get(7).map_err(db_err)?,
+                entrypoint: row.try_get(8).map_err(db_err)?,
+            };
+            page.next = e.cursor;
+            if agents.as_ref().is_none_or(|a| a.contains(&e.agent)) {
+                page.events.push(e);
+            }
+        }
+        Ok(page)
+    }
+
     async fn events_after(
         &self,
         id: &str,
@@ -1581,6 +1628,7 @@ impl RunStore for PgStore {
                     sql!("purge_events"),
                     sql!("purge_checkpoints"),
                     sql!("purge_callbacks"),
+                    sql!("purge_event_log"),
                     sql!("purge_run"),
                 ] {
                     sqlx::query(query)

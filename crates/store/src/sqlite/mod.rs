@@ -36,6 +36,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0003_idempotency_scope.sql"),
     include_str!("migrations/0004_schedules.sql"),
     include_str!("migrations/0005_callbacks.sql"),
+    include_str!("migrations/0006_event_log.sql"),
 ];
 
 /// How hard a commit tries to reach the disk.
@@ -392,6 +393,16 @@ impl RunStore for SqliteStore {
     async fn last_event_seq(&self, id: &str) -> Result<i64, StoreError> {
         let id = id.to_string();
         self.read(move |c| ops::last_event_seq(c, &id)).await
+    }
+
+    async fn log_after(
+        &self,
+        after: agentry_core::events::EventCursor,
+        limit: usize,
+        agents: Option<Vec<String>>,
+    ) -> Result<agentry_core::events::LogPage, StoreError> {
+        self.read(move |c| ops::log_after(c, after, limit, agents.as_deref()))
+            .await
     }
 
     async fn events_after(

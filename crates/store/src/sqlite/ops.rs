@@ -473,6 +473,50 @@ pub fn events_after(
     rows.collect()
 }
 
+/// The global log after `after`; see `RunStore::log_after`. One writer commits in insertion
+/// order, so the log's numbers never fill in behind a reader.
+pub fn log_after(
+    c: &Connection,
+    after: agentry_core::events::EventCursor,
+    limit: usize,
+    agents: Option<&[String]>,
+) -> rusqlite::Result<agentry_core::events::LogPage> {
+    use agentry_core::events::{EventCursor, LogPage, LoggedEvent};
+    let mut stmt = c.prepare_cached(sql!("log_after"))?;
+    let rows = stmt.query_map(params![after.gseq, limit as i64], |r| {
+        Ok(LoggedEvent {
+            cursor: EventCursor {
+                tx: 0,
+                gseq: r.get(0)?,
+            },
+            event: RunEvent {
+                run_id: r.get(1)?,
+                seq: r.get(2)?,
+                kind: EventKind::parse(&r.get::<_, String>(3)?),
+                data: r.get(4)?,
+                at: r.get(5)?,
+            },
+            agent: r.get(6)?,
+            entrypoint: r.get(7)?,
+        })
+    })?;
+    let mut page = LogPage {
+        events: Vec::new(),
+        next: EventCursor {
+            tx: 0,
+            gseq: after.gseq,
+        },
+    };
+    for row in rows {
+        let e = row?;
+        page.next = e.cursor;
+        if agents.is_none_or(|a| a.contains(&e.agent)) {
+            page.events.push(e);
+        }
+    }
+    Ok(page)
+}
+
 /// Requeues (or, past the allowance of lost leases, fails) the runs whose node is gone. A run
 /// whose cancellation was requested is cancelled instead.
 pub fn recover_leases(
@@ -531,6 +575,8 @@ pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Re
         c.prepare_cached(sql!("purge_checkpoints"))?
             .execute(params![id])?;
         super::callbacks::purge(c, id)?;
+        c.prepare_cached(sql!("purge_event_log"))?
+            .execute(params![id])?;
         c.prepare_cached(sql!("purge_run"))?.execute(params![id])?;
     }
     Ok(ids.len())

@@ -1,0 +1,178 @@
+//! The event bus (`GET /v1/events`): the events of every run the caller may see, as
+//! Server-Sent Events, in the global log's order (`RunStore::log_after`), filtered by agent,
+//! entrypoint and kind, resumable with `Last-Event-ID` (or `?after=`) across restarts and
+//! nodes. The log is read from the store (shared by every node on PostgreSQL), a page at a
+//! time, so a slow client only holds its own cursor.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentry_core::events::EventCursor;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+use crate::auth::{Caller, principal};
+use crate::error::{ApiError, invalid};
+use crate::runs::{QueryResult, event_json, query};
+use crate::state::AppState;
+use crate::views::ErrorEnvelope;
+
+type S = Arc<AppState>;
+
+/// Events read from the store at once.
+const PAGE: usize = 500;
+/// How long a caught-up stream waits before it looks again.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How long it waits after the store failed to answer.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct BusQuery {
+    /// Only this agent's runs (id or name).
+    agent: Option<String>,
+    /// Only runs of this entrypoint.
+    entrypoint: Option<String>,
+    /// Only these kinds, comma-separated (`run.succeeded,run.failed`, `progress`).
+    kind: Option<String>,
+    /// Start after this event id (`Last-Event-ID` wins); default: from the start of the log.
+    #[param(max_length = 64)]
+    after: Option<String>,
+}
+
+fn cursor_of(text: &str, field: &str) -> Result<EventCursor, ApiError> {
+    EventCursor::parse(text).ok_or_else(|| {
+        invalid(
+            field,
+            "an event id from this stream",
+            format!("invalid {field}"),
+        )
+    })
+}
+
+/// Every event of every run the caller may see, then live (Server-Sent Events).
+#[utoipa::path(get, path = "/v1/events", tag = "runs",
+    params(BusQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this event id (wins over `after`)")),
+    responses(
+        (status = 200, description = "Events: `id` is the global log's cursor, `event` the type, `data` `{run_id, agent_id, entrypoint, seq, type, at, data}`", content_type = "text/event-stream"),
+        (status = 404, description = "`agent_not_found`", body = ErrorEnvelope),
+        (status = 422, description = "`validation_error`: a bad `Last-Event-ID`, `after` or filter", body = ErrorEnvelope),
+    ))]
+pub(crate) async fn events(
+    State(state): State<S>,
+    caller: Caller,
+    headers: HeaderMap,
+    q: QueryResult<BusQuery>,
+) -> Result<Response, ApiError> {
+    let q = query(q)?;
+    let who = principal(caller);
+    let mut cursor = match headers.get("last-event-id") {
+        Some(v) => cursor_of(v.to_str().unwrap_or_default(), "Last-Event-ID")?,
+        None => match q.after.as_deref() {
+            Some(a) => cursor_of(a, "after")?,
+            None => EventCursor::default(),
+        },
+    };
+    let agents: Option<Vec<String>> = match &q.agent {
+        Some(a) => {
+            let agent = state
+                .agent(a)
+                .filter(|agent| who.allows(agent))
+                .ok_or_else(|| crate::error::agent_not_found(a))?;
+            Some(vec![agent.config.agent_id.clone()])
+        }
+        None if who.agent_limit().is_some() => Some(
+            state
+                .agents
+                .iter()
+                .filter(|a| who.allows(a))
+                .map(|a| a.config.agent_id.clone())
+                .collect(),
+        ),
+        None => None,
+    };
+    let kinds: Option<HashSet<String>> = q
+        .kind
+        .as_deref()
+        .map(|k| k.split(',').map(|s| s.trim().to_string()).collect());
+    if kinds
+        .as_ref()
+        .is_some_and(|k| k.iter().any(String::is_empty))
+    {
+        return Err(invalid(
+            "kind",
+            "comma-separated event types",
+            "`kind` has an empty entry",
+        ));
+    }
+    let entrypoint = q.entrypoint;
+    let tracebacks = who.sees_tracebacks(state.config.gateway.expose_tracebacks);
+    let store = Arc::clone(state.engine.store());
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        loop {
+            let page = match store.log_after(cursor, PAGE, agents.clone()).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::warn!("the event bus cannot read the log: {e}");
+                    tokio::time::sleep(STORE_RETRY).await;
+                    continue;
+                }
+            };
+            let caught_up = page.next == cursor;
+            cursor = page.next;
+            for e in page.events {
+                if entrypoint.as_ref().is_some_and(|t| *t != e.entrypoint)
+                    || kinds
+                        .as_ref()
+                        .is_some_and(|k| !k.contains(e.event.kind.as_str()))
+                {
+                    continue;
+                }
+                let inner = event_json(&e.event, tracebacks);
+                let data = format!(
+                    "{{\"run_id\":{},\"agent_id\":{},\"entrypoint\":{},{}",
+                    serde_json::Value::from(e.event.run_id.as_str()),
+                    serde_json::Value::from(e.agent.as_str()),
+                    serde_json::Value::from(e.entrypoint.as_str()),
+                    &inner[1..]
+                );
+                let kind: String = e
+                    .event
+                    .kind
+                    .as_str()
+                    .chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect();
+                let event = Event::default()
+                    .id(e.cursor.to_string())
+                    .event(kind)
+                    .data(data);
+                if tx.send(event).await.is_err() {
+                    return; // the client went away
+                }
+            }
+            if caught_up {
+                tokio::select! {
+                    _ = tokio::time::sleep(IDLE_POLL) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let e = rx.recv().await?;
+        Some((Ok::<_, Infallible>(e), rx))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}

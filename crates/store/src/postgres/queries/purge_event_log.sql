@@ -1,0 +1,1 @@
+DELETE FROM event_log WHERE run_id = ANY($1)
