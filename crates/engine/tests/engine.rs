@@ -784,6 +784,14 @@ impl RunStore for FaultyStore {
     async fn last_event_seq(&self, id: &str) -> Result<i64, agentry_core::StoreError> {
         self.inner.last_event_seq(id).await
     }
+    async fn log_after(
+        &self,
+        after: agentry_core::events::EventCursor,
+        limit: usize,
+        agents: Option<Vec<String>>,
+    ) -> Result<agentry_core::events::LogPage, agentry_core::StoreError> {
+        self.inner.log_after(after, limit, agents).await
+    }
     async fn events_after(
         &self,
         id: &str,
