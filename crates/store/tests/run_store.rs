@@ -51,6 +51,11 @@ macro_rules! contract_tests {
                 contract::callbacks_are_leased_once_and_a_resend_in_flight_holds(&store).await;
             }
             #[tokio::test]
+            async fn the_global_log_orders_events_and_forgets_purged_runs() {
+                let (_keep, store) = $open;
+                contract::the_global_log_orders_events_and_forgets_purged_runs(&store).await;
+            }
+            #[tokio::test]
             async fn the_last_event_seq_is_the_end_of_the_log() {
                 let (_keep, store) = $open;
                 contract::the_last_event_seq_is_the_end_of_the_log(&store).await;

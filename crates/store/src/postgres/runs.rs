@@ -1628,11 +1628,18 @@ impl RunStore for PgStore {
                     sql!("purge_events"),
                     sql!("purge_checkpoints"),
                     sql!("purge_callbacks"),
-                    sql!("purge_event_log"),
                     sql!("purge_run"),
                 ] {
                     sqlx::query(query)
                         .bind(&ids)
+                        .execute(&mut *c)
+                        .await
+                        .map_err(db_err)?;
+                }
+                if !ids.is_empty() {
+                    // The log's entries of the runs just purged (and of earlier ones).
+                    sqlx::query(sql!("purge_event_log"))
+                        .bind((limit as i64).saturating_mul(64))
                         .execute(&mut *c)
                         .await
                         .map_err(db_err)?;

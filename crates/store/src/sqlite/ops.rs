@@ -575,9 +575,12 @@ pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Re
         c.prepare_cached(sql!("purge_checkpoints"))?
             .execute(params![id])?;
         super::callbacks::purge(c, id)?;
-        c.prepare_cached(sql!("purge_event_log"))?
-            .execute(params![id])?;
         c.prepare_cached(sql!("purge_run"))?.execute(params![id])?;
+    }
+    if !ids.is_empty() {
+        // The log's entries of the runs just purged (and of earlier ones): a bounded pass.
+        c.prepare_cached(sql!("purge_event_log"))?
+            .execute(params![(limit as i64).saturating_mul(64)])?;
     }
     Ok(ids.len())
 }

@@ -657,3 +657,41 @@ where
     assert_eq!(s.purge_finished(now_ms() + 1, 10).await.expect("purge"), 1);
     assert!(s.get_callback("c1").await.expect("get").is_none());
 }
+
+/// The global log: every event once, in order; a purged run's entries go, and numbers are
+/// never reused after a purge.
+pub async fn the_global_log_orders_events_and_forgets_purged_runs(s: &dyn RunStore) {
+    use agentry_core::events::EventCursor;
+    let page = |after: EventCursor| async move { s.log_after(after, 100, None).await.expect("log") };
+    s.create_run(new_run("g1", 0, None), None).await.expect("create");
+    s.create_run(new_run("g2", 0, None), None).await.expect("create");
+    s.cancel_run("g1", now_ms()).await.expect("cancel");
+    let all = page(EventCursor::default()).await;
+    let seen: Vec<(String, i64)> = all
+        .events
+        .iter()
+        .map(|e| (e.event.run_id.clone(), e.event.seq))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![("g1".into(), 1), ("g2".into(), 1), ("g1".into(), 2)],
+        "insertion order"
+    );
+    assert!(all.events.windows(2).all(|w| w[0].cursor < w[1].cursor));
+    assert_eq!(all.next, all.events[2].cursor);
+    assert!(page(all.next).await.events.is_empty(), "nothing after the end");
+    let only_other = s
+        .log_after(EventCursor::default(), 100, Some(vec!["nobody".into()]))
+        .await
+        .expect("log");
+    assert!(only_other.events.is_empty());
+    assert_eq!(only_other.next, all.next, "what was looked at is passed");
+    // g1 purged: its entries go; a later event still comes after every earlier number.
+    assert_eq!(s.purge_finished(now_ms() + 1, 10).await.expect("purge"), 1);
+    let left = page(EventCursor::default()).await;
+    assert!(left.events.iter().all(|e| e.event.run_id == "g2"), "{left:?}");
+    s.create_run(new_run("g3", 0, None), None).await.expect("create");
+    let after = page(all.next).await;
+    assert_eq!(after.events.len(), 1);
+    assert_eq!(after.events[0].event.run_id, "g3");
+}

@@ -4,7 +4,8 @@
 -- also records its transaction (`tx`); entries are ordered by (tx, gseq), and a reader only
 -- reads entries of transactions older than the oldest one still running
 -- (pg_snapshot_xmin), which can no longer change. Kept by a statement trigger, so no write
--- path (single inserts, batches, functions) can forget it.
+-- path (single inserts, batches, functions) can forget it; no index but its key, since it is
+-- on the path of every event (purging trims the head instead: purge_event_log.sql).
 CREATE TABLE event_log (
     tx     xid8   NOT NULL DEFAULT pg_current_xact_id(),
     gseq   BIGINT GENERATED ALWAYS AS IDENTITY,
@@ -12,7 +13,6 @@ CREATE TABLE event_log (
     seq    BIGINT NOT NULL,
     PRIMARY KEY (tx, gseq)
 );
-CREATE INDEX event_log_run ON event_log (run_id);
 INSERT INTO event_log (run_id, seq) SELECT run_id, seq FROM run_events ORDER BY at, run_id, seq;
 
 CREATE FUNCTION agentry_log_events() RETURNS trigger LANGUAGE plpgsql AS $$
