@@ -123,10 +123,15 @@ pub(crate) async fn events(
                 Ok(page) => page,
                 Err(e) => {
                     tracing::warn!("the event bus cannot read the log: {e}");
-                    tokio::time::sleep(STORE_RETRY).await;
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(STORE_RETRY) => continue,
+                        _ = tx.closed() => return,
+                    }
                 }
             };
+            if tx.is_closed() {
+                return; // the client went away while nothing it wants came by
+            }
             let caught_up = page.next == cursor;
             cursor = page.next;
             for e in page.events {

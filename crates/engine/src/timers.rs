@@ -1,6 +1,7 @@
 //! Timers: the schedules the configuration declares (`[[agents.<name>.entrypoints.<tag>.timers]]`).
 //! At start-up each is created, or changed to match, under the owner [`CONFIG_OWNER`] and its
-//! name; a timer taken out of the configuration has its schedule deleted. Several nodes
+//! name; a timer taken out of the configuration has its schedule deleted (among the agents
+//! this node serves: a node serving other agents keeps its own). Several nodes
 //! starting at once converge: a create that finds the name taken reads and compares instead,
 //! and a change made meanwhile is read again.
 
@@ -24,6 +25,13 @@ pub struct Declared {
     pub deleted: Vec<String>,
 }
 
+impl Declared {
+    /// Whether a schedule was created, changed or deleted.
+    pub fn changed_anything(&self) -> bool {
+        !(self.created.is_empty() && self.changed.is_empty() && self.deleted.is_empty())
+    }
+}
+
 impl Scheduler {
     /// Makes the configuration's schedules what `timers` say (each named, its agent resolved
     /// or resolvable here). An error names the timer and why.
@@ -42,12 +50,22 @@ impl Scheduler {
             }
         }
         let declared: Vec<&str> = timers.iter().filter_map(|t| t.name.as_deref()).collect();
+        // Only the timers of agents this node serves: another node may serve other agents,
+        // with timers this configuration does not know of.
+        let served: Vec<String> = self
+            .inner
+            .engine
+            .inner
+            .agents
+            .iter()
+            .map(|a| a.config.agent_id.clone())
+            .collect();
         let mut cursor = None;
         loop {
             let page = self
                 .inner
                 .store
-                .list_schedules(cursor.clone(), None, 500)
+                .list_schedules(cursor.clone(), Some(served.clone()), 500)
                 .await
                 .map_err(|e| e.to_string())?;
             for s in &page {
@@ -66,7 +84,7 @@ impl Scheduler {
             }
             cursor = page.last().map(|s| s.id.clone());
         }
-        if report != Declared::default() {
+        if report.changed_anything() {
             self.changed();
         }
         Ok(report)

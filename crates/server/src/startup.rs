@@ -437,7 +437,7 @@ impl Application {
             };
             match declared {
                 Ok(d) => {
-                    if d != agentry_engine::Declared::default() {
+                    if d.changed_anything() {
                         tracing::info!(
                             created = ?d.created,
                             changed = ?d.changed,

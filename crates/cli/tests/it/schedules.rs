@@ -762,3 +762,63 @@ async fn a_timer_that_cannot_be_declared_stops_the_start() {
     };
     assert!(said.contains("timer `t`"), "{said}");
 }
+
+/// Two nodes on one PostgreSQL serving different agents, each with its own timers: neither
+/// node's start deletes the other's.
+#[tokio::test]
+async fn a_node_keeps_the_timers_of_agents_it_does_not_serve() {
+    let schema = schema();
+    let start = |agent: &'static str, tag: &'static str, name: &'static str| {
+        let schema = schema.to_string();
+        let dir = tempfile::tempdir().expect("tempdir");
+        async move {
+            let state = dir.path().join("state");
+            let node = crate::common::app::TestApp::start(vec![fixture(agent)], move |c| {
+                c.state_dir = state;
+                c.store.database_url = Some(pg_url());
+                c.store.database_schema = Some(schema);
+                let entrypoint = agentry_core::settings::EntrypointSettings {
+                    timers: vec![
+                        json!({"name": name, "every": "1h"})
+                            .as_object()
+                            .cloned()
+                            .expect("object"),
+                    ],
+                    ..Default::default()
+                };
+                c.agents.insert(
+                    agent.into(),
+                    agentry_core::settings::AgentSettings {
+                        entrypoints: [(tag.to_string(), entrypoint)].into(),
+                        ..Default::default()
+                    },
+                );
+            })
+            .await;
+            (node, dir)
+        }
+    };
+    let names = |list: Vec<Value>| {
+        let mut n: Vec<String> = list
+            .iter()
+            .filter_map(|s| s["name"].as_str().map(str::to_string))
+            .collect();
+        n.sort();
+        n
+    };
+    let (a, _da) = start("durable", "hang", "durable-hourly").await;
+    let (b, _db) = start("faulty", "ok", "faulty-hourly").await;
+    assert_eq!(
+        names(all_schedules(&a).await),
+        ["durable-hourly", "faulty-hourly"]
+    );
+    a.stop().await;
+    let (a, _da2) = start("durable", "hang", "durable-hourly").await;
+    assert_eq!(
+        names(all_schedules(&a).await),
+        ["durable-hourly", "faulty-hourly"],
+        "a's restart left b's timer alone"
+    );
+    a.stop().await;
+    b.stop().await;
+}

@@ -1637,12 +1637,19 @@ impl RunStore for PgStore {
                         .map_err(db_err)?;
                 }
                 if !ids.is_empty() {
-                    // The log's entries of the runs just purged (and of earlier ones).
-                    sqlx::query(sql!("purge_event_log"))
-                        .bind((limit as i64).saturating_mul(64))
-                        .execute(&mut *c)
-                        .await
-                        .map_err(db_err)?;
+                    // The log's entries of the runs just purged (and of earlier ones), in
+                    // bounded steps.
+                    for _ in 0..10 {
+                        let trimmed = sqlx::query(sql!("purge_event_log"))
+                            .bind(10_000_i64)
+                            .execute(&mut *c)
+                            .await
+                            .map_err(db_err)?
+                            .rows_affected();
+                        if trimmed < 10_000 {
+                            break;
+                        }
+                    }
                 }
                 Ok(ids.len())
             }

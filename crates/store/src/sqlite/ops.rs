@@ -563,6 +563,10 @@ pub fn recover_leases(
     Ok(out)
 }
 
+/// Log entries trimmed per step, and steps per purge pass.
+const LOG_TRIM_BATCH: i64 = 10_000;
+const LOG_TRIM_STEPS: usize = 10;
+
 pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Result<usize> {
     let ids: Vec<String> = {
         let mut stmt = c.prepare_cached(sql!("purge_candidates"))?;
@@ -578,9 +582,16 @@ pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Re
         c.prepare_cached(sql!("purge_run"))?.execute(params![id])?;
     }
     if !ids.is_empty() {
-        // The log's entries of the runs just purged (and of earlier ones): a bounded pass.
-        c.prepare_cached(sql!("purge_event_log"))?
-            .execute(params![(limit as i64).saturating_mul(64)])?;
+        // The log's entries of the runs just purged (and of earlier ones), in bounded steps:
+        // the writer is held meanwhile.
+        for _ in 0..LOG_TRIM_STEPS {
+            let trimmed = c
+                .prepare_cached(sql!("purge_event_log"))?
+                .execute(params![LOG_TRIM_BATCH])?;
+            if trimmed < LOG_TRIM_BATCH as usize {
+                break;
+            }
+        }
     }
     Ok(ids.len())
 }

@@ -662,9 +662,14 @@ where
 /// never reused after a purge.
 pub async fn the_global_log_orders_events_and_forgets_purged_runs(s: &dyn RunStore) {
     use agentry_core::events::EventCursor;
-    let page = |after: EventCursor| async move { s.log_after(after, 100, None).await.expect("log") };
-    s.create_run(new_run("g1", 0, None), None).await.expect("create");
-    s.create_run(new_run("g2", 0, None), None).await.expect("create");
+    let page =
+        |after: EventCursor| async move { s.log_after(after, 100, None).await.expect("log") };
+    s.create_run(new_run("g1", 0, None), None)
+        .await
+        .expect("create");
+    s.create_run(new_run("g2", 0, None), None)
+        .await
+        .expect("create");
     s.cancel_run("g1", now_ms()).await.expect("cancel");
     let all = page(EventCursor::default()).await;
     let seen: Vec<(String, i64)> = all
@@ -679,7 +684,10 @@ pub async fn the_global_log_orders_events_and_forgets_purged_runs(s: &dyn RunSto
     );
     assert!(all.events.windows(2).all(|w| w[0].cursor < w[1].cursor));
     assert_eq!(all.next, all.events[2].cursor);
-    assert!(page(all.next).await.events.is_empty(), "nothing after the end");
+    assert!(
+        page(all.next).await.events.is_empty(),
+        "nothing after the end"
+    );
     let only_other = s
         .log_after(EventCursor::default(), 100, Some(vec!["nobody".into()]))
         .await
@@ -689,8 +697,13 @@ pub async fn the_global_log_orders_events_and_forgets_purged_runs(s: &dyn RunSto
     // g1 purged: its entries go; a later event still comes after every earlier number.
     assert_eq!(s.purge_finished(now_ms() + 1, 10).await.expect("purge"), 1);
     let left = page(EventCursor::default()).await;
-    assert!(left.events.iter().all(|e| e.event.run_id == "g2"), "{left:?}");
-    s.create_run(new_run("g3", 0, None), None).await.expect("create");
+    assert!(
+        left.events.iter().all(|e| e.event.run_id == "g2"),
+        "{left:?}"
+    );
+    s.create_run(new_run("g3", 0, None), None)
+        .await
+        .expect("create");
     let after = page(all.next).await;
     assert_eq!(after.events.len(), 1);
     assert_eq!(after.events[0].event.run_id, "g3");

@@ -13,7 +13,13 @@ CREATE TABLE event_log (
     seq    BIGINT NOT NULL,
     PRIMARY KEY (tx, gseq)
 );
-INSERT INTO event_log (run_id, seq) SELECT run_id, seq FROM run_events ORDER BY at, run_id, seq;
+-- Nodes of the old version may still be writing: no event may fall between the backfill and
+-- the trigger. The backfill keeps each run's events in their order whatever the nodes' clocks
+-- (a running maximum of their times).
+LOCK TABLE run_events IN SHARE ROW EXCLUSIVE MODE;
+INSERT INTO event_log (run_id, seq)
+SELECT run_id, seq FROM run_events
+ORDER BY max(at) OVER (PARTITION BY run_id ORDER BY seq), run_id, seq;
 
 CREATE FUNCTION agentry_log_events() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

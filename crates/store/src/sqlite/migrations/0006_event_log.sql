@@ -9,7 +9,9 @@ CREATE TABLE event_log (
     run_id TEXT    NOT NULL,
     seq    INTEGER NOT NULL
 );
-INSERT INTO event_log (run_id, seq) SELECT run_id, seq FROM run_events ORDER BY at, run_id, seq;
+INSERT INTO event_log (run_id, seq)
+SELECT run_id, seq FROM run_events
+ORDER BY max(at) OVER (PARTITION BY run_id ORDER BY seq), run_id, seq;
 CREATE TRIGGER run_events_logged AFTER INSERT ON run_events
 BEGIN
     INSERT INTO event_log (run_id, seq) VALUES (NEW.run_id, NEW.seq);
