@@ -81,24 +81,7 @@ pub(crate) async fn events(
             None => EventCursor::default(),
         },
     };
-    let agents: Option<Vec<String>> = match &q.agent {
-        Some(a) => {
-            let agent = state
-                .agent(a)
-                .filter(|agent| who.allows(agent))
-                .ok_or_else(|| crate::error::agent_not_found(a))?;
-            Some(vec![agent.config.agent_id.clone()])
-        }
-        None if who.agent_limit().is_some() => Some(
-            state
-                .agents
-                .iter()
-                .filter(|a| who.allows(a))
-                .map(|a| a.config.agent_id.clone())
-                .collect(),
-        ),
-        None => None,
-    };
+    let agents = crate::runs::agents_seen(&state, &who, q.agent.as_deref())?;
     let kinds: Option<HashSet<String>> = q
         .kind
         .as_deref()

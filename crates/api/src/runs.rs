@@ -161,6 +161,33 @@ fn new_run(state: &S, who: &Principal, body: &[u8]) -> Result<NewRun, ApiError> 
     .map_err(crate::error::run_rejected)
 }
 
+/// The agents (by id) a listing covers: the one asked for (404 if the caller may not see
+/// it), else those the caller's key is limited to, else all (`None`).
+pub(crate) fn agents_seen(
+    state: &S,
+    who: &Principal,
+    asked: Option<&str>,
+) -> Result<Option<Vec<String>>, ApiError> {
+    Ok(match asked {
+        Some(a) => {
+            let agent = state
+                .agent(a)
+                .filter(|agent| who.allows(agent))
+                .ok_or_else(|| crate::error::agent_not_found(a))?;
+            Some(vec![agent.config.agent_id.clone()])
+        }
+        None if who.agent_limit().is_some() => Some(
+            state
+                .agents
+                .iter()
+                .filter(|a| who.allows(a))
+                .map(|a| a.config.agent_id.clone())
+                .collect(),
+        ),
+        None => None,
+    })
+}
+
 /// A callback URL whose host is a private address literal, while private callbacks are not
 /// allowed, is refused at once (a name is checked on what it resolves to, at delivery).
 pub(crate) fn refuse_private_literal(state: &S, url: Option<&str>) -> Result<(), ApiError> {

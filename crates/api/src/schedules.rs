@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use agentry_core::ErrorCode;
 use agentry_core::runs::now_ms;
-use agentry_core::schedules::{FireOutcome, Schedule, ScheduleFire, ScheduleSpec, new_schedule_id};
+use agentry_core::schedules::{FireOutcome, Schedule, ScheduleFire, ScheduleSpec};
 use agentry_core::store::ScheduleWrite;
 use agentry_engine::TriggerError;
 use axum::Json;
@@ -252,19 +252,8 @@ pub(crate) async fn create_schedule(
     let spec = spec_of(&state, body)?
         .prepare(now, state.scheduler.default_timezone())
         .map_err(rejected)?;
-    let mut schedule = Schedule {
-        id: new_schedule_id(),
-        owner: who.0.as_ref().map(|k| k.key.id.clone()).unwrap_or_default(),
-        spec,
-        paused: false,
-        next_fire_at: None,
-        fires: 0,
-        last_fire_at: None,
-        last_run_id: None,
-        version: 1,
-        created_at: now,
-        updated_at: now,
-    };
+    let owner = who.0.as_ref().map(|k| k.key.id.clone()).unwrap_or_default();
+    let mut schedule = Schedule::new(owner, spec, now);
     schedule = check(&state, &who, schedule, now)?;
     let when = schedule
         .spec
@@ -376,24 +365,7 @@ pub(crate) async fn list_schedules(
             "invalid cursor",
         ));
     }
-    let agents: Option<Vec<String>> = match &q.agent {
-        Some(a) => {
-            let agent = state
-                .agent(a)
-                .filter(|agent| who.allows(agent))
-                .ok_or_else(|| crate::error::agent_not_found(a))?;
-            Some(vec![agent.config.agent_id.clone()])
-        }
-        None if who.agent_limit().is_some() => Some(
-            state
-                .agents
-                .iter()
-                .filter(|a| who.allows(a))
-                .map(|a| a.config.agent_id.clone())
-                .collect(),
-        ),
-        None => None,
-    };
+    let agents = crate::runs::agents_seen(&state, &who, q.agent.as_deref())?;
     let page = state
         .scheduler
         .store()

@@ -6,7 +6,7 @@
 //! and a change made meanwhile is read again.
 
 use agentry_core::runs::now_ms;
-use agentry_core::schedules::{Schedule, ScheduleSpec, new_schedule_id};
+use agentry_core::schedules::{Schedule, ScheduleSpec};
 use agentry_core::store::ScheduleWrite;
 
 use crate::Scheduler;
@@ -98,19 +98,7 @@ impl Scheduler {
                 .clone()
                 .prepare(now, &zone)
                 .map_err(|r| format!("{}: {}", r.field, r.message))?;
-            let mut fresh = Schedule {
-                id: new_schedule_id(),
-                owner: CONFIG_OWNER.to_string(),
-                spec,
-                paused: false,
-                next_fire_at: None,
-                fires: 0,
-                last_fire_at: None,
-                last_run_id: None,
-                version: 1,
-                created_at: now,
-                updated_at: now,
-            };
+            let mut fresh = Schedule::new(CONFIG_OWNER.to_string(), spec, now);
             let agent = self
                 .inner
                 .engine

@@ -416,6 +416,24 @@ pub struct PlanRules<'a> {
 }
 
 impl Schedule {
+    /// A schedule not stored yet: a new id, never fired, created and changed `now`; its
+    /// `next_fire_at` is for the caller to set.
+    pub fn new(owner: String, spec: ScheduleSpec, now: i64) -> Self {
+        Self {
+            id: new_schedule_id(),
+            owner,
+            spec,
+            paused: false,
+            next_fire_at: None,
+            fires: 0,
+            last_fire_at: None,
+            last_run_id: None,
+            version: 1,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
     /// The first slot after `after` (strictly) that the schedule's bounds allow, given that
     /// `fired` fires happened: `None` when it is done.
     pub fn slot_after(&self, when: &When, after: i64, fired: u64) -> Option<i64> {
