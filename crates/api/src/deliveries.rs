@@ -80,6 +80,17 @@ fn no_callback(id: &str) -> ApiError {
     )
 }
 
+/// The run's callback as shown (the caller checked that it may see the run).
+async fn read(state: &S, id: &str) -> Result<DeliveriesView, ApiError> {
+    let (callback, attempts) = state
+        .callbacks
+        .get_callback(id)
+        .await
+        .map_err(ApiError::from_store)?
+        .ok_or_else(|| no_callback(id))?;
+    Ok(view(callback, attempts))
+}
+
 /// A run's callback: its state and every attempt.
 #[utoipa::path(get, path = "/v1/runs/{id}/deliveries", tag = "runs",
     params(("id" = String, Path, description = "The run's id")),
@@ -92,15 +103,8 @@ pub(crate) async fn list_deliveries(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let who = principal(caller);
-    find_run(&state, &who, &id).await?;
-    let (callback, attempts) = state
-        .callbacks
-        .get_callback(&id)
-        .await
-        .map_err(ApiError::from_store)?
-        .ok_or_else(|| no_callback(&id))?;
-    Ok(Json(view(callback, attempts)).into_response())
+    find_run(&state, &principal(caller), &id).await?;
+    Ok(Json(read(&state, &id).await?).into_response())
 }
 
 /// Re-send a run's callback: another round of attempts, starting now (once the run has ended).
@@ -125,11 +129,5 @@ pub(crate) async fn resend_delivery(
     {
         return Err(no_callback(&id));
     }
-    let (callback, attempts) = state
-        .callbacks
-        .get_callback(&id)
-        .await
-        .map_err(ApiError::from_store)?
-        .ok_or_else(|| no_callback(&id))?;
-    Ok((StatusCode::ACCEPTED, Json(view(callback, attempts))).into_response())
+    Ok((StatusCode::ACCEPTED, Json(read(&state, &id).await?)).into_response())
 }

@@ -222,6 +222,18 @@ pub enum AttemptOutcome {
     Failed,
 }
 
+impl AttemptOutcome {
+    /// What the outbox row records after an attempt made `at` with this outcome: its state,
+    /// when the next attempt is due (0: none), and when it was delivered.
+    pub fn stored(self, at: i64) -> (DeliveryState, i64, Option<i64>) {
+        match self {
+            Self::Delivered => (DeliveryState::Delivered, 0, Some(at)),
+            Self::RetryAt(t) => (DeliveryState::Pending, t, None),
+            Self::Failed => (DeliveryState::Failed, 0, None),
+        }
+    }
+}
+
 /// What a callback's transport answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sent {

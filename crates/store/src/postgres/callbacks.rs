@@ -87,11 +87,7 @@ impl CallbackStore for PgStore {
         attempt: DeliveryAttempt,
         outcome: AttemptOutcome,
     ) -> Result<bool, StoreError> {
-        let (state, next_at, delivered_at) = match outcome {
-            AttemptOutcome::Delivered => (DeliveryState::Delivered, 0, Some(attempt.at)),
-            AttemptOutcome::RetryAt(t) => (DeliveryState::Pending, t, None),
-            AttemptOutcome::Failed => (DeliveryState::Failed, 0, None),
-        };
+        let (state, next_at, delivered_at) = outcome.stored(attempt.at);
         let done = sqlx::query(sql!("end_callback_attempt"))
             .bind(run_id)
             .bind(owner)

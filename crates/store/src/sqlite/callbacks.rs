@@ -104,11 +104,7 @@ impl CallbackStore for SqliteStore {
     ) -> Result<bool, StoreError> {
         let (run_id, owner) = (run_id.to_string(), owner.to_string());
         self.write(move |c| {
-            let (state, next_at, delivered_at) = match outcome {
-                AttemptOutcome::Delivered => (DeliveryState::Delivered, 0, Some(attempt.at)),
-                AttemptOutcome::RetryAt(t) => (DeliveryState::Pending, t, None),
-                AttemptOutcome::Failed => (DeliveryState::Failed, 0, None),
-            };
+            let (state, next_at, delivered_at) = outcome.stored(attempt.at);
             let held = c
                 .prepare_cached(sql!("end_callback_attempt"))?
                 .execute(params![
