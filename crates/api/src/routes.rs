@@ -45,6 +45,7 @@ fn native_routes() -> Vec<(Policy, UtoipaMethodRouter<S>)> {
         (RUNS_READ, routes!(runs::run_events)),
         (RUNS_READ, routes!(deliveries::list_deliveries)),
         (RUNS_READ, routes!(event_bus::events)),
+        (RUNS_READ_WS, routes!(event_bus::events_ws)),
         (RUNS_WRITE, routes!(deliveries::resend_delivery)),
         (RUNS_READ_WS, routes!(runs::run_events_ws)),
         (SCHEDULES, routes!(schedules::create_schedule)),
@@ -369,6 +370,7 @@ mod tests {
             Access::Scope(Scope::RunsWrite)
         );
         assert_eq!(of("get", "/v1/events"), Access::Scope(Scope::RunsRead));
+        assert_eq!(of("get", "/v1/events/ws"), Access::Scope(Scope::RunsRead));
         // A delivery carries its hook's signature, not a key.
         assert_eq!(of("post", "/v1/hooks/{name}"), Access::Public);
         assert_eq!(of("get", "/v1/nodes"), Access::Scope(Scope::RunsRead));
@@ -383,7 +385,7 @@ mod tests {
                     || path.starts_with("/v1/keys")
                     || path.starts_with("/v1/schedules")
                     || path.starts_with("/v1/hooks")
-                    || path == "/v1/events"
+                    || path.starts_with("/v1/events")
                     || path == "/v1/nodes",
                 "{method} {path}"
             );

@@ -123,6 +123,11 @@ struct CreateBody<'a> {
     #[serde(default)]
     #[schema(max_length = 2048, format = "uri")]
     callback_url: Option<String>,
+    /// The chain this run belongs to: runs its events trigger inherit it, and the event bus
+    /// filters on it (`docs/triggers.md`).
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 256)]
+    correlation_id: Option<String>,
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -148,6 +153,7 @@ fn new_run(state: &S, who: &Principal, body: &[u8]) -> Result<NewRun, ApiError> 
         concurrency_key: b.concurrency_key.as_deref(),
         metadata: b.metadata.map(RawValue::get),
         callback_url: b.callback_url.as_deref(),
+        correlation_id: b.correlation_id.as_deref(),
     };
     let config = &state.config;
     refuse_private_literal(state, request.callback_url)?;

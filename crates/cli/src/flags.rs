@@ -151,6 +151,12 @@ pub struct ServeFlags {
     /// Milliseconds between looks for callbacks due.
     #[arg(long)]
     callback_poll_ms: Option<u64>,
+    /// The longest chain of runs started by event triggers.
+    #[arg(long)]
+    trigger_max_depth: Option<u32>,
+    /// Milliseconds between reads of the event log for triggers.
+    #[arg(long)]
+    trigger_poll_ms: Option<u64>,
     /// The run database file. Default: <state-dir>/agentry.db.
     #[arg(long)]
     runs_db: Option<PathBuf>,
@@ -326,6 +332,8 @@ impl ServeFlags {
             out.push(("callbacks.allow_private", json!(true)));
         }
         put(&mut out, "callbacks.poll_ms", &self.callback_poll_ms);
+        put(&mut out, "triggers.max_depth", &self.trigger_max_depth);
+        put(&mut out, "triggers.poll_ms", &self.trigger_poll_ms);
         put(&mut out, "store.path", &self.runs_db);
         put(&mut out, "store.database_url", &self.database);
         put(&mut out, "store.database_schema", &self.database_schema);

@@ -108,6 +108,9 @@ struct CreateArgs {
     /// An http:// URL that gets a signed POST when the run ends (docs/callbacks.md).
     #[arg(long)]
     callback_url: Option<String>,
+    /// The chain this run belongs to (docs/triggers.md).
+    #[arg(long)]
+    correlation_id: Option<String>,
     /// Wait for the run to end and print it then.
     #[arg(long)]
     wait: bool,
@@ -167,6 +170,11 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
                 &mut body,
             );
             opt(c.callback_url.map(Value::from), "callback_url", &mut body);
+            opt(
+                c.correlation_id.map(Value::from),
+                "correlation_id",
+                &mut body,
+            );
             if let Some(m) = c.metadata {
                 body["metadata"] = serde_json::from_str(&m).context("--metadata must be JSON")?;
             }

@@ -174,12 +174,16 @@ impl fmt::Display for EventCursor {
     }
 }
 
-/// One event of the global log, with its run's agent and entrypoint.
+/// One event of the global log, with its run's agent, entrypoint and chain.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoggedEvent {
     pub cursor: EventCursor,
     pub agent: String,
     pub entrypoint: String,
+    /// The run's correlation id (`docs/triggers.md`).
+    pub correlation_id: Option<String>,
+    /// How many triggers led to the run.
+    pub depth: u32,
     pub event: crate::runs::RunEvent,
 }
 

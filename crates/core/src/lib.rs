@@ -20,6 +20,7 @@ pub mod runs;
 pub mod schedules;
 pub mod schema;
 pub mod store;
+pub mod triggers;
 pub mod webhooks;
 
 pub use store::{

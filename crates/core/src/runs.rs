@@ -187,7 +187,21 @@ pub struct NewRun {
     pub metadata: String,
     /// Where the run's end is POSTed (`docs/callbacks.md`).
     pub callback_url: Option<String>,
+    /// The chain of runs this one belongs to (`docs/triggers.md`): given, or inherited from
+    /// the run whose event triggered it.
+    pub correlation_id: Option<String>,
+    /// How many triggers led to this run: 0 for a run a client or a schedule created.
+    pub depth: u32,
+    /// The run whose event triggered this one.
+    pub parent_run_id: Option<String>,
     pub created_at: i64,
+}
+
+impl NewRun {
+    /// Whether the run belongs to a chain (`run_links` holds a row for it).
+    pub fn is_linked(&self) -> bool {
+        self.correlation_id.is_some() || self.depth > 0 || self.parent_run_id.is_some()
+    }
 }
 
 /// What a client asks for when it creates a run (`POST /v1/runs`; later a schedule's fire or
@@ -215,6 +229,8 @@ pub struct RunRequest<'a> {
     pub metadata: Option<&'a str>,
     /// An http(s) URL that gets the run's end (`docs/callbacks.md`).
     pub callback_url: Option<&'a str>,
+    /// The chain this run belongs to; runs its events trigger inherit it (`docs/triggers.md`).
+    pub correlation_id: Option<&'a str>,
 }
 
 /// Why a run was refused before anything was stored.
@@ -366,6 +382,7 @@ impl NewRun {
         for (name, key) in [
             ("idempotency_key", req.idempotency_key),
             ("concurrency_key", req.concurrency_key),
+            ("correlation_id", req.correlation_id),
         ] {
             if let Some(k) = key
                 && (k.is_empty() || k.chars().count() > MAX_KEY_CHARS)
@@ -400,6 +417,9 @@ impl NewRun {
             concurrency_key: req.concurrency_key.map(str::to_string),
             metadata: metadata.to_string(),
             callback_url: req.callback_url.map(str::to_string),
+            correlation_id: req.correlation_id.map(str::to_string),
+            depth: 0,
+            parent_run_id: None,
             created_at: now,
         })
     }
@@ -423,14 +443,16 @@ fn request_digest(req: &RunRequest<'_>, agent_id: &str, input: &str, metadata: &
         req.concurrency_key,
         metadata,
     ]);
-    // Appended only when given, so digests of requests without one stay what they were.
-    let canonical = match (canonical, req.callback_url) {
-        (serde_json::Value::Array(mut fields), Some(url)) => {
+    // Appended only when given, so digests of requests without them stay what they were.
+    let mut canonical = canonical;
+    if let serde_json::Value::Array(fields) = &mut canonical {
+        if let Some(url) = req.callback_url {
             fields.push(url.into());
-            serde_json::Value::Array(fields)
         }
-        (canonical, _) => canonical,
-    };
+        if let Some(correlation) = req.correlation_id {
+            fields.push(serde_json::json!({ "correlation_id": correlation }));
+        }
+    }
     Sha256::digest(canonical.to_string().as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))

@@ -109,6 +109,7 @@ pub struct Config {
     pub gateway: GatewayConfig,
     pub schedules: SchedulesConfig,
     pub callbacks: CallbacksConfig,
+    pub triggers: TriggersConfig,
     /// Per-agent settings, by agent name (or id).
     pub agents: BTreeMap<String, AgentSettings>,
     /// The settings given by a flag or an environment variable (filled by the loader): these
@@ -131,6 +132,7 @@ impl Default for Config {
             gateway: GatewayConfig::default(),
             schedules: SchedulesConfig::default(),
             callbacks: CallbacksConfig::default(),
+            triggers: TriggersConfig::default(),
             agents: BTreeMap::new(),
             command_line_keys: Default::default(),
         }
@@ -182,6 +184,7 @@ impl Config {
         self.gateway.validate()?;
         self.schedules.validate()?;
         self.callbacks.validate()?;
+        self.triggers.validate()?;
         self.timers()?;
         let mut hooks: BTreeMap<&str, String> = BTreeMap::new();
         for (name, agent) in &self.agents {
@@ -265,6 +268,17 @@ impl Config {
 
     /// Every webhook declared: the agent's key under `agents`, the entrypoint's tag, and
     /// the hook's settings.
+    /// The event triggers declared under the agents' entrypoints: (agent, tag, settings).
+    pub fn event_triggers(
+        &self,
+    ) -> impl Iterator<Item = (&str, &str, &crate::triggers::EventTriggerSettings)> {
+        self.agents.iter().flat_map(|(agent, a)| {
+            a.entrypoints.iter().filter_map(move |(tag, e)| {
+                e.event.as_ref().map(|t| (agent.as_str(), tag.as_str(), t))
+            })
+        })
+    }
+
     pub fn webhooks(
         &self,
     ) -> impl Iterator<Item = (&str, &str, &crate::webhooks::WebhookSettings)> {
@@ -525,6 +539,41 @@ impl CallbacksConfig {
     pub fn retry_max(&self) -> Duration {
         secs_or(self.retry_max_s, Duration::from_secs(600))
     }
+    pub fn poll(&self) -> Duration {
+        Duration::from_millis(self.poll_ms)
+    }
+}
+
+/// Event triggers (`docs/triggers.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TriggersConfig {
+    /// The longest chain of triggered runs: an event of a run at this depth triggers nothing.
+    pub max_depth: u32,
+    /// How often a node reads the log for its triggers' events.
+    pub poll_ms: u64,
+}
+
+impl Default for TriggersConfig {
+    fn default() -> Self {
+        Self {
+            max_depth: 8,
+            poll_ms: 200,
+        }
+    }
+}
+
+impl TriggersConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1000).contains(&self.max_depth) {
+            return Err(bad("triggers.max_depth", "must be from 1 to 1000"));
+        }
+        if !(10..=60_000).contains(&self.poll_ms) {
+            return Err(bad("triggers.poll_ms", "must be from 10 to 60000"));
+        }
+        Ok(())
+    }
+
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms)
     }
@@ -904,6 +953,8 @@ pub struct EntrypointSettings {
     pub priority: Option<i32>,
     /// A webhook that starts a run of this entrypoint (`docs/webhooks.md`).
     pub webhook: Option<crate::webhooks::WebhookSettings>,
+    /// Runs of this entrypoint start on other runs' events (`docs/triggers.md`).
+    pub event: Option<crate::triggers::EventTriggerSettings>,
     /// Schedules of this entrypoint, declared here (`docs/schedules.md`, "Timers"): each the
     /// fields of `POST /v1/schedules` but `agent` and `entrypoint`, with a `name`.
     pub timers: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -923,6 +974,7 @@ impl AgentSettings {
             e.timeout_s = e.timeout_s.or(low.timeout_s);
             e.priority = e.priority.or(low.priority);
             e.webhook = e.webhook.take().or(low.webhook);
+            e.event = e.event.take().or(low.event);
             if e.timers.is_empty() {
                 e.timers = low.timers;
             }
@@ -1165,6 +1217,8 @@ pub const FIELDS: &[Field] = &[
     field("callbacks.allow_private", "allow-private-callbacks", "AGENTRY_ALLOW_PRIVATE_CALLBACKS", "deliver callbacks to loopback, private and link-local addresses (refused by default: checked on the address connected to, after DNS)")
         .flag(),
     field("callbacks.poll_ms", "callback-poll-ms", "AGENTRY_CALLBACK_POLL_MS", "how often a node looks for callbacks due (10 to 60000)"),
+    field("triggers.max_depth", "trigger-max-depth", "AGENTRY_TRIGGER_MAX_DEPTH", "the longest chain of runs started by event triggers (1 to 1000): an event of a run this deep triggers nothing, which stops cycles"),
+    field("triggers.poll_ms", "trigger-poll-ms", "AGENTRY_TRIGGER_POLL_MS", "how often a node reads the event log for its triggers (10 to 60000)"),
     field("schedules.enabled", "no-schedules", "AGENTRY_NO_SCHEDULES", "fire due schedules on this node; the flag turns it off (the node still serves the schedules API)")
         .negated(),
     field("store.path", "runs-db", "AGENTRY_RUNS_DB", "the run database (SQLite, WAL)")

@@ -434,3 +434,19 @@ pub trait CallbackStore: Send + Sync + 'static {
     /// Starts another round of attempts, due at `now`; false when the run has no callback.
     async fn resend_callback(&self, run_id: &str, now: i64) -> Result<bool, StoreError>;
 }
+
+/// How far each event trigger has read the global log (`docs/triggers.md`). Runs a trigger
+/// creates carry the triggering event in their idempotency key, so a cursor that moves late (a
+/// node that died between creating runs and saving it) never creates a run twice.
+#[async_trait]
+pub trait TriggerStore: Send + Sync + 'static {
+    /// The trigger's cursor; a trigger not seen before starts at the log's end.
+    async fn trigger_cursor(&self, name: &str) -> Result<crate::events::EventCursor, StoreError>;
+
+    /// Moves the trigger's cursor to `cursor`, unless it is already further.
+    async fn save_trigger_cursor(
+        &self,
+        name: &str,
+        cursor: crate::events::EventCursor,
+    ) -> Result<(), StoreError>;
+}

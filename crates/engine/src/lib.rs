@@ -27,6 +27,7 @@ mod schedules;
 mod settings;
 mod state;
 mod timers;
+mod triggers;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub use schedules::{Scheduler, SchedulerSettings, TriggerError};
 pub use settings::EngineSettings;
 use state::{Abandon, Inner};
 pub use timers::{CONFIG_OWNER, Declared};
+pub use triggers::{TriggerSettings, start_triggers};
 
 /// The engine of one node. Cheap to clone.
 #[derive(Clone)]

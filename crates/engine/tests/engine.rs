@@ -383,6 +383,9 @@ fn new_run(tag: &str) -> NewRun {
         concurrency_key: None,
         metadata: "{}".into(),
         callback_url: None,
+        correlation_id: None,
+        depth: 0,
+        parent_run_id: None,
         created_at: now,
     }
 }

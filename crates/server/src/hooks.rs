@@ -2,6 +2,7 @@
 //! its variable or file (never from the configuration itself), each target entrypoint found,
 //! and each input mapping checked against the parameters its worker reported, so that a hook
 //! which could never start a run stops the start instead of answering 422 to every delivery.
+//! The event triggers too (`event_triggers`), checked the same way.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,4 +94,48 @@ fn check_mapping(hook: &Hook, schema: &Value) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The event triggers declared in the configuration, for the agents served here: each target
+/// entrypoint found, each filter checked (`docs/triggers.md`).
+pub fn event_triggers(
+    config: &Config,
+    agents: &Agents,
+) -> anyhow::Result<Vec<agentry_core::triggers::EventTrigger>> {
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for (agent_key, tag, settings) in config.event_triggers() {
+        let at = format!("agents.{agent_key}.entrypoints.{tag}.event");
+        let Some(agent) = agents.get(agent_key) else {
+            problems.push(format!(
+                "configuration error: {at}: no agent served here has the name or id `{agent_key}`"
+            ));
+            continue;
+        };
+        if agent.config.entrypoint(tag).is_none() {
+            problems.push(format!(
+                "configuration error: {at}: agent `{agent_key}` has no entrypoint `{tag}`"
+            ));
+            continue;
+        }
+        let resolve = |a: &str| {
+            agents
+                .get(a)
+                .map_or_else(|| a.to_string(), |s| s.config.agent_id.clone())
+        };
+        match agentry_core::triggers::EventTrigger::new(
+            &agent.config.agent_name,
+            &agent.config.agent_id,
+            tag,
+            settings,
+            resolve,
+        ) {
+            Ok(t) => out.push(t),
+            Err(e) => problems.push(format!("configuration error: {e}")),
+        }
+    }
+    if !problems.is_empty() {
+        bail!("{}", problems.join("\n"));
+    }
+    Ok(out)
 }

@@ -17,7 +17,7 @@ use agentry_api::server::ConnectionLimits;
 use agentry_core::InvocationHistory;
 use agentry_core::RunStore;
 use agentry_core::nodes::NodeRole;
-use agentry_core::store::CallbackStore;
+use agentry_core::store::{CallbackStore, TriggerStore};
 use agentry_core::{Config, KeyStore, ScheduleStore, SharedBuckets};
 use agentry_engine::{Agents, Engine, EngineSettings};
 use agentry_store::{
@@ -58,6 +58,7 @@ pub struct Stores {
     pub schedules: Arc<dyn ScheduleStore>,
     /// The callback outbox.
     pub callbacks: Arc<dyn CallbackStore>,
+    pub triggers: Arc<dyn TriggerStore>,
     /// Rate-limit buckets in the same database (PostgreSQL only): what shared limits use when
     /// no other database is named for them.
     pub buckets: Option<Arc<dyn SharedBuckets>>,
@@ -106,6 +107,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
             history: Some(store.shared_history()),
             schedules: Arc::clone(&store) as Arc<dyn ScheduleStore>,
             callbacks: Arc::clone(&store) as Arc<dyn CallbackStore>,
+            triggers: Arc::clone(&store) as Arc<dyn TriggerStore>,
             keys: store as Arc<dyn KeyStore>,
             sqlite: None,
         });
@@ -130,6 +132,7 @@ pub async fn open_store(config: &Config) -> anyhow::Result<Stores> {
         keys: Arc::clone(&store) as Arc<dyn KeyStore>,
         schedules: Arc::clone(&store) as Arc<dyn ScheduleStore>,
         callbacks: Arc::clone(&store) as Arc<dyn CallbackStore>,
+        triggers: Arc::clone(&store) as Arc<dyn TriggerStore>,
         buckets: None,
         history: None,
         sqlite: Some(store),
@@ -369,6 +372,13 @@ impl Application {
                 return Err(e);
             }
         };
+        let event_triggers = match crate::hooks::event_triggers(&config, &agents) {
+            Ok(t) => t,
+            Err(e) => {
+                agents.shutdown(Duration::ZERO).await;
+                return Err(e);
+            }
+        };
         let db = match db {
             Some(Ok(db)) => Some(db),
             Some(Err(e)) => {
@@ -429,6 +439,22 @@ impl Application {
                 agents.shutdown(Duration::ZERO).await;
                 return Err(e);
             }
+        }
+        if let Err(e) = agentry_engine::start_triggers(
+            &engine,
+            Arc::clone(&stores.triggers),
+            event_triggers,
+            agentry_engine::TriggerSettings {
+                workers: config.workers.clone(),
+                runs: config.runs.clone(),
+                triggers: config.triggers.clone(),
+            },
+        )
+        .await
+        {
+            engine.shutdown(Duration::ZERO).await;
+            agents.shutdown(Duration::ZERO).await;
+            bail!("cannot start the event triggers: {e}");
         }
         if role == NodeRole::Serve {
             let declared = match config.timers() {

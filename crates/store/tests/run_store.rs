@@ -51,6 +51,11 @@ macro_rules! contract_tests {
                 contract::callbacks_are_leased_once_and_a_resend_in_flight_holds(&store).await;
             }
             #[tokio::test]
+            async fn trigger_cursors_start_at_the_end_and_only_move_forward() {
+                let (_keep, store) = $open;
+                contract::trigger_cursors_start_at_the_end_and_only_move_forward(&store).await;
+            }
+            #[tokio::test]
             async fn the_global_log_orders_events_and_forgets_purged_runs() {
                 let (_keep, store) = $open;
                 contract::the_global_log_orders_events_and_forgets_purged_runs(&store).await;

@@ -11,15 +11,15 @@ use crate::common::*;
 
 /// One SSE frame of the bus: its id, type and data.
 #[derive(Debug, Clone)]
-struct BusEvent {
-    id: String,
-    kind: String,
-    data: Value,
+pub(crate) struct BusEvent {
+    pub id: String,
+    pub kind: String,
+    pub data: Value,
 }
 
 /// Reads the bus from `path` (with `Last-Event-ID: resume` if given) until `until` says
 /// enough, or `within` passes.
-async fn read_bus(
+pub(crate) async fn read_bus(
     node: &impl Served,
     path: &str,
     resume: Option<&str>,
@@ -236,4 +236,34 @@ async fn the_bus_is_one_log_across_nodes_on_postgres() {
     }
     b.stop().await;
     a.stop().await;
+}
+
+/// The bus over a WebSocket: the same events as text frames, each with its cursor as `id`,
+/// and `?after=` resumes after one.
+#[tokio::test]
+async fn the_bus_streams_over_a_websocket_and_resumes_after_an_id() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let app = TestApp::start(vec![fixture("durable")], |_| {}).await;
+    let run = run_to_end(&app, 5).await;
+    let read = |path: String| async move {
+        let (mut ws, _) = tokio_tungstenite::connect_async(path).await.expect("ws");
+        let mut frames: Vec<Value> = Vec::new();
+        while !frames.iter().any(|f| f["type"] == "run.succeeded") {
+            match tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => frames.push(json(&t)),
+                Ok(Some(Ok(_))) => {}
+                other => panic!("the bus ended: {other:?} after {frames:?}"),
+            }
+        }
+        frames
+    };
+    let all = read(app.ws_url("/v1/events/ws?agent=durable")).await;
+    assert!(all.iter().all(|f| f["run_id"] == run.as_str()), "{all:?}");
+    let seqs: Vec<i64> = all.iter().filter_map(|f| f["seq"].as_i64()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+    let first = all[0]["id"].as_str().expect("an id").to_string();
+    let rest = read(app.ws_url(&format!("/v1/events/ws?agent=durable&after={first}"))).await;
+    assert_eq!(rest, all[1..].to_vec());
+    app.stop().await;
 }

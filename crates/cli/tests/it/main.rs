@@ -19,5 +19,6 @@ mod runagent_sdk;
 mod runs;
 mod schedules;
 mod shared_limits;
+mod triggers;
 mod validation;
 mod workers;

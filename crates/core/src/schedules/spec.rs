@@ -659,6 +659,7 @@ impl Schedule {
             concurrency_key: self.concurrency_key(),
             metadata: Some(metadata),
             callback_url: self.spec.callback_url.as_deref(),
+            correlation_id: None,
         }
     }
 

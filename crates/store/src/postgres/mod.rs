@@ -7,6 +7,7 @@ mod history;
 mod nodes;
 mod runs;
 mod schedules;
+mod triggers;
 
 pub use history::PgHistory;
 pub use runs::{MIGRATIONS, MigrationState, PgOptions, PgStore};

@@ -75,6 +75,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0010_event_log",
         include_str!("migrations/0010_event_log.sql"),
     ),
+    (
+        "0011_triggers",
+        include_str!("migrations/0011_triggers.sql"),
+    ),
 ];
 
 /// The NOTIFY channels (see `Notifier`).
@@ -717,6 +721,14 @@ pub(super) async fn insert_runs<'c>(
                 .collect::<Vec<String>>(),
         )
         .bind(opt(|r| r.callback_url.as_deref()))
+        .bind(opt(|r| r.correlation_id.as_deref()))
+        .bind(
+            batch
+                .iter()
+                .map(|q| q.run.depth as i32)
+                .collect::<Vec<i32>>(),
+        )
+        .bind(opt(|r| r.parent_run_id.as_deref()))
         .fetch_all(c)
         .await?;
     let mut stored: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
@@ -1555,6 +1567,8 @@ impl RunStore for PgStore {
                 },
                 agent: row.try_get(7).map_err(db_err)?,
                 entrypoint: row.try_get(8).map_err(db_err)?,
+                correlation_id: row.try_get(9).map_err(db_err)?,
+                depth: row.try_get::<i32, _>(10).map_err(db_err)?.max(0) as u32,
             };
             page.next = e.cursor;
             if agents.as_ref().is_none_or(|a| a.contains(&e.agent)) {
@@ -1628,6 +1642,7 @@ impl RunStore for PgStore {
                     sql!("purge_events"),
                     sql!("purge_checkpoints"),
                     sql!("purge_callbacks"),
+                    sql!("purge_run_links"),
                     sql!("purge_run"),
                 ] {
                     sqlx::query(query)
@@ -1766,6 +1781,9 @@ mod tests {
             concurrency_key: None,
             metadata: "{}".into(),
             callback_url: None,
+            correlation_id: None,
+            depth: 0,
+            parent_run_id: None,
             created_at: now,
         }
     }

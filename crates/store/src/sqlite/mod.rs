@@ -12,6 +12,7 @@
 mod callbacks;
 mod ops;
 mod schedules;
+mod triggers;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +38,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("migrations/0004_schedules.sql"),
     include_str!("migrations/0005_callbacks.sql"),
     include_str!("migrations/0006_event_log.sql"),
+    include_str!("migrations/0007_triggers.sql"),
 ];
 
 /// How hard a commit tries to reach the disk.

@@ -191,6 +191,7 @@ pub fn create_run(
     if let Some(url) = &run.callback_url {
         super::callbacks::insert(c, &stored.id, url, run.created_at)?;
     }
+    super::triggers::insert_link(c, run)?;
     let data = queued_event_data(&stored);
     let event = insert_event(c, &stored.id, EventKind::Queued, &data, run.created_at)?;
     let claimed = match claim {
@@ -498,6 +499,8 @@ pub fn log_after(
             },
             agent: r.get(6)?,
             entrypoint: r.get(7)?,
+            correlation_id: r.get(8)?,
+            depth: r.get(9)?,
         })
     })?;
     let mut page = LogPage {
@@ -579,6 +582,7 @@ pub fn purge_finished(c: &Connection, before: i64, limit: usize) -> rusqlite::Re
         c.prepare_cached(sql!("purge_checkpoints"))?
             .execute(params![id])?;
         super::callbacks::purge(c, id)?;
+        super::triggers::purge_link(c, id)?;
         c.prepare_cached(sql!("purge_run"))?.execute(params![id])?;
     }
     if !ids.is_empty() {

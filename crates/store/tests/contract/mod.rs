@@ -35,6 +35,9 @@ pub fn new_run(id: &str, priority: i32, key: Option<&str>) -> NewRun {
         concurrency_key: key.map(Into::into),
         metadata: "{}".into(),
         callback_url: None,
+        correlation_id: None,
+        depth: 0,
+        parent_run_id: None,
         created_at: now,
     }
 }
@@ -707,4 +710,44 @@ pub async fn the_global_log_orders_events_and_forgets_purged_runs(s: &dyn RunSto
     let after = page(all.next).await;
     assert_eq!(after.events.len(), 1);
     assert_eq!(after.events[0].event.run_id, "g3");
+}
+
+/// A trigger's cursor starts at the log's end, only moves forward, and a run's chain comes
+/// back with its events in the global log.
+pub async fn trigger_cursors_start_at_the_end_and_only_move_forward<S>(s: &S)
+where
+    S: RunStore + agentry_core::store::TriggerStore,
+{
+    use agentry_core::events::EventCursor;
+    s.create_run(new_run("before", 0, None), None)
+        .await
+        .expect("create");
+    let start = s.trigger_cursor("t").await.expect("cursor");
+    // Nothing written before the trigger was first seen is after its cursor.
+    let page = s.log_after(start, 100, None).await.expect("log");
+    assert!(page.events.is_empty(), "{page:?}");
+    let mut linked = new_run("linked", 0, None);
+    linked.correlation_id = Some("chain-1".into());
+    linked.depth = 2;
+    linked.parent_run_id = Some("before".into());
+    s.create_run(linked, None).await.expect("create");
+    let page = s.log_after(start, 100, None).await.expect("log");
+    let e = page.events.first().expect("the new run's first event");
+    assert_eq!(e.event.run_id, "linked");
+    assert_eq!(e.correlation_id.as_deref(), Some("chain-1"));
+    assert_eq!(e.depth, 2);
+    let all = s
+        .log_after(EventCursor::default(), 100, None)
+        .await
+        .expect("log");
+    let before = all
+        .events
+        .iter()
+        .find(|e| e.event.run_id == "before")
+        .expect("before");
+    assert_eq!((before.correlation_id.as_deref(), before.depth), (None, 0));
+    // Saved forward, then an older save is ignored; seeing it again does not reset it.
+    s.save_trigger_cursor("t", e.cursor).await.expect("save");
+    s.save_trigger_cursor("t", start).await.expect("save");
+    assert_eq!(s.trigger_cursor("t").await.expect("cursor"), e.cursor);
 }

@@ -1,0 +1,1 @@
+DELETE FROM run_links WHERE run_id = ?1
