@@ -44,6 +44,35 @@ impl ValueType {
             Self::Object => "object",
         }
     }
+
+    /// The type RunAgent names `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::Null,
+            Self::Boolean,
+            Self::Integer,
+            Self::Number,
+            Self::String,
+            Self::Array,
+            Self::Object,
+        ]
+        .into_iter()
+        .find(|t| t.as_str() == name)
+    }
+
+    /// The type RunAgent gives a decoded JSON value.
+    pub fn of(value: &serde_json::Value) -> Self {
+        use serde_json::Value;
+        match value {
+            Value::Null => Self::Null,
+            Value::Bool(_) => Self::Boolean,
+            Value::Number(n) if n.is_f64() => Self::Number,
+            Value::Number(_) => Self::Integer,
+            Value::String(_) => Self::String,
+            Value::Array(_) => Self::Array,
+            Value::Object(_) => Self::Object,
+        }
+    }
 }
 
 /// A value produced by an agent: its RunAgent type and its JSON text as Python's `json.dumps`

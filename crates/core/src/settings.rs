@@ -941,7 +941,24 @@ pub struct AgentSettings {
     pub timeout_s: Option<f64>,
     pub memory_mb: Option<u64>,
     pub max_running_runs: Option<usize>,
+    /// Run this agent's code on another server instead of local workers (`docs/executors.md`).
+    pub remote: Option<RemoteSettings>,
     pub entrypoints: BTreeMap<String, EntrypointSettings>,
+}
+
+/// Where a remote agent's calls go, under `[agents.<name>.remote]` (`docs/executors.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoteSettings {
+    /// The other server's base URL (`http://10.0.0.7:8450`): another `agentry serve`, or any
+    /// server that speaks RunAgent's local-server protocol.
+    pub url: String,
+    /// The agent's id there; default: the `agent_id` of the local `runagent.config.json`.
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// Calls and runs of this agent this node sends at once (default 8).
+    #[serde(default)]
+    pub max_concurrency: Option<usize>,
 }
 
 /// Settings of one entrypoint, under `[agents.<name>.entrypoints.<tag>]`.
@@ -969,6 +986,7 @@ impl AgentSettings {
         self.timeout_s = self.timeout_s.or(lower.timeout_s);
         self.memory_mb = self.memory_mb.or(lower.memory_mb);
         self.max_running_runs = self.max_running_runs.or(lower.max_running_runs);
+        self.remote = self.remote.take().or(lower.remote);
         for (tag, low) in lower.entrypoints {
             let e = self.entrypoints.entry(tag).or_default();
             e.timeout_s = e.timeout_s.or(low.timeout_s);

@@ -31,19 +31,6 @@ fn load_configs(config: &Config) -> anyhow::Result<Vec<AgentConfig>> {
                 continue;
             }
         };
-        if let Some(e) = c
-            .entrypoints
-            .iter()
-            .find(|e| matches!(e.kind, EntrypointKind::Webhook { .. }))
-        {
-            problems.push(format!(
-                "agent {} ({}): entrypoint `{}` is a webhook (n8n) entrypoint; Agentry does not serve those yet",
-                c.agent_name,
-                c.file.display(),
-                e.tag
-            ));
-            continue;
-        }
         if let Some(other) = configs.iter().find(|o| o.agent_id == c.agent_id) {
             problems.push(format!(
                 "agents {} and {} share the agent_id {}; each served agent needs its own",
@@ -152,8 +139,31 @@ pub async fn start(
         .with_context(|| format!("cannot write the worker shim into {}", state_dir.display()))?;
     let resolver = PythonResolver::with_cache_file(state_dir.join("python-interpreters.json"));
     let mut pending = Vec::new();
+    let mut agents = Vec::new();
+    let mut problems = Vec::new();
     for agent in configs {
         let settings = config.resolve_agent(&agent);
+        match elsewhere(config, &agent) {
+            Ok(None) => {}
+            Ok(Some((executor, runtime))) => {
+                tracing::info!(agent.name = %agent.agent_name, "agent {} runs {}", agent.agent_name, runtime.reason);
+                agents.push(Arc::new(ServedAgent {
+                    config: agent,
+                    executor,
+                    runtime,
+                    max_running_runs: settings.max_running_runs,
+                }));
+                continue;
+            }
+            Err(why) => {
+                problems.push(format!(
+                    "agent {} ({}): {why}",
+                    agent.agent_name,
+                    agent.dir.display()
+                ));
+                continue;
+            }
+        }
         let python = resolver
             .resolve(
                 settings.python.as_ref().map(|(p, why)| (p.as_path(), *why)),
@@ -195,8 +205,6 @@ pub async fn start(
             (agent, python, settings, pool)
         });
     }
-    let mut agents = Vec::new();
-    let mut problems = Vec::new();
     let mut warnings = Vec::new();
     for (agent, python, settings, pool) in futures_util::future::join_all(pending).await {
         match pool {
@@ -214,6 +222,52 @@ pub async fn start(
         bail!("{}", problems.join("\n"));
     }
     Ok(Started { agents, warnings })
+}
+
+/// The executor of an agent whose code does not run in local workers: a remote server
+/// (`[agents.<name>.remote]`) or its n8n-style webhooks; `None` for a Python agent served here.
+fn elsewhere(
+    config: &Config,
+    agent: &AgentConfig,
+) -> Result<
+    Option<(
+        Arc<dyn agentry_core::executor::AgentExecutor>,
+        agentry_core::executor::Runtime,
+    )>,
+    String,
+> {
+    let remote = config
+        .agent(&agent.agent_name, &agent.agent_id)
+        .and_then(|a| a.remote.as_ref());
+    let webhooks = agent
+        .entrypoints
+        .iter()
+        .any(|e| matches!(e.kind, EntrypointKind::Webhook { .. }));
+    match (remote, webhooks) {
+        (Some(_), true) => Err(
+            "webhook entrypoints call their URLs themselves; they take no `remote` server".into(),
+        ),
+        (Some(r), false) => {
+            let executor = agentry_remote::RemoteAgent::new(r, &agent.agent_id)?;
+            Ok(Some((
+                Arc::new(executor),
+                agentry_core::executor::Runtime {
+                    executable: r.url.clone().into(),
+                    version: "remote".into(),
+                    reason: format!("on the remote server {} (RunAgent's protocol)", r.url),
+                },
+            )))
+        }
+        (None, true) => Ok(Some((
+            Arc::new(agentry_remote::WebhookAgent::new(agent)?),
+            agentry_core::executor::Runtime {
+                executable: "webhook".into(),
+                version: "n8n".into(),
+                reason: "its n8n-style webhook entrypoints".into(),
+            },
+        ))),
+        (None, false) => Ok(None),
+    }
 }
 
 /// The served agent. Without a configured cap, the pool says how many of its runs to lease at

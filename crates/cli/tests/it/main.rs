@@ -11,6 +11,7 @@ mod cli;
 mod compat_golden;
 mod config;
 mod event_bus;
+mod executors;
 mod hooks;
 mod limits;
 mod openapi;

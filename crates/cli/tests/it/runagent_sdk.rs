@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-fn venv() -> Option<PathBuf> {
+pub(crate) fn venv() -> Option<PathBuf> {
     match std::env::var_os("AGENTRY_TEST_RUNAGENT_VENV") {
         Some(v) => Some(PathBuf::from(v)),
         None if std::env::var_os("CI").is_some() => {
@@ -42,7 +42,7 @@ fn sdk_check(venv: &Path, cache: &Path, out: &Path, args: &[String]) -> serde_js
     json(&redacted)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -50,7 +50,7 @@ fn free_port() -> u16 {
 }
 
 /// RunAgent's own server on the same fixture, registered in its own cache.
-struct RunAgentServer(std::process::Child);
+pub(crate) struct RunAgentServer(std::process::Child);
 
 impl Drop for RunAgentServer {
     fn drop(&mut self) {
@@ -59,7 +59,7 @@ impl Drop for RunAgentServer {
     }
 }
 
-fn start_runagent(venv: &Path, cache: &Path, agent: &Path, port: u16) -> RunAgentServer {
+pub(crate) fn start_runagent(venv: &Path, cache: &Path, agent: &Path, port: u16) -> RunAgentServer {
     let status = Command::new(venv.join("bin/runagent"))
         .args(["config", "--register-agent"])
         .arg(agent)
@@ -93,7 +93,7 @@ fn start_runagent(venv: &Path, cache: &Path, agent: &Path, port: u16) -> RunAgen
     server
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
     for e in std::fs::read_dir(from).expect("read_dir").flatten() {
         if e.path().is_file() {

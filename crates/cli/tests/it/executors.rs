@@ -1,0 +1,235 @@
+//! Executors other than the local pool (`docs/executors.md`), end to end on loopback: an agent
+//! whose code runs on a second `agentry serve`, the same against RunAgent 0.1.49's own server,
+//! and n8n-style webhook entrypoints against a local receiver.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentry_core::settings::{AgentSettings, RemoteSettings};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+
+use crate::common::app::TestApp;
+use crate::common::*;
+
+/// The compat fixture served by `front`, its code run by the server at `url`.
+async fn front_for(url: &str) -> TestApp {
+    let remote = RemoteSettings {
+        url: url.to_string(),
+        agent_id: None,
+        max_concurrency: None,
+    };
+    TestApp::start(vec![fixture("compat")], move |c| {
+        c.agents.insert(
+            "compat_fixture".into(),
+            AgentSettings {
+                remote: Some(remote),
+                ..Default::default()
+            },
+        );
+    })
+    .await
+}
+
+/// What the front answers for the calls both remote tests make: a sync call, a durable run, a
+/// stream, a durable run of a stream, and an agent's exception.
+async fn exercise(front: &TestApp) {
+    let (status, text) = post(
+        &front.url("/v1/agents/compat_fixture/entrypoints/echo/invoke"),
+        r#"{"input": {"message": "hi"}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["output"], json!({"message": "hi"}));
+
+    let body =
+        json!({"agent": "compat_fixture", "entrypoint": "echo", "input": {"message": "run"}});
+    let (status, text) = post(&front.url("/v1/runs/wait?timeout_s=30"), &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let run = json(&text);
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"], json!({"message": "run"}));
+
+    let (status, text) = post(
+        &front.url("/v1/agents/compat_fixture/entrypoints/echo_stream/stream"),
+        r#"{"input": {"message": "s", "n": 3}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    for i in 0..3 {
+        assert!(
+            text.contains(&format!(r#"{{"i": {i}, "message": "s"}}"#)),
+            "{text}"
+        );
+    }
+
+    let body = json!({"agent": "compat_fixture", "entrypoint": "echo_stream",
+                      "input": {"message": "d", "n": 2}});
+    let (status, text) = post(&front.url("/v1/runs/wait?timeout_s=30"), &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let run = json(&text);
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let id = run["id"].as_str().expect("id");
+    let (_, events) = get(&front.url(&format!("/v1/runs/{id}/events"))).await;
+    assert_eq!(events.matches("event: run.chunk").count(), 2, "{events}");
+
+    let body = json!({"agent": "compat_fixture", "entrypoint": "boom", "max_attempts": 1});
+    let (status, text) = post(&front.url("/v1/runs/wait?timeout_s=30"), &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let run = json(&text);
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("boom"),
+        "{run}"
+    );
+}
+
+#[tokio::test]
+async fn a_remote_agent_runs_on_a_second_agentry_serve() {
+    let back = TestApp::start(vec![fixture("compat")], |_| {}).await;
+    let front = front_for(&back.url("")).await;
+    let (status, text) = get(&front.url("/v1/agents/compat_fixture")).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("remote server"), "{text}");
+    exercise(&front).await;
+    // The front has no workers of its own: with the second server gone, calls are refused.
+    back.stop().await;
+    let (status, text) = post(
+        &front.url("/v1/agents/compat_fixture/entrypoints/echo/invoke"),
+        r#"{"input": {"message": "hi"}}"#,
+    )
+    .await;
+    assert_eq!(status, 503, "{text}");
+    assert_eq!(json(&text)["error"]["code"], "unavailable");
+    front.stop().await;
+}
+
+#[tokio::test]
+async fn a_remote_agent_runs_on_runagents_own_server() {
+    let Some(venv) = crate::runagent_sdk::venv() else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("work");
+    let agent = work.path().join("agent/compat");
+    crate::runagent_sdk::copy_dir(&fixture("compat"), &agent);
+    let port = crate::runagent_sdk::free_port();
+    let _runagent =
+        crate::runagent_sdk::start_runagent(&venv, &work.path().join("cache"), &agent, port);
+    let front = front_for(&format!("http://127.0.0.1:{port}")).await;
+    exercise(&front).await;
+    front.stop().await;
+}
+
+/// A receiver for webhook calls: it records each request and answers a fixed JSON.
+#[derive(Clone, Default)]
+struct Receiver {
+    got: Arc<Mutex<Vec<(String, HeaderMap, String)>>>,
+}
+
+async fn answer(
+    State(r): State<Receiver>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    body: String,
+) -> axum::Json<Value> {
+    r.got.lock().push((method.to_string(), headers, body));
+    axum::Json(json!({"reply": {"text": "from n8n", "score": 0.5}, "items": [1, 2]}))
+}
+
+#[tokio::test]
+async fn an_n8n_webhook_entrypoint_calls_its_url() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let receiver = Receiver::default();
+    let app = axum::Router::new()
+        .route("/webhook/flow", axum::routing::post(answer).get(answer))
+        .with_state(receiver.clone());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = tempfile::tempdir().expect("dir");
+    let url = format!("http://127.0.0.1:{port}/webhook/flow");
+    let config = json!({
+        "agent_name": "flows", "description": "n8n fixture", "framework": "n8n", "template": "",
+        "version": "1.0.0", "created_at": "2025-01-01T00:00:00Z",
+        "template_source": {"repo_url": "", "author": "", "path": ""},
+        "agent_architecture": {"entrypoints": [
+            {"webhook_url": url, "method": "post", "tag": "ask", "timeout": 10,
+             "extractor": {"answer": "$.reply.text", "missing": "$.nope"}},
+            {"webhook_url": url, "method": "get", "tag": "status"}
+        ]},
+        "env_vars": {}, "agent_id": "77777777-8888-9999-0000-111111111111"
+    });
+    std::fs::write(dir.path().join("runagent.config.json"), config.to_string()).expect("config");
+    let server = TestApp::start(vec![dir.path().to_path_buf()], |_| {}).await;
+
+    let (status, text) = post(
+        &server.url("/v1/agents/flows/entrypoints/ask/invoke"),
+        r#"{"input": {"payload": {"question": "why?"}}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        json(&text)["output"],
+        json!({"answer": "from n8n", "missing": null})
+    );
+    // RunAgent's protocol: the same result, as Python's json.dumps would write it.
+    let (status, text) = post(
+        &server.url("/api/v1/agents/77777777-8888-9999-0000-111111111111/run"),
+        r#"{"entrypoint_tag": "ask", "input_args": [{"question": "positional"}]}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let data: Value =
+        serde_json::from_str(json(&text)["data"].as_str().expect("data")).expect("inner");
+    assert_eq!(
+        data["payload"],
+        r#"{"answer": "from n8n", "missing": null}"#
+    );
+
+    let body = json!({"agent": "flows", "entrypoint": "status"});
+    let (status, text) = post(&server.url("/v1/runs/wait?timeout_s=30"), &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let run = json(&text);
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(run["output"]["items"], json!([1, 2]));
+
+    // Two keyword arguments are refused as RunAgent refuses them.
+    let (status, text) = post(
+        &server.url("/v1/agents/flows/entrypoints/ask/invoke"),
+        r#"{"input": {"payload": 1, "other": 2}}"#,
+    )
+    .await;
+    assert_eq!(status, 500, "{text}");
+    assert!(
+        text.contains("Only 'payload' keyword argument is allowed."),
+        "{text}"
+    );
+
+    let got = receiver.got.lock().clone();
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(
+        (got[0].0.as_str(), got[0].2.as_str()),
+        ("POST", r#"{"question":"why?"}"#)
+    );
+    assert_eq!(
+        got[0].1.get("content-type").and_then(|v| v.to_str().ok()),
+        Some("application/json")
+    );
+    assert_eq!(got[1].2, r#"{"question":"positional"}"#);
+    // A durable run's call carries the run's id as its idempotency key.
+    assert_eq!(got[2].0, "GET");
+    assert_eq!(
+        got[2]
+            .1
+            .get("idempotency-key")
+            .and_then(|v| v.to_str().ok()),
+        run["id"].as_str()
+    );
+    server.stop().await;
+}

@@ -1,0 +1,64 @@
+//! Executors that run an agent's code somewhere else, over HTTP, behind the same
+//! `AgentExecutor` trait as the local Python pool:
+//!
+//! * [`RemoteAgent`] (`runagent.rs`) calls another Agentry, or any RunAgent local server, by
+//!   URL and agent id, in RunAgent's local-server protocol (both speak it): `POST
+//!   /api/v1/agents/{id}/run` for calls, the `run-stream` WebSocket for streams. Pulse's
+//!   "serverless" and "local serve" executors.
+//! * [`WebhookAgent`] (`n8n.rs`) serves the n8n-style webhook entrypoints of a
+//!   `runagent.config.json`, as RunAgent's `N8NExecutor` does: the payload POSTed as JSON (or a
+//!   GET), the answer passed through the entrypoint's JSONPath extractor.
+//!
+//! Both enforce each call's deadline, retry only what never reached the other side (a refused
+//! connection), and, for a durable run, send its id as `Idempotency-Key`.
+//! `run_call.rs` turns a unary call or a stream into a durable run's `RunCall`; `pyjson.rs`
+//! writes JSON as Python's `json.dumps` does, for results that did not come from Python.
+
+mod n8n;
+mod pyjson;
+mod run_call;
+mod runagent;
+
+pub use n8n::WebhookAgent;
+pub use runagent::RemoteAgent;
+
+use std::time::Duration;
+
+/// Connections refused or reset before the request was sent are tried again this many times,
+/// within the call's deadline.
+pub(crate) const CONNECT_RETRIES: u32 = 2;
+/// The first wait before such a retry; doubled after each.
+pub(crate) const RETRY_BASE: Duration = Duration::from_millis(100);
+
+/// The HTTP client both executors share: no proxy from the environment (these are calls to
+/// servers the operator named), no automatic redirects.
+pub(crate) fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("agentry/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .unwrap_or_default()
+}
+
+/// Sends `request` (rebuilt by `make` for each try), retrying a connection that failed before
+/// anything was sent, until `deadline`.
+pub(crate) async fn send_with_retries(
+    make: impl Fn() -> reqwest::RequestBuilder,
+    deadline: tokio::time::Instant,
+) -> Result<reqwest::Response, reqwest::Error> {
+    let mut wait = RETRY_BASE;
+    let mut tries = 0;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match make().timeout(left).send().await {
+            Err(e) if e.is_connect() && tries < CONNECT_RETRIES && left > wait => {
+                tracing::debug!("retrying a refused connection: {e}");
+                tries += 1;
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            other => return other,
+        }
+    }
+}

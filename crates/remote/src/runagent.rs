@@ -1,0 +1,460 @@
+//! The remote executor: an agent whose code runs on another server that speaks RunAgent's
+//! local-server protocol (another `agentry serve`, or RunAgent's own `runagent serve`), called
+//! by URL and agent id. A call is `POST {url}/api/v1/agents/{id}/run`; a stream is the
+//! `run-stream` WebSocket. Results come back as RunAgent's `{type, payload}` text, whose
+//! payload is already Python's JSON: it is passed on as it came, never re-encoded.
+//!
+//! The remote side checks its own arguments (this side knows no schema: `entrypoint()` is
+//! `None`, so inputs are passed as given), enforces its own limits, and keeps its own history.
+
+use std::time::Duration;
+
+use agentry_core::executor::{
+    AgentExecutor, CallError, ChunkStream, EntrypointReport, Health, Payload, RunCall, ValueType,
+};
+use agentry_core::settings::RemoteSettings;
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::run_call::RemoteRun;
+
+const DEFAULT_CONCURRENCY: usize = 8;
+/// The longest remote answer read.
+const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
+
+/// An agent served by another server. Cheap to clone.
+#[derive(Clone)]
+pub struct RemoteAgent {
+    http: reqwest::Client,
+    /// `{url}/api/v1/agents/{id}`.
+    base: String,
+    agent_id: String,
+    capacity: usize,
+}
+
+/// RunAgent's response envelope (`AgentRunResponseMinimal`), the fields read.
+#[derive(Deserialize)]
+struct Envelope {
+    success: bool,
+    data: Option<String>,
+    error: Option<ErrorDetail>,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: Option<String>,
+    message: Option<String>,
+}
+
+/// `{"type": T, "payload": P}`, the text inside `data` and each stream frame's `content`.
+#[derive(Deserialize)]
+struct Structured {
+    #[serde(rename = "type")]
+    ty: String,
+    payload: String,
+}
+
+impl RemoteAgent {
+    /// `agent_id` is the local configuration's, used when the settings name none.
+    pub fn new(settings: &RemoteSettings, agent_id: &str) -> Result<Self, String> {
+        let url = reqwest::Url::parse(&settings.url)
+            .map_err(|e| format!("remote.url `{}` is not a URL: {e}", settings.url))?;
+        if url.scheme() != "http" {
+            return Err(format!(
+                "remote.url `{}`: only http:// is supported so far",
+                settings.url
+            ));
+        }
+        let agent_id = settings.agent_id.clone().unwrap_or(agent_id.to_string());
+        if agent_id.is_empty() || agent_id.contains(['/', '?', '#']) {
+            return Err(format!("remote.agent_id `{agent_id}` is not an agent id"));
+        }
+        Ok(Self {
+            http: crate::client(),
+            base: format!(
+                "{}/api/v1/agents/{agent_id}",
+                settings.url.trim_end_matches('/')
+            ),
+            agent_id,
+            capacity: settings
+                .max_concurrency
+                .unwrap_or(DEFAULT_CONCURRENCY)
+                .max(1),
+        })
+    }
+
+    /// The RunAgent request body: the arguments' texts spliced in as they are.
+    fn body(tag: &str, args: &str, kwargs: &str, timeout: Duration) -> String {
+        format!(
+            "{{\"entrypoint_tag\":{},\"input_args\":{args},\"input_kwargs\":{kwargs},\"timeout_seconds\":{},\"async_execution\":false}}",
+            serde_json::Value::from(tag),
+            timeout.as_secs().max(1)
+        )
+    }
+
+    async fn post_run(
+        &self,
+        tag: &str,
+        body: String,
+        timeout: Duration,
+        idempotency_key: Option<String>,
+    ) -> Result<Payload, CallError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let url = format!("{}/run", self.base);
+        let make = || {
+            let mut r = self
+                .http
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone());
+            if let Some(key) = &idempotency_key {
+                r = r.header("idempotency-key", key);
+            }
+            r
+        };
+        let resp = crate::send_with_retries(make, deadline)
+            .await
+            .map_err(|e| transport_error(e, timeout))?;
+        let status = resp.status().as_u16();
+        let text = read_capped(resp, timeout).await?;
+        let envelope: Option<Envelope> = serde_json::from_str(&text).ok();
+        match (status, envelope) {
+            (
+                200,
+                Some(Envelope {
+                    success: true,
+                    data: Some(data),
+                    ..
+                }),
+            ) => structured(&data),
+            (200, Some(Envelope { error, .. })) => Err(agent_error(&self.agent_id, error, true)),
+            (404, Some(Envelope { error: Some(e), .. }))
+                if e.code.as_deref() == Some("NOT_FOUND") =>
+            {
+                Err(CallError::NoSuchEntrypoint(tag.to_string()))
+            }
+            (404, _) => Err(CallError::Unavailable(format!(
+                "the remote server {} does not serve agent {}",
+                self.base, self.agent_id
+            ))),
+            (400, Some(Envelope { error, .. })) => Err(agent_error(&self.agent_id, error, false)),
+            (status, _) => Err(CallError::Unavailable(format!(
+                "the remote server answered HTTP {status}"
+            ))),
+        }
+    }
+}
+
+/// A payload from RunAgent's `{type, payload}` text.
+fn structured(text: &str) -> Result<Payload, CallError> {
+    let s: Structured = serde_json::from_str(text).map_err(|e| {
+        CallError::Unavailable(format!("the remote server sent a malformed result: {e}"))
+    })?;
+    let ty = ValueType::parse(&s.ty).ok_or_else(|| {
+        CallError::Unavailable(format!(
+            "the remote server sent a result of type `{}`",
+            s.ty
+        ))
+    })?;
+    Ok(Payload {
+        ty,
+        json: Bytes::from(s.payload),
+    })
+}
+
+/// The agent's failure as the remote server reported it, without RunAgent's prefixes.
+fn agent_error(agent_id: &str, error: Option<ErrorDetail>, retriable: bool) -> CallError {
+    let message = error.and_then(|e| e.message).unwrap_or_default();
+    let prefix = format!("Agent execution failed: Server error running agent {agent_id}: ");
+    let message = message
+        .strip_prefix(&prefix)
+        .unwrap_or(&message)
+        .to_string();
+    CallError::Agent {
+        exc_type: "RemoteAgentError".into(),
+        message,
+        traceback: String::new(),
+        retriable,
+    }
+}
+
+fn transport_error(e: reqwest::Error, timeout: Duration) -> CallError {
+    if e.is_timeout() {
+        CallError::Timeout(timeout)
+    } else {
+        CallError::Unavailable(format!("cannot reach the remote server: {e}"))
+    }
+}
+
+async fn read_capped(resp: reqwest::Response, timeout: Duration) -> Result<String, CallError> {
+    if resp
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
+    {
+        return Err(CallError::Unavailable(
+            "the remote server's answer is too large".into(),
+        ));
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| transport_error(e, timeout))?;
+        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(CallError::Unavailable(
+                "the remote server's answer is too large".into(),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    String::from_utf8(body)
+        .map_err(|_| CallError::Unavailable("the remote server's answer is not UTF-8".into()))
+}
+
+/// A stream over RunAgent's `run-stream` WebSocket: its frames read on a task, chunks handed
+/// over a channel; dropping it closes the socket.
+struct RemoteStream {
+    rx: tokio::sync::mpsc::Receiver<Result<Payload, CallError>>,
+    total: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    ended: bool,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ChunkStream for RemoteStream {
+    fn poll_next(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Payload, CallError>>> {
+        let polled = self.rx.poll_recv(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn total(&self) -> Option<u32> {
+        self.ended
+            .then(|| self.total.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
+
+impl Drop for RemoteStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// One frame of RunAgent's stream.
+#[derive(Deserialize)]
+struct Frame {
+    #[serde(rename = "type")]
+    kind: String,
+    content: Option<String>,
+    status: Option<String>,
+    total_chunks: Option<u32>,
+    error: Option<String>,
+    detail: Option<String>,
+}
+
+impl RemoteAgent {
+    async fn open_stream(
+        &self,
+        tag: &str,
+        body: String,
+        timeout: Duration,
+    ) -> Result<RemoteStream, CallError> {
+        let url = format!(
+            "ws{}/run-stream",
+            self.base.strip_prefix("http").unwrap_or(&self.base)
+        );
+        let connect = tokio_tungstenite::connect_async(url.as_str());
+        let (mut socket, _) = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| CallError::Timeout(timeout))?
+            .map_err(|e| CallError::Unavailable(format!("cannot open the remote stream: {e}")))?;
+        socket
+            .send(Message::Text(body.into()))
+            .await
+            .map_err(|e| CallError::Unavailable(format!("the remote stream failed: {e}")))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let total = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = std::sync::Arc::clone(&total);
+        let tag = tag.to_string();
+        let task = tokio::spawn(async move {
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            loop {
+                let msg = tokio::select! {
+                    m = socket.next() => m,
+                    _ = &mut deadline => {
+                        let _ = tx.send(Err(CallError::Timeout(timeout))).await;
+                        break;
+                    }
+                };
+                let text = match msg {
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Close(_))) | None => {
+                        let _ = tx
+                            .send(Err(CallError::Unavailable(
+                                "the remote stream closed before it completed".into(),
+                            )))
+                            .await;
+                        break;
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => {
+                        let _ = tx
+                            .send(Err(CallError::Unavailable(format!(
+                                "the remote stream failed: {e}"
+                            ))))
+                            .await;
+                        break;
+                    }
+                };
+                let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
+                    continue;
+                };
+                match frame.kind.as_str() {
+                    "data" => {
+                        let item = structured(frame.content.as_deref().unwrap_or_default());
+                        if tx.send(item).await.is_err() {
+                            break;
+                        }
+                    }
+                    "status" if frame.status.as_deref() == Some("stream_completed") => {
+                        counted.store(
+                            frame.total_chunks.unwrap_or_default(),
+                            std::sync::atomic::Ordering::Relaxed,
+                        );
+                        break; // the channel closes: the stream ended normally
+                    }
+                    "error" => {
+                        let text = frame.error.or(frame.detail).unwrap_or_default();
+                        let error = if text == format!("Entrypoint {tag} not found") {
+                            CallError::NoSuchEntrypoint(tag.clone())
+                        } else {
+                            CallError::Agent {
+                                exc_type: "RemoteAgentError".into(),
+                                message: text
+                                    .strip_prefix("Streaming error: ")
+                                    .unwrap_or(&text)
+                                    .to_string(),
+                                traceback: String::new(),
+                                retriable: true,
+                            }
+                        };
+                        let _ = tx.send(Err(error)).await;
+                        break;
+                    }
+                    _ => {}
+                }
+            }
+            let _ = socket.close(None).await;
+        });
+        Ok(RemoteStream {
+            rx,
+            total,
+            ended: false,
+            task,
+        })
+    }
+}
+
+/// The run's id from the run context's JSON (`{"id", "attempt", "state"}`).
+fn run_id(context: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Context {
+        id: String,
+    }
+    serde_json::from_str::<Context>(context).ok().map(|c| c.id)
+}
+
+#[async_trait]
+impl AgentExecutor for RemoteAgent {
+    fn entrypoint(&self, _tag: &str) -> Option<&EntrypointReport> {
+        None
+    }
+
+    async fn call(
+        &self,
+        tag: &str,
+        args: &str,
+        kwargs: &str,
+        timeout: Duration,
+    ) -> Result<Payload, CallError> {
+        self.post_run(tag, Self::body(tag, args, kwargs, timeout), timeout, None)
+            .await
+    }
+
+    async fn stream(
+        &self,
+        tag: &str,
+        args: &str,
+        kwargs: &str,
+        timeout: Duration,
+    ) -> Result<Box<dyn ChunkStream>, CallError> {
+        let body = Self::body(tag, args, kwargs, timeout);
+        Ok(Box::new(self.open_stream(tag, body, timeout).await?))
+    }
+
+    async fn run(
+        &self,
+        tag: &str,
+        kwargs: &str,
+        context: &str,
+        timeout: Duration,
+    ) -> Result<Box<dyn RunCall>, CallError> {
+        let body = Self::body(tag, "[]", kwargs, timeout);
+        // RunAgent's only signal for a streaming entrypoint.
+        if tag.ends_with("_stream") {
+            let stream = self.open_stream(tag, body, timeout).await?;
+            return Ok(Box::new(RemoteRun::stream(Box::new(stream))));
+        }
+        let this = self.clone();
+        let tag = tag.to_string();
+        let key = run_id(context);
+        Ok(Box::new(RemoteRun::unary(async move {
+            this.post_run(&tag, body, timeout, key).await
+        })))
+    }
+
+    fn health(&self) -> Health {
+        Health {
+            live_workers: self.capacity,
+            crash_loop: None,
+        }
+    }
+
+    fn run_capacity(&self) -> usize {
+        self.capacity
+    }
+
+    async fn drain(&self, _grace: Duration) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_pass_through_and_errors_lose_runagents_prefix() {
+        let p = structured(r#"{"type": "object", "payload": "{\"a\": 1}"}"#).expect("payload");
+        assert_eq!((p.ty, p.as_str()), (ValueType::Object, r#"{"a": 1}"#));
+        assert!(structured(r#"{"type": "blob", "payload": "1"}"#).is_err());
+        let e = agent_error(
+            "x",
+            Some(ErrorDetail {
+                code: Some("INTERNAL_ERROR".into()),
+                message: Some("Agent execution failed: Server error running agent x: boom".into()),
+            }),
+            true,
+        );
+        assert_eq!(e.runagent_text(), "boom");
+        assert_eq!(
+            RemoteAgent::body("t", "[1]", "{}", Duration::from_secs(3)),
+            r#"{"entrypoint_tag":"t","input_args":[1],"input_kwargs":{},"timeout_seconds":3,"async_execution":false}"#
+        );
+    }
+}
