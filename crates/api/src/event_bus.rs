@@ -52,6 +52,11 @@ pub(crate) struct BusQuery {
     /// Start after this event id (`Last-Event-ID` wins); default: from the start of the log.
     #[param(max_length = 64)]
     after: Option<String>,
+    /// The API key, on `/v1/events/ws` only (a browser cannot set headers on a WebSocket
+    /// handshake); read by the gate, ignored here.
+    #[serde(rename = "token")]
+    #[param(rename = "token")]
+    _token: Option<String>,
 }
 
 fn cursor_of(text: &str, field: &str) -> Result<EventCursor, ApiError> {
@@ -226,10 +231,10 @@ pub(crate) async fn events_ws(
     q: QueryResult<BusQuery>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    let ws = ws.map_err(upgrade_required)?;
     let rx = open(&state, caller, &headers, query(q)?)?;
     let request_id = crate::request_id::of(request_id);
     let upgraded = ws
-        .map_err(upgrade_required)?
         .max_message_size(64 * 1024)
         .max_frame_size(64 * 1024)
         .on_upgrade(move |socket| send_frames(socket, rx));

@@ -94,6 +94,9 @@ pub struct Entrypoint {
     pub timeout_s: Option<f64>,
     /// Agentry: the default priority of its runs, from `[agents.<name>.entrypoints.<tag>]`.
     pub priority: Option<i32>,
+    /// Agentry: at most this many of its durable runs run at once, across every node sharing
+    /// the store (`[agents.<name>.entrypoints.<tag>] max_concurrency`).
+    pub max_concurrency: Option<usize>,
 }
 
 impl Entrypoint {
@@ -506,6 +509,7 @@ fn parse_entrypoints(
             extractor,
             timeout_s,
             priority: None,
+            max_concurrency: None,
         });
     }
     Ok(out)

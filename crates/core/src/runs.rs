@@ -576,6 +576,77 @@ pub struct ClaimRequest {
     pub per_agent: Vec<(String, usize)>,
     /// Caps over every node sharing the store, checked by the store in the claim.
     pub cluster: ClusterCaps,
+    /// Per-entrypoint caps of the agents claimed for, over every node sharing the store.
+    pub entrypoint_caps: Vec<EntrypointCap>,
+}
+
+/// At most `max` runs of one entrypoint leased at once, counted by the store in the claim (on
+/// PostgreSQL under the cluster caps' lock, so two nodes never pass it between them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntrypointCap {
+    pub agent: String,
+    pub entrypoint: String,
+    pub max: usize,
+}
+
+/// How many more runs of each capped entrypoint of one agent a claim may lease, from the runs
+/// leased now; both stores count with it.
+#[derive(Debug, Default)]
+pub struct EntrypointRoom {
+    left: Vec<(String, usize)>,
+    /// A candidate was left queued by its entrypoint's cap.
+    trimmed: bool,
+}
+
+impl EntrypointRoom {
+    pub fn add(&mut self, cap: &EntrypointCap, running: usize) {
+        self.left
+            .push((cap.entrypoint.clone(), cap.max.saturating_sub(running)));
+    }
+
+    /// The entrypoints with no room left, whose runs are not candidates at all.
+    pub fn full(&self) -> Vec<String> {
+        self.left
+            .iter()
+            .filter(|(_, n)| *n == 0)
+            .map(|(e, _)| e.clone())
+            .collect()
+    }
+
+    /// [`Self::full`] as a JSON array's text (SQLite reads it with `json_each`).
+    pub fn full_json(&self) -> String {
+        serde_json::Value::from(self.full()).to_string()
+    }
+
+    /// Whether a candidate of `entrypoint` may be leased; counts it if so.
+    pub fn take(&mut self, entrypoint: &str) -> bool {
+        match self.left.iter_mut().find(|(e, _)| e == entrypoint) {
+            None => true,
+            Some((_, 0)) => {
+                self.trimmed = true;
+                false
+            }
+            Some((_, n)) => {
+                *n -= 1;
+                true
+            }
+        }
+    }
+
+    /// Whether a cap may be holding runs back: the dispatcher looks again soon, since room a
+    /// run frees on another node is not announced.
+    pub fn held_back(&self) -> bool {
+        self.trimmed || self.left.iter().any(|(_, n)| *n == 0)
+    }
+}
+
+impl ClaimRequest {
+    /// The caps of `agent`'s entrypoints.
+    pub fn caps_of<'a>(&'a self, agent: &'a str) -> impl Iterator<Item = &'a EntrypointCap> {
+        self.entrypoint_caps
+            .iter()
+            .filter(move |c| c.agent == agent)
+    }
 }
 
 /// Caps on the runs leased at once across all the nodes of a shared store (PostgreSQL), on top

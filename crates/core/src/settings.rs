@@ -956,7 +956,7 @@ pub struct RemoteSettings {
     /// The agent's id there; default: the `agent_id` of the local `runagent.config.json`.
     #[serde(default)]
     pub agent_id: Option<String>,
-    /// Calls and runs of this agent this node sends at once (default 8).
+    /// Durable runs of this agent this node leases at once (default 8).
     #[serde(default)]
     pub max_concurrency: Option<usize>,
 }
@@ -968,6 +968,8 @@ pub struct EntrypointSettings {
     pub timeout_s: Option<f64>,
     /// The default priority of its runs (a run or schedule that gives one wins).
     pub priority: Option<i32>,
+    /// At most this many of its durable runs run at once, across the nodes of a shared store.
+    pub max_concurrency: Option<usize>,
     /// A webhook that starts a run of this entrypoint (`docs/webhooks.md`).
     pub webhook: Option<crate::webhooks::WebhookSettings>,
     /// Runs of this entrypoint start on other runs' events (`docs/triggers.md`).
@@ -991,6 +993,7 @@ impl AgentSettings {
             let e = self.entrypoints.entry(tag).or_default();
             e.timeout_s = e.timeout_s.or(low.timeout_s);
             e.priority = e.priority.or(low.priority);
+            e.max_concurrency = e.max_concurrency.or(low.max_concurrency);
             e.webhook = e.webhook.take().or(low.webhook);
             e.event = e.event.take().or(low.event);
             if e.timers.is_empty() {
@@ -1361,6 +1364,18 @@ impl Config {
         for e in &mut agent.entrypoints {
             if let Some(p) = own.entrypoints.get(&e.tag).and_then(|s| s.priority) {
                 e.priority = Some(p);
+            }
+            if let Some(n) = own.entrypoints.get(&e.tag).and_then(|s| s.max_concurrency) {
+                if n == 0 {
+                    return Err(bad(
+                        &format!(
+                            "agents.{}.entrypoints.{}.max_concurrency",
+                            agent.agent_name, e.tag
+                        ),
+                        "must be at least 1",
+                    ));
+                }
+                e.max_concurrency = Some(n);
             }
             if let Some(t) = own.entrypoints.get(&e.tag).and_then(|s| s.timeout_s) {
                 e.timeout_s = Some(t);

@@ -41,8 +41,12 @@ pub struct EventTriggerSettings {
 /// A trigger checked against the served agents: ready to match events.
 #[derive(Debug, Clone)]
 pub struct EventTrigger {
-    /// `<agent name>.<tag>`: the cursor's name and the runs' idempotency keys.
+    /// `<agent id>/<tag>`, in the runs' idempotency keys: the same on every node, whatever
+    /// the agent is called there.
     pub name: String,
+    /// The stored cursor's name: `name` and a digest of the settings, so that nodes with
+    /// different copies of a trigger (a rolling change) never move each other's cursor.
+    pub cursor: String,
     /// The agent (its id) and entrypoint whose runs the trigger starts.
     pub agent: String,
     pub entrypoint: String,
@@ -65,14 +69,14 @@ pub struct TriggerSettingsError {
 
 impl EventTrigger {
     /// Checks the settings declared under `agents.<agent>.entrypoints.<tag>.event`; a source
-    /// agent is resolved with `resolve` (a name or id to the id; an agent served only by other
-    /// nodes is named by its id).
+    /// agent is resolved with `resolve` (a name or id to the id; `None` when not served here:
+    /// an agent served only by other nodes must be named by its id, a UUID).
     pub fn new(
         agent_name: &str,
         agent_id: &str,
         tag: &str,
         s: &EventTriggerSettings,
-        resolve: impl Fn(&str) -> String,
+        resolve: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, TriggerSettingsError> {
         let at = format!("agents.{agent_name}.entrypoints.{tag}.event");
         let err = |field: &str, message: String| TriggerSettingsError {
@@ -90,7 +94,21 @@ impl EventTrigger {
         if s.agent.as_deref().is_some_and(str::is_empty) {
             return Err(err("agent", "must not be empty".into()));
         }
-        let source_agent = s.agent.as_deref().map(resolve);
+        let source_agent = match s.agent.as_deref() {
+            None => None,
+            Some(a) => Some(match resolve(a) {
+                Some(id) => id,
+                None if uuid::Uuid::parse_str(a).is_ok() => a.to_string(),
+                None => {
+                    return Err(err(
+                        "agent",
+                        format!(
+                            "no agent `{a}` is served here; name an agent served elsewhere by its id"
+                        ),
+                    ));
+                }
+            }),
+        };
         let field = s
             .field
             .as_deref()
@@ -104,8 +122,19 @@ impl EventTrigger {
         if argument.is_empty() {
             return Err(err("argument", "must not be empty".into()));
         }
+        let name = format!("{agent_id}/{tag}");
+        let digest = {
+            use sha2::{Digest, Sha256};
+            let text = serde_json::to_string(s).unwrap_or_default();
+            let d = Sha256::digest(text.as_bytes());
+            d[..6]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
         Ok(Self {
-            name: format!("{agent_name}.{tag}"),
+            cursor: format!("{name}#{digest}"),
+            name,
             agent: agent_id.to_string(),
             entrypoint: tag.to_string(),
             kinds,
@@ -151,10 +180,15 @@ impl EventTrigger {
         format!("trigger:{}:{}:{}", self.name, e.event.run_id, e.event.seq)
     }
 
-    /// The input of the run this event starts: `{<argument>: <the event>}`.
+    /// The input of the run this event starts: `{<argument>: <the event>}`. A failure's
+    /// traceback is left out: the triggered run's readers may not be allowed to see the
+    /// source agent's.
     pub fn input(&self, e: &LoggedEvent) -> String {
-        let data: serde_json::Value =
+        let mut data: serde_json::Value =
             serde_json::from_str(&e.event.data).unwrap_or(serde_json::Value::Null);
+        if let Some(error) = data.get_mut("error").and_then(|v| v.as_object_mut()) {
+            error.remove("traceback");
+        }
         let event = serde_json::json!({
             "run_id": e.event.run_id,
             "agent_id": e.agent,
@@ -222,11 +256,7 @@ mod tests {
 
     fn trigger(s: EventTriggerSettings) -> EventTrigger {
         EventTrigger::new("b", "B", "step", &s, |a| {
-            if a == "a" {
-                "A".to_string()
-            } else {
-                a.to_string()
-            }
+            (a == "a").then(|| "A".to_string())
         })
         .expect("valid")
     }
@@ -265,7 +295,14 @@ mod tests {
         let input: serde_json::Value = serde_json::from_str(&t.input(&e)).expect("json");
         assert_eq!(input["source"]["run_id"], "r1");
         assert_eq!(input["source"]["data"]["result"], 1);
-        assert_eq!(t.idempotency_key(&e), "trigger:b.step:r1:3");
+        assert_eq!(t.idempotency_key(&e), "trigger:B/step:r1:3");
+        let failed = event(
+            "A",
+            "x",
+            EventKind::Failed,
+            r#"{"error":{"code":"agent_error","traceback":"secret"}}"#,
+        );
+        assert!(!t.input(&failed).contains("secret"));
         assert_eq!(chain_id(&e), "r1");
         e.correlation_id = Some("c".into());
         assert_eq!(chain_id(&e), "c");
@@ -274,11 +311,11 @@ mod tests {
     #[test]
     fn bad_settings_are_refused() {
         let bad = |s: EventTriggerSettings| {
-            EventTrigger::new("b", "B", "step", &s, str::to_string).expect_err("refused")
+            EventTrigger::new("b", "B", "step", &s, |_| None).expect_err("refused")
         };
         assert!(
             bad(EventTriggerSettings {
-                agent: Some(String::new()),
+                agent: Some("not-served".into()),
                 ..Default::default()
             })
             .field

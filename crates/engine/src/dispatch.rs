@@ -56,6 +56,7 @@ pub(crate) async fn dispatch_loop(inner: Arc<Inner>) {
                 lease_until: now + inner.settings.lease_ttl.as_millis() as i64,
                 per_agent,
                 cluster: inner.settings.cluster,
+                entrypoint_caps: inner.entrypoint_caps.clone(),
             };
             match inner.store.claim_runs(request).await {
                 Ok(claimed) => {

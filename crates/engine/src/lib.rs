@@ -77,6 +77,7 @@ impl Engine {
         order.sort();
         let inner = Arc::new(Inner {
             store,
+            entrypoint_caps: entrypoint_caps(&agents),
             agents,
             order,
             settings,
@@ -420,9 +421,35 @@ impl Engine {
     }
 }
 
+/// Every served entrypoint's `max_concurrency`.
+fn entrypoint_caps(agents: &Agents) -> Vec<agentry_core::runs::EntrypointCap> {
+    agents
+        .iter()
+        .flat_map(|a| {
+            a.config.entrypoints.iter().filter_map(|e| {
+                e.max_concurrency
+                    .map(|max| agentry_core::runs::EntrypointCap {
+                        agent: a.config.agent_id.clone(),
+                        entrypoint: e.tag.clone(),
+                        max,
+                    })
+            })
+        })
+        .collect()
+}
+
 /// See [`Engine::submit`].
 async fn submit_now(inner: &Arc<Inner>, run: NewRun) -> Result<(Run, bool), SubmitError> {
-    let reservation = inner.reserve(&run.agent);
+    // A run of a capped entrypoint waits for a claim, which counts what runs.
+    let capped = inner
+        .entrypoint_caps
+        .iter()
+        .any(|c| c.agent == run.agent && c.entrypoint == run.entrypoint);
+    let reservation = if capped {
+        None
+    } else {
+        inner.reserve(&run.agent)
+    };
     let asked_at = std::time::Instant::now();
     let claim = reservation.as_ref().map(|_| DirectClaim {
         node: inner.settings.node.clone(),

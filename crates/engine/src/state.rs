@@ -100,6 +100,8 @@ pub(crate) struct Inner {
     pub(crate) agents: Arc<Agents>,
     /// Agent ids in a fixed order, for fair claims.
     pub(crate) order: Vec<String>,
+    /// The entrypoints' caps (`max_concurrency`), sent with every claim.
+    pub(crate) entrypoint_caps: Vec<agentry_core::runs::EntrypointCap>,
     pub(crate) settings: EngineSettings,
     /// `node/incarnation`: the lease owner of everything this process claims.
     pub(crate) owner: String,

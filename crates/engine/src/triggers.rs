@@ -77,7 +77,7 @@ impl Triggers {
     async fn load_cursors(&self) -> Result<Vec<EventCursor>, StoreError> {
         let mut out = Vec::with_capacity(self.triggers.len());
         for t in &self.triggers {
-            out.push(self.store.trigger_cursor(&t.name).await?);
+            out.push(self.store.trigger_cursor(&t.cursor).await?);
         }
         Ok(out)
     }
@@ -105,7 +105,7 @@ impl Triggers {
                 moved = true;
             }
             if moved {
-                self.store.save_trigger_cursor(&t.name, *cursor).await?;
+                self.store.save_trigger_cursor(&t.cursor, *cursor).await?;
             }
         }
         Ok(full)

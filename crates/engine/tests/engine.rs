@@ -574,6 +574,7 @@ async fn a_lost_lease_stops_the_attempt_without_writing_anything() {
             lease_until: now + 60_000,
             per_agent: vec![(AGENT.into(), 1)],
             cluster: Default::default(),
+            entrypoint_caps: Vec::new(),
         })
         .await
         .expect("claim");
@@ -634,6 +635,7 @@ async fn a_restarted_node_requeues_and_runs_its_previous_lifes_runs_without_usin
                 lease_until: now + 3_600_000,
                 per_agent: vec![(AGENT.into(), 10)],
                 cluster: Default::default(),
+                entrypoint_caps: Vec::new(),
             })
             .await
             .expect("claim");
@@ -848,6 +850,7 @@ async fn a_follower_gets_the_terminal_event_of_a_run_that_ends_while_it_catches_
             lease_until: now + 60_000,
             per_agent: vec![(AGENT.into(), 1)],
             cluster: Default::default(),
+            entrypoint_caps: Vec::new(),
         })
         .await
         .expect("claim");

@@ -41,6 +41,28 @@ pub(crate) fn client() -> reqwest::Client {
         .unwrap_or_default()
 }
 
+/// Reads a body of at most `limit` bytes, chunk by chunk (a body without a length is never
+/// buffered past the limit). `Err(None)`: over the limit.
+pub(crate) async fn read_body(
+    resp: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, Option<reqwest::Error>> {
+    use futures_util::StreamExt;
+    if resp.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(None);
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(Some)?;
+        if body.len() + chunk.len() > limit {
+            return Err(None);
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
 /// Sends `request` (rebuilt by `make` for each try), retrying a connection that failed before
 /// anything was sent, until `deadline`.
 pub(crate) async fn send_with_retries(

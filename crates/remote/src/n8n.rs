@@ -146,22 +146,12 @@ impl WebhookAgent {
                 status.is_server_error(),
             ));
         }
-        if resp
-            .content_length()
-            .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-        {
-            return Err(agent_error(
-                "the webhook's answer is too large".into(),
-                false,
-            ));
-        }
-        let bytes = resp.bytes().await.map_err(|e| failed(e, timeout))?;
-        if bytes.len() > MAX_ANSWER_BYTES {
-            return Err(agent_error(
-                "the webhook's answer is too large".into(),
-                false,
-            ));
-        }
+        let bytes = crate::read_body(resp, MAX_ANSWER_BYTES)
+            .await
+            .map_err(|e| match e {
+                None => agent_error("the webhook's answer is too large".into(), false),
+                Some(e) => failed(e, timeout),
+            })?;
         let answer: Value = serde_json::from_slice(&bytes)
             .map_err(|e| agent_error(format!("the webhook's answer is not JSON: {e}"), false))?;
         let result = if hook.extractor.is_empty() {
@@ -221,14 +211,6 @@ fn failed(e: reqwest::Error, timeout: Duration) -> CallError {
     }
 }
 
-fn run_id(context: &str) -> Option<String> {
-    serde_json::from_str::<Value>(context)
-        .ok()?
-        .get("id")?
-        .as_str()
-        .map(str::to_string)
-}
-
 #[async_trait]
 impl AgentExecutor for WebhookAgent {
     fn entrypoint(&self, _tag: &str) -> Option<&EntrypointReport> {
@@ -265,7 +247,8 @@ impl AgentExecutor for WebhookAgent {
         timeout: Duration,
     ) -> Result<Box<dyn RunCall>, CallError> {
         let this = self.clone();
-        let (tag, kwargs, key) = (tag.to_string(), kwargs.to_string(), run_id(context));
+        let (tag, kwargs) = (tag.to_string(), kwargs.to_string());
+        let key = crate::runagent::attempt_key(context);
         Ok(Box::new(RemoteRun::unary(async move {
             this.send(&tag, "[]", &kwargs, timeout, key).await
         })))

@@ -37,17 +37,12 @@ impl serde_json::ser::Formatter for Python {
 /// Python's `repr` of a finite float: the shortest text that reads back, in exponent form
 /// below 1e-4 and from 1e16 on, the exponent signed and at least two digits.
 fn python_float(v: f64) -> String {
-    let exp = if v == 0.0 {
-        0
-    } else {
-        v.abs().log10().floor() as i32
-    };
+    let sci = format!("{v:e}"); // the shortest round-trip digits: "1.5e-7"
+    let (mantissa, e) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = e.parse().unwrap_or(0);
     if v != 0.0 && !(-4..16).contains(&exp) {
-        let text = format!("{v:e}"); // shortest round-trip mantissa: "1.5e-7"
-        let (mantissa, e) = text.split_once('e').unwrap_or((&text, "0"));
-        let e: i32 = e.parse().unwrap_or(0);
-        let sign = if e < 0 { '-' } else { '+' };
-        return format!("{mantissa}e{sign}{:02}", e.abs());
+        let sign = if exp < 0 { '-' } else { '+' };
+        return format!("{mantissa}e{sign}{:02}", exp.abs());
     }
     let text = format!("{v}");
     if text.contains('.') {
@@ -81,5 +76,7 @@ mod tests {
         assert_eq!(python_float(0.0001), "0.0001");
         assert_eq!(python_float(123456789012345.6), "123456789012345.6");
         assert_eq!(python_float(-2.5e-7), "-2.5e-07");
+        assert_eq!(python_float(9999999999999998.0), "9999999999999998.0");
+        assert_eq!(python_float(9.999999999999999e-05), "9.999999999999999e-05");
     }
 }

@@ -190,25 +190,10 @@ fn transport_error(e: reqwest::Error, timeout: Duration) -> CallError {
 }
 
 async fn read_capped(resp: reqwest::Response, timeout: Duration) -> Result<String, CallError> {
-    if resp
-        .content_length()
-        .is_some_and(|n| n > MAX_ANSWER_BYTES as u64)
-    {
-        return Err(CallError::Unavailable(
-            "the remote server's answer is too large".into(),
-        ));
-    }
-    let mut body = Vec::new();
-    let mut stream = resp.bytes_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| transport_error(e, timeout))?;
-        if body.len() + chunk.len() > MAX_ANSWER_BYTES {
-            return Err(CallError::Unavailable(
-                "the remote server's answer is too large".into(),
-            ));
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let too_large = || CallError::Unavailable("the remote server's answer is too large".into());
+    let body = crate::read_body(resp, MAX_ANSWER_BYTES)
+        .await
+        .map_err(|e| e.map_or_else(too_large, |e| transport_error(e, timeout)))?;
     String::from_utf8(body)
         .map_err(|_| CallError::Unavailable("the remote server's answer is not UTF-8".into()))
 }
@@ -269,8 +254,10 @@ impl RemoteAgent {
             "ws{}/run-stream",
             self.base.strip_prefix("http").unwrap_or(&self.base)
         );
+        // One deadline for the whole stream, connecting included.
+        let deadline = tokio::time::Instant::now() + timeout;
         let connect = tokio_tungstenite::connect_async(url.as_str());
-        let (mut socket, _) = tokio::time::timeout(timeout, connect)
+        let (mut socket, _) = tokio::time::timeout_at(deadline, connect)
             .await
             .map_err(|_| CallError::Timeout(timeout))?
             .map_err(|e| CallError::Unavailable(format!("cannot open the remote stream: {e}")))?;
@@ -283,7 +270,7 @@ impl RemoteAgent {
         let counted = std::sync::Arc::clone(&total);
         let tag = tag.to_string();
         let task = tokio::spawn(async move {
-            let deadline = tokio::time::sleep(timeout);
+            let deadline = tokio::time::sleep_until(deadline);
             tokio::pin!(deadline);
             loop {
                 let msg = tokio::select! {
@@ -314,7 +301,13 @@ impl RemoteAgent {
                     }
                 };
                 let Ok(frame) = serde_json::from_str::<Frame>(&text) else {
-                    continue;
+                    // A frame we cannot read may be a chunk: ending is better than a gap.
+                    let _ = tx
+                        .send(Err(CallError::Unavailable(
+                            "the remote stream sent a frame that is not RunAgent's".into(),
+                        )))
+                        .await;
+                    break;
                 };
                 match frame.kind.as_str() {
                     "data" => {
@@ -362,13 +355,18 @@ impl RemoteAgent {
     }
 }
 
-/// The run's id from the run context's JSON (`{"id", "attempt", "state"}`).
-fn run_id(context: &str) -> Option<String> {
+/// A durable run's call's idempotency key, `<run id>:<attempt>`, from the run context's JSON
+/// (`{"id", "attempt", "state"}`): the same for the tries of one attempt, new for the next
+/// attempt (which is meant to run again).
+pub(crate) fn attempt_key(context: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct Context {
         id: String,
+        attempt: u32,
     }
-    serde_json::from_str::<Context>(context).ok().map(|c| c.id)
+    serde_json::from_str::<Context>(context)
+        .ok()
+        .map(|c| format!("{}:{}", c.id, c.attempt))
 }
 
 #[async_trait]
@@ -414,7 +412,7 @@ impl AgentExecutor for RemoteAgent {
         }
         let this = self.clone();
         let tag = tag.to_string();
-        let key = run_id(context);
+        let key = attempt_key(context);
         Ok(Box::new(RemoteRun::unary(async move {
             this.post_run(&tag, body, timeout, key).await
         })))

@@ -118,11 +118,7 @@ pub fn event_triggers(
             ));
             continue;
         }
-        let resolve = |a: &str| {
-            agents
-                .get(a)
-                .map_or_else(|| a.to_string(), |s| s.config.agent_id.clone())
-        };
+        let resolve = |a: &str| agents.get(a).map(|s| s.config.agent_id.clone());
         match agentry_core::triggers::EventTrigger::new(
             &agent.config.agent_name,
             &agent.config.agent_id,

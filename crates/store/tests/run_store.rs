@@ -51,6 +51,11 @@ macro_rules! contract_tests {
                 contract::callbacks_are_leased_once_and_a_resend_in_flight_holds(&store).await;
             }
             #[tokio::test]
+            async fn an_entrypoint_cap_holds_across_claims() {
+                let (_keep, store) = $open;
+                contract::an_entrypoint_cap_holds_across_claims(&store).await;
+            }
+            #[tokio::test]
             async fn trigger_cursors_start_at_the_end_and_only_move_forward() {
                 let (_keep, store) = $open;
                 contract::trigger_cursors_start_at_the_end_and_only_move_forward(&store).await;
@@ -199,6 +204,7 @@ fn claim_for(owner: &str, n: usize) -> agentry_core::runs::ClaimRequest {
         lease_until: now + 60_000,
         per_agent: vec![("a".into(), n)],
         cluster: Default::default(),
+        entrypoint_caps: Vec::new(),
     }
 }
 

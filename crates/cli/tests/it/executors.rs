@@ -3,7 +3,6 @@
 //! and n8n-style webhook entrypoints against a local receiver.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use agentry_core::settings::{AgentSettings, RemoteSettings};
 use axum::extract::State;
@@ -222,14 +221,14 @@ async fn an_n8n_webhook_entrypoint_calls_its_url() {
         Some("application/json")
     );
     assert_eq!(got[1].2, r#"{"question":"positional"}"#);
-    // A durable run's call carries the run's id as its idempotency key.
+    // A durable run's call carries the run's id and attempt as its idempotency key.
     assert_eq!(got[2].0, "GET");
     assert_eq!(
         got[2]
             .1
             .get("idempotency-key")
             .and_then(|v| v.to_str().ok()),
-        run["id"].as_str()
+        Some(format!("{}:1", run["id"].as_str().expect("id")).as_str())
     );
     server.stop().await;
 }

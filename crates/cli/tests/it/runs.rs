@@ -1480,3 +1480,83 @@ async fn an_entrypoint_priority_is_the_default_of_its_runs() {
     }
     app.stop().await;
 }
+
+/// `max_concurrency` on an entrypoint: its runs never overlap (cap 1) although workers are
+/// free, on one SQLite node and across two nodes on PostgreSQL; runs of other entrypoints are
+/// not held back.
+#[tokio::test]
+async fn an_entrypoint_cap_keeps_its_runs_from_overlapping_on_one_node_and_across_nodes() {
+    use agentry_core::settings::{AgentSettings, EntrypointSettings};
+    let capped = |c: &mut agentry_server::Config| {
+        c.agents.insert(
+            "durable".into(),
+            AgentSettings {
+                entrypoints: [(
+                    "sleepy".to_string(),
+                    EntrypointSettings {
+                        max_concurrency: Some(1),
+                        ..Default::default()
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            },
+        );
+    };
+    async fn check(nodes: &[&crate::common::app::TestApp]) {
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            let body = serde_json::json!({"agent": "durable", "entrypoint": "sleepy",
+                                          "input": {"i": i, "ms": 300}});
+            let (status, text) =
+                post(&nodes[i % nodes.len()].url("/v1/runs"), &body.to_string()).await;
+            assert_eq!(status, 202, "{text}");
+            ids.push(json(&text)["id"].as_str().expect("id").to_string());
+        }
+        // Another entrypoint's run goes by while `sleepy` is at its cap.
+        let body = serde_json::json!({"agent": "durable", "entrypoint": "work", "input": {"i": 9}});
+        let (status, text) = post(
+            &nodes[0].url("/v1/runs/wait?timeout_s=5"),
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(json(&text)["status"], "succeeded", "{text}");
+        let mut spans = Vec::new();
+        for id in &ids {
+            let (status, text) =
+                get(&nodes[0].url(&format!("/v1/runs/{id}/wait?timeout_s=60"))).await;
+            assert_eq!(status, 200, "{text}");
+            let run = json(&text);
+            assert_eq!(run["status"], "succeeded", "{run}");
+            let at = |k: &str| {
+                chrono::DateTime::parse_from_rfc3339(run[k].as_str().expect(k))
+                    .expect("a time")
+                    .timestamp_millis()
+            };
+            spans.push((at("started_at"), at("finished_at")));
+        }
+        spans.sort_unstable();
+        for pair in spans.windows(2) {
+            assert!(
+                pair[0].1 <= pair[1].0,
+                "runs of a capped entrypoint overlapped: {spans:?}"
+            );
+        }
+    }
+    let one = crate::common::app::TestApp::start(vec![fixture("durable")], capped).await;
+    check(&[&one]).await;
+    one.stop().await;
+
+    let schema = crate::common::pg::schema();
+    let on_pg = |c: &mut agentry_server::Config| {
+        capped(c);
+        c.store.database_url = Some(crate::common::pg::pg_url());
+        c.store.database_schema = Some(schema.to_string());
+    };
+    let a = crate::common::app::TestApp::start(vec![fixture("durable")], on_pg).await;
+    let b = crate::common::app::TestApp::start(vec![fixture("durable")], on_pg).await;
+    check(&[&a, &b]).await;
+    a.stop().await;
+    b.stop().await;
+}

@@ -865,25 +865,49 @@ async fn claim_runs(c: &mut PgConnection, req: &ClaimRequest) -> Result<Claimed,
             continue;
         }
         let free = &free;
-        let candidates: Vec<(String, Option<String>)> = sqlx::query_as(sql!("claim_candidates"))
-            .bind(agent)
-            .bind(req.now)
-            .bind(*free as i64)
-            .fetch_all(&mut *c)
-            .await
-            .map_err(db_err)?;
+        let mut room = agentry_core::runs::EntrypointRoom::default();
+        let mut caps = req.caps_of(agent).peekable();
+        if caps.peek().is_some() && !req.cluster.is_set() {
+            // Counted under the caps' lock, so two nodes never pass a cap between them.
+            sqlx::query(sql!("cluster_caps_lock"))
+                .execute(&mut *c)
+                .await
+                .map_err(db_err)?;
+        }
+        for cap in caps {
+            let running: i64 = sqlx::query_scalar(sql!("running_in_entrypoint"))
+                .bind(agent)
+                .bind(&cap.entrypoint)
+                .fetch_one(&mut *c)
+                .await
+                .map_err(db_err)?;
+            room.add(cap, running.max(0) as usize);
+        }
+        let candidates: Vec<(String, Option<String>, String)> =
+            sqlx::query_as(sql!("claim_candidates"))
+                .bind(agent)
+                .bind(req.now)
+                .bind(*free as i64)
+                .bind(room.full())
+                .fetch_all(&mut *c)
+                .await
+                .map_err(db_err)?;
         short |= candidates.len() < *free;
         // All the cap allowed were there: more may be waiting behind it.
         out.held_back |= trimmed && candidates.len() == *free;
         // Runs without a key are leased in one statement; a keyed one only under its key's lock.
         let mut batch = Vec::with_capacity(candidates.len());
-        for (id, key) in candidates {
+        for (id, key, entrypoint) in candidates {
+            if !room.take(&entrypoint) {
+                continue;
+            }
             match key {
                 None => batch.push(id),
                 Some(key) if key_is_free(c, &key, &id).await? => batch.push(id),
                 Some(_) => short = true,
             }
         }
+        out.held_back |= room.held_back();
         let leased = claim_batch(c, &batch, req).await?;
         if let Some(left) = total_left.as_mut() {
             *left = left.saturating_sub(leased.len());
@@ -1797,6 +1821,7 @@ mod tests {
             lease_until: now + 60_000,
             per_agent: vec![("a".into(), 1)],
             cluster: Default::default(),
+            entrypoint_caps: Vec::new(),
         }
     }
 

@@ -203,6 +203,7 @@ pub fn create_run(
                 lease_until: claim.lease_until,
                 per_agent: Vec::new(),
                 cluster: Default::default(),
+                entrypoint_caps: Vec::new(),
             };
             Some(claim_one(c, &stored.id, &request)?)
         }
@@ -291,15 +292,28 @@ pub fn claim_runs(c: &Connection, req: &ClaimRequest) -> rusqlite::Result<Claime
         if *free == 0 {
             continue;
         }
-        let ids: Vec<String> = {
+        let mut room = agentry_core::runs::EntrypointRoom::default();
+        for cap in req.caps_of(agent) {
+            let running: i64 = c
+                .prepare_cached(sql!("running_in_entrypoint"))?
+                .query_row(params![agent, cap.entrypoint], |r| r.get(0))?;
+            room.add(cap, running.max(0) as usize);
+        }
+        let candidates: Vec<(String, String)> = {
             let mut stmt = c.prepare_cached(sql!("claim_candidates"))?;
-            let rows = stmt.query_map(params![agent, req.now, *free as i64], |r| r.get(0))?;
+            let rows = stmt.query_map(
+                params![agent, req.now, *free as i64, room.full_json()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
             rows.collect::<rusqlite::Result<_>>()?
         };
-        short |= ids.len() < *free;
-        for id in ids {
-            out.runs.push(claim_one(c, &id, req)?);
+        short |= candidates.len() < *free;
+        for (id, entrypoint) in candidates {
+            if room.take(&entrypoint) {
+                out.runs.push(claim_one(c, &id, req)?);
+            }
         }
+        out.held_back |= room.held_back();
     }
     if short {
         out.next_due = c

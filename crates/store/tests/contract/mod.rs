@@ -51,6 +51,7 @@ fn claim(owner: &str, n: usize, lease_ms: i64) -> ClaimRequest {
         lease_until: now + lease_ms,
         per_agent: vec![("a".into(), n)],
         cluster: Default::default(),
+        entrypoint_caps: Vec::new(),
     }
 }
 
@@ -750,4 +751,50 @@ where
     s.save_trigger_cursor("t", e.cursor).await.expect("save");
     s.save_trigger_cursor("t", start).await.expect("save");
     assert_eq!(s.trigger_cursor("t").await.expect("cursor"), e.cursor);
+}
+
+/// An entrypoint's cap holds however many runs are asked for, leaves other entrypoints' runs
+/// alone, and frees a place when one of its runs ends.
+pub async fn an_entrypoint_cap_holds_across_claims(s: &dyn RunStore) {
+    for id in ["e1", "e2", "e3"] {
+        s.create_run(new_run(id, 0, None), None)
+            .await
+            .expect("create");
+    }
+    let mut other = new_run("f1", 0, None);
+    other.entrypoint = "f".into();
+    s.create_run(other, None).await.expect("create");
+    let capped = |owner: &str| {
+        let mut req = claim(owner, 10, 30_000);
+        req.entrypoint_caps = vec![agentry_core::runs::EntrypointCap {
+            agent: "a".into(),
+            entrypoint: "e".into(),
+            max: 2,
+        }];
+        req
+    };
+    let first = s.claim_runs(capped("n/1")).await.expect("claim");
+    let mut ids: Vec<&str> = first.runs.iter().map(|c| c.run.id.as_str()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["e1", "e2", "f1"]);
+    assert!(first.held_back, "a cap left a run queued");
+    // Another node asking now gets nothing: two of `e` run.
+    assert!(
+        s.claim_runs(capped("m/1"))
+            .await
+            .expect("claim")
+            .runs
+            .is_empty()
+    );
+    let lease = LeaseRef {
+        run_id: "e1".into(),
+        owner: "n/1".into(),
+        attempt: 1,
+    };
+    s.finish_run(lease, Outcome::Succeeded { result: "1".into() }, None)
+        .await
+        .expect("finish");
+    let next = s.claim_runs(capped("m/1")).await.expect("claim");
+    let ids: Vec<&str> = next.runs.iter().map(|c| c.run.id.as_str()).collect();
+    assert_eq!(ids, ["e3"]);
 }
