@@ -1089,3 +1089,69 @@ async fn idempotency_keys_belong_to_the_api_key_that_used_them() {
     assert_eq!(status, 409, "{text}");
     assert_eq!(json(&text)["error"]["details"]["run_id"], b_run.as_str());
 }
+
+/// The event bus over a WebSocket takes the key as `?token=` (browsers cannot set headers on
+/// a handshake), refuses a handshake without one, and shows a key limited to one agent only
+/// that agent's runs, whatever the filters ask.
+#[tokio::test]
+async fn the_bus_websocket_takes_a_token_and_shows_only_the_keys_agents() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let state = tempfile::tempdir().expect("state");
+    let limited = make_key(
+        state.path(),
+        &[
+            "--scope",
+            "runs:read",
+            "--scope",
+            "runs:write",
+            "--agent",
+            "durable",
+        ],
+    );
+    let admin = make_key(state.path(), &["--scope", "admin"]);
+    let srv = app(durable())
+        .agent(fixture("compat"))
+        .state_dir(state.path())
+        .start()
+        .await;
+    for (agent, entrypoint, input) in [
+        ("compat_fixture", "echo", json!({"message": "other"})),
+        ("durable", "work", json!({"i": 1})),
+    ] {
+        let (status, text) = call(
+            "POST",
+            &srv.url("/v1/runs/wait?timeout_s=30"),
+            Some(&admin),
+            Some(json!({"agent": agent, "entrypoint": entrypoint, "input": input})),
+        )
+        .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let ws = srv.url("/v1/events/ws").replacen("http", "ws", 1);
+    assert!(
+        tokio_tungstenite::connect_async(ws.clone()).await.is_err(),
+        "no key, no bus"
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("{ws}?token={limited}"))
+        .await
+        .expect("the bus with a token");
+    let mut frames: Vec<Value> = Vec::new();
+    while !frames.iter().any(|f| f["type"] == "run.succeeded") {
+        match tokio::time::timeout(std::time::Duration::from_secs(20), socket.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => frames.push(serde_json::from_str(&t).expect("json")),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the bus ended: {other:?} after {frames:?}"),
+        }
+    }
+    assert!(
+        frames.iter().all(|f| f["entrypoint"] == "work"),
+        "{frames:?}"
+    );
+    // Asking for the other agent by name is refused, not answered with its events.
+    let asked =
+        tokio_tungstenite::connect_async(format!("{ws}?token={limited}&agent=compat_fixture"))
+            .await;
+    assert!(asked.is_err(), "a limited key opened another agent's bus");
+    srv.stop().await;
+}

@@ -184,3 +184,38 @@ async fn triggers_fire_once_across_nodes_on_postgres() {
     one.stop().await;
     two.stop().await;
 }
+
+/// A trigger's cursor outlives its node: an event that came while the node was not reading
+/// (its poll set far out, then stopped) is read after a restart, and fires once; a second
+/// restart fires nothing again.
+#[tokio::test]
+async fn an_event_seen_by_no_node_before_a_restart_fires_once_after_it() {
+    let state = tempfile::tempdir().expect("state");
+    let dir = state.path().to_path_buf();
+    let asleep = TestApp::start(vec![fixture("chain")], |c| {
+        c.state_dir = dir.clone();
+        c.triggers.poll_ms = 60_000;
+    })
+    .await;
+    let body = json!({"agent": "chain", "entrypoint": "start", "input": {"value": 8}});
+    let (status, text) = post(&asleep.url("/v1/runs/wait?timeout_s=30"), &body.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        runs_of(&asleep, "step_b").await.is_empty(),
+        "the trigger read early"
+    );
+    asleep.stop().await;
+    for _ in 0..2 {
+        let dir = state.path().to_path_buf();
+        let awake = TestApp::start(vec![fixture("chain")], move |c| {
+            c.state_dir = dir;
+            fast_triggers(c);
+        })
+        .await;
+        wait_for_runs(&awake, "step_b", 1, Duration::from_secs(30)).await;
+        tokio::time::sleep(SETTLE).await;
+        assert_eq!(runs_of(&awake, "step_b").await.len(), 1);
+        awake.stop().await;
+    }
+}
