@@ -956,7 +956,7 @@ pub struct RemoteSettings {
     /// The agent's id there; default: the `agent_id` of the local `runagent.config.json`.
     #[serde(default)]
     pub agent_id: Option<String>,
-    /// Durable runs of this agent this node leases at once (default 8).
+    /// Calls, streams and durable runs in flight to the server from this node (default 8).
     #[serde(default)]
     pub max_concurrency: Option<usize>,
 }

@@ -38,6 +38,8 @@ struct Hook {
 pub struct WebhookAgent {
     http: reqwest::Client,
     hooks: std::sync::Arc<HashMap<String, Hook>>,
+    /// Calls in flight to the agent's webhooks: at most `CAPACITY`.
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 impl WebhookAgent {
@@ -102,6 +104,7 @@ impl WebhookAgent {
         Ok(Self {
             http: crate::client(),
             hooks: std::sync::Arc::new(hooks),
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(CAPACITY)),
         })
     }
 
@@ -120,6 +123,14 @@ impl WebhookAgent {
         let payload = payload_of(args, kwargs)?;
         let timeout = timeout.min(hook.timeout);
         let deadline = tokio::time::Instant::now() + timeout;
+        // Waiting for a place counts against the deadline.
+        let _permit = tokio::time::timeout_at(
+            deadline,
+            std::sync::Arc::clone(&self.in_flight).acquire_owned(),
+        )
+        .await
+        .map_err(|_| CallError::Timeout(timeout))?
+        .map_err(|_| CallError::Unavailable("the webhook executor is stopping".into()))?;
         let body = payload.to_string();
         let make = || {
             let mut r = if hook.post {

@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 
 enum State {
     Unary(JoinHandle<Result<Payload, CallError>>),
-    Stream(Box<dyn ChunkStream>),
+    /// With what stops its reader: a cancel ends the stream as cancelled.
+    Stream(Box<dyn ChunkStream>, Option<tokio::task::AbortHandle>),
     Done,
 }
 
@@ -32,9 +33,12 @@ impl RemoteRun {
         }
     }
 
-    pub(crate) fn stream(stream: Box<dyn ChunkStream>) -> Self {
+    pub(crate) fn stream(
+        stream: Box<dyn ChunkStream>,
+        abort: Option<tokio::task::AbortHandle>,
+    ) -> Self {
         Self {
-            state: State::Stream(stream),
+            state: State::Stream(stream, abort),
             chunks: 0,
         }
     }
@@ -43,7 +47,7 @@ impl RemoteRun {
         if let State::Unary(task) = &self.state {
             task.abort();
         }
-        if matches!(self.state, State::Stream(_)) {
+        if matches!(self.state, State::Stream(..)) {
             // Dropping a stream cancels its call.
             self.state = State::Done;
         }
@@ -60,7 +64,7 @@ impl RunCall for RemoteRun {
                 Poll::Ready(Ok(Err(e))) => RunItem::Failed(e),
                 Poll::Ready(Err(_)) => RunItem::Failed(CallError::Cancelled),
             },
-            State::Stream(stream) => match stream.poll_next(cx) {
+            State::Stream(stream, _) => match stream.poll_next(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
                     self.chunks += 1;
@@ -77,8 +81,10 @@ impl RunCall for RemoteRun {
     fn ack(&self, _saved: bool) {}
 
     fn cancel(&self) {
-        if let State::Unary(task) = &self.state {
-            task.abort();
+        match &self.state {
+            State::Unary(task) => task.abort(),
+            State::Stream(_, Some(abort)) => abort.abort(),
+            _ => {}
         }
     }
 

@@ -33,6 +33,8 @@ pub struct RemoteAgent {
     base: String,
     agent_id: String,
     capacity: usize,
+    /// Calls, streams and runs in flight to the server: at most `capacity`.
+    in_flight: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 /// RunAgent's response envelope (`AgentRunResponseMinimal`), the fields read.
@@ -69,6 +71,10 @@ impl RemoteAgent {
             ));
         }
         let agent_id = settings.agent_id.clone().unwrap_or(agent_id.to_string());
+        let capacity = settings
+            .max_concurrency
+            .unwrap_or(DEFAULT_CONCURRENCY)
+            .max(1);
         if agent_id.is_empty() || agent_id.contains(['/', '?', '#']) {
             return Err(format!("remote.agent_id `{agent_id}` is not an agent id"));
         }
@@ -79,10 +85,8 @@ impl RemoteAgent {
                 settings.url.trim_end_matches('/')
             ),
             agent_id,
-            capacity: settings
-                .max_concurrency
-                .unwrap_or(DEFAULT_CONCURRENCY)
-                .max(1),
+            capacity,
+            in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(capacity)),
         })
     }
 
@@ -95,6 +99,14 @@ impl RemoteAgent {
         )
     }
 
+    /// A place among the calls in flight (waited for in FIFO order).
+    async fn permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, CallError> {
+        std::sync::Arc::clone(&self.in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| CallError::Unavailable("the remote executor is stopping".into()))
+    }
+
     async fn post_run(
         &self,
         tag: &str,
@@ -103,6 +115,10 @@ impl RemoteAgent {
         idempotency_key: Option<String>,
     ) -> Result<Payload, CallError> {
         let deadline = tokio::time::Instant::now() + timeout;
+        // Waiting for a place counts against the deadline.
+        let _permit = tokio::time::timeout_at(deadline, self.permit())
+            .await
+            .map_err(|_| CallError::Timeout(timeout))??;
         let url = format!("{}/run", self.base);
         let make = || {
             let mut r = self
@@ -203,8 +219,12 @@ async fn read_capped(resp: reqwest::Response, timeout: Duration) -> Result<Strin
 struct RemoteStream {
     rx: tokio::sync::mpsc::Receiver<Result<Payload, CallError>>,
     total: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    /// Set by the reader on `stream_completed`: a channel closed without it was cut short.
+    completed: std::sync::Arc<std::sync::atomic::AtomicBool>,
     ended: bool,
     task: tokio::task::JoinHandle<()>,
+    /// Held while the stream is open (`max_concurrency`).
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl ChunkStream for RemoteStream {
@@ -212,16 +232,25 @@ impl ChunkStream for RemoteStream {
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<Payload, CallError>>> {
-        let polled = self.rx.poll_recv(cx);
-        if let std::task::Poll::Ready(None) = polled {
-            self.ended = true;
+        use std::sync::atomic::Ordering;
+        match self.rx.poll_recv(cx) {
+            std::task::Poll::Ready(None) if !self.ended => {
+                self.ended = true;
+                if self.completed.load(Ordering::Acquire) {
+                    std::task::Poll::Ready(None)
+                } else {
+                    // The reader was stopped (a cancel) before the stream completed.
+                    std::task::Poll::Ready(Some(Err(CallError::Cancelled)))
+                }
+            }
+            polled => polled,
         }
-        polled
     }
 
     fn total(&self) -> Option<u32> {
-        self.ended
-            .then(|| self.total.load(std::sync::atomic::Ordering::Relaxed))
+        use std::sync::atomic::Ordering;
+        (self.ended && self.completed.load(Ordering::Acquire))
+            .then(|| self.total.load(Ordering::Relaxed))
     }
 }
 
@@ -250,6 +279,7 @@ impl RemoteAgent {
         body: String,
         timeout: Duration,
     ) -> Result<RemoteStream, CallError> {
+        let permit = self.permit().await?;
         let url = format!(
             "ws{}/run-stream",
             self.base.strip_prefix("http").unwrap_or(&self.base)
@@ -268,6 +298,8 @@ impl RemoteAgent {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let total = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
         let counted = std::sync::Arc::clone(&total);
+        let completed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let done = std::sync::Arc::clone(&completed);
         let tag = tag.to_string();
         let task = tokio::spawn(async move {
             let deadline = tokio::time::sleep_until(deadline);
@@ -321,6 +353,7 @@ impl RemoteAgent {
                             frame.total_chunks.unwrap_or_default(),
                             std::sync::atomic::Ordering::Relaxed,
                         );
+                        done.store(true, std::sync::atomic::Ordering::Release);
                         break; // the channel closes: the stream ended normally
                     }
                     "error" => {
@@ -349,8 +382,10 @@ impl RemoteAgent {
         Ok(RemoteStream {
             rx,
             total,
+            completed,
             ended: false,
             task,
+            _permit: permit,
         })
     }
 }
@@ -408,7 +443,8 @@ impl AgentExecutor for RemoteAgent {
         // RunAgent's only signal for a streaming entrypoint.
         if tag.ends_with("_stream") {
             let stream = self.open_stream(tag, body, timeout).await?;
-            return Ok(Box::new(RemoteRun::stream(Box::new(stream))));
+            let abort = stream.task.abort_handle();
+            return Ok(Box::new(RemoteRun::stream(Box::new(stream), Some(abort))));
         }
         let this = self.clone();
         let tag = tag.to_string();

@@ -232,3 +232,56 @@ async fn an_n8n_webhook_entrypoint_calls_its_url() {
     );
     server.stop().await;
 }
+
+/// Cancelling a durable run of a remote streaming entrypoint stops its stream at once: the
+/// run ends `cancelled` with the chunks it had, and the second server sees its client go.
+#[tokio::test]
+async fn cancelling_a_remote_stream_run_ends_it_cancelled() {
+    let back = TestApp::start(vec![fixture("faulty")], |_| {}).await;
+    let remote = RemoteSettings {
+        url: back.url(""),
+        agent_id: None,
+        max_concurrency: None,
+    };
+    let front = TestApp::start(vec![fixture("faulty")], move |c| {
+        c.agents.insert(
+            "faulty".into(),
+            AgentSettings {
+                remote: Some(remote),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let marker = tempfile::NamedTempFile::new().expect("marker");
+    let body = json!({"agent": "faulty", "entrypoint": "endless_stream",
+                      "input": {"marker": marker.path(), "delay_s": 0.05}});
+    let (status, text) = post(&front.url("/v1/runs"), &body.to_string()).await;
+    assert_eq!(status, 202, "{text}");
+    let id = json(&text)["id"].as_str().expect("id").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, text) = get(&front.url(&format!("/v1/runs/{id}"))).await;
+        if json(&text)["status"] == "running" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not started: {text}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Let some chunks through before the cancel.
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let (status, text) = post(&front.url(&format!("/v1/runs/{id}/cancel")), "").await;
+    assert!(status == 200 || status == 202, "{status} {text}");
+    let (status, text) = get(&front.url(&format!("/v1/runs/{id}/wait?timeout_s=10"))).await;
+    assert_eq!(status, 200, "{text}");
+    let run = json(&text);
+    assert_eq!(run["status"], "cancelled", "{run}");
+    // It stopped when asked, not when the engine gave up waiting and killed the call.
+    let message = run["error"]["message"].as_str().unwrap_or_default();
+    assert!(!message.contains("grace period"), "{run}");
+    // The chunks before the cancel were kept (the events of an ended run, then the end).
+    let (_, events) = get(&front.url(&format!("/v1/runs/{id}/events"))).await;
+    assert!(events.matches("event: run.chunk").count() >= 1, "{events}");
+    front.stop().await;
+    back.stop().await;
+}
