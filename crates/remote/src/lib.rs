@@ -24,6 +24,8 @@ pub use runagent::RemoteAgent;
 
 use std::time::Duration;
 
+use agentry_core::executor::CallError;
+
 /// Connections refused or reset before the request was sent are tried again this many times,
 /// within the call's deadline.
 pub(crate) const CONNECT_RETRIES: u32 = 2;
@@ -39,6 +41,25 @@ pub(crate) fn client() -> reqwest::Client {
         .user_agent(concat!("agentry/", env!("CARGO_PKG_VERSION")))
         .build()
         .unwrap_or_default()
+}
+
+/// The other side's failure, as the agent's: `exc_type` names where it came from.
+pub(crate) fn agent_failure(exc_type: &str, message: String, retriable: bool) -> CallError {
+    CallError::Agent {
+        exc_type: exc_type.into(),
+        message,
+        traceback: String::new(),
+        retriable,
+    }
+}
+
+/// A request that did not get an answer: past its deadline, or `what` could not be reached.
+pub(crate) fn unanswered(e: reqwest::Error, timeout: Duration, what: &str) -> CallError {
+    if e.is_timeout() {
+        CallError::Timeout(timeout)
+    } else {
+        CallError::Unavailable(format!("cannot reach {what}: {e}"))
+    }
 }
 
 /// Reads a body of at most `limit` bytes, chunk by chunk (a body without a length is never

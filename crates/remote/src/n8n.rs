@@ -206,20 +206,11 @@ fn payload_of(args: &str, kwargs: &str) -> Result<Value, CallError> {
 }
 
 fn agent_error(message: String, retriable: bool) -> CallError {
-    CallError::Agent {
-        exc_type: "WebhookError".into(),
-        message,
-        traceback: String::new(),
-        retriable,
-    }
+    crate::agent_failure("WebhookError", message, retriable)
 }
 
 fn failed(e: reqwest::Error, timeout: Duration) -> CallError {
-    if e.is_timeout() {
-        CallError::Timeout(timeout)
-    } else {
-        CallError::Unavailable(format!("cannot reach the webhook: {e}"))
-    }
+    crate::unanswered(e, timeout, "the webhook")
 }
 
 #[async_trait]

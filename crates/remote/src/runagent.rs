@@ -189,20 +189,11 @@ fn agent_error(agent_id: &str, error: Option<ErrorDetail>, retriable: bool) -> C
         .strip_prefix(&prefix)
         .unwrap_or(&message)
         .to_string();
-    CallError::Agent {
-        exc_type: "RemoteAgentError".into(),
-        message,
-        traceback: String::new(),
-        retriable,
-    }
+    crate::agent_failure("RemoteAgentError", message, retriable)
 }
 
 fn transport_error(e: reqwest::Error, timeout: Duration) -> CallError {
-    if e.is_timeout() {
-        CallError::Timeout(timeout)
-    } else {
-        CallError::Unavailable(format!("cannot reach the remote server: {e}"))
-    }
+    crate::unanswered(e, timeout, "the remote server")
 }
 
 async fn read_capped(resp: reqwest::Response, timeout: Duration) -> Result<String, CallError> {
@@ -361,15 +352,8 @@ impl RemoteAgent {
                         let error = if text == format!("Entrypoint {tag} not found") {
                             CallError::NoSuchEntrypoint(tag.clone())
                         } else {
-                            CallError::Agent {
-                                exc_type: "RemoteAgentError".into(),
-                                message: text
-                                    .strip_prefix("Streaming error: ")
-                                    .unwrap_or(&text)
-                                    .to_string(),
-                                traceback: String::new(),
-                                retriable: true,
-                            }
+                            let message = text.strip_prefix("Streaming error: ").unwrap_or(&text);
+                            crate::agent_failure("RemoteAgentError", message.to_string(), true)
                         };
                         let _ = tx.send(Err(error)).await;
                         break;
