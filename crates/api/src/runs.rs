@@ -128,6 +128,10 @@ struct CreateBody<'a> {
     #[serde(default)]
     #[schema(min_length = 1, max_length = 256)]
     correlation_id: Option<String>,
+    /// One of the agent's named executors (`docs/executors.md`); default: the agent's own.
+    #[serde(default)]
+    #[schema(min_length = 1, max_length = 64)]
+    executor: Option<String>,
 }
 
 fn not_found(id: &str) -> ApiError {
@@ -154,6 +158,7 @@ fn new_run(state: &S, who: &Principal, body: &[u8]) -> Result<NewRun, ApiError> 
         metadata: b.metadata.map(RawValue::get),
         callback_url: b.callback_url.as_deref(),
         correlation_id: b.correlation_id.as_deref(),
+        executor: b.executor.as_deref(),
     };
     let config = &state.config;
     refuse_private_literal(state, request.callback_url)?;

@@ -111,6 +111,9 @@ struct CreateArgs {
     /// The chain this run belongs to (docs/triggers.md).
     #[arg(long)]
     correlation_id: Option<String>,
+    /// One of the agent's named executors (docs/executors.md).
+    #[arg(long)]
+    executor: Option<String>,
     /// Wait for the run to end and print it then.
     #[arg(long)]
     wait: bool,

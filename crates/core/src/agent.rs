@@ -20,9 +20,25 @@ pub struct ServedAgent {
     pub runtime: Runtime,
     /// The configured cap on runs of this agent leased at once on this node, if any.
     pub max_running_runs: Option<usize>,
+    /// Executors a run may name instead of the default (`[agents.<name>.executors.<x>]`).
+    pub named_executors: std::collections::BTreeMap<String, Arc<dyn AgentExecutor>>,
 }
 
 impl ServedAgent {
+    /// Whether a run may name `name` as its executor.
+    pub fn has_executor(&self, name: &str) -> bool {
+        self.named_executors.contains_key(name)
+    }
+
+    /// The executor of a run that named `name` (`None`: the default); `None` when this node
+    /// has no executor of that name (its configuration differs from the node that took the run).
+    pub fn executor_for(&self, name: Option<&str>) -> Option<&Arc<dyn AgentExecutor>> {
+        match name {
+            None => Some(&self.executor),
+            Some(n) => self.named_executors.get(n),
+        }
+    }
+
     /// Runs of this agent this node may lease at once now (0 while its executor can start
     /// none, such as a pool with no live worker).
     pub fn run_capacity(&self) -> usize {

@@ -194,13 +194,18 @@ pub struct NewRun {
     pub depth: u32,
     /// The run whose event triggered this one.
     pub parent_run_id: Option<String>,
+    /// The agent's executor it runs on, by name (`docs/executors.md`); `None`: the default.
+    pub executor: Option<String>,
     pub created_at: i64,
 }
 
 impl NewRun {
     /// Whether the run belongs to a chain (`run_links` holds a row for it).
     pub fn is_linked(&self) -> bool {
-        self.correlation_id.is_some() || self.depth > 0 || self.parent_run_id.is_some()
+        self.correlation_id.is_some()
+            || self.depth > 0
+            || self.parent_run_id.is_some()
+            || self.executor.is_some()
     }
 }
 
@@ -231,6 +236,8 @@ pub struct RunRequest<'a> {
     pub callback_url: Option<&'a str>,
     /// The chain this run belongs to; runs its events trigger inherit it (`docs/triggers.md`).
     pub correlation_id: Option<&'a str>,
+    /// One of the agent's named executors (`docs/executors.md`); `None`: its default.
+    pub executor: Option<&'a str>,
 }
 
 /// Why a run was refused before anything was stored.
@@ -394,6 +401,18 @@ impl NewRun {
                 ));
             }
         }
+        if let Some(name) = req.executor
+            && !agent.has_executor(name)
+        {
+            return Err(invalid(
+                "executor",
+                "one of the agent's executors",
+                format!(
+                    "agent {} has no executor `{name}` (docs/executors.md)",
+                    agent.config.agent_name
+                ),
+            ));
+        }
         if let Some(url) = req.callback_url {
             crate::callbacks::check_url(url)
                 .map_err(|e| invalid("callback_url", "an http:// URL", e.0))?;
@@ -420,6 +439,7 @@ impl NewRun {
             correlation_id: req.correlation_id.map(str::to_string),
             depth: 0,
             parent_run_id: None,
+            executor: req.executor.map(str::to_string),
             created_at: now,
         })
     }
@@ -451,6 +471,9 @@ fn request_digest(req: &RunRequest<'_>, agent_id: &str, input: &str, metadata: &
         }
         if let Some(correlation) = req.correlation_id {
             fields.push(serde_json::json!({ "correlation_id": correlation }));
+        }
+        if let Some(executor) = req.executor {
+            fields.push(serde_json::json!({ "executor": executor }));
         }
     }
     Sha256::digest(canonical.to_string().as_bytes())

@@ -943,6 +943,8 @@ pub struct AgentSettings {
     pub max_running_runs: Option<usize>,
     /// Run this agent's code on another server instead of local workers (`docs/executors.md`).
     pub remote: Option<RemoteSettings>,
+    /// Executors a run or schedule may name (`"executor": "<name>"`) instead of the default.
+    pub executors: BTreeMap<String, RemoteSettings>,
     pub entrypoints: BTreeMap<String, EntrypointSettings>,
 }
 
@@ -989,6 +991,9 @@ impl AgentSettings {
         self.memory_mb = self.memory_mb.or(lower.memory_mb);
         self.max_running_runs = self.max_running_runs.or(lower.max_running_runs);
         self.remote = self.remote.take().or(lower.remote);
+        for (name, e) in lower.executors {
+            self.executors.entry(name).or_insert(e);
+        }
         for (tag, low) in lower.entrypoints {
             let e = self.entrypoints.entry(tag).or_default();
             e.timeout_s = e.timeout_s.or(low.timeout_s);

@@ -304,8 +304,33 @@ async fn attempt(
         checkpoint.as_deref().unwrap_or("null")
     );
     let timeout = Duration::from_millis(run.timeout_ms.max(1) as u64);
+    // Only an agent with named executors looks up which one the run named.
+    let named = if agent.named_executors.is_empty() {
+        None
+    } else {
+        match inner.store.run_executor(&run.id).await {
+            Ok(named) => named,
+            Err(e) => {
+                let why = CallError::Unavailable(format!("cannot read the run's executor: {e}"));
+                return Ok(decide(inner, run, Err(why), false));
+            }
+        }
+    };
+    let Some(executor) = agent.executor_for(named.as_deref()) else {
+        return Ok(Outcome::Failed {
+            error: error_json(
+                ErrorCode::Unavailable,
+                &format!(
+                    "this node has no executor `{}` for agent {}: configure every node alike",
+                    named.as_deref().unwrap_or_default(),
+                    agent.config.agent_name
+                ),
+                None,
+            ),
+        });
+    };
     let call = tokio::select! {
-        call = agent.executor.run(&run.entrypoint, &run.input, &context, timeout) => call,
+        call = executor.run(&run.entrypoint, &run.input, &context, timeout) => call,
         changed = signal.changed() => {
             return match signal_after(changed, signal) {
                 Signal::Abandon(why) => Err(why),

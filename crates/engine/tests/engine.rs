@@ -333,6 +333,7 @@ async fn harness_with(
             reason: "a fake".into(),
         },
         max_running_runs: Some(max_running_runs),
+        named_executors: Default::default(),
     })]));
     let clock = settings.clock.clone();
     let engine = Engine::start(Arc::clone(&faults) as Arc<dyn RunStore>, agents, settings)
@@ -386,6 +387,7 @@ fn new_run(tag: &str) -> NewRun {
         correlation_id: None,
         depth: 0,
         parent_run_id: None,
+        executor: None,
         created_at: now,
     }
 }
@@ -788,6 +790,9 @@ impl RunStore for FaultyStore {
     }
     async fn last_event_seq(&self, id: &str) -> Result<i64, agentry_core::StoreError> {
         self.inner.last_event_seq(id).await
+    }
+    async fn run_executor(&self, id: &str) -> Result<Option<String>, agentry_core::StoreError> {
+        self.inner.run_executor(id).await
     }
     async fn log_after(
         &self,

@@ -143,6 +143,17 @@ pub async fn start(
     let mut problems = Vec::new();
     for agent in configs {
         let settings = config.resolve_agent(&agent);
+        let named = match named_executors(config, &agent) {
+            Ok(named) => named,
+            Err(why) => {
+                problems.push(format!(
+                    "agent {} ({}): {why}",
+                    agent.agent_name,
+                    agent.dir.display()
+                ));
+                continue;
+            }
+        };
         match elsewhere(config, &agent) {
             Ok(None) => {}
             Ok(Some((executor, runtime))) => {
@@ -152,6 +163,7 @@ pub async fn start(
                     executor,
                     runtime,
                     max_running_runs: settings.max_running_runs,
+                    named_executors: named,
                 }));
                 continue;
             }
@@ -202,15 +214,21 @@ pub async fn start(
         };
         pending.push(async move {
             let pool = AgentPool::start(spec, pool_config).await;
-            (agent, python, settings, pool)
+            (agent, python, settings, pool, named)
         });
     }
     let mut warnings = Vec::new();
-    for (agent, python, settings, pool) in futures_util::future::join_all(pending).await {
+    for (agent, python, settings, pool, named) in futures_util::future::join_all(pending).await {
         match pool {
             Ok(pool) => {
                 warnings.extend(check_stream_kinds(&agent, &pool));
-                agents.push(served(agent, pool, python, settings.max_running_runs));
+                agents.push(served(
+                    agent,
+                    pool,
+                    python,
+                    settings.max_running_runs,
+                    named,
+                ));
             }
             Err(e) => problems.push(describe_start_error(&agent, e)),
         }
@@ -278,13 +296,35 @@ fn served(
     pool: AgentPool,
     python: ResolvedPython,
     max_running_runs: Option<usize>,
+    named_executors: NamedExecutors,
 ) -> Arc<ServedAgent> {
     Arc::new(ServedAgent {
         config: agent,
         executor: Arc::new(pool),
         runtime: python,
         max_running_runs,
+        named_executors,
     })
+}
+
+type NamedExecutors =
+    std::collections::BTreeMap<String, Arc<dyn agentry_core::executor::AgentExecutor>>;
+
+/// The executors a run of this agent may name (`[agents.<name>.executors.<x>]`).
+fn named_executors(config: &Config, agent: &AgentConfig) -> Result<NamedExecutors, String> {
+    let mut out = NamedExecutors::new();
+    let Some(own) = config.agent(&agent.agent_name, &agent.agent_id) else {
+        return Ok(out);
+    };
+    for (name, settings) in &own.executors {
+        if name.is_empty() || name.len() > 64 {
+            return Err(format!("executors.{name}: a name is 1 to 64 characters"));
+        }
+        let remote = agentry_remote::RemoteAgent::new(settings, &agent.agent_id)
+            .map_err(|e| format!("executors.{name}: {e}"))?;
+        out.insert(name.clone(), Arc::new(remote));
+    }
+    Ok(out)
 }
 
 /// The file beside an agent's `runagent.config.json` that holds its Agentry settings.

@@ -285,3 +285,79 @@ async fn cancelling_a_remote_stream_run_ends_it_cancelled() {
     front.stop().await;
     back.stop().await;
 }
+
+/// A run names one of its agent's executors: runs that name `backend` go to the second server,
+/// the others stay on the local workers; an unknown name is refused before anything is stored.
+#[tokio::test]
+async fn a_run_names_its_executor_and_the_default_stays_local() {
+    let back = TestApp::start(vec![fixture("compat")], |_| {}).await;
+    let remote = RemoteSettings {
+        url: back.url(""),
+        agent_id: None,
+        max_concurrency: None,
+    };
+    let front = TestApp::start(vec![fixture("compat")], move |c| {
+        c.agents.insert(
+            "compat_fixture".into(),
+            AgentSettings {
+                executors: [("backend".to_string(), remote)].into(),
+                ..Default::default()
+            },
+        );
+    })
+    .await;
+    let run = |executor: Option<&str>| {
+        let mut body = json!({"agent": "compat_fixture", "entrypoint": "echo",
+                              "input": {"message": "m"}, "max_attempts": 1});
+        if let Some(e) = executor {
+            body["executor"] = e.into();
+        }
+        let url = front.url("/v1/runs/wait?timeout_s=30");
+        async move { post(&url, &body.to_string()).await }
+    };
+    for executor in [Some("backend"), None] {
+        let (status, text) = run(executor).await;
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(json(&text)["status"], "succeeded", "{text}");
+    }
+    let (status, text) = run(Some("nope")).await;
+    assert_eq!(status, 422, "{text}");
+    assert_eq!(
+        json(&text)["error"]["details"]["errors"][0]["path"],
+        "executor",
+        "{text}"
+    );
+    // A schedule names one too: its fire's run goes there, and an unknown name is refused.
+    let schedule = |executor: &str| {
+        json!({"agent": "compat_fixture", "entrypoint": "echo", "input": {"message": "s"},
+               "every": "1s", "times": 1, "executor": executor})
+        .to_string()
+    };
+    let (status, text) = post(&front.url("/v1/schedules"), &schedule("nope")).await;
+    assert_eq!(status, 422, "{text}");
+    let (status, text) = post(&front.url("/v1/schedules"), &schedule("backend")).await;
+    assert_eq!(status, 201, "{text}");
+    let id = json(&text)["id"].as_str().expect("id").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let fired = loop {
+        let (_, text) = get(&front.url(&format!("/v1/schedules/{id}/fires"))).await;
+        let fires = json(&text);
+        if let Some(run_id) = fires["fires"][0]["run_id"].as_str() {
+            break run_id.to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "no fire: {fires}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    };
+    let (_, text) = get(&front.url(&format!("/v1/runs/{fired}/wait?timeout_s=20"))).await;
+    assert_eq!(json(&text)["status"], "succeeded", "{text}");
+    // With the second server gone, only the runs that name it fail.
+    back.stop().await;
+    let (status, text) = run(Some("backend")).await;
+    assert_eq!(status, 200, "{text}");
+    let failed = json(&text);
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "unavailable", "{failed}");
+    let (_, text) = run(None).await;
+    assert_eq!(json(&text)["status"], "succeeded", "{text}");
+    front.stop().await;
+}

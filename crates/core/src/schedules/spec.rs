@@ -130,9 +130,12 @@ pub struct ScheduleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub metadata: Option<Value>,
-    /// Where each run's end is POSTed (kept with the schedule; deliveries are not built yet).
+    /// Where each run's end is POSTed (`docs/callbacks.md`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callback_url: Option<String>,
+    /// One of the agent's named executors that its runs go to (`docs/executors.md`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
 }
 
 /// Why a schedule was refused (the API answers 422 naming the field).
@@ -660,6 +663,7 @@ impl Schedule {
             metadata: Some(metadata),
             callback_url: self.spec.callback_url.as_deref(),
             correlation_id: None,
+            executor: self.spec.executor.as_deref(),
         }
     }
 

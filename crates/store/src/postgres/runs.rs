@@ -729,6 +729,7 @@ pub(super) async fn insert_runs<'c>(
                 .collect::<Vec<i32>>(),
         )
         .bind(opt(|r| r.parent_run_id.as_deref()))
+        .bind(opt(|r| r.executor.as_deref()))
         .fetch_all(c)
         .await?;
     let mut stored: std::collections::HashMap<String, Run> = std::collections::HashMap::new();
@@ -1557,6 +1558,15 @@ impl RunStore for PgStore {
             .map_err(db_err)
     }
 
+    async fn run_executor(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let found: Option<Option<String>> = sqlx::query_scalar(sql!("run_executor"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(found.flatten())
+    }
+
     async fn log_after(
         &self,
         after: agentry_core::events::EventCursor,
@@ -1808,6 +1818,7 @@ mod tests {
             correlation_id: None,
             depth: 0,
             parent_run_id: None,
+            executor: None,
             created_at: now,
         }
     }

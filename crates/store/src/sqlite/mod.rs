@@ -397,6 +397,11 @@ impl RunStore for SqliteStore {
         self.read(move |c| ops::last_event_seq(c, &id)).await
     }
 
+    async fn run_executor(&self, id: &str) -> Result<Option<String>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| triggers::run_executor(c, &id)).await
+    }
+
     async fn log_after(
         &self,
         after: agentry_core::events::EventCursor,

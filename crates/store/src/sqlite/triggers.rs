@@ -24,10 +24,19 @@ pub(super) fn insert_link(
             run.id,
             run.correlation_id,
             run.depth,
-            run.parent_run_id
+            run.parent_run_id,
+            run.executor
         ])?;
     }
     Ok(())
+}
+
+pub(super) fn run_executor(c: &Connection, run_id: &str) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    Ok(c.prepare_cached(sql!("run_executor"))?
+        .query_row(params![run_id], |r| r.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten())
 }
 
 pub(super) fn purge_link(c: &Connection, run_id: &str) -> rusqlite::Result<()> {

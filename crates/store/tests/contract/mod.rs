@@ -38,6 +38,7 @@ pub fn new_run(id: &str, priority: i32, key: Option<&str>) -> NewRun {
         correlation_id: None,
         depth: 0,
         parent_run_id: None,
+        executor: None,
         created_at: now,
     }
 }
