@@ -151,6 +151,8 @@ fn summary_ms(mut xs: Vec<f64>) -> Value {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // reqwest's TLS (for an https:// target) takes the process's crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(args.threads * 2)
         .tcp_nodelay(true)

@@ -157,6 +157,10 @@ pub struct ServeFlags {
     /// Milliseconds between reads of the event log for triggers.
     #[arg(long)]
     trigger_poll_ms: Option<u64>,
+    /// A PEM file of root certificates trusted for outbound https:// calls, besides the
+    /// system's.
+    #[arg(long)]
+    outbound_ca_file: Option<PathBuf>,
     /// The run database file. Default: <state-dir>/agentry.db.
     #[arg(long)]
     runs_db: Option<PathBuf>,
@@ -334,6 +338,7 @@ impl ServeFlags {
         put(&mut out, "callbacks.poll_ms", &self.callback_poll_ms);
         put(&mut out, "triggers.max_depth", &self.trigger_max_depth);
         put(&mut out, "triggers.poll_ms", &self.trigger_poll_ms);
+        put(&mut out, "outbound.ca_file", &self.outbound_ca_file);
         put(&mut out, "store.path", &self.runs_db);
         put(&mut out, "store.database_url", &self.database);
         put(&mut out, "store.database_schema", &self.database_schema);

@@ -40,7 +40,9 @@ async fn shutdown_signal() {
 
 pub async fn validate(loaded: Option<Loaded>, json: bool) -> anyhow::Result<()> {
     let config = loaded.context("no configuration")?.config;
-    let started = agentry_server::agents::start(&config, &state_dir(&config)?, Some(1)).await?;
+    let tls = agentry_server::agents::outbound_tls(&config)?;
+    let started =
+        agentry_server::agents::start(&config, &state_dir(&config)?, Some(1), &tls).await?;
     let mut report = Vec::new();
     for a in &started.agents {
         let c = &a.config;

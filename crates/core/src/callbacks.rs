@@ -18,8 +18,7 @@ pub const MAX_URL_CHARS: usize = 2048;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadUrl(pub String);
 
-/// Checks a callback URL's form: `http` (`https` is refused until the client has TLS), a
-/// host, no credentials in it. Whether its
+/// Checks a callback URL's form: `http` or `https`, a host, no credentials in it. Whether its
 /// address is private is checked where it is resolved.
 pub fn check_url(url: &str) -> Result<url::Url, BadUrl> {
     if url.chars().count() > MAX_URL_CHARS {
@@ -29,14 +28,8 @@ pub fn check_url(url: &str) -> Result<url::Url, BadUrl> {
     }
     let parsed = url::Url::parse(url).map_err(|e| BadUrl(format!("not a URL: {e}")))?;
     match parsed.scheme() {
-        "http" => {}
-        // Refused up front rather than failing every attempt: the client has no TLS yet.
-        "https" => {
-            return Err(BadUrl(
-                "https:// callbacks are not supported yet (docs/callbacks.md, \"Limits\"); use http:// behind a TLS-terminating proxy".into(),
-            ));
-        }
-        _ => return Err(BadUrl("a callback URL is http://".into())),
+        "http" | "https" => {}
+        _ => return Err(BadUrl("a callback URL is http:// or https://".into())),
     }
     if parsed.host().is_none() {
         return Err(BadUrl("a callback URL needs a host".into()));
@@ -293,8 +286,8 @@ mod tests {
     #[test]
     fn urls_are_checked() {
         assert!(check_url("http://example.com/hook?x=1").is_ok());
+        assert!(check_url("https://example.com/hook").is_ok());
         for bad in [
-            "https://example.com/hook",
             "ftp://example.com/",
             "not a url",
             "https://user:pw@example.com/",

@@ -75,7 +75,7 @@ pub struct TemplateSource {
 pub enum EntrypointKind {
     /// A Python callable: `module` is `fn` or `obj.attr.attr` inside `file`.
     Python { file: String, module: String },
-    /// An n8n-style webhook entrypoint (parsed so the folder loads; serving it is not supported yet).
+    /// An n8n-style webhook entrypoint, served by `agentry-remote`'s `WebhookAgent`.
     Webhook {
         webhook_url: String,
         method: String,

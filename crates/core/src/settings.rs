@@ -110,6 +110,7 @@ pub struct Config {
     pub schedules: SchedulesConfig,
     pub callbacks: CallbacksConfig,
     pub triggers: TriggersConfig,
+    pub outbound: OutboundConfig,
     /// Per-agent settings, by agent name (or id).
     pub agents: BTreeMap<String, AgentSettings>,
     /// The settings given by a flag or an environment variable (filled by the loader): these
@@ -133,6 +134,7 @@ impl Default for Config {
             schedules: SchedulesConfig::default(),
             callbacks: CallbacksConfig::default(),
             triggers: TriggersConfig::default(),
+            outbound: OutboundConfig::default(),
             agents: BTreeMap::new(),
             command_line_keys: Default::default(),
         }
@@ -577,6 +579,14 @@ impl TriggersConfig {
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms)
     }
+}
+
+/// Calls Agentry makes to other servers: callbacks, remote executors, n8n webhooks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutboundConfig {
+    /// A PEM file of root certificates trusted for `https://`, besides the system's.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Schedules: their defaults and how nodes fire them.
@@ -1244,6 +1254,9 @@ pub const FIELDS: &[Field] = &[
         .flag(),
     field("callbacks.poll_ms", "callback-poll-ms", "AGENTRY_CALLBACK_POLL_MS", "how often a node looks for callbacks due (10 to 60000)"),
     field("triggers.max_depth", "trigger-max-depth", "AGENTRY_TRIGGER_MAX_DEPTH", "the longest chain of runs started by event triggers (1 to 1000): an event of a run this deep triggers nothing, which stops cycles"),
+    field("outbound.ca_file", "outbound-ca-file", "AGENTRY_OUTBOUND_CA_FILE", "a PEM file of root certificates trusted for `https://` calls (callbacks, remote executors, n8n webhooks) besides the system's trust store (which is always used: add a CA there for every program, or here for Agentry alone)")
+        .text()
+        .default_doc("none: the system's trust store"),
     field("triggers.poll_ms", "trigger-poll-ms", "AGENTRY_TRIGGER_POLL_MS", "how often a node reads the event log for its triggers (10 to 60000)"),
     field("schedules.enabled", "no-schedules", "AGENTRY_NO_SCHEDULES", "fire due schedules on this node; the flag turns it off (the node still serves the schedules API)")
         .negated(),

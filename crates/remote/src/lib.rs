@@ -10,7 +10,9 @@
 //!   GET), the answer passed through the entrypoint's JSONPath extractor.
 //!
 //! Both enforce each call's deadline, retry only what never reached the other side (a refused
-//! connection), and, for a durable run, send its id as `Idempotency-Key`.
+//! connection), and, for a durable run, send its id as `Idempotency-Key`. Both speak `http://`
+//! and `https://` (`wss://` for streams), with the TLS settings of [`OutboundTls`] (`tls.rs`),
+//! which the server's callbacks share.
 //! `run_call.rs` turns a unary call or a stream into a durable run's `RunCall`; `pyjson.rs`
 //! writes JSON as Python's `json.dumps` does, for results that did not come from Python.
 
@@ -18,9 +20,11 @@ mod n8n;
 mod pyjson;
 mod run_call;
 mod runagent;
+mod tls;
 
 pub use n8n::WebhookAgent;
 pub use runagent::RemoteAgent;
+pub use tls::OutboundTls;
 
 use std::time::Duration;
 
@@ -32,15 +36,21 @@ pub(crate) const CONNECT_RETRIES: u32 = 2;
 /// The first wait before such a retry; doubled after each.
 pub(crate) const RETRY_BASE: Duration = Duration::from_millis(100);
 
-/// The HTTP client both executors share: no proxy from the environment (these are calls to
-/// servers the operator named), no automatic redirects.
-pub(crate) fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent(concat!("agentry/", env!("CARGO_PKG_VERSION")))
+/// Checks that `url` is `http://` or `https://`; `what` names the setting in the error.
+pub(crate) fn http_url(url: &str, what: &str) -> Result<reqwest::Url, String> {
+    let parsed =
+        reqwest::Url::parse(url).map_err(|e| format!("{what} `{url}` is not a URL: {e}"))?;
+    match parsed.scheme() {
+        "http" | "https" => Ok(parsed),
+        _ => Err(format!("{what} `{url}` is not http:// or https://")),
+    }
+}
+
+/// The HTTP client of one executor.
+pub(crate) fn client(tls: &OutboundTls) -> Result<reqwest::Client, String> {
+    tls.client_builder()
         .build()
-        .unwrap_or_default()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
 /// The other side's failure, as the agent's: `exc_type` names where it came from.
@@ -58,8 +68,19 @@ pub(crate) fn unanswered(e: reqwest::Error, timeout: Duration, what: &str) -> Ca
     if e.is_timeout() {
         CallError::Timeout(timeout)
     } else {
-        CallError::Unavailable(format!("cannot reach {what}: {e}"))
+        CallError::Unavailable(format!("cannot reach {what}: {}", root_cause(&e)))
     }
+}
+
+/// The innermost cause of an error: where a client error says what went wrong (a refused
+/// connection, an unknown certificate, a resolver's refusal), under layers that only say that
+/// a request failed.
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut innermost = e;
+    while let Some(source) = innermost.source() {
+        innermost = source;
+    }
+    innermost.to_string()
 }
 
 /// Reads a body of at most `limit` bytes, chunk by chunk (a body without a length is never

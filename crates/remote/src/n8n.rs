@@ -44,7 +44,7 @@ pub struct WebhookAgent {
 
 impl WebhookAgent {
     /// Reads the agent's webhook entrypoints; an error names the first that cannot work.
-    pub fn new(agent: &AgentConfig) -> Result<Self, String> {
+    pub fn new(agent: &AgentConfig, tls: &crate::OutboundTls) -> Result<Self, String> {
         let mut hooks = HashMap::new();
         for e in &agent.entrypoints {
             let EntrypointKind::Webhook {
@@ -55,15 +55,7 @@ impl WebhookAgent {
             else {
                 return Err(format!("entrypoint `{}` is not a webhook", e.tag));
             };
-            let url = reqwest::Url::parse(webhook_url).map_err(|err| {
-                format!("entrypoint `{}`: webhook_url is not a URL: {err}", e.tag)
-            })?;
-            if url.scheme() != "http" {
-                return Err(format!(
-                    "entrypoint `{}`: only http:// webhook URLs are supported so far",
-                    e.tag
-                ));
-            }
+            crate::http_url(webhook_url, &format!("entrypoint `{}`: webhook_url", e.tag))?;
             let post = match method.to_ascii_lowercase().as_str() {
                 "post" => true,
                 "get" => false,
@@ -102,7 +94,7 @@ impl WebhookAgent {
             );
         }
         Ok(Self {
-            http: crate::client(),
+            http: crate::client(tls)?,
             hooks: std::sync::Arc::new(hooks),
             in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(CAPACITY)),
         })

@@ -29,6 +29,8 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone)]
 pub struct RemoteAgent {
     http: reqwest::Client,
+    /// How `wss://` streams connect (a `ws://` stream ignores it).
+    ws: tokio_tungstenite::Connector,
     /// `{url}/api/v1/agents/{id}`.
     base: String,
     agent_id: String,
@@ -61,15 +63,12 @@ struct Structured {
 
 impl RemoteAgent {
     /// `agent_id` is the local configuration's, used when the settings name none.
-    pub fn new(settings: &RemoteSettings, agent_id: &str) -> Result<Self, String> {
-        let url = reqwest::Url::parse(&settings.url)
-            .map_err(|e| format!("remote.url `{}` is not a URL: {e}", settings.url))?;
-        if url.scheme() != "http" {
-            return Err(format!(
-                "remote.url `{}`: only http:// is supported so far",
-                settings.url
-            ));
-        }
+    pub fn new(
+        settings: &RemoteSettings,
+        agent_id: &str,
+        tls: &crate::OutboundTls,
+    ) -> Result<Self, String> {
+        crate::http_url(&settings.url, "remote.url")?;
         let agent_id = settings.agent_id.clone().unwrap_or(agent_id.to_string());
         let capacity = settings
             .max_concurrency
@@ -79,7 +78,8 @@ impl RemoteAgent {
             return Err(format!("remote.agent_id `{agent_id}` is not an agent id"));
         }
         Ok(Self {
-            http: crate::client(),
+            http: crate::client(tls)?,
+            ws: tls.ws_connector(),
             base: format!(
                 "{}/api/v1/agents/{agent_id}",
                 settings.url.trim_end_matches('/')
@@ -277,7 +277,12 @@ impl RemoteAgent {
         );
         // One deadline for the whole stream, connecting included.
         let deadline = tokio::time::Instant::now() + timeout;
-        let connect = tokio_tungstenite::connect_async(url.as_str());
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            url.as_str(),
+            None,
+            true,
+            Some(self.ws.clone()),
+        );
         let (mut socket, _) = tokio::time::timeout_at(deadline, connect)
             .await
             .map_err(|_| CallError::Timeout(timeout))?

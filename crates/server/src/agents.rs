@@ -127,12 +127,19 @@ fn check_stream_kinds(config: &AgentConfig, pool: &AgentPool) -> Vec<String> {
         .collect()
 }
 
+/// The TLS settings of every outbound call (`outbound.ca_file`), built once per start.
+pub fn outbound_tls(config: &Config) -> anyhow::Result<agentry_remote::OutboundTls> {
+    agentry_remote::OutboundTls::load(config.outbound.ca_file.as_deref())
+        .map_err(anyhow::Error::msg)
+}
+
 /// Loads, resolves and starts every agent's pool, concurrently. `state_dir` is absolute.
 /// `workers` overrides every agent's worker count (`validate` starts one each).
 pub async fn start(
     config: &Config,
     state_dir: &Path,
     workers: Option<usize>,
+    tls: &agentry_remote::OutboundTls,
 ) -> anyhow::Result<Started> {
     let configs = load_configs(config)?;
     let shim = agentry_runner::install_shim(&state_dir.join("python"))
@@ -143,7 +150,7 @@ pub async fn start(
     let mut problems = Vec::new();
     for agent in configs {
         let settings = config.resolve_agent(&agent);
-        let named = match named_executors(config, &agent) {
+        let named = match named_executors(config, &agent, tls) {
             Ok(named) => named,
             Err(why) => {
                 problems.push(format!(
@@ -154,7 +161,7 @@ pub async fn start(
                 continue;
             }
         };
-        match elsewhere(config, &agent) {
+        match elsewhere(config, &agent, tls) {
             Ok(None) => {}
             Ok(Some((executor, runtime))) => {
                 tracing::info!(agent.name = %agent.agent_name, "agent {} runs {}", agent.agent_name, runtime.reason);
@@ -247,6 +254,7 @@ pub async fn start(
 fn elsewhere(
     config: &Config,
     agent: &AgentConfig,
+    tls: &agentry_remote::OutboundTls,
 ) -> Result<
     Option<(
         Arc<dyn agentry_core::executor::AgentExecutor>,
@@ -266,7 +274,7 @@ fn elsewhere(
             "webhook entrypoints call their URLs themselves; they take no `remote` server".into(),
         ),
         (Some(r), false) => {
-            let executor = agentry_remote::RemoteAgent::new(r, &agent.agent_id)?;
+            let executor = agentry_remote::RemoteAgent::new(r, &agent.agent_id, tls)?;
             Ok(Some((
                 Arc::new(executor),
                 agentry_core::executor::Runtime {
@@ -277,7 +285,7 @@ fn elsewhere(
             )))
         }
         (None, true) => Ok(Some((
-            Arc::new(agentry_remote::WebhookAgent::new(agent)?),
+            Arc::new(agentry_remote::WebhookAgent::new(agent, tls)?),
             agentry_core::executor::Runtime {
                 executable: "webhook".into(),
                 version: "n8n".into(),
@@ -311,7 +319,11 @@ type NamedExecutors =
     std::collections::BTreeMap<String, Arc<dyn agentry_core::executor::AgentExecutor>>;
 
 /// The executors a run of this agent may name (`[agents.<name>.executors.<x>]`).
-fn named_executors(config: &Config, agent: &AgentConfig) -> Result<NamedExecutors, String> {
+fn named_executors(
+    config: &Config,
+    agent: &AgentConfig,
+    tls: &agentry_remote::OutboundTls,
+) -> Result<NamedExecutors, String> {
     let mut out = NamedExecutors::new();
     let Some(own) = config.agent(&agent.agent_name, &agent.agent_id) else {
         return Ok(out);
@@ -320,7 +332,7 @@ fn named_executors(config: &Config, agent: &AgentConfig) -> Result<NamedExecutor
         if name.is_empty() || name.len() > 64 {
             return Err(format!("executors.{name}: a name is 1 to 64 characters"));
         }
-        let remote = agentry_remote::RemoteAgent::new(settings, &agent.agent_id)
+        let remote = agentry_remote::RemoteAgent::new(settings, &agent.agent_id, tls)
             .map_err(|e| format!("executors.{name}: {e}"))?;
         out.insert(name.clone(), Arc::new(remote));
     }

@@ -108,10 +108,9 @@ pub struct HttpTransport {
 }
 
 impl HttpTransport {
-    pub fn new(allow_private: bool) -> anyhow::Result<Self> {
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
+    pub fn new(allow_private: bool, tls: &agentry_remote::OutboundTls) -> anyhow::Result<Self> {
+        let mut builder = tls
+            .client_builder()
             .pool_idle_timeout(Duration::from_secs(30));
         if !allow_private {
             builder = builder.dns_resolver(Arc::new(PublicOnly));
@@ -123,17 +122,6 @@ impl HttpTransport {
             allow_private,
         })
     }
-}
-
-/// The innermost cause of a client error (where the resolver's refusal is).
-fn cause(e: &reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text = s.to_string();
-        source = s.source();
-    }
-    text
 }
 
 #[async_trait::async_trait]
@@ -165,7 +153,8 @@ impl CallbackTransport for HttpTransport {
             // make us hold what it sends.
             Ok(resp) => Sent::Answered(resp.status().as_u16()),
             Err(e) => {
-                let why = cause(&e);
+                // The innermost cause: where the resolver's refusal is.
+                let why = agentry_remote::root_cause(&e);
                 if why.starts_with("refused:") {
                     Sent::Refused(why)
                 } else {

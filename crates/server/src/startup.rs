@@ -359,7 +359,11 @@ impl Application {
                 None
             }
         };
-        let (started, db) = tokio::join!(crate::agents::start(&config, &state_dir, None), db_open);
+        let tls = crate::agents::outbound_tls(&config)?;
+        let (started, db) = tokio::join!(
+            crate::agents::start(&config, &state_dir, None, &tls),
+            db_open
+        );
         let started = started?;
         for w in &started.warnings {
             tracing::warn!("{w}");
@@ -431,6 +435,7 @@ impl Application {
                 Arc::clone(&stores.callbacks),
                 Arc::new(crate::callbacks::HttpTransport::new(
                     config.callbacks.allow_private,
+                    &tls,
                 )?),
                 settings,
             ),

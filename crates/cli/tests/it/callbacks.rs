@@ -307,6 +307,7 @@ async fn a_callback_to_a_private_address_is_refused_unless_allowed() {
     // An address literal is refused at once.
     for url in [
         r.url.clone(),
+        r.url.replace("http://", "https://"),
         "http://[::1]:9/cb".into(),
         "http://169.254.169.254/latest".into(),
     ] {
@@ -329,12 +330,66 @@ async fn a_callback_to_a_private_address_is_refused_unless_allowed() {
         "{d}"
     );
     assert!(r.got().is_empty(), "nothing reached the receiver");
-    // Not a URL, not http, or https (no TLS yet): refused as input.
-    for url in ["ftp://example.com/x", "nope", "https://example.com/cb"] {
+    // Not a URL, not http(s), or with credentials: refused as input.
+    for url in [
+        "ftp://example.com/x",
+        "nope",
+        "https://user:pw@example.com/cb",
+    ] {
         let body = json!({"agent": "durable", "entrypoint": "work", "input": {"i": 1}, "callback_url": url});
         let (status, _) = post(&app.url("/v1/runs"), &body.to_string()).await;
         assert_eq!(status, 422, "{url}");
     }
+    app.stop().await;
+}
+
+/// An `https://` callback goes to a TLS front (its certificate signed by a per-test CA) before
+/// the receiver: refused on the certificate while the CA is not trusted, delivered and
+/// verifiable once `outbound.ca_file` names it.
+#[tokio::test]
+async fn an_https_callback_is_delivered_only_to_a_verified_certificate() {
+    let r = receiver(&[]).await;
+    let ca = crate::common::tls::TestCa::new();
+    let backend: std::net::SocketAddr = r
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches("/cb")
+        .parse()
+        .expect("receiver address");
+    let url = format!("https://localhost:{}/cb", ca.front(backend).await);
+
+    let untrusting = serve(|c| c.callbacks.max_attempts = 1).await;
+    let id = create(&untrusting, &url, 1).await;
+    let d = settled(&untrusting, &id, Duration::from_secs(30)).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(
+        d["attempts"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.to_lowercase().contains("certificate")),
+        "{d}"
+    );
+    assert!(r.got().is_empty(), "nothing reached the receiver");
+    untrusting.stop().await;
+
+    let app = serve(|c| c.outbound.ca_file = Some(ca.root_file.clone())).await;
+    let id = create(&app, &url, 2).await;
+    let got = r.wait_for(1, Duration::from_secs(30)).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    let body: Value = serde_json::from_slice(&got[0].body).expect("json body");
+    assert_eq!(body["run_id"], id.as_str(), "{body}");
+    assert!(
+        snippet_verifies(
+            "python3",
+            "verify_callback.py",
+            SECRET,
+            &got[0],
+            &got[0].body
+        ),
+        "the signature verifies"
+    );
+    let d = settled(&app, &id, Duration::from_secs(5)).await;
+    assert_eq!(d["state"], "delivered", "{d}");
+    assert_eq!(d["attempts"][0]["status_code"], 200, "{d}");
     app.stop().await;
 }
 

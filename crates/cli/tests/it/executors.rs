@@ -15,12 +15,23 @@ use crate::common::*;
 
 /// The compat fixture served by `front`, its code run by the server at `url`.
 async fn front_for(url: &str) -> TestApp {
+    front_with(url, Vec::new(), None).await
+}
+
+/// As `front_for`, serving the agents of `more` too, trusting the roots of `ca_file`.
+async fn front_with(
+    url: &str,
+    more: Vec<std::path::PathBuf>,
+    ca_file: Option<std::path::PathBuf>,
+) -> TestApp {
     let remote = RemoteSettings {
         url: url.to_string(),
         agent_id: None,
         max_concurrency: None,
     };
-    TestApp::start(vec![fixture("compat")], move |c| {
+    let mut agents = vec![fixture("compat")];
+    agents.extend(more);
+    TestApp::start(agents, move |c| {
         c.agents.insert(
             "compat_fixture".into(),
             AgentSettings {
@@ -28,6 +39,7 @@ async fn front_for(url: &str) -> TestApp {
                 ..Default::default()
             },
         );
+        c.outbound.ca_file = ca_file;
     })
     .await
 }
@@ -140,19 +152,22 @@ async fn answer(
     axum::Json(json!({"reply": {"text": "from n8n", "score": 0.5}, "items": [1, 2]}))
 }
 
-#[tokio::test]
-async fn an_n8n_webhook_entrypoint_calls_its_url() {
+/// Serves the webhook receiver on loopback; its port.
+async fn webhook_receiver(receiver: &Receiver) -> u16 {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = listener.local_addr().expect("addr").port();
-    let receiver = Receiver::default();
     let app = axum::Router::new()
         .route("/webhook/flow", axum::routing::post(answer).get(answer))
         .with_state(receiver.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
+    port
+}
+
+/// A folder holding an n8n-style agent (`flows`) whose two webhook entrypoints call `url`.
+fn webhook_agent(url: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("dir");
-    let url = format!("http://127.0.0.1:{port}/webhook/flow");
     let config = json!({
         "agent_name": "flows", "description": "n8n fixture", "framework": "n8n", "template": "",
         "version": "1.0.0", "created_at": "2025-01-01T00:00:00Z",
@@ -165,6 +180,14 @@ async fn an_n8n_webhook_entrypoint_calls_its_url() {
         "env_vars": {}, "agent_id": "77777777-8888-9999-0000-111111111111"
     });
     std::fs::write(dir.path().join("runagent.config.json"), config.to_string()).expect("config");
+    dir
+}
+
+#[tokio::test]
+async fn an_n8n_webhook_entrypoint_calls_its_url() {
+    let receiver = Receiver::default();
+    let port = webhook_receiver(&receiver).await;
+    let dir = webhook_agent(&format!("http://127.0.0.1:{port}/webhook/flow"));
     let server = TestApp::start(vec![dir.path().to_path_buf()], |_| {}).await;
 
     let (status, text) = post(
@@ -231,6 +254,74 @@ async fn an_n8n_webhook_entrypoint_calls_its_url() {
         Some(format!("{}:1", run["id"].as_str().expect("id")).as_str())
     );
     server.stop().await;
+}
+
+/// `https://` remote servers and webhooks (`wss://` for streams), behind a TLS front whose
+/// certificate a per-test CA signed: trusted through `outbound.ca_file`, and refused without
+/// it (the system's trust store does not know that CA), so the certificate is really checked.
+#[tokio::test]
+async fn remote_servers_and_webhooks_are_called_over_https_with_verified_certificates() {
+    let ca = crate::common::tls::TestCa::new();
+    let back = TestApp::start(vec![fixture("compat")], |_| {}).await;
+    let back_tls = ca.front(([127, 0, 0, 1], back.port).into()).await;
+    let receiver = Receiver::default();
+    let hook_port = webhook_receiver(&receiver).await;
+    let hook_tls = ca.front(([127, 0, 0, 1], hook_port).into()).await;
+    let flows = webhook_agent(&format!("https://localhost:{hook_tls}/webhook/flow"));
+
+    let remote = format!("https://localhost:{back_tls}");
+    let front = front_with(
+        &remote,
+        vec![flows.path().to_path_buf()],
+        Some(ca.root_file.clone()),
+    )
+    .await;
+    // Calls, a durable run, a stream over wss://, a stream run and an agent's error.
+    exercise(&front).await;
+    let (status, text) = post(
+        &front.url("/v1/agents/flows/entrypoints/ask/invoke"),
+        r#"{"input": {"payload": {"question": "tls?"}}}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(json(&text)["output"]["answer"], "from n8n", "{text}");
+    assert_eq!(receiver.got.lock().len(), 1);
+    front.stop().await;
+
+    // The same servers, not trusted: nothing gets through.
+    let untrusting = front_with(&remote, vec![flows.path().to_path_buf()], None).await;
+    for path in [
+        "/v1/agents/compat_fixture/entrypoints/echo/invoke",
+        "/v1/agents/flows/entrypoints/ask/invoke",
+    ] {
+        let (status, text) = post(
+            &untrusting.url(path),
+            r#"{"input": {"payload": {"question": "tls?"}}}"#,
+        )
+        .await;
+        assert_eq!(status, 503, "{path}: {text}");
+        assert!(
+            text.to_lowercase().contains("certificate"),
+            "{path}: {text}"
+        );
+    }
+    let (status, text) = post(
+        &untrusting.url("/v1/agents/compat_fixture/entrypoints/echo_stream/stream"),
+        r#"{"input": {"message": "s", "n": 3}}"#,
+    )
+    .await;
+    assert_eq!(
+        status, 503,
+        "a stream of an untrusted server does not start: {text}"
+    );
+    assert!(text.contains("invalid peer certificate"), "{text}");
+    assert_eq!(
+        receiver.got.lock().len(),
+        1,
+        "no webhook call arrived untrusted"
+    );
+    untrusting.stop().await;
+    back.stop().await;
 }
 
 /// Cancelling a durable run of a remote streaming entrypoint stops its stream at once: the

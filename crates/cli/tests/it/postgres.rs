@@ -131,7 +131,7 @@ async fn a_key_created_against_the_database_works_on_every_node() {
 }
 
 async fn get_with_bearer(url: &str, key: &str) -> u16 {
-    reqwest::Client::new()
+    client()
         .get(url)
         .bearer_auth(key)
         .send()
@@ -155,7 +155,9 @@ async fn events_and_cancels_cross_nodes_at_once() {
         json!({"agent": "durable", "entrypoint": "chatty", "input": {"n": 30, "ms": 100}}),
     )
     .await;
-    let response = reqwest::get(a.url(&format!("/v1/runs/{id}/events?after=0")))
+    let response = client()
+        .get(a.url(&format!("/v1/runs/{id}/events?after=0")))
+        .send()
         .await
         .expect("follow on a");
     let started = std::time::Instant::now();

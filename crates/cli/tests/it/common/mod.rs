@@ -4,6 +4,7 @@
 pub mod app;
 pub mod pg;
 pub mod sse;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -289,6 +290,8 @@ pub fn alive(pid: u32) -> bool {
 }
 
 pub fn client() -> reqwest::Client {
+    // reqwest's TLS takes the process's crypto provider (ring, as the binary's).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
