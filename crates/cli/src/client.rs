@@ -38,7 +38,11 @@ pub(crate) fn http_client(api_key: Option<&str>) -> anyhow::Result<reqwest::Clie
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    Ok(reqwest::Client::builder()
+    // The server's TLS settings without its `outbound.ca_file`: `SSL_CERT_FILE` points the
+    // CLI at another trust store.
+    let tls = agentry_remote::OutboundTls::load(None).map_err(anyhow::Error::msg)?;
+    Ok(tls
+        .apply(reqwest::Client::builder())
         .default_headers(headers)
         .build()?)
 }

@@ -82,9 +82,6 @@ fn init_tracing() {
 }
 
 fn main() -> ExitCode {
-    // The CLI's own client (`--server https://…`) uses reqwest's TLS, which takes the process's
-    // crypto provider; the server's outbound calls are configured explicitly (`OutboundTls`).
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     // The configuration is read before the runtime starts: it says how many threads serve HTTP.
     let loaded = match &cli.command {

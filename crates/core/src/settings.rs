@@ -1254,10 +1254,10 @@ pub const FIELDS: &[Field] = &[
         .flag(),
     field("callbacks.poll_ms", "callback-poll-ms", "AGENTRY_CALLBACK_POLL_MS", "how often a node looks for callbacks due (10 to 60000)"),
     field("triggers.max_depth", "trigger-max-depth", "AGENTRY_TRIGGER_MAX_DEPTH", "the longest chain of runs started by event triggers (1 to 1000): an event of a run this deep triggers nothing, which stops cycles"),
-    field("outbound.ca_file", "outbound-ca-file", "AGENTRY_OUTBOUND_CA_FILE", "a PEM file of root certificates trusted for `https://` calls (callbacks, remote executors, n8n webhooks) besides the system's trust store (which is always used: add a CA there for every program, or here for Agentry alone)")
+    field("triggers.poll_ms", "trigger-poll-ms", "AGENTRY_TRIGGER_POLL_MS", "how often a node reads the event log for its triggers (10 to 60000)"),
+    field("outbound.ca_file", "outbound-ca-file", "AGENTRY_OUTBOUND_CA_FILE", "a PEM file of root certificates trusted for `https://` calls (callbacks, remote executors, n8n webhooks) besides the system's trust store (always used, read at start-up; `SSL_CERT_FILE` or `SSL_CERT_DIR` replace it): add a CA there for every program, or here for Agentry alone")
         .text()
         .default_doc("none: the system's trust store"),
-    field("triggers.poll_ms", "trigger-poll-ms", "AGENTRY_TRIGGER_POLL_MS", "how often a node reads the event log for its triggers (10 to 60000)"),
     field("schedules.enabled", "no-schedules", "AGENTRY_NO_SCHEDULES", "fire due schedules on this node; the flag turns it off (the node still serves the schedules API)")
         .negated(),
     field("store.path", "runs-db", "AGENTRY_RUNS_DB", "the run database (SQLite, WAL)")

@@ -50,7 +50,7 @@ pub(crate) fn http_url(url: &str, what: &str) -> Result<reqwest::Url, String> {
 pub(crate) fn client(tls: &OutboundTls) -> Result<reqwest::Client, String> {
     tls.client_builder()
         .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+        .map_err(|e| format!("cannot build the HTTP client: {}", root_cause(&e)))
 }
 
 /// The other side's failure, as the agent's: `exc_type` names where it came from.
@@ -116,7 +116,13 @@ pub(crate) async fn send_with_retries(
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
         match make().timeout(left).send().await {
-            Err(e) if e.is_connect() && tries < CONNECT_RETRIES && left > wait => {
+            // A handshake that failed on the certificate would fail again.
+            Err(e)
+                if e.is_connect()
+                    && !tls::is_tls_failure(&e)
+                    && tries < CONNECT_RETRIES
+                    && left > wait =>
+            {
                 tracing::debug!("retrying a refused connection: {e}");
                 tries += 1;
                 tokio::time::sleep(wait).await;

@@ -68,7 +68,9 @@ impl RemoteAgent {
         agent_id: &str,
         tls: &crate::OutboundTls,
     ) -> Result<Self, String> {
-        crate::http_url(&settings.url, "remote.url")?;
+        // The parsed form: its scheme is lower-case, so `ws` + what follows `http` is the
+        // stream's URL.
+        let url = crate::http_url(&settings.url, "remote.url")?;
         let agent_id = settings.agent_id.clone().unwrap_or(agent_id.to_string());
         let capacity = settings
             .max_concurrency
@@ -82,7 +84,7 @@ impl RemoteAgent {
             ws: tls.ws_connector(),
             base: format!(
                 "{}/api/v1/agents/{agent_id}",
-                settings.url.trim_end_matches('/')
+                url.as_str().trim_end_matches('/')
             ),
             agent_id,
             capacity,

@@ -345,18 +345,20 @@ async fn a_callback_to_a_private_address_is_refused_unless_allowed() {
 
 /// An `https://` callback goes to a TLS front (its certificate signed by a per-test CA) before
 /// the receiver: refused on the certificate while the CA is not trusted, delivered and
-/// verifiable once `outbound.ca_file` names it.
+/// verifiable once `outbound.ca_file` names it; a certificate for another name, or expired,
+/// refused even then.
 #[tokio::test]
 async fn an_https_callback_is_delivered_only_to_a_verified_certificate() {
     let r = receiver(&[]).await;
-    let ca = crate::common::tls::TestCa::new();
+    use crate::common::tls::{Presented, TestCa};
+    let ca = TestCa::new();
     let backend: std::net::SocketAddr = r
         .url
         .trim_start_matches("http://")
         .trim_end_matches("/cb")
         .parse()
         .expect("receiver address");
-    let url = format!("https://localhost:{}/cb", ca.front(backend).await);
+    let url = format!("https://localhost:{}/cb", ca.front(backend).await.port);
 
     let untrusting = serve(|c| c.callbacks.max_attempts = 1).await;
     let id = create(&untrusting, &url, 1).await;
@@ -371,7 +373,26 @@ async fn an_https_callback_is_delivered_only_to_a_verified_certificate() {
     assert!(r.got().is_empty(), "nothing reached the receiver");
     untrusting.stop().await;
 
-    let app = serve(|c| c.outbound.ca_file = Some(ca.root_file.clone())).await;
+    let app = serve(|c| {
+        c.outbound.ca_file = Some(ca.root_file.clone());
+        c.callbacks.max_attempts = 1;
+    })
+    .await;
+    for (presented, why) in [
+        (Presented::OtherName, "not valid for name"),
+        (Presented::Expired, "expired"),
+    ] {
+        let bad = format!(
+            "https://localhost:{}/cb",
+            ca.front_presenting(backend, presented).await.port
+        );
+        let id = create(&app, &bad, 3).await;
+        let d = settled(&app, &id, Duration::from_secs(30)).await;
+        assert_eq!(d["state"], "failed", "{d}");
+        let error = d["attempts"][0]["error"].as_str().unwrap_or_default();
+        assert!(error.to_lowercase().contains(why), "{why}: {d}");
+    }
+    assert!(r.got().is_empty(), "nothing reached the receiver");
     let id = create(&app, &url, 2).await;
     let got = r.wait_for(1, Duration::from_secs(30)).await;
     assert_eq!(got.len(), 1, "{got:?}");

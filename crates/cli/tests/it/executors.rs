@@ -267,9 +267,9 @@ async fn remote_servers_and_webhooks_are_called_over_https_with_verified_certifi
     let receiver = Receiver::default();
     let hook_port = webhook_receiver(&receiver).await;
     let hook_tls = ca.front(([127, 0, 0, 1], hook_port).into()).await;
-    let flows = webhook_agent(&format!("https://localhost:{hook_tls}/webhook/flow"));
+    let flows = webhook_agent(&format!("https://localhost:{}/webhook/flow", hook_tls.port));
 
-    let remote = format!("https://localhost:{back_tls}");
+    let remote = format!("https://localhost:{}", back_tls.port);
     let front = front_with(
         &remote,
         vec![flows.path().to_path_buf()],
@@ -288,12 +288,17 @@ async fn remote_servers_and_webhooks_are_called_over_https_with_verified_certifi
     assert_eq!(receiver.got.lock().len(), 1);
     front.stop().await;
 
-    // The same servers, not trusted: nothing gets through.
+    // The same servers, not trusted: nothing gets through, and a certificate refused once is
+    // not tried again (one handshake per call, not the retries of a refused connection).
     let untrusting = front_with(&remote, vec![flows.path().to_path_buf()], None).await;
-    for path in [
-        "/v1/agents/compat_fixture/entrypoints/echo/invoke",
-        "/v1/agents/flows/entrypoints/ask/invoke",
+    for (path, tls) in [
+        (
+            "/v1/agents/compat_fixture/entrypoints/echo/invoke",
+            &back_tls,
+        ),
+        ("/v1/agents/flows/entrypoints/ask/invoke", &hook_tls),
     ] {
+        let before = tls.connections();
         let (status, text) = post(
             &untrusting.url(path),
             r#"{"input": {"payload": {"question": "tls?"}}}"#,
@@ -304,6 +309,7 @@ async fn remote_servers_and_webhooks_are_called_over_https_with_verified_certifi
             text.to_lowercase().contains("certificate"),
             "{path}: {text}"
         );
+        assert_eq!(tls.connections() - before, 1, "{path}: one handshake");
     }
     let (status, text) = post(
         &untrusting.url("/v1/agents/compat_fixture/entrypoints/echo_stream/stream"),
