@@ -971,6 +971,13 @@ pub struct RemoteSettings {
     /// Calls, streams and durable runs in flight to the server from this node (default 8).
     #[serde(default)]
     pub max_concurrency: Option<usize>,
+    /// The environment variable holding the API key sent to the server (`Authorization:
+    /// Bearer`); never the key itself, which must not sit in a committed file.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+    /// A file holding that API key (trailing whitespace ignored).
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
 }
 
 /// Settings of one entrypoint, under `[agents.<name>.entrypoints.<tag>]`.

@@ -16,8 +16,10 @@ use agentry_core::settings::RemoteSettings;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
+use reqwest::header::HeaderValue;
 use serde::Deserialize;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 use crate::run_call::RemoteRun;
 
@@ -31,6 +33,8 @@ pub struct RemoteAgent {
     http: reqwest::Client,
     /// How `wss://` streams connect (a `ws://` stream ignores it).
     ws: tokio_tungstenite::Connector,
+    /// `Bearer <api key>`, for the stream's upgrade request (the HTTP client sends it itself).
+    authorization: Option<HeaderValue>,
     /// `{url}/api/v1/agents/{id}`.
     base: String,
     agent_id: String,
@@ -62,10 +66,12 @@ struct Structured {
 }
 
 impl RemoteAgent {
-    /// `agent_id` is the local configuration's, used when the settings name none.
+    /// `agent_id` is the local configuration's, used when the settings name none; `api_key`
+    /// goes with every request and stream as `Authorization: Bearer`.
     pub fn new(
         settings: &RemoteSettings,
         agent_id: &str,
+        api_key: Option<&str>,
         tls: &crate::OutboundTls,
     ) -> Result<Self, String> {
         // The parsed form: its scheme is lower-case, so `ws` + what follows `http` is the
@@ -79,9 +85,27 @@ impl RemoteAgent {
         if agent_id.is_empty() || agent_id.contains(['/', '?', '#']) {
             return Err(format!("remote.agent_id `{agent_id}` is not an agent id"));
         }
+        let authorization = api_key
+            .map(|key| {
+                let mut value = HeaderValue::from_str(&format!("Bearer {key}"))
+                    .map_err(|_| "the remote API key has characters a header cannot carry")?;
+                // Kept out of debug output and logs.
+                value.set_sensitive(true);
+                Ok::<_, String>(value)
+            })
+            .transpose()?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(value) = &authorization {
+            headers.insert(reqwest::header::AUTHORIZATION, value.clone());
+        }
         Ok(Self {
-            http: crate::client(tls)?,
+            http: tls
+                .client_builder()
+                .default_headers(headers)
+                .build()
+                .map_err(|e| format!("cannot build the HTTP client: {}", crate::root_cause(&e)))?,
             ws: tls.ws_connector(),
+            authorization,
             base: format!(
                 "{}/api/v1/agents/{agent_id}",
                 url.as_str().trim_end_matches('/')
@@ -279,8 +303,17 @@ impl RemoteAgent {
         );
         // One deadline for the whole stream, connecting included.
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| CallError::Unavailable(format!("cannot open the remote stream: {e}")))?;
+        if let Some(value) = &self.authorization {
+            request
+                .headers_mut()
+                .insert(reqwest::header::AUTHORIZATION, value.clone());
+        }
         let connect = tokio_tungstenite::connect_async_tls_with_config(
-            url.as_str(),
+            request,
             None,
             true,
             Some(self.ws.clone()),

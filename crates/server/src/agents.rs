@@ -274,7 +274,7 @@ fn elsewhere(
             "webhook entrypoints call their URLs themselves; they take no `remote` server".into(),
         ),
         (Some(r), false) => {
-            let executor = agentry_remote::RemoteAgent::new(r, &agent.agent_id, tls)?;
+            let executor = remote_agent(r, &agent.agent_id, tls)?;
             Ok(Some((
                 Arc::new(executor),
                 agentry_core::executor::Runtime {
@@ -332,11 +332,25 @@ fn named_executors(
         if name.is_empty() || name.len() > 64 {
             return Err(format!("executors.{name}: a name is 1 to 64 characters"));
         }
-        let remote = agentry_remote::RemoteAgent::new(settings, &agent.agent_id, tls)
+        let remote = remote_agent(settings, &agent.agent_id, tls)
             .map_err(|e| format!("executors.{name}: {e}"))?;
         out.insert(name.clone(), Arc::new(remote));
     }
     Ok(out)
+}
+
+/// A remote server's executor, with its API key read from where the settings say.
+fn remote_agent(
+    settings: &agentry_core::settings::RemoteSettings,
+    agent_id: &str,
+    tls: &agentry_remote::OutboundTls,
+) -> Result<agentry_remote::RemoteAgent, String> {
+    let api_key = crate::secrets::read(
+        settings.api_key_env.as_deref(),
+        settings.api_key_file.as_deref(),
+    )
+    .map_err(|e| format!("remote api key: {e}"))?;
+    agentry_remote::RemoteAgent::new(settings, agent_id, api_key.as_deref(), tls)
 }
 
 /// The file beside an agent's `runagent.config.json` that holds its Agentry settings.

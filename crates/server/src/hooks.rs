@@ -42,15 +42,11 @@ fn resolve_one(
     let agent = agents
         .get(agent_key)
         .ok_or_else(|| format!("no agent served here has the name or id `{agent_key}`"))?;
-    let secret = match (&settings.secret_env, &settings.secret_file) {
-        (Some(var), _) => std::env::var(var)
-            .map_err(|_| format!("the variable `{var}` that holds its secret is not set"))?,
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| format!("its secret file {} cannot be read: {e}", path.display()))?
-            .trim_end()
-            .to_string(),
-        (None, None) => return Err("it has no secret".into()),
-    };
+    let secret = crate::secrets::read(
+        settings.secret_env.as_deref(),
+        settings.secret_file.as_deref(),
+    )?
+    .ok_or("it has no secret")?;
     let hook = Hook::new(
         settings,
         &agent.config.agent_id,

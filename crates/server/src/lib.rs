@@ -17,6 +17,7 @@ mod callbacks;
 pub mod config;
 mod hooks;
 mod lock;
+mod secrets;
 mod startup;
 
 pub use agentry_core::Config;

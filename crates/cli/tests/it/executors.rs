@@ -13,22 +13,28 @@ use serde_json::{Value, json};
 use crate::common::app::TestApp;
 use crate::common::*;
 
+/// The remote settings of the server at `url`, with no API key.
+fn remote_at(url: &str) -> RemoteSettings {
+    RemoteSettings {
+        url: url.to_string(),
+        agent_id: None,
+        max_concurrency: None,
+        api_key_env: None,
+        api_key_file: None,
+    }
+}
+
 /// The compat fixture served by `front`, its code run by the server at `url`.
 async fn front_for(url: &str) -> TestApp {
-    front_with(url, Vec::new(), None).await
+    front_with(remote_at(url), Vec::new(), None).await
 }
 
 /// As `front_for`, serving the agents of `more` too, trusting the roots of `ca_file`.
 async fn front_with(
-    url: &str,
+    remote: RemoteSettings,
     more: Vec<std::path::PathBuf>,
     ca_file: Option<std::path::PathBuf>,
 ) -> TestApp {
-    let remote = RemoteSettings {
-        url: url.to_string(),
-        agent_id: None,
-        max_concurrency: None,
-    };
     let mut agents = vec![fixture("compat")];
     agents.extend(more);
     TestApp::start(agents, move |c| {
@@ -118,6 +124,52 @@ async fn a_remote_agent_runs_on_a_second_agentry_serve() {
     assert_eq!(status, 503, "{text}");
     assert_eq!(json(&text)["error"]["code"], "unavailable");
     front.stop().await;
+}
+
+/// A second server with API keys: the front sends the key from `api_key_file` with every call
+/// and stream, and without it is refused.
+#[tokio::test]
+async fn a_remote_agent_sends_its_api_key_to_a_server_with_keys() {
+    let state = tempfile::tempdir().expect("state");
+    let key = create_key(&[
+        "--state-dir".as_ref(),
+        state.path().as_os_str(),
+        "--scope".as_ref(),
+        "invoke".as_ref(),
+    ]);
+    let state_dir = state.path().to_path_buf();
+    let back = TestApp::start(vec![fixture("compat")], move |c| c.state_dir = state_dir).await;
+    let key_file = state.path().join("remote-key");
+    std::fs::write(&key_file, format!("{key}\n")).expect("key file");
+
+    let mut remote = remote_at(&back.url(""));
+    remote.api_key_file = Some(key_file);
+    let front = front_with(remote, Vec::new(), None).await;
+    exercise(&front).await;
+    front.stop().await;
+
+    let keyless = front_for(&back.url("")).await;
+    let (status, text) = post(
+        &keyless.url("/v1/agents/compat_fixture/entrypoints/echo/invoke"),
+        r#"{"input": {"message": "hi"}}"#,
+    )
+    .await;
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.contains("401"),
+        "the remote's refusal is named: {text}"
+    );
+    let (status, text) = post(
+        &keyless.url("/v1/agents/compat_fixture/entrypoints/echo_stream/stream"),
+        r#"{"input": {"message": "s", "n": 2}}"#,
+    )
+    .await;
+    assert_eq!(
+        status, 503,
+        "a stream without the key does not start: {text}"
+    );
+    keyless.stop().await;
+    back.stop().await;
 }
 
 #[tokio::test]
@@ -271,7 +323,7 @@ async fn remote_servers_and_webhooks_are_called_over_https_with_verified_certifi
 
     let remote = format!("https://localhost:{}", back_tls.port);
     let front = front_with(
-        &remote,
+        remote_at(&remote),
         vec![flows.path().to_path_buf()],
         Some(ca.root_file.clone()),
     )
@@ -290,7 +342,7 @@ async fn remote_servers_and_webhooks_are_called_over_https_with_verified_certifi
 
     // The same servers, not trusted: nothing gets through, and a certificate refused once is
     // not tried again (one handshake per call, not the retries of a refused connection).
-    let untrusting = front_with(&remote, vec![flows.path().to_path_buf()], None).await;
+    let untrusting = front_with(remote_at(&remote), vec![flows.path().to_path_buf()], None).await;
     for (path, tls) in [
         (
             "/v1/agents/compat_fixture/entrypoints/echo/invoke",
@@ -335,11 +387,7 @@ async fn remote_servers_and_webhooks_are_called_over_https_with_verified_certifi
 #[tokio::test]
 async fn cancelling_a_remote_stream_run_ends_it_cancelled() {
     let back = TestApp::start(vec![fixture("faulty")], |_| {}).await;
-    let remote = RemoteSettings {
-        url: back.url(""),
-        agent_id: None,
-        max_concurrency: None,
-    };
+    let remote = remote_at(&back.url(""));
     let front = TestApp::start(vec![fixture("faulty")], move |c| {
         c.agents.insert(
             "faulty".into(),
@@ -388,11 +436,7 @@ async fn cancelling_a_remote_stream_run_ends_it_cancelled() {
 #[tokio::test]
 async fn a_run_names_its_executor_and_the_default_stays_local() {
     let back = TestApp::start(vec![fixture("compat")], |_| {}).await;
-    let remote = RemoteSettings {
-        url: back.url(""),
-        agent_id: None,
-        max_concurrency: None,
-    };
+    let remote = remote_at(&back.url(""));
     let front = TestApp::start(vec![fixture("compat")], move |c| {
         c.agents.insert(
             "compat_fixture".into(),
