@@ -269,6 +269,39 @@ pub struct RunView<'a> {
     started_at: Option<String>,
     finished_at: Option<String>,
     updated_at: Option<String>,
+    /// The chain of runs it belongs to (`docs/triggers.md`): given when it was created, or
+    /// inherited from the run whose event triggered it. This and the next three are shown by
+    /// the views of one run (`GET /v1/runs/{id}`, its `wait`, `POST /v1/runs/wait`), absent
+    /// from lists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<String>,
+    /// How many event triggers led to it (0: a client or a schedule created it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    depth: Option<u32>,
+    /// The run whose event triggered it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_run_id: Option<String>,
+    /// The executor it named (`docs/executors.md`); absent: the agent's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    executor: Option<String>,
+}
+
+impl RunView<'_> {
+    /// Adds the run's links (`RunStore::run_links`): what one run's view shows beside its row.
+    async fn with_links(mut self, state: &AppState) -> Result<Self, ApiError> {
+        let links = state
+            .engine
+            .store()
+            .run_links(self.id)
+            .await
+            .map_err(ApiError::from_store)?
+            .unwrap_or_default();
+        self.correlation_id = links.correlation_id;
+        self.depth = Some(links.depth);
+        self.parent_run_id = links.parent_run_id;
+        self.executor = links.executor;
+        Ok(self)
+    }
 }
 
 /// A run as the API shows it; tracebacks only to callers who see them.
@@ -308,6 +341,10 @@ pub fn run_view<'a>(state: &'a AppState, run: &'a Run, who: &Principal) -> RunVi
         started_at: run.started_at.and_then(rfc3339),
         finished_at: run.finished_at.and_then(rfc3339),
         updated_at: rfc3339(run.updated_at),
+        correlation_id: None,
+        depth: None,
+        parent_run_id: None,
+        executor: None,
     }
 }
 
@@ -454,7 +491,8 @@ pub(crate) async fn get_run(
 ) -> Result<Response, ApiError> {
     let who = principal(caller);
     let run = find_run(&state, &who, &id).await?;
-    Ok(Json(run_view(&state, &run, &who)).into_response())
+    let view = run_view(&state, &run, &who).with_links(&state).await?;
+    Ok(Json(view).into_response())
 }
 
 /// The run, if it exists and the caller may see it.
@@ -604,7 +642,8 @@ pub(crate) async fn wait_run(
         .await
         .map_err(ApiError::from_store)?
         .ok_or_else(|| not_found(&id))?;
-    Ok(Json(run_view(&state, &run, &who)).into_response())
+    let view = run_view(&state, &run, &who).with_links(&state).await?;
+    Ok(Json(view).into_response())
 }
 
 /// Enqueue a run and wait until it is finished, or the timeout passes.
@@ -630,7 +669,8 @@ pub(crate) async fn create_and_wait(
         .submit_and_wait(run, wait)
         .await
         .map_err(submit_error)?;
-    Ok(Json(run_view(&state, &run, &who)).into_response())
+    let view = run_view(&state, &run, &who).with_links(&state).await?;
+    Ok(Json(view).into_response())
 }
 
 /// Cancel a run: a queued run ends at once; a running one is asked to stop, then killed after

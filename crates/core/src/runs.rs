@@ -199,6 +199,17 @@ pub struct NewRun {
     pub created_at: i64,
 }
 
+/// What `run_links` keeps of a run beside its row: the chain it belongs to and the executor
+/// it named. Read by the run's own view and by an attempt of an agent with named executors,
+/// never by the hot paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunLinks {
+    pub correlation_id: Option<String>,
+    pub depth: u32,
+    pub parent_run_id: Option<String>,
+    pub executor: Option<String>,
+}
+
 impl NewRun {
     /// Whether the run belongs to a chain (`run_links` holds a row for it).
     pub fn is_linked(&self) -> bool {

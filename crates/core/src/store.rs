@@ -153,9 +153,9 @@ pub trait RunStore: Send + Sync + 'static {
     /// The sequence number of the run's last event (0: none, or no such run).
     async fn last_event_seq(&self, id: &str) -> Result<i64, StoreError>;
 
-    /// The executor the run named when it was created (`None`: the agent's default). Read by
-    /// an attempt only for agents that have named executors.
-    async fn run_executor(&self, id: &str) -> Result<Option<String>, StoreError>;
+    /// The run's links (its chain, the executor it named); `None` for a run that has none (or
+    /// no such run). Read by an attempt only for agents that have named executors.
+    async fn run_links(&self, id: &str) -> Result<Option<crate::runs::RunLinks>, StoreError>;
 
     /// The global event log (`GET /v1/events`): events of every run after `after`, in the
     /// log's order, at most `limit` looked at; only runs of `agents` when given. An event is

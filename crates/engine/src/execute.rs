@@ -308,8 +308,8 @@ async fn attempt(
     let named = if agent.named_executors.is_empty() {
         None
     } else {
-        match inner.store.run_executor(&run.id).await {
-            Ok(named) => named,
+        match inner.store.run_links(&run.id).await {
+            Ok(links) => links.and_then(|l| l.executor),
             Err(e) => {
                 let why = CallError::Unavailable(format!("cannot read the run's executor: {e}"));
                 return Ok(decide(inner, run, Err(why), false));

@@ -791,8 +791,11 @@ impl RunStore for FaultyStore {
     async fn last_event_seq(&self, id: &str) -> Result<i64, agentry_core::StoreError> {
         self.inner.last_event_seq(id).await
     }
-    async fn run_executor(&self, id: &str) -> Result<Option<String>, agentry_core::StoreError> {
-        self.inner.run_executor(id).await
+    async fn run_links(
+        &self,
+        id: &str,
+    ) -> Result<Option<agentry_core::runs::RunLinks>, agentry_core::StoreError> {
+        self.inner.run_links(id).await
     }
     async fn log_after(
         &self,

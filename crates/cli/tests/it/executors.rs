@@ -459,7 +459,10 @@ async fn a_run_names_its_executor_and_the_default_stays_local() {
     for executor in [Some("backend"), None] {
         let (status, text) = run(executor).await;
         assert_eq!(status, 200, "{text}");
-        assert_eq!(json(&text)["status"], "succeeded", "{text}");
+        let view = json(&text);
+        assert_eq!(view["status"], "succeeded", "{text}");
+        // The run's view names its executor (null: the default).
+        assert_eq!(view["executor"], json!(executor), "{text}");
     }
     let (status, text) = run(Some("nope")).await;
     assert_eq!(status, 422, "{text}");
@@ -491,6 +494,8 @@ async fn a_run_names_its_executor_and_the_default_stays_local() {
     };
     let (_, text) = get(&front.url(&format!("/v1/runs/{fired}/wait?timeout_s=20"))).await;
     assert_eq!(json(&text)["status"], "succeeded", "{text}");
+    let (_, text) = get(&front.url(&format!("/v1/runs/{fired}"))).await;
+    assert_eq!(json(&text)["executor"], "backend", "{text}");
     // With the second server gone, only the runs that name it fail.
     back.stop().await;
     let (status, text) = run(Some("backend")).await;

@@ -96,6 +96,31 @@ async fn an_event_trigger_chains_a_b_c_with_one_correlation_id() {
     assert_eq!(b["data"]["result"]["from"], a.as_str());
     assert_eq!(c["data"]["result"]["from"], b["run_id"]);
     assert_eq!(c["data"]["result"]["path"], json!(["a", "b", "c"]));
+    // The run's own view shows its place in the chain.
+    let (status, text) =
+        get(&app.url(&format!("/v1/runs/{}", c["run_id"].as_str().expect("id")))).await;
+    assert_eq!(status, 200, "{text}");
+    let view = json(&text);
+    assert_eq!(
+        (
+            &view["correlation_id"],
+            &view["depth"],
+            &view["parent_run_id"]
+        ),
+        (&json!("order-42"), &json!(2), &b["run_id"]),
+        "{view}"
+    );
+    let (_, text) = get(&app.url(&format!("/v1/runs/{a}"))).await;
+    let view = json(&text);
+    assert_eq!(
+        (
+            &view["correlation_id"],
+            &view["depth"],
+            &view["parent_run_id"]
+        ),
+        (&json!("order-42"), &json!(0), &Value::Null),
+        "{view}"
+    );
 
     // A chain whose value fails step_c's filter stops after step_b.
     start_chain(&app, 8, "order-43").await;

@@ -1558,13 +1558,26 @@ impl RunStore for PgStore {
             .map_err(db_err)
     }
 
-    async fn run_executor(&self, id: &str) -> Result<Option<String>, StoreError> {
-        let found: Option<Option<String>> = sqlx::query_scalar(sql!("run_executor"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(db_err)?;
-        Ok(found.flatten())
+    async fn run_links(
+        &self,
+        id: &str,
+    ) -> Result<Option<agentry_core::runs::RunLinks>, StoreError> {
+        let found: Option<(Option<String>, i32, Option<String>, Option<String>)> =
+            sqlx::query_as(sql!("run_links"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        Ok(
+            found.map(|(correlation_id, depth, parent_run_id, executor)| {
+                agentry_core::runs::RunLinks {
+                    correlation_id,
+                    depth: u32::try_from(depth).unwrap_or(0),
+                    parent_run_id,
+                    executor,
+                }
+            }),
+        )
     }
 
     async fn log_after(

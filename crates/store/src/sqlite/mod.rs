@@ -397,9 +397,12 @@ impl RunStore for SqliteStore {
         self.read(move |c| ops::last_event_seq(c, &id)).await
     }
 
-    async fn run_executor(&self, id: &str) -> Result<Option<String>, StoreError> {
+    async fn run_links(
+        &self,
+        id: &str,
+    ) -> Result<Option<agentry_core::runs::RunLinks>, StoreError> {
         let id = id.to_string();
-        self.read(move |c| triggers::run_executor(c, &id)).await
+        self.read(move |c| triggers::run_links(c, &id)).await
     }
 
     async fn log_after(

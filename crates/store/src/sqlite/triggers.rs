@@ -31,12 +31,21 @@ pub(super) fn insert_link(
     Ok(())
 }
 
-pub(super) fn run_executor(c: &Connection, run_id: &str) -> rusqlite::Result<Option<String>> {
+pub(super) fn run_links(
+    c: &Connection,
+    run_id: &str,
+) -> rusqlite::Result<Option<agentry_core::runs::RunLinks>> {
     use rusqlite::OptionalExtension;
-    Ok(c.prepare_cached(sql!("run_executor"))?
-        .query_row(params![run_id], |r| r.get::<_, Option<String>>(0))
-        .optional()?
-        .flatten())
+    c.prepare_cached(sql!("run_links"))?
+        .query_row(params![run_id], |r| {
+            Ok(agentry_core::runs::RunLinks {
+                correlation_id: r.get(0)?,
+                depth: r.get(1)?,
+                parent_run_id: r.get(2)?,
+                executor: r.get(3)?,
+            })
+        })
+        .optional()
 }
 
 pub(super) fn purge_link(c: &Connection, run_id: &str) -> rusqlite::Result<()> {

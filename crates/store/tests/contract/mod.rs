@@ -761,6 +761,17 @@ where
         .find(|e| e.event.run_id == "before")
         .expect("before");
     assert_eq!((before.correlation_id.as_deref(), before.depth), (None, 0));
+    // The links are read back as written; a run without any has none.
+    assert_eq!(
+        s.run_links("linked").await.expect("links"),
+        Some(agentry_core::runs::RunLinks {
+            correlation_id: Some("chain-1".into()),
+            depth: 2,
+            parent_run_id: Some("before".into()),
+            executor: None,
+        })
+    );
+    assert_eq!(s.run_links("before").await.expect("links"), None);
     // Saved forward, then an older save is ignored; seeing it again does not reset it.
     s.save_trigger_cursor("t", e.cursor).await.expect("save");
     s.save_trigger_cursor("t", start).await.expect("save");
