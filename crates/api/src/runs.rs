@@ -271,8 +271,7 @@ pub struct RunView<'a> {
     updated_at: Option<String>,
     /// The chain of runs it belongs to (`docs/triggers.md`): given when it was created, or
     /// inherited from the run whose event triggered it. This and the next three are shown by
-    /// the views of one run (`GET /v1/runs/{id}`, its `wait`, `POST /v1/runs/wait`), absent
-    /// from lists.
+    /// `GET /v1/runs/{id}` only (one more read, kept off the paths that create and wait).
     #[serde(skip_serializing_if = "Option::is_none")]
     correlation_id: Option<String>,
     /// How many event triggers led to it (0: a client or a schedule created it).
@@ -287,7 +286,8 @@ pub struct RunView<'a> {
 }
 
 impl RunView<'_> {
-    /// Adds the run's links (`RunStore::run_links`): what one run's view shows beside its row.
+    /// Adds the run's links (`RunStore::run_links`): what `GET /v1/runs/{id}` shows beside
+    /// the run's row.
     async fn with_links(mut self, state: &AppState) -> Result<Self, ApiError> {
         let links = state
             .engine
@@ -642,8 +642,7 @@ pub(crate) async fn wait_run(
         .await
         .map_err(ApiError::from_store)?
         .ok_or_else(|| not_found(&id))?;
-    let view = run_view(&state, &run, &who).with_links(&state).await?;
-    Ok(Json(view).into_response())
+    Ok(Json(run_view(&state, &run, &who)).into_response())
 }
 
 /// Enqueue a run and wait until it is finished, or the timeout passes.
@@ -669,8 +668,7 @@ pub(crate) async fn create_and_wait(
         .submit_and_wait(run, wait)
         .await
         .map_err(submit_error)?;
-    let view = run_view(&state, &run, &who).with_links(&state).await?;
-    Ok(Json(view).into_response())
+    Ok(Json(run_view(&state, &run, &who)).into_response())
 }
 
 /// Cancel a run: a queued run ends at once; a running one is asked to stop, then killed after

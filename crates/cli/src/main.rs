@@ -74,6 +74,12 @@ struct ValidateArgs {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("AGENTRY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // tungstenite traces a WebSocket upgrade request's raw bytes, headers included: a remote
+    // server's API key would reach the log at `trace`.
+    let filter = match "tungstenite::handshake=off".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -200,8 +200,8 @@ pub struct NewRun {
 }
 
 /// What `run_links` keeps of a run beside its row: the chain it belongs to and the executor
-/// it named. Read by the run's own view and by an attempt of an agent with named executors,
-/// never by the hot paths.
+/// it named. Read by `GET /v1/runs/{id}` and by an attempt of an agent with named executors;
+/// not by creating, claiming, waiting or listing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunLinks {
     pub correlation_id: Option<String>,

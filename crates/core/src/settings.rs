@@ -270,13 +270,17 @@ impl Config {
 
     /// Every webhook declared: the agent's key under `agents`, the entrypoint's tag, and
     /// the hook's settings.
-    /// The event triggers declared under the agents' entrypoints: (agent, tag, settings).
+    /// The event triggers declared under the agents' entrypoints: (agent, tag, settings),
+    /// `event` first, then each of `events`.
     pub fn event_triggers(
         &self,
     ) -> impl Iterator<Item = (&str, &str, &crate::triggers::EventTriggerSettings)> {
         self.agents.iter().flat_map(|(agent, a)| {
-            a.entrypoints.iter().filter_map(move |(tag, e)| {
-                e.event.as_ref().map(|t| (agent.as_str(), tag.as_str(), t))
+            a.entrypoints.iter().flat_map(move |(tag, e)| {
+                e.event
+                    .iter()
+                    .chain(&e.events)
+                    .map(move |t| (agent.as_str(), tag.as_str(), t))
             })
         })
     }
@@ -993,6 +997,9 @@ pub struct EntrypointSettings {
     pub webhook: Option<crate::webhooks::WebhookSettings>,
     /// Runs of this entrypoint start on other runs' events (`docs/triggers.md`).
     pub event: Option<crate::triggers::EventTriggerSettings>,
+    /// More event triggers of this entrypoint (`[[…entrypoints.<tag>.events]]`), each with a
+    /// `name` unique among them.
+    pub events: Vec<crate::triggers::EventTriggerSettings>,
     /// Schedules of this entrypoint, declared here (`docs/schedules.md`, "Timers"): each the
     /// fields of `POST /v1/schedules` but `agent` and `entrypoint`, with a `name`.
     pub timers: Vec<serde_json::Map<String, serde_json::Value>>,
@@ -1000,7 +1007,8 @@ pub struct EntrypointSettings {
 
 impl AgentSettings {
     /// These settings over `lower` (an agent folder's `agentry.agent.toml`): each one set
-    /// here wins, the rest come from `lower`; an entrypoint's timers come from one side only.
+    /// here wins, the rest come from `lower`; an entrypoint's timers and its named `events`
+    /// come from one side only (a list here replaces the file's).
     pub fn over(mut self, lower: AgentSettings) -> AgentSettings {
         self.workers = self.workers.or(lower.workers);
         self.python = self.python.or(lower.python);
@@ -1018,6 +1026,9 @@ impl AgentSettings {
             e.max_concurrency = e.max_concurrency.or(low.max_concurrency);
             e.webhook = e.webhook.take().or(low.webhook);
             e.event = e.event.take().or(low.event);
+            if e.events.is_empty() {
+                e.events = low.events;
+            }
             if e.timers.is_empty() {
                 e.timers = low.timers;
             }
@@ -1044,6 +1055,28 @@ impl AgentSettings {
             }
             if let Some(hook) = &e.webhook {
                 validate_webhook(&format!("{at}.entrypoints.{tag}.webhook"), hook)?;
+            }
+            // Each of `events` is told apart by its name (in its runs' idempotency keys and
+            // its cursor); `event` is the one without.
+            let mut names = std::collections::BTreeSet::new();
+            for (i, t) in e.events.iter().enumerate() {
+                let at = format!("{at}.entrypoints.{tag}.events[{i}].name");
+                match t.name.as_deref() {
+                    None => return Err(bad(&at, "each of `events` needs a name")),
+                    Some(n) if !crate::triggers::valid_name(n) => {
+                        return Err(bad(&at, "1 to 64 letters, digits, `-` or `_`"));
+                    }
+                    Some(n) if !names.insert(n) => {
+                        return Err(bad(&at, "another of this entrypoint's `events` has it"));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if e.event.as_ref().is_some_and(|t| t.name.is_some()) {
+                return Err(bad(
+                    &format!("{at}.entrypoints.{tag}.event.name"),
+                    "`event` takes no name; named triggers go in `events`",
+                ));
             }
         }
         Ok(())
@@ -1435,6 +1468,66 @@ mod tests {
             s.call_timeout(Some(f64::NAN), Some(7.0)),
             Duration::from_secs(7)
         );
+    }
+
+    #[test]
+    fn each_of_an_entrypoints_events_needs_its_own_name() {
+        use crate::triggers::EventTriggerSettings;
+        let with = |event: Option<EventTriggerSettings>, events: Vec<EventTriggerSettings>| {
+            let mut c = Config::default();
+            let mut a = AgentSettings::default();
+            a.entrypoints.insert(
+                "t".into(),
+                EntrypointSettings {
+                    event,
+                    events,
+                    ..Default::default()
+                },
+            );
+            c.agents.insert("a".into(), a);
+            c.validate().map(|_| ()).map_err(|e| e.key)
+        };
+        let named = |n: &str| EventTriggerSettings {
+            name: Some(n.into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            with(Some(Default::default()), vec![named("x"), named("y")]),
+            Ok(())
+        );
+        assert_eq!(
+            with(None, vec![named("x"), Default::default()]),
+            Err("agents.a.entrypoints.t.events[1].name".into())
+        );
+        assert_eq!(
+            with(None, vec![named("x"), named("x")]),
+            Err("agents.a.entrypoints.t.events[1].name".into())
+        );
+        assert_eq!(
+            with(None, vec![named("no spaces")]),
+            Err("agents.a.entrypoints.t.events[0].name".into())
+        );
+        assert_eq!(
+            with(Some(named("x")), vec![]),
+            Err("agents.a.entrypoints.t.event.name".into())
+        );
+        // Both come out of `event_triggers`, `event` first.
+        let mut c = Config::default();
+        let mut a = AgentSettings::default();
+        a.entrypoints.insert(
+            "t".into(),
+            EntrypointSettings {
+                event: Some(Default::default()),
+                events: vec![named("x")],
+                ..Default::default()
+            },
+        );
+        c.agents.insert("a".into(), a);
+        let names: Vec<Option<&str>> = c
+            .event_triggers()
+            .map(|(_, _, t)| t.name.as_deref())
+            .collect();
+        assert_eq!(names, [None, Some("x")]);
     }
 
     #[test]

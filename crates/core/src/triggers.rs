@@ -23,6 +23,10 @@ pub const DEFAULT_ARGUMENT: &str = "event";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct EventTriggerSettings {
+    /// Tells one of an entrypoint's `events` from the others (`event` has none). Left out of
+    /// the settings' digest when absent, so a trigger's cursor outlives this field's arrival.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// The event kinds that fire it (`run.succeeded`, `run.failed`, an agent's own `progress`);
     /// default `["run.succeeded"]`.
     pub kinds: Vec<String>,
@@ -38,11 +42,20 @@ pub struct EventTriggerSettings {
     pub argument: Option<String>,
 }
 
+/// Whether `name` may name one of an entrypoint's `events`: 1 to 64 letters, digits, `-`, `_`.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 /// A trigger checked against the served agents: ready to match events.
 #[derive(Debug, Clone)]
 pub struct EventTrigger {
-    /// `<agent id>/<tag>`, in the runs' idempotency keys: the same on every node, whatever
-    /// the agent is called there.
+    /// `<agent id>/<tag>` (`<agent id>/<tag>/<name>` for one of `events`), in the runs'
+    /// idempotency keys: the same on every node, whatever the agent is called there.
     pub name: String,
     /// The stored cursor's name: `name` and a digest of the settings, so that nodes with
     /// different copies of a trigger (a rolling change) never move each other's cursor.
@@ -78,7 +91,10 @@ impl EventTrigger {
         s: &EventTriggerSettings,
         resolve: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, TriggerSettingsError> {
-        let at = format!("agents.{agent_name}.entrypoints.{tag}.event");
+        let at = match &s.name {
+            None => format!("agents.{agent_name}.entrypoints.{tag}.event"),
+            Some(n) => format!("agents.{agent_name}.entrypoints.{tag}.events.{n}"),
+        };
         let err = |field: &str, message: String| TriggerSettingsError {
             field: format!("{at}.{field}"),
             message,
@@ -122,7 +138,10 @@ impl EventTrigger {
         if argument.is_empty() {
             return Err(err("argument", "must not be empty".into()));
         }
-        let name = format!("{agent_id}/{tag}");
+        let name = match &s.name {
+            None => format!("{agent_id}/{tag}"),
+            Some(n) => format!("{agent_id}/{tag}/{n}"),
+        };
         let digest = {
             use sha2::{Digest, Sha256};
             let text = serde_json::to_string(s).unwrap_or_default();
@@ -276,6 +295,30 @@ mod tests {
         let not_ok = r#"{"attempt":1,"result":{"ok":false}}"#;
         assert!(!t.fires_on(&event("A", "x", EventKind::Succeeded, not_ok)));
         assert!(!t.fires_on(&event("A", "x", EventKind::Succeeded, "{}")));
+    }
+
+    #[test]
+    fn a_named_trigger_has_its_own_name_and_an_unnamed_ones_cursor_is_unchanged() {
+        let named = trigger(EventTriggerSettings {
+            name: Some("after-a".into()),
+            ..Default::default()
+        });
+        let e = event("A", "x", EventKind::Succeeded, "{}");
+        assert_eq!(named.name, "B/step/after-a");
+        assert_eq!(named.idempotency_key(&e), "trigger:B/step/after-a:r1:3");
+        // The digest of an unnamed trigger is that of its settings as written before `name`
+        // existed: cursors kept by earlier versions go on being used.
+        let unnamed = trigger(EventTriggerSettings::default());
+        let before = r#"{"kinds":[],"agent":null,"entrypoint":null,"field":null,"equals":null,"argument":null}"#;
+        let digest = {
+            use sha2::{Digest, Sha256};
+            Sha256::digest(before.as_bytes())[..6]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        assert_eq!(unnamed.cursor, format!("B/step#{digest}"));
+        assert_ne!(named.cursor, unnamed.cursor);
     }
 
     #[test]

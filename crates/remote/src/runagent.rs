@@ -77,6 +77,14 @@ impl RemoteAgent {
         // The parsed form: its scheme is lower-case, so `ws` + what follows `http` is the
         // stream's URL.
         let url = crate::http_url(&settings.url, "remote.url")?;
+        // Credentials in the URL would be sent as Basic auth and shown wherever the URL is
+        // (the agent's view, the logs): the key has its own settings.
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(
+                "remote.url carries credentials; give the key in api_key_env or api_key_file"
+                    .into(),
+            );
+        }
         let agent_id = settings.agent_id.clone().unwrap_or(agent_id.to_string());
         let capacity = settings
             .max_concurrency
@@ -114,6 +122,24 @@ impl RemoteAgent {
             capacity,
             in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(capacity)),
         })
+    }
+
+    /// Whether what is sent to the server cannot be read on the way: `https://`, or a loopback
+    /// address.
+    pub fn is_private_link(&self) -> bool {
+        let Ok(url) = reqwest::Url::parse(&self.base) else {
+            return false;
+        };
+        url.scheme() == "https"
+            || match url.host_str() {
+                Some("localhost") => true,
+                Some(host) => host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback()),
+                None => false,
+            }
     }
 
     /// The RunAgent request body: the arguments' texts spliced in as they are.

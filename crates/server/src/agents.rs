@@ -345,12 +345,31 @@ fn remote_agent(
     agent_id: &str,
     tls: &agentry_remote::OutboundTls,
 ) -> Result<agentry_remote::RemoteAgent, String> {
+    if settings.api_key_env.is_some() && settings.api_key_file.is_some() {
+        return Err("remote: give api_key_env or api_key_file, not both".into());
+    }
+    // Agentry's own settings (the database URL, the callback secret) are never sent out; an
+    // agent folder's `agentry.agent.toml` may name the variable.
+    if let Some(var) = &settings.api_key_env
+        && (var.is_empty() || var.to_ascii_uppercase().starts_with("AGENTRY_"))
+    {
+        return Err(format!(
+            "remote: api_key_env `{var}` cannot be used (empty, or one of Agentry's own `AGENTRY_*` variables)"
+        ));
+    }
     let api_key = crate::secrets::read(
         settings.api_key_env.as_deref(),
         settings.api_key_file.as_deref(),
     )
     .map_err(|e| format!("remote api key: {e}"))?;
-    agentry_remote::RemoteAgent::new(settings, agent_id, api_key.as_deref(), tls)
+    let remote = agentry_remote::RemoteAgent::new(settings, agent_id, api_key.as_deref(), tls)?;
+    if api_key.is_some() && !remote.is_private_link() {
+        tracing::warn!(
+            "the API key of the remote server {} goes over plain http:// to a non-loopback address: anyone on the path can read it; use https://",
+            settings.url
+        );
+    }
+    Ok(remote)
 }
 
 /// The file beside an agent's `runagent.config.json` that holds its Agentry settings.

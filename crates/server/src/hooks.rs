@@ -101,7 +101,10 @@ pub fn event_triggers(
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for (agent_key, tag, settings) in config.event_triggers() {
-        let at = format!("agents.{agent_key}.entrypoints.{tag}.event");
+        let at = match &settings.name {
+            None => format!("agents.{agent_key}.entrypoints.{tag}.event"),
+            Some(n) => format!("agents.{agent_key}.entrypoints.{tag}.events.{n}"),
+        };
         let Some(agent) = agents.get(agent_key) else {
             problems.push(format!(
                 "configuration error: {at}: no agent served here has the name or id `{agent_key}`"
@@ -122,6 +125,17 @@ pub fn event_triggers(
             settings,
             resolve,
         ) {
+            // One agent configured under both its name and its id could declare one trigger
+            // twice: their runs would share idempotency keys.
+            Ok(t)
+                if out
+                    .iter()
+                    .any(|o: &agentry_core::triggers::EventTrigger| o.name == t.name) =>
+            {
+                problems.push(format!(
+                    "configuration error: {at}: another trigger of this entrypoint has the same name (is the agent configured under both its name and its id?)"
+                ));
+            }
             Ok(t) => out.push(t),
             Err(e) => problems.push(format!("configuration error: {e}")),
         }

@@ -172,6 +172,65 @@ async fn a_remote_agent_sends_its_api_key_to_a_server_with_keys() {
     back.stop().await;
 }
 
+/// A remote key that would leak, or could not work, stops the start, saying why.
+#[tokio::test]
+async fn a_remote_key_that_would_leak_or_is_empty_stops_the_start() {
+    let dir = tempfile::tempdir().expect("dir");
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "\n").expect("write");
+    let key = dir.path().join("key");
+    std::fs::write(&key, "k").expect("write");
+    let attempt = |remote: RemoteSettings| async move {
+        let state = tempfile::tempdir().expect("state");
+        let mut config = agentry_server::Config {
+            agent_dirs: vec![fixture("compat")],
+            state_dir: state.path().to_path_buf(),
+            ..Default::default()
+        };
+        config.http.port = Some(0);
+        config.store.runagent_db = false;
+        config.agents.insert(
+            "compat_fixture".into(),
+            AgentSettings {
+                remote: Some(remote),
+                ..Default::default()
+            },
+        );
+        match agentry_server::Application::build(config).await {
+            Ok(_) => "started".to_string(),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let with = |f: &dyn Fn(&mut RemoteSettings)| {
+        let mut r = remote_at("http://127.0.0.1:9");
+        f(&mut r);
+        r
+    };
+    let cases = [
+        (
+            with(&|r| r.api_key_env = Some("AGENTRY_DATABASE_URL".into())),
+            "AGENTRY_",
+        ),
+        (
+            with(&|r| {
+                r.api_key_env = Some("PATH".into());
+                r.api_key_file = Some(key.clone());
+            }),
+            "not both",
+        ),
+        (with(&|r| r.api_key_file = Some(empty.clone())), "is empty"),
+        (
+            with(&|r| r.url = "http://user:pw@127.0.0.1:9".into()),
+            "carries credentials",
+        ),
+        (with(&|r| r.api_key_file = Some(key.clone())), "started"),
+    ];
+    for (remote, said) in cases {
+        let got = attempt(remote.clone()).await;
+        assert!(got.contains(said), "{remote:?}: {got}");
+    }
+}
+
 #[tokio::test]
 async fn a_remote_agent_runs_on_runagents_own_server() {
     let Some(venv) = crate::runagent_sdk::venv() else {
@@ -459,10 +518,12 @@ async fn a_run_names_its_executor_and_the_default_stays_local() {
     for executor in [Some("backend"), None] {
         let (status, text) = run(executor).await;
         assert_eq!(status, 200, "{text}");
-        let view = json(&text);
-        assert_eq!(view["status"], "succeeded", "{text}");
-        // The run's view names its executor (null: the default).
-        assert_eq!(view["executor"], json!(executor), "{text}");
+        let done = json(&text);
+        assert_eq!(done["status"], "succeeded", "{text}");
+        // The run's view names its executor (absent: the default).
+        let id = done["id"].as_str().expect("id");
+        let (_, text) = get(&front.url(&format!("/v1/runs/{id}"))).await;
+        assert_eq!(json(&text)["executor"], json!(executor), "{text}");
     }
     let (status, text) = run(Some("nope")).await;
     assert_eq!(status, 422, "{text}");

@@ -141,6 +141,26 @@ async fn an_event_trigger_chains_a_b_c_with_one_correlation_id() {
     )
     .await;
     assert_eq!(ended(&events)["step_b"][0]["depth"], 1, "{events:?}");
+    // Two named triggers of one entrypoint fire independently: `audit` ran after each of the
+    // three `start`s and after the one `step_c`, with the event in each trigger's argument.
+    wait_for_runs(&app, "audit", 4, Duration::from_secs(30)).await;
+    tokio::time::sleep(SETTLE).await;
+    let audits = runs_of(&app, "audit").await;
+    let mut seen: Vec<String> = audits
+        .iter()
+        .map(|r| format!("{}/{}", r["output"]["after"], r["output"]["via"]))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [
+            r#""start"/"event""#,
+            r#""start"/"event""#,
+            r#""start"/"event""#,
+            r#""step_c"/"source""#
+        ],
+        "{audits:?}"
+    );
     app.stop().await;
 }
 
@@ -190,13 +210,17 @@ async fn triggers_fire_once_across_nodes_on_postgres() {
     tokio::time::sleep(SETTLE).await;
     assert_eq!(runs_of(&two, "step_b").await.len(), CHAINS);
     assert_eq!(runs_of(&two, "step_c").await.len(), CHAINS, "{c_runs:?}");
+    // The named triggers too: one `audit` per `start` and one per `step_c`.
+    wait_for_runs(&one, "audit", 2 * CHAINS, Duration::from_secs(60)).await;
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(runs_of(&two, "audit").await.len(), 2 * CHAINS);
     for i in 0..CHAINS {
         let events = read_bus(
             &two,
             &format!("/v1/events?correlation_id=pg-{i}&kind=run.succeeded"),
             None,
             Duration::from_secs(10),
-            |e| e.len() >= 3,
+            |e| e.len() >= 5,
         )
         .await;
         let mut tags: Vec<&str> = events
@@ -204,7 +228,11 @@ async fn triggers_fire_once_across_nodes_on_postgres() {
             .filter_map(|e| e.data["entrypoint"].as_str())
             .collect();
         tags.sort_unstable();
-        assert_eq!(tags, ["start", "step_b", "step_c"], "chain pg-{i}");
+        assert_eq!(
+            tags,
+            ["audit", "audit", "start", "step_b", "step_c"],
+            "chain pg-{i}"
+        );
     }
     one.stop().await;
     two.stop().await;
@@ -243,4 +271,41 @@ async fn an_event_seen_by_no_node_before_a_restart_fires_once_after_it() {
         assert_eq!(runs_of(&awake, "step_b").await.len(), 1);
         awake.stop().await;
     }
+}
+
+/// One agent configured under both its name and its id cannot declare one trigger twice (the
+/// two would share their runs' idempotency keys): the start says so.
+#[tokio::test]
+async fn a_trigger_declared_twice_under_the_agents_name_and_id_stops_the_start() {
+    use agentry_core::settings::{AgentSettings, EntrypointSettings};
+    let state = tempfile::tempdir().expect("state");
+    let mut config = agentry_server::Config {
+        agent_dirs: vec![fixture("chain")],
+        state_dir: state.path().to_path_buf(),
+        ..Default::default()
+    };
+    config.http.port = Some(0);
+    config.workers.count = Some(1);
+    config.store.runagent_db = false;
+    for key in ["chain", "66666666-7777-8888-9999-000000000000"] {
+        let mut a = AgentSettings::default();
+        a.entrypoints.insert(
+            "audit".into(),
+            EntrypointSettings {
+                events: vec![agentry_core::triggers::EventTriggerSettings {
+                    name: Some("twice".into()),
+                    entrypoint: Some("start".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        config.agents.insert(key.into(), a);
+    }
+    config.validate().expect("each key is valid on its own");
+    let said = match agentry_server::Application::build(config).await {
+        Ok(_) => "started".to_string(),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(said.contains("same name"), "{said}");
 }
