@@ -180,26 +180,17 @@ async fn a_remote_key_that_would_leak_or_is_empty_stops_the_start() {
     std::fs::write(&empty, "\n").expect("write");
     let key = dir.path().join("key");
     std::fs::write(&key, "k").expect("write");
-    let attempt = |remote: RemoteSettings| async move {
-        let state = tempfile::tempdir().expect("state");
-        let mut config = agentry_server::Config {
-            agent_dirs: vec![fixture("compat")],
-            state_dir: state.path().to_path_buf(),
-            ..Default::default()
-        };
-        config.http.port = Some(0);
-        config.store.runagent_db = false;
-        config.agents.insert(
-            "compat_fixture".into(),
-            AgentSettings {
-                remote: Some(remote),
-                ..Default::default()
-            },
-        );
-        match agentry_server::Application::build(config).await {
-            Ok(_) => "started".to_string(),
-            Err(e) => format!("{e:#}"),
-        }
+    let attempt = |remote: RemoteSettings| {
+        TestApp::start_error(vec![fixture("compat")], move |config| {
+            config.workers.count = None;
+            config.agents.insert(
+                "compat_fixture".into(),
+                AgentSettings {
+                    remote: Some(remote),
+                    ..Default::default()
+                },
+            );
+        })
     };
     let with = |f: &dyn Fn(&mut RemoteSettings)| {
         let mut r = remote_at("http://127.0.0.1:9");

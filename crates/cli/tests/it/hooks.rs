@@ -343,24 +343,10 @@ async fn a_hook_that_could_never_start_a_run_stops_the_start() {
     let dir = tempfile::tempdir().expect("tempdir");
     let secret = dir.path().join("s");
     std::fs::write(&secret, SECRET).expect("secret");
-    let attempt = |settings: AgentSettings| async move {
-        let state = tempfile::tempdir().expect("tempdir");
-        let mut config = agentry_server::Config {
-            agent_dirs: vec![fixture("durable")],
-            state_dir: state.path().to_path_buf(),
-            ..Default::default()
-        };
-        config.http.port = Some(0);
-        config.workers.count = Some(1);
-        config.store.runagent_db = false;
-        config.agents.insert("durable".into(), settings);
-        match config.validate() {
-            Err(e) => e.to_string(),
-            Ok(()) => match agentry_server::Application::build(config).await {
-                Ok(_) => "started".to_string(),
-                Err(e) => format!("{e:#}"),
-            },
-        }
+    let attempt = |settings: AgentSettings| {
+        TestApp::start_error(vec![fixture("durable")], move |config| {
+            config.agents.insert("durable".into(), settings);
+        })
     };
     let cases = [
         (json!({"input": {"nope": "$.n"}}), "no such parameter"),

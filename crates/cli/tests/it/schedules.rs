@@ -6,7 +6,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use crate::common::app::app;
+use crate::common::app::{TestApp, app};
 use crate::common::pg::*;
 use crate::common::*;
 use serde_json::{Value, json};
@@ -740,26 +740,15 @@ async fn a_timer_that_cannot_be_declared_stops_the_start() {
         );
     }
     // Valid as configuration, refused by the entrypoint: `i` must be an integer.
-    let state = tempfile::tempdir().expect("tempdir");
-    let mut config = agentry_server::Config {
-        agent_dirs: vec![fixture("durable")],
-        state_dir: state.path().to_path_buf(),
-        ..Default::default()
-    };
-    config.http.port = Some(0);
-    config.workers.count = Some(1);
-    config.store.runagent_db = false;
-    config.agents.insert(
-        "durable".into(),
-        with_timers(vec![
-            json!({"name": "t", "every": "1s", "input": {"i": "x"}}),
-        ]),
-    );
-    config.validate().expect("valid as configuration");
-    let said = match agentry_server::Application::build(config).await {
-        Ok(_) => "started".to_string(),
-        Err(e) => format!("{e:#}"),
-    };
+    let said = TestApp::start_error(vec![fixture("durable")], |config| {
+        config.agents.insert(
+            "durable".into(),
+            with_timers(vec![
+                json!({"name": "t", "every": "1s", "input": {"i": "x"}}),
+            ]),
+        );
+    })
+    .await;
     assert!(said.contains("timer `t`"), "{said}");
 }
 

@@ -278,34 +278,23 @@ async fn an_event_seen_by_no_node_before_a_restart_fires_once_after_it() {
 #[tokio::test]
 async fn a_trigger_declared_twice_under_the_agents_name_and_id_stops_the_start() {
     use agentry_core::settings::{AgentSettings, EntrypointSettings};
-    let state = tempfile::tempdir().expect("state");
-    let mut config = agentry_server::Config {
-        agent_dirs: vec![fixture("chain")],
-        state_dir: state.path().to_path_buf(),
-        ..Default::default()
-    };
-    config.http.port = Some(0);
-    config.workers.count = Some(1);
-    config.store.runagent_db = false;
-    for key in ["chain", "66666666-7777-8888-9999-000000000000"] {
-        let mut a = AgentSettings::default();
-        a.entrypoints.insert(
-            "audit".into(),
-            EntrypointSettings {
-                events: vec![agentry_core::triggers::EventTriggerSettings {
-                    name: Some("twice".into()),
-                    entrypoint: Some("start".into()),
+    let said = TestApp::start_error(vec![fixture("chain")], |config| {
+        for key in ["chain", "66666666-7777-8888-9999-000000000000"] {
+            let mut a = AgentSettings::default();
+            a.entrypoints.insert(
+                "audit".into(),
+                EntrypointSettings {
+                    events: vec![agentry_core::triggers::EventTriggerSettings {
+                        name: Some("twice".into()),
+                        entrypoint: Some("start".into()),
+                        ..Default::default()
+                    }],
                     ..Default::default()
-                }],
-                ..Default::default()
-            },
-        );
-        config.agents.insert(key.into(), a);
-    }
-    config.validate().expect("each key is valid on its own");
-    let said = match agentry_server::Application::build(config).await {
-        Ok(_) => "started".to_string(),
-        Err(e) => format!("{e:#}"),
-    };
+                },
+            );
+            config.agents.insert(key.into(), a);
+        }
+    })
+    .await;
     assert!(said.contains("same name"), "{said}");
 }

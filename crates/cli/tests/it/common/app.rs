@@ -134,6 +134,28 @@ impl TestApp {
         Self::start(vec![agent], |_| {}).await
     }
 
+    /// What starting `agents` (one worker each, no RunAgent database) says once `configure`
+    /// changed the configuration: `started`, or the error of validation or of the start.
+    pub async fn start_error(agents: Vec<PathBuf>, configure: impl FnOnce(&mut Config)) -> String {
+        let state = tempfile::tempdir().expect("state");
+        let mut config = Config {
+            agent_dirs: agents,
+            state_dir: state.path().to_path_buf(),
+            ..Default::default()
+        };
+        config.http.port = Some(0);
+        config.workers.count = Some(1);
+        config.store.runagent_db = false;
+        configure(&mut config);
+        if let Err(e) = config.validate() {
+            return e.to_string();
+        }
+        match Application::build(config).await {
+            Ok(_) => "started".to_string(),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
     /// Serves `agents`; `configure` changes the configuration first.
     pub async fn start(agents: Vec<PathBuf>, configure: impl FnOnce(&mut Config)) -> Self {
         let dirs = tempfile::tempdir().expect("tempdir");
