@@ -42,6 +42,17 @@ pub struct EventTriggerSettings {
     pub argument: Option<String>,
 }
 
+impl EventTriggerSettings {
+    /// Where this trigger is configured, for errors: `agents.<agent>.entrypoints.<tag>.event`,
+    /// or `….events.<name>` for a named one.
+    pub fn setting_path(&self, agent: &str, tag: &str) -> String {
+        match &self.name {
+            None => format!("agents.{agent}.entrypoints.{tag}.event"),
+            Some(n) => format!("agents.{agent}.entrypoints.{tag}.events.{n}"),
+        }
+    }
+}
+
 /// Whether `name` may name one of an entrypoint's `events`: 1 to 64 letters, digits, `-`, `_`.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -91,10 +102,7 @@ impl EventTrigger {
         s: &EventTriggerSettings,
         resolve: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, TriggerSettingsError> {
-        let at = match &s.name {
-            None => format!("agents.{agent_name}.entrypoints.{tag}.event"),
-            Some(n) => format!("agents.{agent_name}.entrypoints.{tag}.events.{n}"),
-        };
+        let at = s.setting_path(agent_name, tag);
         let err = |field: &str, message: String| TriggerSettingsError {
             field: format!("{at}.{field}"),
             message,

@@ -46,9 +46,9 @@ pub(crate) fn http_url(url: &str, what: &str) -> Result<reqwest::Url, String> {
     }
 }
 
-/// The HTTP client of one executor.
-pub(crate) fn client(tls: &OutboundTls) -> Result<reqwest::Client, String> {
-    tls.client_builder()
+/// The HTTP client of one executor, from `OutboundTls::client_builder` and its own additions.
+pub(crate) fn client(builder: reqwest::ClientBuilder) -> Result<reqwest::Client, String> {
+    builder
         .build()
         .map_err(|e| format!("cannot build the HTTP client: {}", root_cause(&e)))
 }

@@ -94,7 +94,7 @@ impl WebhookAgent {
             );
         }
         Ok(Self {
-            http: crate::client(tls)?,
+            http: crate::client(tls.client_builder())?,
             hooks: std::sync::Arc::new(hooks),
             in_flight: std::sync::Arc::new(tokio::sync::Semaphore::new(CAPACITY)),
         })

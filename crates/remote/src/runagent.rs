@@ -107,11 +107,7 @@ impl RemoteAgent {
             headers.insert(reqwest::header::AUTHORIZATION, value.clone());
         }
         Ok(Self {
-            http: tls
-                .client_builder()
-                .default_headers(headers)
-                .build()
-                .map_err(|e| format!("cannot build the HTTP client: {}", crate::root_cause(&e)))?,
+            http: crate::client(tls.client_builder().default_headers(headers))?,
             ws: tls.ws_connector(),
             authorization,
             base: format!(

@@ -101,10 +101,7 @@ pub fn event_triggers(
     let mut out = Vec::new();
     let mut problems = Vec::new();
     for (agent_key, tag, settings) in config.event_triggers() {
-        let at = match &settings.name {
-            None => format!("agents.{agent_key}.entrypoints.{tag}.event"),
-            Some(n) => format!("agents.{agent_key}.entrypoints.{tag}.events.{n}"),
-        };
+        let at = settings.setting_path(agent_key, tag);
         let Some(agent) = agents.get(agent_key) else {
             problems.push(format!(
                 "configuration error: {at}: no agent served here has the name or id `{agent_key}`"
